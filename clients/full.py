@@ -1,0 +1,75 @@
+"""Full-model local training: the client side of FedAvg."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedsim.config import Experiment
+from fedsim.data import ClientData, DatasetInfo
+from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsim.models import build_model
+from fedsim.training import (
+    derive_seed,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    train_epochs,
+)
+
+
+class FullModelClient:
+    """Loads the global model, trains every parameter, returns the whole model.
+
+    Message contract (see :mod:`strategies.fedavg`): receives ``arrays`` (global
+    state dict); replies ``arrays`` (local state dict) and ``metrics`` with
+    ``loss`` and ``num-examples``.
+    """
+
+    def __init__(self, experiment: Experiment, info: DatasetInfo, device: torch.device):
+        self.experiment = experiment
+        self.device = device
+        # Built once per process and reused for every client and round.
+        self.model = build_model(experiment.model, info, experiment.seed).to(device)
+
+    def _load(self, content: RecordDict) -> None:
+        self.model.load_state_dict(content[ARRAYS].to_torch_state_dict())
+
+    def train(
+        self, content: RecordDict, data: ClientData, *, server_round: int, state: RecordDict
+    ) -> RecordDict:
+        """One round of local training from the received global model."""
+        exp = self.experiment
+        self._load(content)
+        seed = derive_seed(exp.seed, "train", server_round, data.partition_id)
+        torch.manual_seed(seed)
+        loader = make_loader(data.train, exp.train.batch_size, seed=seed)
+        optimizer = make_optimizer(self.model.parameters(), exp.train)
+        stats = train_epochs(
+            self.model, loader, optimizer, epochs=exp.train.epochs, device=self.device
+        )
+        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return RecordDict(
+            {
+                ARRAYS: ArrayRecord(local),
+                METRICS: MetricRecord({"loss": stats.loss, NUM_EXAMPLES: stats.examples}),
+            }
+        )
+
+    def evaluate(
+        self, content: RecordDict, data: ClientData, *, server_round: int, state: RecordDict
+    ) -> RecordDict:
+        """Loss and accuracy of the received global model on the local test split."""
+        self._load(content)
+        stats = evaluate(self.model, data.test, device=self.device)
+        return RecordDict(
+            {
+                METRICS: MetricRecord(
+                    {
+                        "loss": stats.loss,
+                        "accuracy": stats.accuracy,
+                        NUM_EXAMPLES: stats.examples,
+                    }
+                )
+            }
+        )

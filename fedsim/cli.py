@@ -1,0 +1,172 @@
+"""``fedsim`` command line: ``run``, ``list``.
+
+Exit codes: 0 run completed, 1 run failed, 2 invalid input (one line on stderr, no
+traceback, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedsim import __version__, registry
+from fedsim.config import ConfigError, Experiment, load_experiment
+from fedsim.recorder import read_metrics
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsim",
+        description="Federated-learning simulation on Flower and Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment (default: the quickstart)")
+    run.add_argument("experiment", nargs="?", help="experiment TOML file")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key, e.g. --set data.alpha=0.1 (repeatable)",
+    )
+    run.add_argument(
+        "--out", default="runs", help="where run directories go (default: ./runs)"
+    )
+    sub.add_parser("list", help="list strategies, datasets, models, privacy mechanisms")
+    return parser
+
+
+def preflight(exp: Experiment) -> None:
+    """Load the data and build the model once, so that mismatches fail early."""
+    from fedsim.data import federated_data
+    from fedsim.models import build_model
+
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    build_model(exp.model, data.info, exp.seed)
+
+
+class Progress:
+    """Round i/N, latest server accuracy and elapsed time, read from the run dir."""
+
+    def __init__(self, console: Console, run_dir: Path, rounds: int):
+        self.console = console
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.start = time.monotonic()
+        self.done = -1
+        self.status = console.status("starting the simulation runtime...")
+        if console.is_terminal:
+            self.status.start()
+
+    def poll(self) -> None:
+        frame = read_metrics(self.run_dir)
+        if frame is None:
+            return
+        server = frame[(frame["phase"] == "server") & frame["client"].isna()]
+        rounds = sorted(int(r) for r in server["round"].unique())
+        for rnd in [r for r in rounds if r > self.done]:
+            rows = server[server["round"] == rnd].set_index("metric")["value"]
+            line = (
+                f"round {rnd:>3}/{self.rounds}  accuracy {rows.get('accuracy', float('nan')):.4f}"
+                f"  loss {rows.get('loss', float('nan')):.4f}"
+                f"  elapsed {time.monotonic() - self.start:6.1f}s"
+            )
+            self.done = rnd
+            if self.console.is_terminal:
+                self.status.update(f"[bold]{line}")
+                self.console.log(line)
+            else:
+                print(line, flush=True)
+
+    def close(self) -> None:
+        self.status.stop()
+
+
+def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
+    table = Table(title=f"fedsim run: {summary.get('name', run_dir.name)}")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    final = summary.get("final", {})
+    rows = [
+        ("status", str(summary.get("status"))),
+        ("rounds", f"{summary.get('rounds_completed')}/{summary.get('rounds')}"),
+        ("server accuracy", _fmt(final.get("accuracy"))),
+        ("server loss", _fmt(final.get("loss"))),
+        ("federated accuracy", _fmt(final.get("evaluate_accuracy"))),
+        ("client failures", str(summary.get("failures", 0))),
+        ("wall time", f"{summary.get('wall_seconds') or 0:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedsim.recorder import create_run_dir
+    from fedsim.runner import simulate
+
+    exp = load_experiment(args.experiment, args.overrides)
+    preflight(exp)
+    run_dir = create_run_dir(Path(args.out).resolve(), exp)
+    console.print(f"run directory: {run_dir}")
+    progress = Progress(console, run_dir, exp.rounds)
+    try:
+        outcome = simulate(exp, run_dir, on_poll=progress.poll)
+    finally:
+        progress.close()
+    console.print(summary_table(outcome.summary, run_dir))
+    if outcome.summary.get("reason"):
+        console.print(f"[red]{outcome.summary['reason']}", highlight=False)
+    console.print(f"run directory: {run_dir}", highlight=False)
+    if outcome.status == "completed":
+        return EXIT_OK
+    return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_FAILED
+
+
+def cmd_list(console: Console) -> int:
+    sections = [
+        ("strategies", registry.STRATEGIES),
+        ("datasets", registry.DATASETS),
+        ("partitioners", registry.PARTITIONERS),
+        ("models", registry.MODELS),
+        ("privacy mechanisms", registry.PRIVACY),
+    ]
+    for title, table in sections:
+        out = Table(title=title, title_justify="left", show_header=False)
+        out.add_column("name", style="bold")
+        out.add_column("description")
+        for name, entry in table.items():
+            out.add_row(name, entry.summary)
+        console.print(out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "list":
+            return cmd_list(console)
+        return cmd_run(args, console)
+    except ConfigError as err:
+        print(f"fedsim: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Datasets, partitioning among clients, and per-client / global splits.
+
+Every dataset is loaded into numpy arrays ``x`` (float32, shape ``(n, *input_shape)``)
+and ``y`` (int64 class indices). A seeded, stratified slice becomes the global test
+set for server-side evaluation; ``flwr-datasets`` partitioners split the rest among
+clients; each client's partition is split again into its local train and test sets.
+A process builds this once (:func:`federated_data` is cached) and hands clients
+views of the arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim import registry
+from fedsim.config import ConfigError, DataConfig
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about the data."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """Features and labels of one split."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray) -> Arrays:
+        return Arrays(self.x[index], self.y[index])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local train and test splits."""
+
+    partition_id: int
+    train: Arrays
+    test: Arrays
+
+
+def _encode_labels(labels: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, int]:
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    return y.astype(np.int64), len(classes)
+
+
+def load_digits(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """scikit-learn's bundled digits: 1797 8x8 grey images scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return Arrays(x, bunch.target.astype(np.int64)), DatasetInfo((1, 8, 8), 10)
+
+
+def load_synthetic(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """Gaussian clusters from ``sklearn.datasets.make_classification``."""
+    from sklearn.datasets import make_classification
+
+    informative = max(2, min(cfg.features, cfg.classes * 2))
+    while cfg.classes * 2 > 2**informative:
+        informative += 1
+    if informative > cfg.features:
+        raise ConfigError(
+            f"data.features: {cfg.features} is too few for {cfg.classes} classes"
+        )
+    x, y = make_classification(
+        n_samples=cfg.size,
+        n_features=cfg.features,
+        n_informative=informative,
+        n_redundant=0,
+        n_classes=cfg.classes,
+        n_clusters_per_class=2,
+        class_sep=1.5,
+        random_state=seed,
+    )
+    return (
+        Arrays(x.astype(np.float32), y.astype(np.int64)),
+        DatasetInfo((cfg.features,), cfg.classes),
+    )
+
+
+def _from_table(columns: dict[str, np.ndarray], cfg: DataConfig) -> tuple[Arrays, DatasetInfo]:
+    if cfg.label_column not in columns:
+        raise ConfigError(
+            f"data.label-column: {cfg.label_column!r} is not a column; "
+            f"columns: {', '.join(columns)}"
+        )
+    y, num_classes = _encode_labels(columns[cfg.label_column])
+    features = [
+        name
+        for name, col in columns.items()
+        if name != cfg.label_column and np.issubdtype(col.dtype, np.number)
+    ]
+    if not features:
+        raise ConfigError(f"data.path: {cfg.path!r} has no numeric feature columns")
+    x = np.stack([columns[n].astype(np.float32) for n in features], axis=1)
+    return Arrays(x, y), DatasetInfo((len(features),), num_classes)
+
+
+def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """A local CSV or Parquet table: numeric feature columns and a label column."""
+    import pandas as pd
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: file not found: {path}")
+    if path.suffix.lower() == ".csv":
+        frame = pd.read_csv(path)
+    elif path.suffix.lower() in (".parquet", ".pq"):
+        frame = pd.read_parquet(path)
+    else:
+        raise ConfigError(
+            f"data.path: {path.name!r} must end in .csv, .parquet or .pq"
+        )
+    return _from_table({c: frame[c].to_numpy() for c in frame.columns}, cfg)
+
+
+def _image_array(images: Sequence[Any]) -> np.ndarray:
+    x = np.stack([np.asarray(img, dtype=np.float32) for img in images]) / 255.0
+    if x.ndim == 3:
+        return x[:, None, :, :]
+    return np.moveaxis(x, -1, 1)
+
+
+def load_hf(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """A Hugging Face dataset via ``datasets.load_dataset(NAME, split=...)``.
+
+    ``NAME`` is a hub name or a local path (a folder of data files, or a builder
+    such as ``parquet`` with ``data.path`` as its data files). An ``Image`` column
+    becomes ``(channels, height, width)`` inputs scaled to [0, 1]; otherwise the
+    numeric columns are the features.
+    """
+    import datasets
+
+    name = cfg.dataset.removeprefix("hf:")
+    kwargs: dict[str, Any] = {"split": cfg.split}
+    if cfg.path:
+        kwargs["data_files"] = cfg.path
+    try:
+        ds = datasets.load_dataset(name, **kwargs)
+    except Exception as err:  # the datasets library raises many types
+        raise ConfigError(f"data.dataset: cannot load {name!r}: {err}") from None
+    images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if images:
+        if cfg.label_column not in ds.column_names:
+            raise ConfigError(
+                f"data.label-column: {cfg.label_column!r} is not a column; "
+                f"columns: {', '.join(ds.column_names)}"
+            )
+        x = _image_array(ds[images[0]])
+        y, num_classes = _encode_labels(ds[cfg.label_column])
+        return Arrays(x, y), DatasetInfo(tuple(x.shape[1:]), num_classes)
+    return _from_table({c: np.asarray(ds[c]) for c in ds.column_names}, cfg)
+
+
+@lru_cache(maxsize=4)
+def load_arrays(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """Load the configured dataset (cached per process)."""
+    loader = registry.dataset_entry(cfg.dataset).load()
+    return loader(cfg, seed)  # type: ignore[no-any-return]
+
+
+def _partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
+    cls = registry.PARTITIONERS[cfg.partitioner].load()
+    if cfg.partitioner == "iid":
+        return cls(num_partitions=num_partitions)
+    if cfg.partitioner == "dirichlet":
+        return cls(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=cfg.alpha,
+            min_partition_size=cfg.min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    return cls(
+        num_partitions=num_partitions,
+        partition_by="label",
+        num_classes_per_partition=cfg.classes_per_client,
+        class_assignment_mode="first-deterministic",
+        seed=seed,
+    )
+
+
+def partition_indices(
+    labels: np.ndarray, cfg: DataConfig, num_partitions: int, seed: int
+) -> list[np.ndarray]:
+    """Row indices of each client's partition, from a flwr-datasets partitioner."""
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {"label": labels.tolist(), "row": list(range(len(labels)))}
+    )
+    partitioner = _partitioner(cfg, num_partitions, seed)
+    partitioner.dataset = table
+    try:
+        parts = [
+            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+            for i in range(num_partitions)
+        ]
+    except ValueError as err:
+        raise ConfigError(f"data.partitioner: {cfg.partitioner!r} failed: {err}") from None
+    if cfg.partitioner == "iid":
+        # IidPartitioner takes contiguous shards: map them through a seeded
+        # permutation so that each shard is a uniform random sample.
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(labels))
+        parts = [order[p] for p in parts]
+    return parts
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """The global test set and every client's partition, built once per process."""
+
+    info: DatasetInfo
+    pool: Arrays
+    test: Arrays
+    partitions: tuple[np.ndarray, ...]
+    client_test_fraction: float
+    seed: int
+
+    def client(self, partition_id: int) -> ClientData:
+        """Local train/test split of one client (seeded by the partition id)."""
+        rows = self.partitions[partition_id]
+        rng = np.random.default_rng([self.seed, partition_id])
+        rows = rng.permutation(rows)
+        n_test = int(round(len(rows) * self.client_test_fraction))
+        if len(rows) >= 2:
+            n_test = min(max(n_test, 1), len(rows) - 1)
+        return ClientData(
+            partition_id,
+            self.pool.subset(np.sort(rows[n_test:])),
+            self.pool.subset(np.sort(rows[:n_test])),
+        )
+
+
+@lru_cache(maxsize=4)
+def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    """Split the dataset into a global test set and ``num_clients`` partitions."""
+    from sklearn.model_selection import train_test_split
+
+    arrays, info = load_arrays(cfg, seed)
+    index = np.arange(len(arrays))
+    counts = np.bincount(arrays.y)
+    stratify = arrays.y if counts.min() >= 2 else None
+    pool_idx, test_idx = train_test_split(
+        index, test_size=cfg.test_fraction, random_state=seed, stratify=stratify
+    )
+    pool = arrays.subset(np.sort(pool_idx))
+    test = arrays.subset(np.sort(test_idx))
+    if num_clients > len(pool):
+        raise ConfigError(
+            f"federation.clients: {num_clients} exceeds the {len(pool)} training "
+            "examples"
+        )
+    parts = partition_indices(pool.y, cfg, num_clients, seed)
+    return FederatedData(
+        info, pool, test, tuple(parts), cfg.client_test_fraction, seed
+    )

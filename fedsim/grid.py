@@ -1,0 +1,171 @@
+"""A Grid that knows each node's partition id and records every round trip.
+
+Wrapping Flower's Grid keeps recording out of the strategies: any Strategy (or a
+custom loop with several round trips per round) that talks through this Grid gets
+per-client metrics, bytes up and down, failures and phase timings recorded, and
+samples nodes in partition order so that a seeded sampler is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
+from fedsim.recorder import RoundFailed, RunRecorder
+
+_RENAMED = {NUM_EXAMPLES: "examples"}
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (their serialised payload)."""
+    return sum(int(rec.count_bytes()) for rec in content.array_records.values())
+
+
+class RecordingGrid(Grid):
+    """Delegates to ``grid``; records what passes through ``send_and_receive``.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's Grid given to the ServerApp.
+    recorder : RunRecorder
+        Where rows go.
+    num_clients : int
+        Nodes to wait for before the first round.
+    min_replies : int
+        Fewest successful training replies a round needs.
+    connect_timeout : float
+        Seconds to wait for ``num_clients`` nodes to connect.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        recorder: RunRecorder,
+        *,
+        num_clients: int,
+        min_replies: int,
+        connect_timeout: float = 300.0,
+    ):
+        self.grid = grid
+        self.recorder = recorder
+        self.num_clients = num_clients
+        self.min_replies = min_replies
+        self.connect_timeout = connect_timeout
+        self._partition_of: dict[int, int] = {}
+
+    # -- delegation ------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # -- partition-aware node list ---------------------------------------------
+    def partitions(self) -> dict[int, int]:
+        """Map node id -> partition id, asking every node once."""
+        if not self._partition_of:
+            self._partition_of = self._discover()
+        return self._partition_of
+
+    def _discover(self) -> dict[int, int]:
+        deadline = time.monotonic() + self.connect_timeout
+        while len(nodes := list(self.grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"only {len(nodes)} of {self.num_clients} clients connected "
+                    f"within {self.connect_timeout:.0f} s"
+                )
+            time.sleep(0.2)
+        content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})})
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+            for node in nodes
+        ]
+        found: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
+            if reply.has_error():
+                raise RoundFailed(
+                    f"node {reply.metadata.src_node_id} did not report its partition: "
+                    f"{reply.error.reason}"
+                )
+            pid = int(reply.content[METRICS][PARTITION_ID])  # type: ignore[arg-type]
+            found[reply.metadata.src_node_id] = pid
+        if len(found) < len(nodes):
+            raise RoundFailed(f"{len(nodes) - len(found)} nodes did not answer discovery")
+        return found
+
+    def get_node_ids(self) -> list[int]:
+        """Node ids ordered by partition id (stable across runs)."""
+        return sorted(self.partitions(), key=self.partitions().__getitem__)
+
+    # -- recording -------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send, wait, and record per-client metrics, bytes and failures."""
+        messages = list(messages)
+        if not messages:
+            return []
+        partition_of = self.partitions()
+        first = messages[0]
+        phase = first.metadata.message_type
+        server_round = int(first.content[CONFIG][SERVER_ROUND])  # type: ignore[arg-type]
+        down = {m.metadata.dst_node_id: array_bytes(m.content) for m in messages}
+        start = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.recorder.phase_seconds(server_round, phase, time.perf_counter() - start)
+        ok = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            sent = {"bytes-down": down.pop(node, 0)}
+            if reply.has_error():
+                self.recorder.failure(
+                    server_round, phase, partition_of[node], reply.error.reason, sent
+                )
+                continue
+            ok += 1
+            values = {
+                _RENAMED.get(k, k): float(v)  # type: ignore[arg-type]
+                for record in reply.content.metric_records.values()
+                for k, v in record.items()
+                if k != PARTITION_ID
+            }
+            values.update(sent, **{"bytes-up": array_bytes(reply.content)})
+            self.recorder.client(server_round, phase, partition_of[node], values)
+        for node, sent_bytes in down.items():  # no reply before the timeout
+            self.recorder.failure(
+                server_round,
+                phase,
+                partition_of[node],
+                f"no reply within {timeout} s",
+                {"bytes-down": sent_bytes},
+            )
+        if phase == MessageType.TRAIN and ok < self.min_replies:
+            raise RoundFailed(
+                f"round {server_round}: {ok} of {len(messages)} clients replied, "
+                f"fewer than federation.min-replies = {self.min_replies}"
+            )
+        return replies

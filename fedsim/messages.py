@@ -1,0 +1,20 @@
+"""Record keys shared by strategies and clients: the message contract's vocabulary.
+
+Each strategy module's docstring states which of these its messages carry in which
+direction; both sides import the names from here.
+"""
+
+#: ArrayRecord with model (or adapter) arrays, both directions.
+ARRAYS = "arrays"
+#: ConfigRecord sent down with each instruction.
+CONFIG = "config"
+#: MetricRecord of a reply.
+METRICS = "metrics"
+#: Weight of a reply (examples trained or evaluated on).
+NUM_EXAMPLES = "num-examples"
+#: The client's partition id, reported in every reply's metrics.
+PARTITION_ID = "partition-id"
+#: Round number the server injects into CONFIG.
+SERVER_ROUND = "server-round"
+#: Seconds the client spent on the instruction.
+SECONDS = "seconds"

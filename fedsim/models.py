@@ -1,0 +1,192 @@
+"""Models by name. None uses BatchNorm, so every model works under DP-SGD.
+
+Every model ends in a linear layer called ``head`` (the module that LoRA setups
+usually train in full). The ViT-style encoder names its attention projections
+``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` so that LoRA can target them, and
+keeps positional and class embeddings in ``nn.Embedding`` layers, which Opacus can
+compute per-sample gradients for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim import registry
+from fedsim.config import ConfigError, ModelConfig
+from fedsim.data import DatasetInfo
+
+
+class MLP(nn.Module):
+    """Flatten, two hidden layers, linear head."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class CNN(nn.Module):
+    """Two 3x3 convolutions, one 2x2 max-pool, a hidden layer and a head."""
+
+    def __init__(
+        self, shape: tuple[int, int, int], hidden: int, num_classes: int, dropout: float
+    ):
+        super().__init__()
+        channels, height, width = shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        flat = 32 * (height // 2) * (width // 2)
+        self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.features(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate, named q/k/v/out projections."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
+        attn = F.dropout(attn.softmax(dim=-1), self.dropout, self.training)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        return self.out_proj(out)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+
+class ViT(nn.Module):
+    """ViT-style classifier; tabular inputs become one token per feature."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        dim: int,
+        depth: int,
+        heads: int,
+        patch_size: int,
+        dropout: float,
+    ):
+        super().__init__()
+        if len(shape) == 3:
+            channels, height, width = shape
+            if height % patch_size or width % patch_size:
+                raise ConfigError(
+                    f"model.patch-size: {patch_size} must divide the image size "
+                    f"{height}x{width}"
+                )
+            self.patch_size = patch_size
+            tokens = (height // patch_size) * (width // patch_size)
+            token_dim = channels * patch_size * patch_size
+        else:
+            self.patch_size = 0
+            tokens, token_dim = math.prod(shape), 1
+        self.patch_embed = nn.Linear(token_dim, dim)
+        self.cls_token = nn.Embedding(1, dim)
+        self.pos_embed = nn.Embedding(tokens + 1, dim)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.register_buffer("positions", torch.arange(tokens + 1), persistent=False)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_size:
+            p = self.patch_size
+            patches = F.unfold(x, kernel_size=p, stride=p)  # (b, c*p*p, tokens)
+            return patches.transpose(1, 2)
+        return x.flatten(1).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(self.tokens(x))
+        cls = self.cls_token(self.positions[:1]).expand(x.shape[0], 1, -1)
+        h = torch.cat([cls, tokens], dim=1) + self.pos_embed(self.positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+def build_mlp(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    return MLP(math.prod(info.input_shape), cfg.hidden, info.num_classes, cfg.dropout)
+
+
+def build_cnn(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    if len(info.input_shape) != 3:
+        raise ConfigError(
+            f"model.name: 'cnn' needs image data (channels, height, width); the "
+            f"dataset has input shape {info.input_shape}; use 'mlp' or 'vit'"
+        )
+    c, h, w = info.input_shape
+    return CNN((c, h, w), cfg.hidden, info.num_classes, cfg.dropout)
+
+
+def build_vit(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    return ViT(
+        info.input_shape,
+        info.num_classes,
+        dim=cfg.hidden,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        patch_size=cfg.patch_size,
+        dropout=cfg.dropout,
+    )
+
+
+def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
+    """Build the configured model with a seeded initialisation."""
+    builder = registry.MODELS[cfg.name].load()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(cfg, info)  # type: ignore[no-any-return]

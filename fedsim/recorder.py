@@ -1,0 +1,277 @@
+"""The run directory: resolved config, round metrics and the run summary.
+
+``metrics.parquet`` is long format (``round``, ``client``, ``phase``, ``metric``,
+``value``; ``client`` is the partition id, null on aggregated and server rows). It
+is rewritten atomically each time a round completes, so a crash in round k leaves
+rounds before k readable. ``summary.json`` is written when the run starts
+(``status = "running"``) and again when it ends.
+
+Phases: ``train`` and ``evaluate`` (per-client rows and their aggregate), ``server``
+(server-side evaluation of the global model on the held-out test set, round 0 being
+the initial model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.config import Experiment, to_toml
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.parquet"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+COLUMNS = ("round", "client", "phase", "metric", "value")
+
+#: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
+SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
+_VERSIONED = ("fedsim", "flwr", "torch", "ray", "numpy", "pandas", "opacus", "peft")
+
+
+class RoundFailed(RuntimeError):
+    """A round could not complete (e.g. too few successful replies)."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape a run's numbers."""
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    _atomic_write(
+        path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n", "utf-8")
+    )
+
+
+def create_run_dir(out: Path, exp: Experiment) -> Path:
+    """Create ``out/<name>-<timestamp>`` (made unique) holding ``config.toml``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{exp.name}-{stamp}"
+    run_dir, n = base, 1
+    while True:
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+    (run_dir / CHECKPOINTS_DIR).mkdir()
+    (run_dir / CONFIG_FILE).write_text(to_toml(exp), encoding="utf-8")
+    return run_dir
+
+
+def metrics_frame(rows: list[tuple[int, int | None, str, str, float]]) -> pd.DataFrame:
+    """Rows as the long-format DataFrame of ``metrics.parquet``."""
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return frame.astype(
+        {
+            "round": "int64",
+            "client": "Int64",
+            "phase": "string",
+            "metric": "string",
+            "value": "float64",
+        }
+    )
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame | None:
+    """``metrics.parquet`` of a run directory, or None while there is none."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return None
+    return pd.read_parquet(path)
+
+
+class RunRecorder:
+    """Collects round metrics and keeps the run directory up to date."""
+
+    def __init__(self, run_dir: Path, experiment: Experiment):
+        self.run_dir = run_dir
+        self.experiment = experiment
+        self.rows: list[tuple[int, int | None, str, str, float]] = []
+        self._pending: dict[tuple[int, str], list[tuple[int, dict[str, float]]]] = (
+            defaultdict(list)
+        )
+        self._phase_seconds: dict[tuple[int, str], float] = {}
+        self.failures: list[dict[str, Any]] = []
+        self.rounds_completed = 0
+        self.started = time.time()
+        self.summary: dict[str, Any] = {
+            "name": experiment.name,
+            "status": "running",
+            "reason": None,
+            "seed": experiment.seed,
+            "strategy": experiment.strategy.name,
+            "rounds": experiment.rounds,
+            "rounds_completed": 0,
+            "started_at": datetime.now(timezone.utc).isoformat(),
+            "finished_at": None,
+            "wall_seconds": None,
+            "final": {},
+            "failures": 0,
+            "versions": versions(),
+        }
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+        if not (run_dir / CONFIG_FILE).exists():
+            (run_dir / CONFIG_FILE).write_text(to_toml(experiment), encoding="utf-8")
+        self._write_summary()
+
+    # -- per-client and server rows ---------------------------------------------
+    def client(
+        self, server_round: int, phase: str, client: int, metrics: Mapping[str, float]
+    ) -> None:
+        """Record one client's reply metrics for a phase of a round."""
+        values = {k: float(v) for k, v in metrics.items()}
+        self._pending[(server_round, phase)].append((client, values))
+
+    def failure(
+        self,
+        server_round: int,
+        phase: str,
+        client: int,
+        reason: str,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record that a client failed a phase of a round (``metrics``: e.g. bytes
+        that were sent to it all the same)."""
+        values = {k: float(v) for k, v in (metrics or {}).items()}
+        values["failed"] = 1.0
+        self._pending[(server_round, phase)].append((client, values))
+        self.failures.append(
+            {"round": server_round, "client": client, "phase": phase, "reason": reason}
+        )
+
+    def phase_seconds(self, server_round: int, phase: str, seconds: float) -> None:
+        """Wall-clock seconds the server waited for a phase's replies."""
+        self._phase_seconds[(server_round, phase)] = seconds
+
+    def server(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Record server-side metrics of the global model after a round."""
+        for name, value in metrics.items():
+            self.rows.append((server_round, None, "server", name, float(value)))
+
+    # -- round and run boundaries ------------------------------------------------
+    def end_round(self, server_round: int) -> None:
+        """Aggregate the round's client rows and rewrite ``metrics.parquet``."""
+        for (rnd, phase) in sorted(k for k in self._pending if k[0] == server_round):
+            replies = sorted(self._pending.pop((rnd, phase)), key=lambda r: r[0])
+            for client, values in replies:
+                for name, value in values.items():
+                    self.rows.append((rnd, client, phase, name, value))
+            for name, value in aggregate_replies(replies).items():
+                self.rows.append((rnd, None, phase, name, value))
+            if (rnd, phase) in self._phase_seconds:
+                seconds = self._phase_seconds.pop((rnd, phase))
+                self.rows.append((rnd, None, phase, "seconds", seconds))
+        self.rows.append(
+            (server_round, None, "server", "elapsed", time.time() - self.started)
+        )
+        self.rounds_completed = server_round
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite metrics and summary atomically."""
+        frame = metrics_frame(self.rows)
+        _atomic_write(
+            self.run_dir / METRICS_FILE, lambda p: frame.to_parquet(p, index=False)
+        )
+        self._write_summary()
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """Write the final summary (``completed``, ``failed``, ``stopped``...)."""
+        self.summary.update(
+            status=status,
+            reason=reason,
+            finished_at=datetime.now(timezone.utc).isoformat(),
+        )
+        self.flush()
+
+    @contextmanager
+    def recording(self) -> Iterator[RunRecorder]:
+        """Finish as ``completed``, or as ``failed`` with the error as reason."""
+        try:
+            yield self
+        except RoundFailed as err:
+            self.finish("failed", str(err))
+        except BaseException as err:
+            self.finish("failed", f"{type(err).__name__}: {err}")
+            raise
+        else:
+            self.finish("completed")
+
+    def _final(self) -> dict[str, float]:
+        final: dict[str, float] = {}
+        for rnd, client, phase, name, value in self.rows:
+            if client is None and phase in ("server", "evaluate") and name in (
+                "accuracy",
+                "loss",
+            ):
+                key = name if phase == "server" else f"evaluate_{name}"
+                final[key] = value
+        return final
+
+    def _write_summary(self) -> None:
+        self.summary.update(
+            rounds_completed=self.rounds_completed,
+            wall_seconds=round(time.time() - self.started, 3),
+            final=self._final(),
+            failures=len(self.failures),
+            failure_details=self.failures[:100],
+        )
+        write_json(self.run_dir / SUMMARY_FILE, self.summary)
+
+
+def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Aggregate rows of one phase: sums for counts, example-weighted means else.
+
+    Sums include failed clients (bytes were sent to them all the same); means use
+    successful replies only. ``failed`` becomes ``failures`` (a count), ``clients``
+    counts successful replies, and per-client ``seconds`` is left out (the phase's
+    wall time is recorded instead).
+    """
+    ok = [values for _, values in replies if "failed" not in values]
+    out: dict[str, float] = {
+        "clients": float(len(ok)),
+        "failures": float(len(replies) - len(ok)),
+    }
+    for name in sorted(SUMMED):
+        sent = [values[name] for _, values in replies if name in values]
+        if sent:
+            out[name] = sum(sent)
+    names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
+    for name in names:
+        have = [v for v in ok if name in v]
+        weights = [v.get("examples", 0.0) for v in have]
+        total = sum(weights)
+        if total > 0:
+            out[name] = sum(w * v[name] for w, v in zip(weights, have)) / total
+        else:
+            out[name] = sum(v[name] for v in have) / len(have)
+    return out

@@ -1,0 +1,112 @@
+"""Registered strategies, datasets, models and privacy mechanisms.
+
+Entries name their implementation as ``"module:attribute"`` strings and are imported
+on first use, so that validating a config or running ``fedsim list`` never imports
+torch, Ray or Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component.
+
+    Parameters
+    ----------
+    target : str
+        ``"module:attribute"`` of the implementation.
+    summary : str
+        One line shown by ``fedsim list``.
+    client : str
+        For strategies: ``"module:attribute"`` of the client algorithm that
+        matches the strategy's message contract; empty otherwise.
+    """
+
+    target: str
+    summary: str
+    client: str = ""
+
+    def load(self) -> Any:
+        """Import and return the implementation."""
+        return _import(self.target)
+
+    def load_client(self) -> Any:
+        """Import and return the client algorithm of a strategy."""
+        if not self.client:
+            raise LookupError(f"{self.target} names no client algorithm")
+        return _import(self.client)
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+STRATEGIES: Mapping[str, Entry] = {
+    "fedavg": Entry(
+        "strategies.fedavg:build",
+        "FedAvg (McMahan et al., 2017): example-weighted average of full models",
+        client="clients.full:FullModelClient",
+    ),
+}
+
+DATASETS: Mapping[str, Entry] = {
+    "digits": Entry(
+        "fedsim.data:load_digits",
+        "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes)",
+    ),
+    "synthetic": Entry(
+        "fedsim.data:load_synthetic",
+        "Gaussian classification data; data.size, data.classes, data.features",
+    ),
+    "file": Entry(
+        "fedsim.data:load_file",
+        "a local CSV or Parquet file at data.path; label in data.label-column",
+    ),
+    "hf:<name>": Entry(
+        "fedsim.data:load_hf",
+        "a Hugging Face dataset by name or local path (datasets.load_dataset)",
+    ),
+}
+
+MODELS: Mapping[str, Entry] = {
+    "mlp": Entry("fedsim.models:build_mlp", "two-layer perceptron (any input shape)"),
+    "cnn": Entry(
+        "fedsim.models:build_cnn", "small convolutional network for image data"
+    ),
+    "vit": Entry(
+        "fedsim.models:build_vit",
+        "ViT-style encoder with named q_proj/k_proj/v_proj/out_proj attention",
+    ),
+}
+
+PRIVACY: Mapping[str, Entry] = {
+    "none": Entry("fedsim.privacy:no_privacy", "no differential privacy"),
+}
+
+PARTITIONERS: Mapping[str, Entry] = {
+    "iid": Entry(
+        "flwr_datasets.partitioner:IidPartitioner", "uniform random split"
+    ),
+    "dirichlet": Entry(
+        "flwr_datasets.partitioner:DirichletPartitioner",
+        "label skew from Dir(alpha) per class (data.alpha)",
+    ),
+    "pathological": Entry(
+        "flwr_datasets.partitioner:PathologicalPartitioner",
+        "each client holds data.classes-per-client classes",
+    ),
+}
+
+
+def dataset_entry(name: str) -> Entry:
+    """Return the registry entry of a dataset name (``hf:`` names share one)."""
+    if name.startswith("hf:"):
+        return DATASETS["hf:<name>"]
+    return DATASETS[name]

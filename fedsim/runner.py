@@ -1,0 +1,291 @@
+"""Run an experiment on Flower's simulation runtime (Ray backend).
+
+The supported way to simulate with Flower 1.41 is a SuperLink in simulation mode
+plus ``flwr run``. The runner starts a private SuperLink on a free loopback port
+(with its own ``FLWR_HOME``), submits a generated Flower App whose run-config is the
+resolved experiment, follows the run directory for progress, and stops every
+process it started (the SuperLink and all its descendants: the simulation process
+and Ray) when the run ends, fails, or is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+import tomli_w
+
+from fedsim import __version__
+from fedsim.config import RUN_DIR_KEY, Experiment, to_run_config
+from fedsim.recorder import SUMMARY_FILE, write_json
+
+LOGS_DIR = "logs"
+STARTUP_TIMEOUT = 60.0
+
+
+class SimulationError(RuntimeError):
+    """The simulation runtime could not be started."""
+
+
+def _executable(name: str) -> str:
+    """A console script of this environment (next to the running Python)."""
+    local = Path(sys.executable).with_name(name)
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise SimulationError(f"{name!r} not found; is flwr installed?")
+    return found
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_app(app_dir: Path, exp: Experiment, run_dir: Path) -> None:
+    """A minimal Flower App: fedsim's components with the experiment as config."""
+    config: dict[str, Any] = dict(to_run_config(exp))
+    config[RUN_DIR_KEY] = str(run_dir)
+    pyproject = {
+        "project": {
+            "name": "fedsim-run",
+            "version": __version__,
+            "description": f"fedsim run {exp.name}",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedsim",
+                    "components": {
+                        "serverapp": "fedsim.server_app:app",
+                        "clientapp": "fedsim.client_app:app",
+                    },
+                    "config": config,
+                }
+            }
+        },
+    }
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), "utf-8")
+
+
+def federation_config(exp: Experiment) -> str:
+    """``flwr run --federation-config`` value: clients and their Ray resources."""
+    res = exp.resources
+    return (
+        f"num-supernodes={exp.federation.clients} "
+        f"client-resources-num-cpus={res.num_cpus} "
+        f"client-resources-num-gpus={res.num_gpus}"
+    )
+
+
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """Terminate a process and all its descendants (collected first), then kill."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            stragglers = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in stragglers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(stragglers, timeout=5)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so that cleanup runs either way."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class Outcome:
+    """How a run ended."""
+
+    status: str
+    summary: dict[str, Any]
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / SUMMARY_FILE
+    try:
+        return dict(json.loads(path.read_text("utf-8")))
+    except (OSError, ValueError):
+        return {}
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def simulate(
+    exp: Experiment,
+    run_dir: Path,
+    *,
+    on_poll: Callable[[], None] = lambda: None,
+    poll_interval: float = 0.5,
+) -> Outcome:
+    """Run ``exp`` to the end on a private SuperLink; results land in ``run_dir``.
+
+    ``on_poll`` is called about every ``poll_interval`` seconds while the run goes
+    (the CLI refreshes its progress display there).
+    """
+    logs = run_dir / LOGS_DIR
+    logs.mkdir(exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "fedsim",
+                    "fedsim": {"address": f"127.0.0.1:{port}", "insecure": True},
+                }
+            }
+        ),
+        "utf-8",
+    )
+    write_app(home / "app", exp, run_dir)
+    superlink: subprocess.Popen[bytes] | None = None
+    submit: subprocess.Popen[bytes] | None = None
+    status = "failed"
+    reason: str | None = None
+    try:
+        with _terminate_as_interrupt():
+            with open(logs / "superlink.log", "wb") as sl_log:
+                superlink = subprocess.Popen(
+                    [
+                        _executable("flower-superlink"),
+                        "--insecure",
+                        "--simulation",
+                        "--disable-runtime-dependency-installation",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    env=env,
+                    stdout=sl_log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            _wait_healthy(superlink, port, logs / "superlink.log")
+            with open(logs / "flower.log", "wb") as run_log:
+                submit = subprocess.Popen(
+                    [
+                        _executable("flwr"),
+                        "run",
+                        str(home / "app"),
+                        "fedsim",
+                        "--stream",
+                        "--federation-config",
+                        federation_config(exp),
+                    ],
+                    env=env,
+                    stdout=run_log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            while submit.poll() is None:
+                on_poll()
+                if superlink.poll() is not None:
+                    reason = "the SuperLink exited unexpectedly; see logs/superlink.log"
+                    break
+                time.sleep(poll_interval)
+            on_poll()
+            summary = read_summary(run_dir)
+            status = summary.get("status", "failed")
+            if status == "running":
+                status = "failed"
+                reason = reason or (
+                    "the ServerApp ended without finishing; see logs/flower.log:\n"
+                    + _log_tail(logs / "flower.log")
+                )
+    except KeyboardInterrupt:
+        status, reason = "interrupted", "interrupted by the user (Ctrl-C or SIGTERM)"
+    except SimulationError as err:
+        status, reason = "failed", str(err)
+    finally:
+        for proc in (submit, superlink):
+            if proc is not None:
+                stop_tree(proc.pid)
+        shutil.rmtree(home, ignore_errors=True)
+    summary = read_summary(run_dir)
+    if reason is not None or summary.get("status") != status:
+        summary.update(status=status, reason=reason or summary.get("reason"))
+        write_json(run_dir / SUMMARY_FILE, summary)
+    return Outcome(status, summary)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(
+                f"flower-superlink exited with code {proc.returncode}:\n"
+                + _log_tail(log)
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SimulationError(f"flower-superlink not ready after {STARTUP_TIMEOUT:.0f} s")

@@ -9,13 +9,7 @@ from fedsim.config import Experiment
 from fedsim.data import ClientData, DatasetInfo
 from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.models import build_model
-from fedsim.training import (
-    derive_seed,
-    evaluate,
-    make_loader,
-    make_optimizer,
-    train_epochs,
-)
+from fedsim.training import derive_seed, evaluate, local_fit
 
 
 class FullModelClient:
@@ -41,20 +35,17 @@ class FullModelClient:
         """One round of local training from the received global model."""
         exp = self.experiment
         self._load(content)
-        seed = derive_seed(exp.seed, "train", server_round, data.partition_id)
-        torch.manual_seed(seed)
-        loader = make_loader(data.train, exp.train.batch_size, seed=seed)
-        optimizer = make_optimizer(self.model.parameters(), exp.train)
-        stats = train_epochs(
-            self.model, loader, optimizer, epochs=exp.train.epochs, device=self.device
+        stats, extra = local_fit(
+            self.model,
+            data.train,
+            exp,
+            seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+            device=self.device,
+            state=state,
         )
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return RecordDict(
-            {
-                ARRAYS: ArrayRecord(local),
-                METRICS: MetricRecord({"loss": stats.loss, NUM_EXAMPLES: stats.examples}),
-            }
-        )
+        metrics = {"loss": stats.loss, NUM_EXAMPLES: stats.examples, **extra}
+        return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
 
     def evaluate(
         self, content: RecordDict, data: ClientData, *, server_round: int, state: RecordDict

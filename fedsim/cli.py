@@ -1,6 +1,7 @@
 """``fedsim`` command line: ``run``, ``list``.
 
-Exit codes: 0 run completed, 1 run failed, 2 invalid input (one line on stderr, no
+Exit codes: 0 run completed (or stopped cleanly, e.g. privacy budget spent), 1 run
+failed, 2 invalid input (one line on stderr, no
 traceback, nothing written), 130 interrupted.
 """
 
@@ -133,7 +134,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if outcome.summary.get("reason"):
         console.print(f"[red]{outcome.summary['reason']}", highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)
-    if outcome.status == "completed":
+    if outcome.status in ("completed", "stopped"):
         return EXIT_OK
     return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_FAILED
 

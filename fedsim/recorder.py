@@ -44,6 +44,11 @@ class RoundFailed(RuntimeError):
     """A round could not complete (e.g. too few successful replies)."""
 
 
+class RunStopped(Exception):
+    """The run ends early but cleanly (e.g. every client's privacy budget is
+    spent); the message is the reason recorded in ``summary.json``."""
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that shape a run's numbers."""
     out = {"python": platform.python_version()}
@@ -119,6 +124,7 @@ class RunRecorder:
             defaultdict(list)
         )
         self._phase_seconds: dict[tuple[int, str], float] = {}
+        self._strategy: dict[tuple[int, str], dict[str, float]] = {}
         self.failures: list[dict[str, Any]] = []
         self.rounds_completed = 0
         self.started = time.time()
@@ -168,6 +174,12 @@ class RunRecorder:
             {"round": server_round, "client": client, "phase": phase, "reason": reason}
         )
 
+    def strategy(
+        self, server_round: int, phase: str, metrics: Mapping[str, float]
+    ) -> None:
+        """Record metrics a strategy computed itself (aggregated rows)."""
+        self._strategy[(server_round, phase)] = dict(metrics)
+
     def phase_seconds(self, server_round: int, phase: str, seconds: float) -> None:
         """Wall-clock seconds the server waited for a phase's replies."""
         self._phase_seconds[(server_round, phase)] = seconds
@@ -180,12 +192,16 @@ class RunRecorder:
     # -- round and run boundaries ------------------------------------------------
     def end_round(self, server_round: int) -> None:
         """Aggregate the round's client rows and rewrite ``metrics.parquet``."""
-        for (rnd, phase) in sorted(k for k in self._pending if k[0] == server_round):
-            replies = sorted(self._pending.pop((rnd, phase)), key=lambda r: r[0])
+        keys = {*self._pending, *self._strategy, *self._phase_seconds}
+        for rnd, phase in sorted(k for k in keys if k[0] <= server_round):
+            replies = sorted(self._pending.pop((rnd, phase), []), key=lambda r: r[0])
             for client, values in replies:
                 for name, value in values.items():
                     self.rows.append((rnd, client, phase, name, value))
-            for name, value in aggregate_replies(replies).items():
+            if replies:
+                for name, value in aggregate_replies(replies).items():
+                    self.rows.append((rnd, None, phase, name, value))
+            for name, value in self._strategy.pop((rnd, phase), {}).items():
                 self.rows.append((rnd, None, phase, name, value))
             if (rnd, phase) in self._phase_seconds:
                 seconds = self._phase_seconds.pop((rnd, phase))
@@ -215,9 +231,12 @@ class RunRecorder:
 
     @contextmanager
     def recording(self) -> Iterator[RunRecorder]:
-        """Finish as ``completed``, or as ``failed`` with the error as reason."""
+        """Finish as ``completed``, ``stopped`` (:class:`RunStopped`) or ``failed``
+        with the error as reason."""
         try:
             yield self
+        except RunStopped as err:
+            self.finish("stopped", str(err))
         except RoundFailed as err:
             self.finish("failed", str(err))
         except BaseException as err:

@@ -87,7 +87,7 @@ MODELS: Mapping[str, Entry] = {
 }
 
 PRIVACY: Mapping[str, Entry] = {
-    "none": Entry("fedsim.privacy:no_privacy", "no differential privacy"),
+    "none": Entry("fedsim.privacy:NoPrivacy", "no differential privacy"),
 }
 
 PARTITIONERS: Mapping[str, Entry] = {

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim import registry
 from fedsim.config import RUN_DIR_KEY, Experiment, from_run_config
 from fedsim.data import federated_data
-from fedsim.grid import RecordingGrid
+from fedsim.recording import RecordingGrid, RecordingStrategy
 from fedsim.models import build_model
 from fedsim.recorder import RunRecorder, create_run_dir
 from fedsim.training import evaluate, resolve_device
@@ -51,7 +51,7 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
         recorder.end_round(server_round)
         return MetricRecord(metrics)
 
-    strategy.start(
+    RecordingStrategy(strategy, recorder).start(
         grid=RecordingGrid(
             grid,
             recorder,

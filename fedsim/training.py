@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.config import ResourcesConfig, TrainConfig
+from flwr.app import RecordDict
+
+from fedsim.config import Experiment, ResourcesConfig, TrainConfig
 from fedsim.data import Arrays
 
 
@@ -120,6 +122,33 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == y).sum())
     n = len(arrays)
     return EvalStats(loss / n, correct / n, n)
+
+
+def local_fit(
+    model: nn.Module,
+    train: Arrays,
+    exp: Experiment,
+    *,
+    seed: int,
+    device: torch.device,
+    state: RecordDict,
+) -> tuple[TrainStats, dict[str, float]]:
+    """Local training shared by every client algorithm.
+
+    Builds a seeded loader and an optimizer over the trainable parameters and
+    hands them, with the model, to the experiment's privacy mechanism, which may
+    wrap them (DP-SGD) before running :func:`train_epochs`. Returns the training
+    statistics and the mechanism's metrics (e.g. cumulative ``epsilon``).
+    """
+    from fedsim.privacy import client_mechanism
+
+    torch.manual_seed(seed)
+    loader = make_loader(train, exp.train.batch_size, seed=seed)
+    optimizer = make_optimizer(model.parameters(), exp.train)
+    mechanism = client_mechanism(exp)
+    return mechanism.fit(
+        model, optimizer, loader, epochs=exp.train.epochs, device=device, state=state
+    )
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:

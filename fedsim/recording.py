@@ -1,9 +1,11 @@
-"""A Grid that knows each node's partition id and records every round trip.
+"""Recording wrappers around Flower's Grid and Strategy.
 
-Wrapping Flower's Grid keeps recording out of the strategies: any Strategy (or a
-custom loop with several round trips per round) that talks through this Grid gets
+Wrapping keeps recording out of the strategies. Any Strategy (or a custom loop
+with several round trips per round) that talks through :class:`RecordingGrid` gets
 per-client metrics, bytes up and down, failures and phase timings recorded, and
 samples nodes in partition order so that a seeded sampler is reproducible.
+:class:`RecordingStrategy` records the metrics a strategy computes itself (those
+no client sent, e.g. ``aggregation-error``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedsim.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fedsim.recorder import RoundFailed, RunRecorder
@@ -169,3 +173,63 @@ class RecordingGrid(Grid):
                 f"fewer than federation.min-replies = {self.min_replies}"
             )
         return replies
+
+
+def _client_keys(replies: list[Message]) -> set[str]:
+    return {
+        key
+        for reply in replies
+        if not reply.has_error()
+        for record in reply.content.metric_records.values()
+        for key in record
+    }
+
+
+class RecordingStrategy(Strategy):
+    """Delegates to ``strategy``; records the metrics it adds when aggregating."""
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder):
+        self.strategy = strategy
+        self.recorder = recorder
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def _record(
+        self, server_round: int, phase: str, replies: list[Message], metrics: Any
+    ) -> None:
+        if metrics is None:
+            return
+        own = {
+            k: float(v)
+            for k, v in metrics.items()
+            if k not in _client_keys(replies) and isinstance(v, (int, float))
+        }
+        if own:
+            self.recorder.strategy(server_round, phase, own)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        self._record(server_round, MessageType.TRAIN, replies, metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        self._record(server_round, MessageType.EVALUATE, replies, metrics)
+        return metrics

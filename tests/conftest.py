@@ -1,0 +1,76 @@
+"""Shared fixtures: real CLI runs through Flower's simulation runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+#: A small, fast federation used by the end-to-end tests.
+SMALL = (
+    "rounds=3",
+    "federation.clients=4",
+    "model.name=mlp",
+    "train.batch-size=32",
+)
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_dir())
+
+    @property
+    def run_dir(self) -> Path:
+        (only,) = self.run_dirs
+        return only
+
+
+def fedsim(*args: str, out: Path, timeout: float = 300) -> CliRun:
+    """Run the ``fedsim`` CLI in a subprocess, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args, "--out", str(out)]
+        if args and args[0] == "run"
+        else [sys.executable, "-m", "fedsim.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliRun(proc.returncode, proc.stdout, proc.stderr, out)
+
+
+def sets(*pairs: str) -> list[str]:
+    """``--set`` arguments for KEY=VALUE pairs."""
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+@pytest.fixture(scope="session")
+def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliRun]:
+    """``run_cli(experiment=None, overrides=(...))`` -> a finished CLI run."""
+
+    def run(
+        experiment: str | None = None, overrides: Sequence[str] = (), timeout: float = 300
+    ) -> CliRun:
+        out = tmp_path_factory.mktemp("runs")
+        args = ["run", *([experiment] if experiment else []), *sets(*overrides)]
+        return fedsim(*args, out=out, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_run(run_cli: Callable[..., CliRun]) -> CliRun:
+    """One small FedAvg run on digits, shared by every test that only reads it."""
+    result = run_cli(overrides=SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result

@@ -44,7 +44,7 @@ class FullModelClient:
             state=state,
         )
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        metrics = {"loss": stats.loss, NUM_EXAMPLES: stats.examples, **extra}
+        metrics = {"loss": stats.loss, NUM_EXAMPLES: len(data.train), **extra}
         return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
 
     def evaluate(

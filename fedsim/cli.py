@@ -1,4 +1,4 @@
-"""``fedsim`` command line: ``run``, ``list``.
+"""``fedsim`` command line: ``run``, ``list``, ``report``.
 
 Exit codes: 0 run completed (or stopped cleanly, e.g. privacy budget spent), 1 run
 failed, 2 invalid input (one line on stderr, no
@@ -45,6 +45,33 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="runs", help="where run directories go (default: ./runs)"
     )
     sub.add_parser("list", help="list strategies, datasets, models, privacy mechanisms")
+    report = sub.add_parser(
+        "report",
+        help="compare runs: print a table, write PNG plots (works on running runs)",
+    )
+    report.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or folders holding them (e.g. runs)",
+    )
+    report.add_argument(
+        "--out", default="report", help="where the PNGs go (default: ./report)"
+    )
+    report.add_argument(
+        "--target",
+        type=float,
+        default=0.8,
+        help="accuracy for the 'rounds to' column (default: 0.8)",
+    )
+    report.add_argument(
+        "--plot",
+        dest="views",
+        action="append",
+        metavar="VIEW",
+        help="write only this plot (repeatable): accuracy_loss, accuracy_bytes, "
+        "epsilon, client_spread (default: all)",
+    )
     return parser
 
 
@@ -54,7 +81,11 @@ def preflight(exp: Experiment) -> None:
     from fedsim.models import build_model
 
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    build_model(exp.model, data.info, exp.seed)
+    model = build_model(exp.model, data.info, exp.seed)
+    if exp.privacy.mechanism != "none":
+        from fedsim.privacy import preflight as privacy_preflight
+
+        privacy_preflight(exp, model, data)
 
 
 class Progress:
@@ -157,12 +188,44 @@ def cmd_list(console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """Comparison table of the runs, and one PNG per plot view in ``--out``."""
+    from fedsim import analysis, plots
+
+    if not 0 < args.target <= 1:
+        raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")
+    views = args.views or list(plots.VIEWS)
+    unknown = [v for v in views if v not in plots.VIEWS]
+    if unknown:
+        raise ConfigError(
+            f"--plot: {unknown[0]!r} is not a view; choose from {', '.join(plots.VIEWS)}"
+        )
+    runs = [analysis.load_run(path) for path in analysis.run_paths(args.run_dirs)]
+    frame = analysis.runs_frame(runs)
+    if not console.is_terminal:  # a file or a pipe: keep every column whole
+        console = Console(width=max(console.width, 160))
+    if not frame.empty:
+        table = analysis.comparison(frame, target=args.target)
+        console.print(analysis.comparison_table(table))
+    for run in runs:
+        if run.metrics.empty:
+            console.print(f"{run.path}: no round recorded yet ({run.status})")
+    written = plots.write_plots(frame, args.out, views)
+    for path in written.files.values():
+        console.print(f"wrote {path}", highlight=False)
+    for view, why in written.skipped.items():
+        console.print(f"skipped {view}: {why}", highlight=False)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     try:
         if args.command == "list":
             return cmd_list(console)
+        if args.command == "report":
+            return cmd_report(args, console)
         return cmd_run(args, console)
     except ConfigError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)

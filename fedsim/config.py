@@ -163,6 +163,18 @@ class ModelConfig:
     heads: int = _opt(4, "attention heads (vit); must divide hidden", _at_least(1))
     patch_size: int = _opt(2, "side of square image patches (vit)", _at_least(1))
     dropout: float = _opt(0.0, "dropout probability", _rate)
+    pretrain: str = _opt(
+        "",
+        "'' starts from the seeded random init; 'digits' or 'synthetic' first "
+        "pre-trains the base centrally on that data set's public split (cached)",
+        _one_of("", "digits", "synthetic"),
+    )
+    pretrain_classes: tuple[int, ...] = _opt(
+        [],
+        "classes that make up the public split (empty: all)",
+        lambda v: None if all(c >= 0 for c in v) else "every class must be >= 0",
+    )
+    pretrain_epochs: int = _opt(20, "epochs of central pre-training", _at_least(1))
 
 
 @dataclass(frozen=True)
@@ -179,14 +191,36 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PeftConfig:
-    """``[peft]``: parameter-efficient fine-tuning of the client model."""
+    """``[peft]``: parameter-efficient fine-tuning of the client model.
 
-    method: str = _opt("none", "'none' trains the full model", _one_of("none"))
+    With ``method = "lora"`` each client trains LoRA adapters on the linear layers
+    named in ``targets`` of its frozen base, and the modules in
+    ``modules-to-save`` in full. The client with partition id ``i`` uses rank
+    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its scaling is
+    ``alpha / r``. Names match as in PEFT: a module matches a name when it is that
+    name or ends in ``.<name>``.
+    """
+
+    method: str = _opt(
+        "none",
+        "'none' trains the full model; 'lora' trains LoRA adapters",
+        _one_of("none", "lora"),
+    )
     rank: int = _opt(8, "LoRA rank r of every client", _at_least(1))
-    ranks: tuple[int, ...] = _opt([], "per-client LoRA ranks", _all_positive)
-    alpha: float = _opt(16.0, "LoRA lora_alpha", _positive)
+    ranks: tuple[int, ...] = _opt(
+        [],
+        "per-client LoRA ranks: partition i gets ranks[i % len(ranks)]; "
+        "overrides rank",
+        _all_positive,
+    )
+    alpha: float = _opt(16.0, "LoRA lora_alpha (scaling = alpha / r)", _positive)
+    dropout: float = _opt(0.0, "LoRA dropout on the adapters' input", _rate)
     targets: tuple[str, ...] = _opt(
-        ["q_proj", "k_proj", "v_proj", "out_proj"], "module names LoRA adapts"
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "names of the linear layers LoRA adapts",
+    )
+    modules_to_save: tuple[str, ...] = _opt(
+        ["head"], "modules trained in full next to the adapters (e.g. the head)"
     )
 
 
@@ -201,10 +235,53 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """``[privacy]``: differential privacy mechanism."""
+    """``[privacy]``: differential privacy mechanism.
+
+    ``dp-sgd`` (per example, in every client) and ``dp-fedavg`` (per client, on
+    the server) take a fixed ``noise-multiplier``, or a ``target-epsilon`` for
+    which the noise is calibrated over all ``rounds``. With both, the noise is
+    fixed and ``target-epsilon`` is a budget that is enforced.
+    """
 
     mechanism: str = _opt(
         "none", "registered privacy mechanism", _registered(registry.PRIVACY)
+    )
+    noise_multiplier: float = _opt(
+        0.0,
+        "Gaussian noise std / clipping bound; 0 = calibrate from target-epsilon",
+        _non_negative,
+    )
+    max_grad_norm: float = _opt(
+        1.0, "dp-sgd: bound on each example's gradient norm", _positive
+    )
+    target_epsilon: float = _opt(
+        0.0, "privacy budget (epsilon at target-delta); 0 = no budget", _non_negative
+    )
+    target_delta: float = _opt(1e-5, "delta of every reported epsilon", _open_unit)
+    accountant: str = _opt(
+        "rdp", "privacy accountant (Opacus): rdp or prv", _one_of("rdp", "prv")
+    )
+    clipping: str = _opt(
+        "fixed",
+        "dp-fedavg: server-side clipping of client updates",
+        _one_of("fixed", "adaptive"),
+    )
+    clipping_norm: float = _opt(
+        1.0, "dp-fedavg: bound on a client update's norm (initial if adaptive)",
+        _positive,
+    )
+    target_clipped_quantile: float = _opt(
+        0.5,
+        "dp-fedavg adaptive: share of updates to leave unclipped",
+        lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+    )
+    clip_norm_lr: float = _opt(
+        0.2, "dp-fedavg adaptive: learning rate of the clipping norm", _positive
+    )
+    clipped_count_stddev: float = _opt(
+        0.0,
+        "dp-fedavg adaptive: noise std of the clipped count; 0 = sampled clients/20",
+        _non_negative,
     )
 
 
@@ -222,6 +299,38 @@ class ResourcesConfig:
     )
 
 
+def _installed(module: str, extra: str) -> Check:
+    """Allow ``true`` only where the optional extra providing ``module`` is in."""
+
+    def check(v: bool) -> str | None:
+        from importlib.util import find_spec
+
+        if not v or find_spec(module) is not None:
+            return None
+        return f"needs the optional extra: pip install 'fedsim[{extra}]'"
+
+    return check
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: round metrics also sent to experiment trackers."""
+
+    tensorboard: bool = _opt(
+        False,
+        "write TensorBoard event files to <run dir>/tensorboard",
+        _installed("tensorboard", "tensorboard"),
+    )
+    mlflow: bool = _opt(
+        False, "log params and round metrics to MLflow", _installed("mlflow", "mlflow")
+    )
+    mlflow_uri: str = _opt(
+        "",
+        "MLflow tracking URI; empty: sqlite:///<runs folder>/mlflow.db",
+    )
+    mlflow_experiment: str = _opt("", "MLflow experiment; empty: the experiment name")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A whole experiment, as read from its TOML file."""
@@ -237,6 +346,7 @@ class Experiment:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _kebab(name: str) -> str:
@@ -363,6 +473,89 @@ def _check_consistency(exp: Experiment) -> None:
         raise ConfigError(
             f"model.heads: {exp.model.heads} must divide model.hidden "
             f"({exp.model.hidden})"
+        )
+    _check_peft(exp)
+    _check_privacy(exp)
+
+
+#: Strategies whose clients train LoRA adapters (``peft.method = "lora"``).
+_LORA_STRATEGIES = ("flora", "fedit")
+#: Data keys that decide which examples form the global test set.
+_SPLIT_KEYS = ("test_fraction", "size", "classes", "features")
+
+
+def _check_peft(exp: Experiment) -> None:
+    peft, name = exp.peft, exp.strategy.name
+    if name in _LORA_STRATEGIES and peft.method != "lora":
+        raise ConfigError(
+            f"peft.method: {peft.method!r} cannot run strategy.name = {name!r}, "
+            "which aggregates LoRA adapters; set peft.method = 'lora'"
+        )
+    if name == "fedavg" and peft.method == "lora":
+        raise ConfigError(
+            "peft.method: 'lora' needs a LoRA strategy "
+            f"({', '.join(_LORA_STRATEGIES)}); strategy.name = 'fedavg' averages "
+            "whole models"
+        )
+    if peft.method == "lora" and not peft.targets:
+        raise ConfigError("peft.targets: LoRA needs at least one module name")
+    model, data = exp.model, exp.data
+    if model.pretrain and model.pretrain == data.dataset:
+        # The public split leaves out the global test set drawn with the default
+        # data settings and the run's seed; other settings would leak test images
+        # into pre-training.
+        default = DataConfig()
+        for key in _SPLIT_KEYS:
+            if getattr(data, key) != getattr(default, key):
+                raise ConfigError(
+                    f"data.{_kebab(key)}: must keep its default "
+                    f"({getattr(default, key)!r}) when model.pretrain = "
+                    f"{model.pretrain!r}, whose public split holds out the default "
+                    "global test set"
+                )
+
+
+#: Strategies whose replies are whole models averaged as FedAvg does: the only
+#: ones whose client updates DP-FedAvg can clip and noise meaningfully.
+_DP_FEDAVG_STRATEGIES = ("fedavg",)
+_DP_FEDAVG_REJECTED = {
+    "flora": "FLoRA stacks the clients' LoRA adapters instead of averaging them, so "
+    "a clipped update is not divided among the sampled clients and the noise "
+    "would not cover it",
+    "fedit": "FedIT exchanges LoRA adapters while the server keeps the whole "
+    "model, so the update Flower's wrapper clips is not what the server releases",
+}
+
+
+def _check_privacy(exp: Experiment) -> None:
+    p = exp.privacy
+    if p.mechanism == "none":
+        return
+    if p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(
+            f"privacy.noise-multiplier: 0 with no privacy.target-epsilon gives "
+            f"{p.mechanism!r} no privacy; set noise-multiplier > 0 or "
+            "target-epsilon > 0"
+        )
+    if p.mechanism != "dp-fedavg":
+        return
+    name = exp.strategy.name
+    if name not in _DP_FEDAVG_STRATEGIES:
+        reason = _DP_FEDAVG_REJECTED.get(
+            name, f"{name!r} does not exchange whole models averaged as FedAvg does"
+        )
+        raise ConfigError(
+            f"strategy.name: {name!r} cannot run under privacy.mechanism = "
+            f"'dp-fedavg': {reason}; use strategy.name = 'fedavg', or "
+            "privacy.mechanism = 'dp-sgd'"
+        )
+    sampled = max(int(exp.federation.clients * exp.federation.fraction_train), 1)
+    stddev = p.clipped_count_stddev or sampled / 20
+    if p.clipping == "adaptive" and p.noise_multiplier >= 2 * stddev:
+        raise ConfigError(
+            f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < 2 * "
+            f"clipped-count-stddev = {2 * stddev:g} with adaptive clipping "
+            f"({sampled} clients per round); raise privacy.clipped-count-stddev"
         )
 
 

@@ -10,6 +10,8 @@ views of the arrays.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -224,6 +226,39 @@ def partition_indices(
     return parts
 
 
+def cache_dir() -> Path:
+    """Where fedsim caches derived data (``FEDSIM_CACHE``, else ~/.cache/fedsim)."""
+    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+
+
+def cached_partitions(
+    labels: np.ndarray, cfg: DataConfig, num_partitions: int, seed: int
+) -> list[np.ndarray]:
+    """:func:`partition_indices`, cached on disk.
+
+    Every client process needs the same partitions; computing them once and
+    reading them back spares each Ray actor the partitioner and its imports. The
+    key covers the labels themselves, so a changed data file misses the cache.
+    """
+    key = hashlib.sha256()
+    key.update(labels.astype(np.int64).tobytes())
+    key.update(repr((cfg.partitioner, cfg.alpha, cfg.classes_per_client)).encode())
+    key.update(repr((cfg.min_partition_size, num_partitions, seed)).encode())
+    path = cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
+    try:
+        with np.load(path) as saved:
+            return [saved[f"p{i}"] for i in range(num_partitions)]
+    except (OSError, KeyError, ValueError):
+        pass
+    parts = partition_indices(labels, cfg, num_partitions, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})
+    os.replace(tmp, path)
+    return parts
+
+
 @dataclass(frozen=True)
 class FederatedData:
     """The global test set and every client's partition, built once per process."""
@@ -269,7 +304,7 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
             f"federation.clients: {num_clients} exceeds the {len(pool)} training "
             "examples"
         )
-    parts = partition_indices(pool.y, cfg, num_clients, seed)
+    parts = cached_partitions(pool.y, cfg, num_clients, seed)
     return FederatedData(
         info, pool, test, tuple(parts), cfg.client_test_fraction, seed
     )

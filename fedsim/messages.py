@@ -18,3 +18,7 @@ PARTITION_ID = "partition-id"
 SERVER_ROUND = "server-round"
 #: Seconds the client spent on the instruction.
 SECONDS = "seconds"
+#: LoRA rank r of the adapters in a reply (train metrics).
+LORA_RANK = "lora-rank"
+#: LoRA scaling alpha / r of the adapters in a reply (train metrics).
+LORA_SCALING = "lora-scaling"

@@ -184,9 +184,80 @@ def build_vit(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     )
 
 
+class TokenBert(nn.Module):
+    """A Hugging Face ``transformers`` BERT encoder over quantized inputs.
+
+    Every input value (scaled to [0, 1]) becomes one token, its level among
+    ``levels`` equal steps; a class token leads the sequence and its final hidden
+    state feeds the linear ``head``. The encoder is built from a ``BertConfig``
+    with random initialisation, so nothing is downloaded; its attention
+    projections are named ``query``, ``key`` and ``value``.
+    """
+
+    def __init__(
+        self,
+        tokens: int,
+        num_classes: int,
+        *,
+        dim: int,
+        depth: int,
+        heads: int,
+        dropout: float,
+        levels: int = 16,
+    ):
+        from transformers import BertConfig, BertModel
+
+        super().__init__()
+        config = BertConfig(
+            vocab_size=levels + 2,  # the class token, then levels 0..levels
+            hidden_size=dim,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=2 * dim,
+            max_position_embeddings=tokens + 1,
+            type_vocab_size=1,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        self.levels = levels
+        self.encoder = BertModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x.flatten(1).clamp(0, 1) * self.levels).round().long() + 1
+        cls = torch.zeros(len(x), 1, dtype=torch.long, device=x.device)
+        hidden = self.encoder(input_ids=torch.cat([cls, ids], dim=1)).last_hidden_state
+        return self.head(hidden[:, 0])
+
+
+def build_tiny_bert(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    if cfg.hidden % cfg.heads:
+        raise ConfigError(
+            f"model.heads: {cfg.heads} must divide model.hidden ({cfg.hidden})"
+        )
+    return TokenBert(
+        math.prod(info.input_shape),
+        info.num_classes,
+        dim=cfg.hidden,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        dropout=cfg.dropout,
+    )
+
+
 def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
-    """Build the configured model with a seeded initialisation."""
+    """Build the configured model with a seeded initialisation.
+
+    With ``model.pretrain`` set, the weights are those of the base pre-trained
+    centrally on the public split (:mod:`fedsim.pretrain`, built once and cached
+    on disk), so the server and every client process start from the same base.
+    """
     builder = registry.MODELS[cfg.name].load()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(cfg, info)  # type: ignore[no-any-return]
+        model: nn.Module = builder(cfg, info)
+    if cfg.pretrain:
+        from fedsim.pretrain import pretrained_state
+
+        model.load_state_dict(pretrained_state(cfg, info, seed))
+    return model

@@ -18,13 +18,14 @@ import os
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from fedsim.config import Experiment, to_toml
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.parquet"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+GLOBAL_CHECKPOINT = "global.npz"
 COLUMNS = ("round", "client", "phase", "metric", "value")
 
 #: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
@@ -64,6 +66,11 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file object keeps numpy from adding ".npz"
+        np.savez(fh, **arrays)
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -113,18 +120,40 @@ def read_metrics(run_dir: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path)
 
 
-class RunRecorder:
-    """Collects round metrics and keeps the run directory up to date."""
+Row = tuple[int, int | None, str, str, float]
 
-    def __init__(self, run_dir: Path, experiment: Experiment):
+
+class RoundSink(Protocol):
+    """Also receives each closed round's rows (e.g. an experiment tracker)."""
+
+    def log_round(self, server_round: int, rows: Sequence[Row]) -> None:
+        """Rows (round, client, phase, metric, value) added by ``end_round``."""
+
+    def close(self, status: str) -> None:
+        """The run ended with ``status`` (``completed``, ``failed``...)."""
+
+
+class RunRecorder:
+    """Collects round metrics and keeps the run directory up to date.
+
+    ``sinks`` get the rows of each round once ``metrics.parquet`` holds them,
+    and are closed when the run finishes.
+    """
+
+    def __init__(
+        self, run_dir: Path, experiment: Experiment, sinks: Sequence[RoundSink] = ()
+    ):
         self.run_dir = run_dir
         self.experiment = experiment
+        self.sinks = list(sinks)
+        self._sent = 0  # rows already given to the sinks
         self.rows: list[tuple[int, int | None, str, str, float]] = []
         self._pending: dict[tuple[int, str], list[tuple[int, dict[str, float]]]] = (
             defaultdict(list)
         )
         self._phase_seconds: dict[tuple[int, str], float] = {}
         self._strategy: dict[tuple[int, str], dict[str, float]] = {}
+        self._server: list[tuple[int, int | None, str, str, float]] = []
         self.failures: list[dict[str, Any]] = []
         self.rounds_completed = 0
         self.started = time.time()
@@ -187,11 +216,27 @@ class RunRecorder:
     def server(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Record server-side metrics of the global model after a round."""
         for name, value in metrics.items():
-            self.rows.append((server_round, None, "server", name, float(value)))
+            self._server.append((server_round, None, "server", name, float(value)))
+
+    def checkpoint(self, server_round: int, arrays: Mapping[str, Any]) -> Path:
+        """Save the global model's arrays as ``checkpoints/global.npz`` (atomic).
+
+        The file holds the arrays under their state-dict names and the round
+        under ``__round__``; it always holds the latest completed round.
+        """
+        path = self.run_dir / CHECKPOINTS_DIR / GLOBAL_CHECKPOINT
+        payload = {k: np.asarray(v) for k, v in arrays.items()}
+        payload["__round__"] = np.asarray(server_round)
+        _atomic_write(path, lambda p: _savez(p, payload))
+        return path
 
     # -- round and run boundaries ------------------------------------------------
     def end_round(self, server_round: int) -> None:
-        """Aggregate the round's client rows and rewrite ``metrics.parquet``."""
+        """Aggregate the round's client rows and rewrite ``metrics.parquet``.
+
+        Only completed rounds reach the file: rows of a round that never ends
+        (a crash) are left out.
+        """
         keys = {*self._pending, *self._strategy, *self._phase_seconds}
         for rnd, phase in sorted(k for k in keys if k[0] <= server_round):
             replies = sorted(self._pending.pop((rnd, phase), []), key=lambda r: r[0])
@@ -206,11 +251,16 @@ class RunRecorder:
             if (rnd, phase) in self._phase_seconds:
                 seconds = self._phase_seconds.pop((rnd, phase))
                 self.rows.append((rnd, None, phase, "seconds", seconds))
+        self.rows.extend(row for row in self._server if row[0] <= server_round)
+        self._server = [row for row in self._server if row[0] > server_round]
         self.rows.append(
             (server_round, None, "server", "elapsed", time.time() - self.started)
         )
         self.rounds_completed = server_round
         self.flush()
+        new, self._sent = self.rows[self._sent :], len(self.rows)
+        for sink in self.sinks:
+            sink.log_round(server_round, new)
 
     def flush(self) -> None:
         """Rewrite metrics and summary atomically."""
@@ -228,6 +278,8 @@ class RunRecorder:
             finished_at=datetime.now(timezone.utc).isoformat(),
         )
         self.flush()
+        for sink in self.sinks:
+            sink.close(status)
 
     @contextmanager
     def recording(self) -> Iterator[RunRecorder]:

@@ -54,6 +54,18 @@ STRATEGIES: Mapping[str, Entry] = {
         "FedAvg (McMahan et al., 2017): example-weighted average of full models",
         client="clients.full:FullModelClient",
     ),
+    "flora": Entry(
+        "strategies.flora:build",
+        "FLoRA (Wang et al., 2024): stacks heterogeneous-rank LoRA adapters, "
+        "merges them into the base",
+        client="clients.lora:LoraClient",
+    ),
+    "fedit": Entry(
+        "strategies.fedit:build",
+        "FedIT (Zhang et al., 2024): averages LoRA A and B separately "
+        "(zero-padded ranks)",
+        client="clients.lora:LoraClient",
+    ),
 }
 
 DATASETS: Mapping[str, Entry] = {
@@ -84,10 +96,23 @@ MODELS: Mapping[str, Entry] = {
         "fedsim.models:build_vit",
         "ViT-style encoder with named q_proj/k_proj/v_proj/out_proj attention",
     ),
+    "tiny-bert": Entry(
+        "fedsim.models:build_tiny_bert",
+        "transformers BERT from a config (random init, no download) over inputs "
+        "quantized into tokens",
+    ),
 }
 
 PRIVACY: Mapping[str, Entry] = {
     "none": Entry("fedsim.privacy:NoPrivacy", "no differential privacy"),
+    "dp-sgd": Entry(
+        "fedsim.privacy:DpSgd",
+        "sample-level DP: Opacus DP-SGD in every client, epsilon per client",
+    ),
+    "dp-fedavg": Entry(
+        "fedsim.privacy:DpFedAvg",
+        "client-level DP: server-side clipping and noise (fixed or adaptive)",
+    ),
 }
 
 PARTITIONERS: Mapping[str, Entry] = {

@@ -20,7 +20,9 @@ from fedsim.config import RUN_DIR_KEY, Experiment, from_run_config
 from fedsim.data import federated_data
 from fedsim.recording import RecordingGrid, RecordingStrategy
 from fedsim.models import build_model
+from fedsim.privacy import wrap_strategy
 from fedsim.recorder import RunRecorder, create_run_dir
+from fedsim.trackers import build_sinks
 from fedsim.training import evaluate, resolve_device
 
 app = ServerApp()
@@ -41,13 +43,14 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed).to(device)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    strategy = registry.STRATEGIES[exp.strategy.name].load()(exp)
+    strategy = wrap_strategy(registry.STRATEGIES[exp.strategy.name].load()(exp), exp)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(model, data.test, device=device)
         metrics = {"loss": stats.loss, "accuracy": stats.accuracy}
         recorder.server(server_round, metrics)
+        recorder.checkpoint(server_round, {k: a.numpy() for k, a in arrays.items()})
         recorder.end_round(server_round)
         return MetricRecord(metrics)
 
@@ -69,6 +72,7 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's Grid and Context."""
     exp = from_run_config(context.run_config)
-    recorder = RunRecorder(run_dir_for(dict(context.run_config), exp), exp)
+    run_dir = run_dir_for(dict(context.run_config), exp)
+    recorder = RunRecorder(run_dir, exp, sinks=build_sinks(exp, run_dir))
     with recorder.recording():
         run(grid, exp, recorder)

@@ -1,0 +1,215 @@
+"""End to end through the CLI, Flower's simulation runtime and Ray."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from fedsim.config import load_experiment
+from fedsim.data import federated_data
+from fedsim.models import build_model
+from fedsim.recorder import read_metrics
+from fedsim.training import derive_seed, evaluate
+from tests.conftest import SMALL, CliRun, sets
+
+pytestmark = pytest.mark.slow
+
+TIMED = {"seconds", "elapsed"}
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    frame = read_metrics(run_dir)
+    assert frame is not None
+    return frame
+
+
+def test_small_run_writes_the_run_directory(small_run: CliRun) -> None:
+    run_dir = small_run.run_dir
+    assert (run_dir / "config.toml").is_file() and (run_dir / "checkpoints").is_dir()
+    assert "run directory:" in small_run.stdout and str(run_dir) in small_run.stdout
+    assert "round   3/3" in small_run.stdout  # progress lines
+    exp = load_experiment(run_dir / "config.toml")
+    assert exp == load_experiment(None, SMALL)
+
+    frame = metrics(run_dir)
+    assert list(frame.columns) == ["round", "client", "phase", "metric", "value"]
+    assert str(frame["client"].dtype) == "Int64"
+    server = frame[frame["phase"] == "server"]
+    assert sorted(server["round"].unique()) == [0, 1, 2, 3]
+    assert server["client"].isna().all()
+
+    train = frame[(frame["phase"] == "train") & frame["client"].notna()]
+    per = train.pivot_table(index=["round", "client"], columns="metric", values="value")
+    assert sorted(per.index.get_level_values("client").unique()) == [0, 1, 2, 3]
+    for name in ("loss", "examples", "seconds", "bytes-up", "bytes-down"):
+        assert per[name].notna().all(), name
+    # bytes: the real size of the model arrays, both ways
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    model = build_model(exp.model, data.info, exp.seed)
+    raw = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    assert (per["bytes-up"] == per["bytes-down"]).all()
+    assert ((per["bytes-up"] >= raw) & (per["bytes-up"] < raw + 1024)).all()
+    # each client trains on its own local train split, every round
+    sizes = {pid: len(data.client(pid).train) for pid in range(4)}
+    for (rnd, pid), row in per.iterrows():
+        assert row["examples"] == sizes[pid]
+
+    agg = frame[(frame["phase"] == "train") & frame["client"].isna()]
+    agg = agg.pivot(index="round", columns="metric", values="value")
+    assert (agg["examples"] == sum(sizes.values())).all()
+    weighted = (per["loss"] * per["examples"]).groupby("round").sum() / per[
+        "examples"
+    ].groupby("round").sum()
+    np.testing.assert_allclose(agg["loss"], weighted, rtol=1e-9)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    assert summary["seed"] == 0 and summary["versions"]["flwr"].startswith("1.41")
+    final = server[server["round"] == 3].set_index("metric")["value"]
+    assert summary["final"]["accuracy"] == final["accuracy"]
+
+
+def test_checkpoint_reproduces_the_server_accuracy(small_run: CliRun) -> None:
+    """The saved global model, evaluated here, gives the recorded accuracy."""
+    run_dir = small_run.run_dir
+    exp = load_experiment(run_dir / "config.toml")
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    model = build_model(exp.model, data.info, exp.seed)
+    with np.load(run_dir / "checkpoints" / "global.npz") as saved:
+        assert int(saved["__round__"]) == 3
+        model.load_state_dict({k: torch.from_numpy(saved[k]) for k in model.state_dict()})
+    stats = evaluate(model, data.test, device=torch.device("cpu"))
+    server = metrics(run_dir)
+    recorded = server[(server["phase"] == "server") & (server["round"] == 3)]
+    accuracy = recorded.set_index("metric")["value"]["accuracy"]
+    assert stats.accuracy == pytest.approx(accuracy, abs=1e-12)
+    assert stats.accuracy > 0.5  # three rounds already learn something
+
+
+def test_same_seed_same_metrics(small_run: CliRun, run_cli: Callable[..., CliRun]) -> None:
+    again = run_cli(overrides=SMALL)
+    assert again.returncode == 0, again.stderr
+    a, b = metrics(small_run.run_dir), metrics(again.run_dir)
+    a, b = (f[~f["metric"].isin(TIMED)].reset_index(drop=True) for f in (a, b))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def failing_setup(rate: float, clients: int, rounds: int) -> tuple[int, set[tuple[int, int]]]:
+    """A seed where some clients fail but every round keeps a survivor."""
+    for seed in range(100):
+        failed = {
+            (r, p)
+            for r in range(1, rounds + 1)
+            for p in range(clients)
+            if np.random.default_rng(derive_seed(seed, "failure", r, p)).random() < rate
+        }
+        per_round = [sum((r, p) in failed for p in range(clients)) for r in range(1, rounds + 1)]
+        if failed and max(per_round) < clients:
+            return seed, failed
+    raise AssertionError("no suitable seed")
+
+
+def descendants(pid: int) -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def watch(
+    args: list[str], out: Path, interrupt: Callable[[Path], bool] | None = None
+) -> tuple[int, set[int], str]:
+    """Run the CLI, collect every process it starts, optionally send Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", *args, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: set[int] = set()
+    deadline = time.monotonic() + 300
+    interrupted = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= descendants(proc.pid)
+        if interrupt and not interrupted:
+            runs = [p for p in out.glob("*") if p.is_dir()]
+            if runs and interrupt(runs[0]):
+                seen |= descendants(proc.pid)
+                proc.send_signal(signal.SIGINT)
+                interrupted = True
+        time.sleep(0.2)
+    stdout, _ = proc.communicate(timeout=120)
+    return proc.returncode, seen, stdout
+
+
+def test_failing_clients_are_recorded_and_the_run_completes(tmp_path: Path) -> None:
+    seed, failed = failing_setup(0.3, 4, 3)
+    code, seen, stdout = watch(
+        ["run", *sets(*SMALL, f"seed={seed}", "federation.failure-rate=0.3")], tmp_path
+    )
+    assert code == 0, stdout
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    frame = metrics(run_dir)
+    rows = frame[(frame["phase"] == "train") & (frame["metric"] == "failed")]
+    assert {(int(r), int(c)) for r, c in zip(rows["round"], rows["client"])} == failed
+    agg = frame[(frame["phase"] == "train") & frame["client"].isna()]
+    failures = agg[agg["metric"] == "failures"].set_index("round")["value"]
+    for rnd in (1, 2, 3):
+        assert failures[rnd] == sum(r == rnd for r, _ in failed)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failures"] == len(failed)
+    assert "dropped out" in summary["failure_details"][0]["reason"]
+    assert seen and not alive(seen), "processes left behind after a completed run"
+
+
+def test_too_few_replies_end_the_run_as_failed(run_cli: Callable[..., CliRun]) -> None:
+    result = run_cli(
+        overrides=(*SMALL, "federation.failure-rate=0.9", "federation.min-replies=3")
+    )
+    assert result.returncode == 1
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "fewer than federation.min-replies = 3" in summary["reason"]
+    assert "min-replies" in result.stdout
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    def after_first_round(run_dir: Path) -> bool:
+        frame = read_metrics(run_dir) if (run_dir / "metrics.parquet").exists() else None
+        return frame is not None and (frame["round"] >= 1).any()
+
+    code, seen, stdout = watch(
+        ["run", *sets(*SMALL, "rounds=200")], tmp_path, interrupt=after_first_round
+    )
+    assert code == 130, stdout
+    assert len(seen) >= 3  # SuperLink, flwr run, the simulation process, Ray...
+    assert not alive(seen), f"leaked: {alive(seen)}"
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert read_metrics(run_dir) is not None  # completed rounds stay readable
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert config["rounds"] == 200

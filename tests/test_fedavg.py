@@ -1,0 +1,223 @@
+"""FedAvg and the recording layer against numpy oracles, without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+
+from fedsim.config import load_experiment
+from fedsim.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
+from fedsim.recording import RecordingGrid, RecordingStrategy
+from strategies.fedavg import build
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterable[None]:
+    """Messages take their run id from the process identity a ServerApp has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+
+
+def reply(
+    arrays: dict[str, np.ndarray] | None,
+    metrics: dict[str, float],
+    src: int = 1,
+    error: str | None = None,
+) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[ARRAYS] = ArrayRecord(
+            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+def test_fedavg_aggregate_train_matches_numpy_weighted_mean() -> None:
+    rng = np.random.default_rng(0)
+    examples = [10, 30, 60]
+    models = [
+        {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+        for _ in examples
+    ]
+    replies = [
+        reply(m, {"loss": float(i), NUM_EXAMPLES: n}, src=i + 1)
+        for i, (m, n) in enumerate(zip(models, examples))
+    ]
+    strategy = build(load_experiment(None, ["federation.clients=3"]))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    p = np.array(examples, dtype=np.float64) / sum(examples)
+    for key in ("w", "b"):
+        oracle = sum(pk * m[key].astype(np.float64) for pk, m in zip(p, models))
+        np.testing.assert_allclose(arrays[key].numpy(), oracle, rtol=1e-6, atol=1e-7)
+
+
+def test_aggregate_replies_sums_counts_and_weights_means() -> None:
+    replies = [
+        (0, {"loss": 1.0, "examples": 10.0, "bytes-up": 5.0, "bytes-down": 7.0, "seconds": 2.0}),
+        (1, {"loss": 3.0, "examples": 30.0, "bytes-up": 5.0, "bytes-down": 7.0}),
+        (2, {"failed": 1.0, "bytes-down": 7.0}),
+    ]
+    out = aggregate_replies(replies)
+    assert out["loss"] == pytest.approx((1 * 10 + 3 * 30) / 40)
+    assert out["examples"] == 40 and out["bytes-up"] == 10 and out["bytes-down"] == 21
+    assert out["clients"] == 2 and out["failures"] == 1
+    assert "seconds" not in out
+
+
+class FakeGrid(Grid):
+    """Answers train messages from a table of canned replies (no Flower runtime)."""
+
+    def __init__(self, partitions: dict[int, int], fail: set[int] = frozenset()):
+        self.partitions = partitions
+        self.fail = fail
+        self.sent: list[Message] = []
+
+    def set_run(self, run: object) -> None: ...
+
+    @property
+    def run(self) -> object:
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise AssertionError("unused")
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.partitions)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise AssertionError("unused")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise AssertionError("unused")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            pid = self.partitions[node]
+            if msg.metadata.message_type == MessageType.QUERY:
+                r = reply(None, {PARTITION_ID: pid}, src=node)
+            elif pid in self.fail:
+                r = reply(None, {}, src=node, error=f"boom {pid}")
+            else:
+                arrays = {"w": np.full((5, 5), float(pid), dtype=np.float32)}
+                r = reply(arrays, {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}, src=node)
+            out.append(r)
+        return out
+
+
+def train_messages(nodes: Iterable[int], arrays: ArrayRecord) -> list[Message]:
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": 1})})
+    return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+
+def test_recording_grid_orders_nodes_by_partition_and_records_bytes(tmp_path: Path) -> None:
+    exp = load_experiment(None, ["federation.clients=3"])
+    recorder = RunRecorder(tmp_path, exp)
+    fake = FakeGrid({907: 2, 13: 0, 555: 1}, fail={1})
+    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1)
+    assert grid.get_node_ids() == [13, 555, 907]
+    down = ArrayRecord([np.zeros((10, 10), dtype=np.float32)])
+    grid.send_and_receive(train_messages(grid.get_node_ids(), down))
+    recorder.end_round(1)
+    frame = read_metrics(tmp_path)
+    assert frame is not None
+    train = frame[frame["phase"] == "train"]
+    per_client = train.dropna(subset=["client"]).pivot(index="client", columns="metric", values="value")
+    assert per_client.loc[1, "failed"] == 1 and pd.isna(per_client.loc[0, "failed"])
+    # bytes are at least the raw float32 payload and carry only small headers
+    assert 400 <= per_client.loc[0, "bytes-down"] < 400 + 256
+    assert 100 <= per_client.loc[0, "bytes-up"] < 100 + 256
+    assert per_client.loc[2, "examples"] == 30
+    agg = train[train["client"].isna()].set_index("metric")["value"]
+    assert agg["failures"] == 1 and agg["clients"] == 2
+    assert agg["examples"] == 40
+    assert agg["loss"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40)
+    assert agg["bytes-down"] == 3 * per_client.loc[0, "bytes-down"]
+    assert recorder.failures[0]["reason"] == "boom 1"
+
+
+def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:
+    exp = load_experiment(None, ["federation.clients=3"])
+    recorder = RunRecorder(tmp_path, exp)
+    grid = RecordingGrid(FakeGrid({1: 0, 2: 1, 3: 2}, fail={0, 1}), recorder, num_clients=3, min_replies=2)
+    down = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    with pytest.raises(RoundFailed, match="1 of 3 clients replied.*min-replies = 2"):
+        grid.send_and_receive(train_messages(grid.get_node_ids(), down))
+
+
+def test_recording_strategy_records_only_the_strategys_own_metrics(tmp_path: Path) -> None:
+    exp = load_experiment(None, ["federation.clients=2"])
+    recorder = RunRecorder(tmp_path, exp)
+    inner = build(exp)
+
+    class WithError(type(inner)):  # type: ignore[misc]
+        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            metrics["aggregation-error"] = 0.25
+            return arrays, metrics
+
+    strategy = RecordingStrategy(WithError(min_available_nodes=2), recorder)
+    replies = [reply({"w": np.ones(2, np.float32)}, {"loss": 1.0, NUM_EXAMPLES: 5}, src=i) for i in (1, 2)]
+    strategy.aggregate_train(1, replies)
+    recorder.end_round(1)
+    frame = read_metrics(tmp_path)
+    assert frame is not None
+    rows = frame[frame["client"].isna() & (frame["phase"] == "train")]
+    assert rows.set_index("metric")["value"]["aggregation-error"] == 0.25
+    assert "num-examples" not in set(rows["metric"])
+
+
+def test_metrics_file_survives_a_crash_after_a_round(tmp_path: Path) -> None:
+    exp = load_experiment(None, ["rounds=5"])
+    recorder = RunRecorder(tmp_path, exp)
+    with pytest.raises(ZeroDivisionError):
+        with recorder.recording():
+            recorder.server(1, {"accuracy": 0.5, "loss": 1.0})
+            recorder.end_round(1)
+            recorder.server(2, {"accuracy": 0.6})
+            1 / 0
+    frame = read_metrics(tmp_path)
+    assert frame is not None and set(frame["round"]) == {1}
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "ZeroDivisionError" in summary["reason"]
+    assert summary["rounds_completed"] == 1 and summary["final"]["accuracy"] == 0.5

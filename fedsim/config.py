@@ -652,6 +652,17 @@ def reference() -> list[tuple[str, str, str]]:
     rows = []
     for key, (_, f) in schema().items():
         default = f.default
-        shown = tomli_w.dumps({"v": list(default) if isinstance(default, tuple) else default})
-        rows.append((key, shown[4:].strip(), f.metadata["help"]))
+        if isinstance(default, tuple):
+            shown = json.dumps(list(default))
+        else:
+            shown = tomli_w.dumps({"v": default})[4:].strip()
+        rows.append((key, shown, f.metadata["help"]))
     return rows
+
+
+def reference_markdown() -> str:
+    """The experiment-file reference table of the README."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_text in reference():
+        lines.append(f"| `{key}` | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,22 @@
+"""Documentation that matches the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedsim.config import load_experiment
+from fedsim.docs import with_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_key_reference_is_current() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert with_reference(text) == text, "run `python -m fedsim.docs` to refresh"
+
+
+def test_every_experiment_file_is_valid() -> None:
+    files = sorted((ROOT / "experiments").glob("*.toml"))
+    assert files
+    for path in files:
+        load_experiment(path)

@@ -163,6 +163,57 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``command`` in its own session, output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def flower_home(port: int) -> tuple[Path, dict[str, str]]:
+    """A private ``FLWR_HOME`` whose default connection ``fedsim`` is the SuperLink
+    on ``127.0.0.1:port``, and the environment for Flower's commands."""
+    home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+    config = {"superlink": {"default": "fedsim", "fedsim": connection}}
+    (home / "config.toml").write_text(tomli_w.dumps(config), "utf-8")
+    return home, env
+
+
+def superlink_command(port: int, *, simulation: bool) -> list[str]:
+    """``flower-superlink`` on loopback; apps run from the installed environment."""
+    return [
+        _executable("flower-superlink"),
+        "--insecure",
+        *(["--simulation"] if simulation else []),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def submit_command(app_dir: Path, federation: str | None = None) -> list[str]:
+    """``flwr run`` of the app on the ``fedsim`` connection, streaming its logs."""
+    extra = ["--federation-config", federation] if federation else []
+    return [_executable("flwr"), "run", str(app_dir), "fedsim", "--stream", *extra]
+
+
 def simulate(
     exp: Experiment,
     run_dir: Path,
@@ -177,27 +228,8 @@ def simulate(
     """
     logs = run_dir / LOGS_DIR
     logs.mkdir(exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     port = free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "RAY_DEDUP_LOGS": "0",
-    }
-    (home / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": "fedsim",
-                    "fedsim": {"address": f"127.0.0.1:{port}", "insecure": True},
-                }
-            }
-        ),
-        "utf-8",
-    )
+    home, env = flower_home(port)
     write_app(home / "app", exp, run_dir)
     superlink: subprocess.Popen[bytes] | None = None
     submit: subprocess.Popen[bytes] | None = None
@@ -205,42 +237,15 @@ def simulate(
     reason: str | None = None
     try:
         with _terminate_as_interrupt():
-            with open(logs / "superlink.log", "wb") as sl_log:
-                superlink = subprocess.Popen(
-                    [
-                        _executable("flower-superlink"),
-                        "--insecure",
-                        "--simulation",
-                        "--disable-runtime-dependency-installation",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
-                    env=env,
-                    stdout=sl_log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            _wait_healthy(superlink, port, logs / "superlink.log")
-            with open(logs / "flower.log", "wb") as run_log:
-                submit = subprocess.Popen(
-                    [
-                        _executable("flwr"),
-                        "run",
-                        str(home / "app"),
-                        "fedsim",
-                        "--stream",
-                        "--federation-config",
-                        federation_config(exp),
-                    ],
-                    env=env,
-                    stdout=run_log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            superlink = spawn(
+                superlink_command(port, simulation=True), env, logs / "superlink.log"
+            )
+            wait_healthy(superlink, port, logs / "superlink.log")
+            submit = spawn(
+                submit_command(home / "app", federation_config(exp)),
+                env,
+                logs / "flower.log",
+            )
             while submit.poll() is None:
                 on_poll()
                 if superlink.poll() is not None:
@@ -272,7 +277,8 @@ def simulate(
     return Outcome(status, summary)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Wait until the SuperLink on ``port`` answers its health check."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     url = f"http://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ traceback, nothing written), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -75,11 +76,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_resources(exp: Experiment) -> None:
+    """Ray would wait forever for resources this machine does not have."""
+    import torch
+
+    res = exp.resources
+    cores = os.cpu_count() or 1
+    if res.num_cpus > cores:
+        raise ConfigError(
+            f"resources.num-cpus: {res.num_cpus} exceeds the {cores} cores here"
+        )
+    gpus = torch.cuda.device_count()
+    if res.num_gpus > gpus:
+        raise ConfigError(
+            f"resources.num-gpus: {res.num_gpus:g} requested per client but "
+            f"{gpus} CUDA GPUs are visible"
+        )
+    if res.device == "cuda" and gpus == 0:
+        raise ConfigError("resources.device: 'cuda' requested but no CUDA GPU is visible")
+
+
 def preflight(exp: Experiment) -> None:
     """Load the data and build the model once, so that mismatches fail early."""
     from fedsim.data import federated_data
     from fedsim.models import build_model
 
+    check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed)
     if exp.privacy.mechanism != "none":
@@ -197,9 +219,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     views = args.views or list(plots.VIEWS)
     unknown = [v for v in views if v not in plots.VIEWS]
     if unknown:
-        raise ConfigError(
-            f"--plot: {unknown[0]!r} is not a view; choose from {', '.join(plots.VIEWS)}"
-        )
+        allowed = ", ".join(plots.VIEWS)
+        problem = f"{unknown[0]!r} is not a view; choose from {allowed}"
+        raise ConfigError(f"--plot: {problem}")
     runs = [analysis.load_run(path) for path in analysis.run_paths(args.run_dirs)]
     frame = analysis.runs_frame(runs)
     if not console.is_terminal:  # a file or a pipe: keep every column whole
@@ -207,14 +229,17 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if not frame.empty:
         table = analysis.comparison(frame, target=args.target)
         console.print(analysis.comparison_table(table))
+    def say(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
     for run in runs:
         if run.metrics.empty:
-            console.print(f"{run.path}: no round recorded yet ({run.status})")
+            say(f"{run.path}: no round recorded yet ({run.status})")
     written = plots.write_plots(frame, args.out, views)
     for path in written.files.values():
-        console.print(f"wrote {path}", highlight=False)
+        say(f"wrote {path}")
     for view, why in written.skipped.items():
-        console.print(f"skipped {view}: {why}", highlight=False)
+        say(f"skipped {view}: {why}")
     return EXIT_OK
 
 

@@ -186,6 +186,8 @@ def test_parse_override_keeps_equals_in_values() -> None:
         ["run", "--set", "strategy.name=nope"],
         ["run", "missing.toml"],
         ["run", "--set", "model.name=cnn", "--set", "data.dataset=synthetic"],
+        ["run", "--set", "resources.num-cpus=512"],
+        ["run", "--set", "resources.num-gpus=999"],
     ],
 )
 def test_cli_bad_input_exits_2_without_traceback_or_files(

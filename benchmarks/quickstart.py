@@ -1,0 +1,77 @@
+"""Measure the quickstart: total wall time, start-up, time per round, accuracy.
+
+Usage::
+
+    python benchmarks/quickstart.py [--repeat N] [--set KEY=VALUE ...]
+
+Runs ``fedsim run`` (the packaged quickstart unless overridden) as a user would,
+N times, and prints one JSON line per run plus a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+
+def one_run(overrides: list[str]) -> dict[str, float | str]:
+    with tempfile.TemporaryDirectory() as out:
+        args = [a for kv in overrides for a in ("--set", kv)]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedsim.cli", "run", *args, "--out", out],
+            capture_output=True,
+            text=True,
+        )
+        total = time.perf_counter() - start
+        (run_dir,) = [p for p in Path(out).iterdir() if p.is_dir()]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        frame = pd.read_parquet(run_dir / "metrics.parquet")
+        server = frame[frame["phase"] == "server"].pivot(
+            index="round", columns="metric", values="value"
+        )
+        rounds = server.index.max()
+        first, last = server.loc[1, "elapsed"], server.loc[rounds, "elapsed"]
+        return {
+            "exit": proc.returncode,
+            "status": summary["status"],
+            "total_seconds": round(total, 1),
+            "until_round_0_seconds": round(server.loc[0, "elapsed"], 1),
+            "first_round_seconds": round(first - server.loc[0, "elapsed"], 1),
+            "later_round_seconds": round((last - first) / max(rounds - 1, 1), 2),
+            "final_accuracy": round(float(server.loc[rounds, "accuracy"]), 4),
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    results = []
+    for _ in range(args.repeat):
+        results.append(one_run(args.overrides))
+        print(json.dumps(results[-1]), flush=True)
+    totals = [r["total_seconds"] for r in results]
+    accuracy = [r["final_accuracy"] for r in results]
+    print(
+        json.dumps(
+            {
+                "runs": len(results),
+                "total_seconds_max": max(totals),
+                "final_accuracy_min": min(accuracy),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

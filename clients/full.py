@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
@@ -27,10 +29,15 @@ class FullModelClient:
         self.model = build_model(experiment.model, info, experiment.seed).to(device)
 
     def _load(self, content: RecordDict) -> None:
-        self.model.load_state_dict(content[ARRAYS].to_torch_state_dict())
+        self.model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
 
     def train(
-        self, content: RecordDict, data: ClientData, *, server_round: int, state: RecordDict
+        self,
+        content: RecordDict,
+        data: ClientData,
+        *,
+        server_round: int,
+        state: RecordDict,
     ) -> RecordDict:
         """One round of local training from the received global model."""
         exp = self.experiment
@@ -44,11 +51,20 @@ class FullModelClient:
             state=state,
         )
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        metrics = {"loss": stats.loss, NUM_EXAMPLES: len(data.train), **extra}
+        metrics: dict[str, Any] = {
+            "loss": stats.loss,
+            NUM_EXAMPLES: len(data.train),
+            **extra,
+        }
         return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
 
     def evaluate(
-        self, content: RecordDict, data: ClientData, *, server_round: int, state: RecordDict
+        self,
+        content: RecordDict,
+        data: ClientData,
+        *,
+        server_round: int,
+        state: RecordDict,
     ) -> RecordDict:
         """Loss and accuracy of the received global model on the local test split."""
         self._load(content)

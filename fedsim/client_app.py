@@ -83,7 +83,7 @@ app = ClientApp()
 def _handle(msg: Message, context: Context, method: str) -> Message:
     rt = runtime(context.run_config)
     pid = partition_id(context)
-    server_round = int(msg.content[CONFIG][SERVER_ROUND])
+    server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])  # type: ignore[arg-type]
     if method == "train":
         maybe_fail(rt.experiment, server_round, pid)
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def _handle(msg: Message, context: Context, method: str) -> Message:
         server_round=server_round,
         state=context.state,
     )
-    metrics = reply[METRICS]
+    metrics = reply.metric_records[METRICS]
     metrics[SECONDS] = time.perf_counter() - start
     metrics[PARTITION_ID] = pid
     return Message(reply, reply_to=msg)
@@ -118,4 +118,3 @@ def query(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict({METRICS: MetricRecord({PARTITION_ID: pid})}), reply_to=msg
     )
-

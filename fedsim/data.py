@@ -96,7 +96,9 @@ def load_synthetic(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     )
 
 
-def _from_table(columns: dict[str, np.ndarray], cfg: DataConfig) -> tuple[Arrays, DatasetInfo]:
+def _from_table(
+    columns: dict[str, np.ndarray], cfg: DataConfig
+) -> tuple[Arrays, DatasetInfo]:
     if cfg.label_column not in columns:
         raise ConfigError(
             f"data.label-column: {cfg.label_column!r} is not a column; "
@@ -126,9 +128,7 @@ def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     elif path.suffix.lower() in (".parquet", ".pq"):
         frame = pd.read_parquet(path)
     else:
-        raise ConfigError(
-            f"data.path: {path.name!r} must end in .csv, .parquet or .pq"
-        )
+        raise ConfigError(f"data.path: {path.name!r} must end in .csv, .parquet or .pq")
     return _from_table({c: frame[c].to_numpy() for c in frame.columns}, cfg)
 
 
@@ -216,7 +216,9 @@ def partition_indices(
             for i in range(num_partitions)
         ]
     except ValueError as err:
-        raise ConfigError(f"data.partitioner: {cfg.partitioner!r} failed: {err}") from None
+        raise ConfigError(
+            f"data.partitioner: {cfg.partitioner!r} failed: {err}"
+        ) from None
     if cfg.partitioner == "iid":
         # IidPartitioner takes contiguous shards: map them through a seeded
         # permutation so that each shard is a uniform random sample.
@@ -254,7 +256,7 @@ def cached_partitions(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})
+        np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})  # type: ignore[arg-type]
     os.replace(tmp, path)
     return parts
 
@@ -305,6 +307,4 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
             "examples"
         )
     parts = cached_partitions(pool.y, cfg, num_clients, seed)
-    return FederatedData(
-        info, pool, test, tuple(parts), cfg.client_test_fraction, seed
-    )
+    return FederatedData(info, pool, test, tuple(parts), cfg.client_test_fraction, seed)

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import tomli_w
 
-from fedsim.config import RUN_DIR_KEY, load_experiment, reference_markdown, to_run_config
+from fedsim.config import (
+    RUN_DIR_KEY,
+    load_experiment,
+    reference_markdown,
+    to_run_config,
+)
 
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
 FLWR_CONFIG = "[tool.flwr.app.config]"

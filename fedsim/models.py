@@ -109,6 +109,8 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
     """ViT-style classifier; tabular inputs become one token per feature."""
 
+    positions: torch.Tensor
+
     def __init__(
         self,
         shape: tuple[int, ...],
@@ -137,7 +139,9 @@ class ViT(nn.Module):
         self.patch_embed = nn.Linear(token_dim, dim)
         self.cls_token = nn.Embedding(1, dim)
         self.pos_embed = nn.Embedding(tokens + 1, dim)
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dim, heads, dropout) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.register_buffer("positions", torch.arange(tokens + 1), persistent=False)

@@ -70,7 +70,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a file object keeps numpy from adding ".npz"
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

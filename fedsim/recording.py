@@ -14,8 +14,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -79,7 +85,9 @@ class RecordingGrid(Grid):
         group_id: str,
         ttl: float | None = None,
     ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+        return self.grid.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
@@ -118,7 +126,9 @@ class RecordingGrid(Grid):
             pid = int(reply.content[METRICS][PARTITION_ID])  # type: ignore[arg-type]
             found[reply.metadata.src_node_id] = pid
         if len(found) < len(nodes):
-            raise RoundFailed(f"{len(nodes) - len(found)} nodes did not answer discovery")
+            raise RoundFailed(
+                f"{len(nodes) - len(found)} nodes did not answer discovery"
+            )
         return found
 
     def get_node_ids(self) -> list[int]:
@@ -147,7 +157,11 @@ class RecordingGrid(Grid):
             sent = {"bytes-down": down.pop(node, 0)}
             if reply.has_error():
                 self.recorder.failure(
-                    server_round, phase, partition_of[node], reply.error.reason, sent
+                    server_round,
+                    phase,
+                    partition_of[node],
+                    reply.error.reason or "",
+                    sent,
                 )
                 continue
             ok += 1

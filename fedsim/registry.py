@@ -116,9 +116,7 @@ PRIVACY: Mapping[str, Entry] = {
 }
 
 PARTITIONERS: Mapping[str, Entry] = {
-    "iid": Entry(
-        "flwr_datasets.partitioner:IidPartitioner", "uniform random split"
-    ),
+    "iid": Entry("flwr_datasets.partitioner:IidPartitioner", "uniform random split"),
     "dirichlet": Entry(
         "flwr_datasets.partitioner:DirichletPartitioner",
         "label skew from Dir(alpha) per class (data.alpha)",

@@ -163,7 +163,9 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    command: list[str], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
     """Start ``command`` in its own session, output appended to ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen(

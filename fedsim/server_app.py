@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim import registry
 from fedsim.config import RUN_DIR_KEY, Experiment, from_run_config
 from fedsim.data import federated_data
-from fedsim.recording import RecordingGrid, RecordingStrategy
 from fedsim.models import build_model
 from fedsim.privacy import wrap_strategy
 from fedsim.recorder import RunRecorder, create_run_dir
+from fedsim.recording import RecordingGrid, RecordingStrategy
 from fedsim.trackers import build_sinks
 from fedsim.training import evaluate, resolve_device
 
@@ -48,7 +49,7 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(model, data.test, device=device)
-        metrics = {"loss": stats.loss, "accuracy": stats.accuracy}
+        metrics: dict[str, Any] = {"loss": stats.loss, "accuracy": stats.accuracy}
         recorder.server(server_round, metrics)
         recorder.checkpoint(server_round, {k: a.numpy() for k, a in arrays.items()})
         recorder.end_round(server_round)

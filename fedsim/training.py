@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from flwr.app import RecordDict
 
 from fedsim.config import Experiment, ResourcesConfig, TrainConfig
 from fedsim.data import Arrays
@@ -52,7 +51,9 @@ def make_loader(arrays: Arrays, batch_size: int, *, seed: int) -> DataLoader:
     )
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[nn.Parameter], cfg: TrainConfig
+) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

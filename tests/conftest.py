@@ -59,7 +59,9 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliRun]:
     """``run_cli(experiment=None, overrides=(...))`` -> a finished CLI run."""
 
     def run(
-        experiment: str | None = None, overrides: Sequence[str] = (), timeout: float = 300
+        experiment: str | None = None,
+        overrides: Sequence[str] = (),
+        timeout: float = 300,
     ) -> CliRun:
         out = tmp_path_factory.mktemp("runs")
         args = ["run", *([experiment] if experiment else []), *sets(*overrides)]

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 
 from fedsim import client_app
 from fedsim.config import load_experiment, to_run_config
@@ -31,7 +38,9 @@ def task_identity() -> Iterator[None]:
 
 
 def message(arrays: ArrayRecord, server_round: int, kind: str) -> Message:
-    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})})
+    content = RecordDict(
+        {ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}
+    )
     msg = Message(content, dst_node_id=5, message_type=kind)
     # a received message carries its id; replies point at it
     msg.metadata._message_id = msg.object_id  # noqa: SLF001
@@ -58,7 +67,9 @@ def test_train_reply_equals_plain_pytorch_sgd_on_the_same_batches() -> None:
             p.add_(0.01)
     arrays = ArrayRecord({k: v.clone() for k, v in global_model.state_dict().items()})
 
-    reply = client_app.train(message(arrays, 3, MessageType.TRAIN), context(2, run_config))
+    reply = client_app.train(
+        message(arrays, 3, MessageType.TRAIN), context(2, run_config)
+    )
     metrics = reply.content[METRICS]
     assert metrics[PARTITION_ID] == 2
     assert metrics[NUM_EXAMPLES] == len(data.client(2).train)
@@ -71,7 +82,9 @@ def test_train_reply_equals_plain_pytorch_sgd_on_the_same_batches() -> None:
     train = data.client(2).train
     # the same batches: the loader the product builds for this client and round
     loader = make_loader(train, exp.train.batch_size, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=exp.train.lr, momentum=exp.train.momentum)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=exp.train.lr, momentum=exp.train.momentum
+    )
     losses = []
     for _ in range(exp.train.epochs):
         for xb, yb in loader:
@@ -83,7 +96,9 @@ def test_train_reply_equals_plain_pytorch_sgd_on_the_same_batches() -> None:
     got = reply.content[ARRAYS].to_torch_state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7)
-    assert metrics["loss"] == pytest.approx(sum(losses) / (len(train) * exp.train.epochs))
+    assert metrics["loss"] == pytest.approx(
+        sum(losses) / (len(train) * exp.train.epochs)
+    )
 
 
 def test_evaluate_reply_is_the_local_test_accuracy() -> None:
@@ -112,8 +127,12 @@ def test_a_client_process_builds_data_and_model_once() -> None:
     runtime = client_app.runtime(run_config)
     model = runtime.algorithm.model
     for server_round, pid in [(1, 1), (2, 0), (2, 3)]:
-        client_app.train(message(arrays, server_round, MessageType.TRAIN), context(pid, run_config))
-    client_app.evaluate(message(arrays, 2, MessageType.EVALUATE), context(2, run_config))
+        client_app.train(
+            message(arrays, server_round, MessageType.TRAIN), context(pid, run_config)
+        )
+    client_app.evaluate(
+        message(arrays, 2, MessageType.EVALUATE), context(2, run_config)
+    )
     after = client_app._runtime.cache_info()  # noqa: SLF001
     assert after.misses - before.misses == 1  # built once for five messages
     assert client_app.runtime(run_config).algorithm.model is model

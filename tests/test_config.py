@@ -68,7 +68,9 @@ def test_file_and_overrides_are_typed(tmp_path: Path) -> None:
 def test_round_trips() -> None:
     exp = load_experiment(None, ["peft.ranks=[16, 8, 4]", "seed=3"])
     assert from_run_config(to_run_config(exp)) == exp
-    assert all(isinstance(v, (bool, int, float, str)) for v in to_run_config(exp).values())
+    assert all(
+        isinstance(v, (bool, int, float, str)) for v in to_run_config(exp).values()
+    )
 
 
 def test_resolved_toml_reloads_to_the_same_experiment(tmp_path: Path) -> None:
@@ -91,7 +93,10 @@ def test_pyproject_flower_config_matches_quickstart() -> None:
 BAD = [
     (["rounds=0"], "rounds: 0 must be >= 1"),
     (["federation.clients=0"], "federation.clients: 0 must be >= 1"),
-    (["federation.fraction-train=0"], "federation.fraction-train: 0.0 must be in (0, 1]"),
+    (
+        ["federation.fraction-train=0"],
+        "federation.fraction-train: 0.0 must be in (0, 1]",
+    ),
     (["federation.fraction-evaluate=1.5"], "federation.fraction-evaluate: 1.5 must be"),
     (["train.lr=0"], "train.lr: 0.0 must be > 0"),
     (["train.lr=-1"], "train.lr: -1.0 must be > 0"),
@@ -104,7 +109,10 @@ BAD = [
     (["bogus=1"], "bogus: unknown key"),
     (["strategy.name=fedsgd"], "strategy.name: 'fedsgd' is not registered; choose"),
     (["data.dataset=mnist"], "data.dataset: 'mnist' is not registered; choose one of"),
-    (["model.name=resnet"], "model.name: 'resnet' is not registered; choose one of: cnn"),
+    (
+        ["model.name=resnet"],
+        "model.name: 'resnet' is not registered; choose one of: cnn",
+    ),
     (["data.partitioner=shards"], "data.partitioner: 'shards' is not registered"),
     (["train.optimizer=rmsprop"], "train.optimizer: 'rmsprop' is not allowed"),
     (["peft.ranks=[4, 0]"], "peft.ranks"),
@@ -149,7 +157,9 @@ KEYS = sorted(schema())
         st.lists(st.integers(-3, 20), max_size=4),
     ),
 )
-def test_any_value_is_accepted_or_rejected_with_one_line(key: str, value: object) -> None:
+def test_any_value_is_accepted_or_rejected_with_one_line(
+    key: str, value: object
+) -> None:
     """Every value for every key either validates or raises a one-line error
     that names a key; nothing else escapes."""
     try:

@@ -99,14 +99,20 @@ def test_federated_splits_are_disjoint_and_stratified() -> None:
     # no example is in both a client split and the global test set
     pool_rows = {row.tobytes() for row in data.test.x.reshape(len(data.test), -1)}
     client = data.client(0)
-    overlap = [r for r in client.train.x.reshape(len(client.train), -1) if r.tobytes() in pool_rows]
+    overlap = [
+        r
+        for r in client.train.x.reshape(len(client.train), -1)
+        if r.tobytes() in pool_rows
+    ]
     assert len(overlap) <= 2  # digits has a few duplicate images, not more
 
 
 def test_synthetic_dataset_is_configurable_and_seeded() -> None:
     cfg = DataConfig(dataset="synthetic", size=300, classes=4, features=8)
     arrays, info = load_arrays(cfg, 1)
-    assert arrays.x.shape == (300, 8) and info == dataclasses.replace(info, input_shape=(8,))
+    assert arrays.x.shape == (300, 8) and info == dataclasses.replace(
+        info, input_shape=(8,)
+    )
     assert set(np.unique(arrays.y)) == {0, 1, 2, 3}
     again = load_arrays(dataclasses.replace(cfg), 1)[0]
     assert np.array_equal(arrays.x, again.x)
@@ -166,7 +172,10 @@ def test_hugging_face_image_dataset(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(12, 6, 5), dtype=np.uint8)
     ds = datasets.Dataset.from_dict(
-        {"img": [Image.fromarray(p) for p in pixels], "label": [i % 3 for i in range(12)]}
+        {
+            "img": [Image.fromarray(p) for p in pixels],
+            "label": [i % 3 for i in range(12)],
+        }
     ).cast_column("img", datasets.Image())
     ds.to_parquet(str(tmp_path / "train.parquet"))
     cfg = DataConfig(

@@ -63,7 +63,7 @@ def test_small_run_writes_the_run_directory(small_run: CliRun) -> None:
     assert ((per["bytes-up"] >= raw) & (per["bytes-up"] < raw + 1024)).all()
     # each client trains on its own local train split, every round
     sizes = {pid: len(data.client(pid).train) for pid in range(4)}
-    for (rnd, pid), row in per.iterrows():
+    for (_, pid), row in per.iterrows():
         assert row["examples"] == sizes[pid]
 
     agg = frame[(frame["phase"] == "train") & frame["client"].isna()]
@@ -89,7 +89,9 @@ def test_checkpoint_reproduces_the_server_accuracy(small_run: CliRun) -> None:
     model = build_model(exp.model, data.info, exp.seed)
     with np.load(run_dir / "checkpoints" / "global.npz") as saved:
         assert int(saved["__round__"]) == 3
-        model.load_state_dict({k: torch.from_numpy(saved[k]) for k in model.state_dict()})
+        model.load_state_dict(
+            {k: torch.from_numpy(saved[k]) for k in model.state_dict()}
+        )
     stats = evaluate(model, data.test, device=torch.device("cpu"))
     server = metrics(run_dir)
     recorded = server[(server["phase"] == "server") & (server["round"] == 3)]
@@ -98,7 +100,9 @@ def test_checkpoint_reproduces_the_server_accuracy(small_run: CliRun) -> None:
     assert stats.accuracy > 0.5  # three rounds already learn something
 
 
-def test_same_seed_same_metrics(small_run: CliRun, run_cli: Callable[..., CliRun]) -> None:
+def test_same_seed_same_metrics(
+    small_run: CliRun, run_cli: Callable[..., CliRun]
+) -> None:
     again = run_cli(overrides=SMALL)
     assert again.returncode == 0, again.stderr
     a, b = metrics(small_run.run_dir), metrics(again.run_dir)
@@ -106,7 +110,9 @@ def test_same_seed_same_metrics(small_run: CliRun, run_cli: Callable[..., CliRun
     pd.testing.assert_frame_equal(a, b)
 
 
-def failing_setup(rate: float, clients: int, rounds: int) -> tuple[int, set[tuple[int, int]]]:
+def failing_setup(
+    rate: float, clients: int, rounds: int
+) -> tuple[int, set[tuple[int, int]]]:
     """A seed where some clients fail but every round keeps a survivor."""
     for seed in range(100):
         failed = {
@@ -115,7 +121,9 @@ def failing_setup(rate: float, clients: int, rounds: int) -> tuple[int, set[tupl
             for p in range(clients)
             if np.random.default_rng(derive_seed(seed, "failure", r, p)).random() < rate
         }
-        per_round = [sum((r, p) in failed for p in range(clients)) for r in range(1, rounds + 1)]
+        per_round = [
+            sum((r, p) in failed for p in range(clients)) for r in range(1, rounds + 1)
+        ]
         if failed and max(per_round) < clients:
             return seed, failed
     raise AssertionError("no suitable seed")
@@ -198,7 +206,9 @@ def test_too_few_replies_end_the_run_as_failed(run_cli: Callable[..., CliRun]) -
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     def after_first_round(run_dir: Path) -> bool:
-        frame = read_metrics(run_dir) if (run_dir / "metrics.parquet").exists() else None
+        frame = (
+            read_metrics(run_dir) if (run_dir / "metrics.parquet").exists() else None
+        )
         return frame is not None and (frame["round"] >= 1).any()
 
     code, seen, stdout = watch(

@@ -69,7 +69,10 @@ def test_fedavg_aggregate_train_matches_numpy_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     examples = [10, 30, 60]
     models = [
-        {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+        {
+            "w": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=3).astype(np.float32),
+        }
         for _ in examples
     ]
     replies = [
@@ -87,7 +90,16 @@ def test_fedavg_aggregate_train_matches_numpy_weighted_mean() -> None:
 
 def test_aggregate_replies_sums_counts_and_weights_means() -> None:
     replies = [
-        (0, {"loss": 1.0, "examples": 10.0, "bytes-up": 5.0, "bytes-down": 7.0, "seconds": 2.0}),
+        (
+            0,
+            {
+                "loss": 1.0,
+                "examples": 10.0,
+                "bytes-up": 5.0,
+                "bytes-down": 7.0,
+                "seconds": 2.0,
+            },
+        ),
         (1, {"loss": 3.0, "examples": 30.0, "bytes-up": 5.0, "bytes-down": 7.0}),
         (2, {"failed": 1.0, "bytes-down": 7.0}),
     ]
@@ -138,17 +150,23 @@ class FakeGrid(Grid):
                 r = reply(None, {}, src=node, error=f"boom {pid}")
             else:
                 arrays = {"w": np.full((5, 5), float(pid), dtype=np.float32)}
-                r = reply(arrays, {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}, src=node)
+                r = reply(
+                    arrays, {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}, src=node
+                )
             out.append(r)
         return out
 
 
 def train_messages(nodes: Iterable[int], arrays: ArrayRecord) -> list[Message]:
     content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": 1})})
-    return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+    return [
+        Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
+    ]
 
 
-def test_recording_grid_orders_nodes_by_partition_and_records_bytes(tmp_path: Path) -> None:
+def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
+    tmp_path: Path,
+) -> None:
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
     fake = FakeGrid({907: 2, 13: 0, 555: 1}, fail={1})
@@ -160,7 +178,9 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(tmp_path: Pa
     frame = read_metrics(tmp_path)
     assert frame is not None
     train = frame[frame["phase"] == "train"]
-    per_client = train.dropna(subset=["client"]).pivot(index="client", columns="metric", values="value")
+    per_client = train.dropna(subset=["client"]).pivot(
+        index="client", columns="metric", values="value"
+    )
     assert per_client.loc[1, "failed"] == 1 and pd.isna(per_client.loc[0, "failed"])
     # bytes are at least the raw float32 payload and carry only small headers
     assert 400 <= per_client.loc[0, "bytes-down"] < 400 + 256
@@ -177,13 +197,20 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(tmp_path: Pa
 def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
-    grid = RecordingGrid(FakeGrid({1: 0, 2: 1, 3: 2}, fail={0, 1}), recorder, num_clients=3, min_replies=2)
+    grid = RecordingGrid(
+        FakeGrid({1: 0, 2: 1, 3: 2}, fail={0, 1}),
+        recorder,
+        num_clients=3,
+        min_replies=2,
+    )
     down = ArrayRecord([np.zeros(3, dtype=np.float32)])
     with pytest.raises(RoundFailed, match="1 of 3 clients replied.*min-replies = 2"):
         grid.send_and_receive(train_messages(grid.get_node_ids(), down))
 
 
-def test_recording_strategy_records_only_the_strategys_own_metrics(tmp_path: Path) -> None:
+def test_recording_strategy_records_only_the_strategys_own_metrics(
+    tmp_path: Path,
+) -> None:
     exp = load_experiment(None, ["federation.clients=2"])
     recorder = RunRecorder(tmp_path, exp)
     inner = build(exp)
@@ -195,7 +222,10 @@ def test_recording_strategy_records_only_the_strategys_own_metrics(tmp_path: Pat
             return arrays, metrics
 
     strategy = RecordingStrategy(WithError(min_available_nodes=2), recorder)
-    replies = [reply({"w": np.ones(2, np.float32)}, {"loss": 1.0, NUM_EXAMPLES: 5}, src=i) for i in (1, 2)]
+    replies = [
+        reply({"w": np.ones(2, np.float32)}, {"loss": 1.0, NUM_EXAMPLES: 5}, src=i)
+        for i in (1, 2)
+    ]
     strategy.aggregate_train(1, replies)
     recorder.end_round(1)
     frame = read_metrics(tmp_path)
@@ -213,7 +243,7 @@ def test_metrics_file_survives_a_crash_after_a_round(tmp_path: Path) -> None:
             recorder.server(1, {"accuracy": 0.5, "loss": 1.0})
             recorder.end_round(1)
             recorder.server(2, {"accuracy": 0.6})
-            1 / 0
+            raise ZeroDivisionError("a crash in round 2")
     frame = read_metrics(tmp_path)
     assert frame is not None and set(frame["round"]) == {1}
     import json

@@ -19,7 +19,9 @@ def test_forward_shapes_and_no_batchnorm(name: str) -> None:
     model = build_model(ModelConfig(name=name), IMAGE, seed=0)
     assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
     assert isinstance(model.head, nn.Linear)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "vit"])
@@ -30,7 +32,11 @@ def test_tabular_inputs(name: str) -> None:
 
 def test_vit_attention_has_named_projections() -> None:
     model = build_model(ModelConfig(name="vit", depth=2), IMAGE, seed=0)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
     assert {"q_proj", "k_proj", "v_proj", "out_proj", "head"} <= names
     assert sum(n.endswith("attn.q_proj") for n, _ in model.named_modules()) == 2
 
@@ -43,12 +49,18 @@ def test_vit_attention_matches_torch_multihead_attention() -> None:
     attn = SelfAttention(16, 4, dropout=0.0)
     ref = nn.MultiheadAttention(16, 4, batch_first=True)
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        ref.in_proj_weight.copy_(
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        )
+        ref.in_proj_bias.copy_(
+            torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        )
         ref.out_proj.weight.copy_(attn.out_proj.weight)
         ref.out_proj.bias.copy_(attn.out_proj.bias)
     x = torch.randn(3, 7, 16)
-    torch.testing.assert_close(attn(x), ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attn(x), ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_initialisation_is_seeded() -> None:

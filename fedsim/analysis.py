@@ -241,42 +241,51 @@ def run_paths(paths_or_glob: str | Path | Iterable[str | Path]) -> list[Path]:
     """Expand run directories, glob patterns, and folders of run directories.
 
     A folder that is not a run directory itself but holds run directories (such
-    as ``runs/``) stands for all of them, in name order.
+    as ``runs/``) stands for all of them, in name order; a pattern passes over
+    matches that are neither. A plain path that is neither is kept as it is, for
+    :func:`load_run` to say what is wrong with it.
 
     Raises
     ------
     RunDirError
-        A pattern matches nothing, or a path is not a run directory.
+        A pattern matches no run directory, or nothing was given.
     """
-    items = (
-        [paths_or_glob] if isinstance(paths_or_glob, (str, Path)) else paths_or_glob
-    )
+    items = [paths_or_glob] if isinstance(paths_or_glob, (str, Path)) else paths_or_glob
     out: list[Path] = []
     for item in items:
         text = str(item)
         if glob.has_magic(text):
-            matched = sorted(Path(p) for p in glob.glob(text))
-            if not matched:
+            # a pattern passes over what is no run (mlflow.db, a report folder)
+            found = [
+                run
+                for match in sorted(Path(p) for p in glob.glob(text))
+                for run in _runs_in(match)
+            ]
+            if not found:
                 raise RunDirError(f"{text}: matches no run directory")
-            candidates = [p for p in matched if p.is_dir()]
+            out.extend(found)
         else:
-            candidates = [Path(text)]
-        for path in candidates:
-            if path.is_dir() and not _is_run_dir(path):
-                inner = sorted(p for p in path.iterdir() if _is_run_dir(p))
-                if inner:
-                    out.extend(inner)
-                    continue
-            out.append(path)
+            path = Path(text)
+            out.extend(_runs_in(path) or [path])  # load_run says what is wrong
     if not out:
         raise RunDirError("no run directory given")
     return out
 
 
+def _runs_in(path: Path) -> list[Path]:
+    """``[path]`` for a run directory, the run directories a folder holds, or
+    ``[]``."""
+    if _is_run_dir(path):
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if _is_run_dir(p))
+    return []
+
+
 def _run_ids(runs: list[Run]) -> list[str]:
     names = [r.path.name for r in runs]
     ids = []
-    for run, name in zip(runs, names):
+    for run, name in zip(runs, names, strict=True):
         if names.count(name) > 1:
             name = f"{run.path.parent.name}/{name}"
         ids.append(name)
@@ -341,7 +350,7 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
     ids = _run_ids(runs)
     labels = run_labels(runs, ids)
     parts = []
-    for run, run_id, label in zip(runs, ids, labels):
+    for run, run_id, label in zip(runs, ids, labels, strict=True):
         flat = run.flat_config
         frame = run.metrics.copy()
         info: dict[str, Any] = {
@@ -362,8 +371,20 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    text = ["run", "label", "name", "strategy", "privacy", "peft", "dataset",
-            "partitioner", "model", "ranks", "status", "path"]
+    text = [
+        "run",
+        "label",
+        "name",
+        "strategy",
+        "privacy",
+        "peft",
+        "dataset",
+        "partitioner",
+        "model",
+        "ranks",
+        "status",
+        "path",
+    ]
     types: dict[str, str] = {c: "string" for c in text}
     types.update(seed="Int64", clients="Int64", planned_rounds="Int64")
     types.update(alpha="float64", wall_seconds="float64", **_DTYPES)
@@ -399,9 +420,7 @@ def run_order(frame: pd.DataFrame, by: str = "label") -> list[Any]:
 
 def _aggregated(frame: pd.DataFrame, metric: str, phase: str) -> pd.DataFrame:
     return frame[
-        (frame["phase"] == phase)
-        & (frame["metric"] == metric)
-        & frame["client"].isna()
+        (frame["phase"] == phase) & (frame["metric"] == metric) & frame["client"].isna()
     ]
 
 
@@ -504,9 +523,9 @@ def communication(frame: pd.DataFrame, *, by: str = "label") -> pd.DataFrame:
     )
     per_round = per_round.reindex(columns=list(_BYTES))
     rounds = frame[[by, "round"]].drop_duplicates()
-    out = rounds.merge(
-        per_round.reset_index(), on=[by, "round"], how="left"
-    ).fillna({m: 0.0 for m in _BYTES})
+    out = rounds.merge(per_round.reset_index(), on=[by, "round"], how="left").fillna(
+        {m: 0.0 for m in _BYTES}
+    )
     out = out.rename(columns={"bytes-up": "bytes_up", "bytes-down": "bytes_down"})
     order = {name: i for i, name in enumerate(run_order(frame, by))}
     out = out.sort_values(
@@ -576,9 +595,11 @@ def comparison(
     accuracy = round_metric(frame, "accuracy", phase, by=by)
     loss = round_metric(frame, "loss", phase, by=by)
     federated = round_metric(frame, "accuracy", "evaluate", by=by)
-    comm = communication(frame, by=by).groupby(by, sort=False)[
-        ["bytes_up", "bytes_down"]
-    ].sum()
+    comm = (
+        communication(frame, by=by)
+        .groupby(by, sort=False)[["bytes_up", "bytes_down"]]
+        .sum()
+    )
     eps = frame[frame["metric"] == "epsilon"].groupby(by, sort=False)["value"].max()
     info = frame.groupby(by, sort=False).agg(
         run=("run", "first"),
@@ -610,10 +631,22 @@ def comparison(
             }
         )
     columns = [
-        "run", "strategy", "privacy", "status", "rounds", "planned_rounds",
-        "final_accuracy", "best_accuracy", "best_round", "rounds_to_target",
-        "final_loss", "federated_accuracy", "bytes_up", "bytes_down",
-        "wall_seconds", "epsilon",
+        "run",
+        "strategy",
+        "privacy",
+        "status",
+        "rounds",
+        "planned_rounds",
+        "final_accuracy",
+        "best_accuracy",
+        "best_round",
+        "rounds_to_target",
+        "final_loss",
+        "federated_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "wall_seconds",
+        "epsilon",
     ]
     if not rows:
         return pd.DataFrame(columns=columns, index=pd.Index([], name=by))
@@ -663,8 +696,18 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
     out = Table(title=title, caption=f"accuracy and loss: {phase} phase")
     out.add_column(str(table.index.name or "run"), overflow="fold")
     out.add_column("status")
-    for name in ("rounds", "accuracy", "best (round)", f"rounds to {target:g}",
-                 "loss", "fed. acc", "bytes up", "bytes down", "wall", "epsilon"):
+    for name in (
+        "rounds",
+        "accuracy",
+        "best (round)",
+        f"rounds to {target:g}",
+        "loss",
+        "fed. acc",
+        "bytes up",
+        "bytes down",
+        "wall",
+        "epsilon",
+    ):
         out.add_column(name, justify="right", no_wrap=True)
     for label, row in table.iterrows():
         style = _STATUS_STYLE.get(str(row["status"]), "")

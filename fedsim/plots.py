@@ -76,8 +76,14 @@ def accuracy_loss(
     for ax, wide, name in ((ax_acc, acc, "accuracy"), (ax_loss, loss, "loss")):
         for run in wide.columns:
             series = wide[run].dropna()
-            ax.plot(series.index, series.values, marker="o", markersize=3,
-                    color=colors[run], label=str(run))
+            ax.plot(
+                series.index,
+                series.values,
+                marker="o",
+                markersize=3,
+                color=colors[run],
+                label=str(run),
+            )
         ax.set_ylabel(f"{name} ({phase})")
         ax.set_title(f"{name} vs round")
         _round_axis(ax)
@@ -101,8 +107,14 @@ def accuracy_bytes(
         sent = comm[comm[by] == run].set_index("round")["cumulative_bytes"]
         series = acc[run].dropna()
         x = sent.reindex(series.index).to_numpy(dtype=float) / 1e6
-        ax.plot(x, series.values, marker="o", markersize=3, color=colors[run],
-                label=str(run))
+        ax.plot(
+            x,
+            series.values,
+            marker="o",
+            markersize=3,
+            color=colors[run],
+            label=str(run),
+        )
     ax.set_xlabel("cumulative bytes sent, up + down (MB)")
     ax.set_ylabel(f"accuracy ({phase})")
     ax.set_ylim(0, 1.02)
@@ -122,8 +134,14 @@ def epsilon(frame: pd.DataFrame, *, by: str = "label") -> Figure:
     ax = fig.subplots()
     for run in eps.columns:
         series = eps[run].dropna()
-        ax.plot(series.index, series.values, marker="o", markersize=3,
-                color=colors[run], label=str(run))
+        ax.plot(
+            series.index,
+            series.values,
+            marker="o",
+            markersize=3,
+            color=colors[run],
+            label=str(run),
+        )
     ax.set_ylabel("epsilon (largest of any client)")
     ax.set_ylim(bottom=0)
     ax.set_title("privacy loss vs round")
@@ -162,27 +180,37 @@ def client_spread(
     rows = math.ceil(len(runs) / cols)
     fig = Figure(figsize=(4.6 * cols + 0.6, 3.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True, squeeze=False)).ravel()
-    for ax, run in zip(axes, runs):
+    for ax, run in zip(axes, runs, strict=False):  # spare panels stay empty
         mine = per_client[per_client[by] == run]
         rounds = _thin(sorted(int(r) for r in mine["round"].unique()), MAX_BOXES)
         values = [mine.loc[mine["round"] == r, "value"].to_numpy() for r in rounds]
         step = min(np.diff(rounds)) if len(rounds) > 1 else 1
-        box = ax.boxplot(values, positions=rounds, widths=0.6 * step,
-                         patch_artist=True, manage_ticks=False,
-                         flierprops={"markersize": 3})
+        box = ax.boxplot(
+            values,
+            positions=rounds,
+            widths=0.6 * step,
+            patch_artist=True,
+            manage_ticks=False,
+            flierprops={"markersize": 3},
+        )
         for patch in box["boxes"]:
             patch.set(facecolor=colors[run], alpha=0.45)
         for median in box["medians"]:
             median.set(color="black")
         if run in aggregate.columns:
             series = aggregate[run].dropna()
-            ax.plot(series.index, series.values, color=colors[run], linewidth=1.5,
-                    label="aggregate")
+            ax.plot(
+                series.index,
+                series.values,
+                color=colors[run],
+                linewidth=1.5,
+                label="aggregate",
+            )
             ax.legend(fontsize="small", loc="lower right", frameon=False)
         ax.set_title(str(run), fontsize="medium")
         _round_axis(ax)
         ax.set_xlim(rounds[0] - step, rounds[-1] + step)
-    for ax in axes[len(runs):]:
+    for ax in axes[len(runs) :]:
         ax.set_visible(False)
     for ax in axes[::cols]:
         ax.set_ylabel(f"client {metric} ({phase})")

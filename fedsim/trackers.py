@@ -172,7 +172,9 @@ class MlflowSink:
         if self._client is None:
             self._open()
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, rnd) for rnd, name, value in aggregated(rows)]
+        metrics = [
+            Metric(name, value, now, rnd) for rnd, name, value in aggregated(rows)
+        ]
         for i in range(0, len(metrics), _MLFLOW_BATCH):
             self._client.log_batch(self.run_id, metrics=metrics[i : i + _MLFLOW_BATCH])
 

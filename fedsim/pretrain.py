@@ -62,7 +62,9 @@ def public_split(cfg: ModelConfig, info: DatasetInfo, seed: int) -> Arrays:
     ConfigError
         The public data does not fit the model, or a class is out of range.
     """
-    data_cfg = dataclasses.replace(DataConfig(), dataset=cfg.pretrain, partitioner="iid")
+    data_cfg = dataclasses.replace(
+        DataConfig(), dataset=cfg.pretrain, partitioner="iid"
+    )
     public = federated_data(data_cfg, 1, seed)
     if public.info.input_shape != info.input_shape:
         raise ConfigError(

@@ -10,6 +10,7 @@ no client sent, e.g. ``aggregation-error``).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -27,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fedsim.recorder import RoundFailed, RunRecorder
+from fedsim.training import derive_seed
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
 
@@ -200,11 +202,18 @@ def _client_keys(replies: list[Message]) -> set[str]:
 
 
 class RecordingStrategy(Strategy):
-    """Delegates to ``strategy``; records the metrics it adds when aggregating."""
+    """Delegates to ``strategy``; records the metrics it adds when aggregating.
 
-    def __init__(self, strategy: Strategy, recorder: RunRecorder):
+    Flower's samplers draw from the global ``random`` module, which Flower's own
+    threads (heartbeats, retries) also draw from at moments that depend on timing.
+    So the module is reseeded from ``(seed, phase, round)`` right before each
+    ``configure_*`` call: the clients sampled in a round depend on the seed alone.
+    """
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder, *, seed: int):
         self.strategy = strategy
         self.recorder = recorder
+        self.seed = seed
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -212,11 +221,17 @@ class RecordingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if isinstance(grid, RecordingGrid):
+            grid.partitions()  # discovery first: it must not run after the reseed
+        random.seed(derive_seed(self.seed, "sample-train", server_round))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if isinstance(grid, RecordingGrid):
+            grid.partitions()
+        random.seed(derive_seed(self.seed, "sample-evaluate", server_round))
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def _record(

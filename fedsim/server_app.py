@@ -37,7 +37,7 @@ def run_dir_for(run_config: dict, exp: Experiment) -> Path:
 
 def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
     """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``."""
-    random.seed(exp.seed)  # Flower's samplers draw from the `random` module
+    random.seed(exp.seed)
     np.random.seed(exp.seed % 2**32)
     torch.set_num_threads(1)
     device = resolve_device(exp.resources)
@@ -55,7 +55,7 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
         recorder.end_round(server_round)
         return MetricRecord(metrics)
 
-    RecordingStrategy(strategy, recorder).start(
+    RecordingStrategy(strategy, recorder, seed=exp.seed).start(
         grid=RecordingGrid(
             grid,
             recorder,

@@ -16,6 +16,7 @@ SMALL = (
     "federation.clients=4",
     "model.name=mlp",
     "train.batch-size=32",
+    "federation.fraction-evaluate=0.5",  # seeded sampling in every run
 )
 
 

@@ -221,7 +221,7 @@ def test_recording_strategy_records_only_the_strategys_own_metrics(
             metrics["aggregation-error"] = 0.25
             return arrays, metrics
 
-    strategy = RecordingStrategy(WithError(min_available_nodes=2), recorder)
+    strategy = RecordingStrategy(WithError(min_available_nodes=2), recorder, seed=0)
     replies = [
         reply({"w": np.ones(2, np.float32)}, {"loss": 1.0, NUM_EXAMPLES: 5}, src=i)
         for i in (1, 2)
@@ -251,3 +251,28 @@ def test_metrics_file_survives_a_crash_after_a_round(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "ZeroDivisionError" in summary["reason"]
     assert summary["rounds_completed"] == 1 and summary["final"]["accuracy"] == 0.5
+
+
+def test_sampling_depends_on_the_seed_alone(tmp_path: Path) -> None:
+    """Other draws from `random` (Flower's threads do that) do not change which
+    clients a round samples; the seed and the round do."""
+    import random
+
+    def sampled(seed: int, server_round: int, noise: int) -> list[int]:
+        exp = load_experiment(
+            None, ["federation.clients=10", "federation.fraction-train=0.3"]
+        )
+        recorder = RunRecorder(tmp_path / f"{seed}-{server_round}-{noise}", exp)
+        partitions = {100 + 7 * i: i for i in range(10)}
+        grid = RecordingGrid(FakeGrid(partitions), recorder, num_clients=10, min_replies=1)
+        strategy = RecordingStrategy(build(exp), recorder, seed=seed)
+        for _ in range(noise):
+            random.random()
+        arrays = ArrayRecord([np.zeros(2, np.float32)])
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        return sorted(partitions[m.metadata.dst_node_id] for m in messages)
+
+    first = sampled(1, 3, noise=0)
+    assert len(first) == 3
+    assert sampled(1, 3, noise=17) == first
+    assert sampled(1, 4, noise=0) != first or sampled(2, 3, noise=0) != first

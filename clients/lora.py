@@ -1,0 +1,136 @@
+"""LoRA fine-tuning on a frozen, resident base: the client side of FLoRA and FedIT."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedsim.config import Experiment
+from fedsim.data import ClientData, DatasetInfo
+from fedsim.lora import (
+    adapter_state,
+    inject_lora,
+    lora_layout,
+    rank_for,
+    scaling_for,
+)
+from fedsim.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
+from fedsim.models import build_model
+from fedsim.training import derive_seed, evaluate, local_fit
+
+
+class LoraClient:
+    """Trains fresh LoRA adapters of the client's rank on the received model.
+
+    The base model is built once per client process and stays resident (frozen)
+    between rounds and across the partitions the process serves; a message only
+    overwrites the weights that rounds change (adapted layers, modules trained in
+    full). Each round the client wraps the base with fresh PEFT adapters (A drawn
+    from a generator seeded by the run seed and the round, B = 0), trains them
+    and the modules in ``peft.modules-to-save``, replies, and unwraps the base,
+    restoring the weights it received.
+
+    Message contract (see :mod:`strategies.flora`): receives ``arrays`` (the
+    changing part of the global model); replies ``arrays`` (adapters under
+    ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` and the fully trained
+    parameters) and ``metrics`` with ``loss``, ``num-examples``, ``lora-rank``,
+    ``lora-scaling``.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The run's configuration (``peft.method`` = ``"lora"``).
+    info : DatasetInfo
+        Input shape and classes, to build the base.
+    device : torch.device
+        Where the base lives and trains.
+    """
+
+    def __init__(self, experiment: Experiment, info: DatasetInfo, device: torch.device):
+        self.experiment = experiment
+        self.device = device
+        self.base = build_model(experiment.model, info, experiment.seed).to(device)
+        self.base.requires_grad_(False)
+        self.layout = lora_layout(self.base, experiment.peft)
+
+    def load(self, content: RecordDict) -> None:
+        """Overwrite the resident base's weights with the received ones."""
+        received = content[ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+        result = self.base.load_state_dict(received, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(
+                f"received arrays the model lacks: {result.unexpected_keys[:3]}"
+            )
+
+    def train(
+        self,
+        content: RecordDict,
+        data: ClientData,
+        *,
+        server_round: int,
+        state: RecordDict,
+    ) -> RecordDict:
+        """One round of LoRA training from the received global model."""
+        exp = self.experiment
+        self.load(content)
+        rank = rank_for(exp.peft, data.partition_id)
+        params = dict(self.base.named_parameters())
+        trained = {k: params[k] for k in self.layout.trained}
+        received = {k: p.detach().clone() for k, p in trained.items()}
+        model = inject_lora(
+            self.base,
+            exp.peft,
+            self.layout,
+            rank=rank,
+            init_seed=derive_seed(exp.seed, "lora-init", server_round),
+        )
+        try:
+            for p in trained.values():
+                p.requires_grad_(True)
+            stats, extra = local_fit(
+                model,
+                data.train,
+                exp,
+                seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+                device=self.device,
+                state=state,
+            )
+            arrays = adapter_state(self.base, self.layout)
+            arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})
+        finally:
+            model.unload()
+            with torch.no_grad():
+                for k, p in trained.items():
+                    p.requires_grad_(False)
+                    p.copy_(received[k])
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "loss": stats.loss,
+            NUM_EXAMPLES: stats.examples,
+            LORA_RANK: rank,
+            LORA_SCALING: scaling_for(exp.peft, rank),
+            **extra,
+        }
+        return RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+
+    def evaluate(
+        self,
+        content: RecordDict,
+        data: ClientData,
+        *,
+        server_round: int,
+        state: RecordDict,
+    ) -> RecordDict:
+        """Loss and accuracy of the received global model on the local test split."""
+        self.load(content)
+        stats = evaluate(self.base, data.test, device=self.device)
+        return RecordDict(
+            {
+                METRICS: MetricRecord(
+                    {
+                        "loss": stats.loss,
+                        "accuracy": stats.accuracy,
+                        NUM_EXAMPLES: stats.examples,
+                    }
+                )
+            }
+        )

@@ -1,0 +1,109 @@
+"""FLoRA and FedIT end to end: heterogeneous ranks, half the clients per round,
+through the CLI and Flower's simulation runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from fedsim.config import load_experiment
+from fedsim.data import federated_data
+from fedsim.lora import lora_layout, rank_for
+from fedsim.models import build_model
+from strategies.flora import AGGREGATION_ERROR
+from tests.conftest import CliRun
+
+pytestmark = pytest.mark.slow
+
+HETERO = (
+    "rounds=2",
+    "federation.clients=4",
+    "federation.fraction-train=0.5",
+    "model.name=vit",
+    "model.hidden=16",
+    "model.depth=1",
+    "model.heads=2",
+    "peft.method=lora",
+    "peft.ranks=[4, 2, 1]",
+    "train.optimizer=adam",
+    "train.lr=0.01",
+)
+
+
+def expected_bytes(overrides: tuple[str, ...]) -> tuple[int, int, dict[int, int]]:
+    """Bytes of the whole model, of what travels down, and of each client's reply
+    arrays, computed from the model itself."""
+    exp = load_experiment(None, overrides)
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    model = build_model(exp.model, data.info, exp.seed)
+    state = model.state_dict()
+    layout = lora_layout(model, exp.peft)
+    full = ArrayRecord(state).count_bytes()
+    down = ArrayRecord({k: state[k] for k in layout.changing}).count_bytes()
+    up = {}
+    for pid in range(exp.federation.clients):
+        r = rank_for(exp.peft, pid)
+        arrays = {k: state[k] for k in layout.trained}
+        for m in layout.adapted:
+            d_out, d_in = state[f"{m}.weight"].shape
+            arrays[f"{m}.lora_A.weight"] = torch.zeros(r, d_in)
+            arrays[f"{m}.lora_B.weight"] = torch.zeros(d_out, r)
+        up[pid] = ArrayRecord(arrays).count_bytes()
+    return full, down, up
+
+
+def check_run(result: CliRun, overrides: tuple[str, ...]) -> pd.Series:
+    """Shared checks; returns the per-round aggregation error."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary["reason"]
+    assert summary["rounds_completed"] == 2 and summary["failures"] == 0
+    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    train = frame[(frame["phase"] == "train") & frame["client"].notna()]
+    rows = train.pivot_table(
+        index=["round", "client"], columns="metric", values="value"
+    )
+    assert rows.groupby(level="round").size().tolist() == [2, 2]  # 0.5 of 4 clients
+    exp = load_experiment(None, overrides)
+    full, down, up = expected_bytes(overrides)
+    assert down < full
+    for (_, client), row in rows.iterrows():
+        assert row["lora-rank"] == rank_for(exp.peft, int(client))
+        assert row["bytes-down"] == down
+        assert row["bytes-up"] == up[int(client)]
+    errors = frame[(frame["metric"] == AGGREGATION_ERROR) & frame["client"].isna()]
+    assert errors["round"].tolist() == [1, 2]
+    server = frame[(frame["phase"] == "server") & (frame["metric"] == "accuracy")]
+    assert server["round"].tolist() == [0, 1, 2]
+    return errors.set_index("round")["value"]
+
+
+def test_flora_end_to_end_from_a_pretrained_base(
+    run_cli: Callable[..., CliRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))  # the run's processes inherit it
+    overrides = (
+        *HETERO,
+        "strategy.name=flora",
+        "model.pretrain=digits",
+        "model.pretrain-classes=[0, 1, 2, 3, 4]",
+        "model.pretrain-epochs=2",
+    )
+    result = run_cli(overrides=overrides)
+    errors = check_run(result, overrides)
+    assert (errors < 1e-9).all()
+    assert len(list((tmp_path / "pretrain").glob("vit-*.pt"))) == 1  # built once
+
+
+def test_fedit_end_to_end_reports_its_aggregation_noise(
+    run_cli: Callable[..., CliRun],
+) -> None:
+    overrides = (*HETERO, "strategy.name=fedit")
+    errors = check_run(run_cli(overrides=overrides), overrides)
+    assert (errors > 1e-3).all()

@@ -11,7 +11,7 @@ from fedsim.config import Experiment
 from fedsim.data import ClientData, DatasetInfo
 from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.models import build_model
-from fedsim.training import derive_seed, evaluate, local_fit
+from fedsim.training import derive_seed, evaluate, local_fit, num_examples
 
 
 class FullModelClient:
@@ -53,7 +53,7 @@ class FullModelClient:
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         metrics: dict[str, Any] = {
             "loss": stats.loss,
-            NUM_EXAMPLES: len(data.train),
+            NUM_EXAMPLES: num_examples(stats, data.train),
             **extra,
         }
         return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})

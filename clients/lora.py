@@ -16,7 +16,7 @@ from fedsim.lora import (
 )
 from fedsim.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
 from fedsim.models import build_model
-from fedsim.training import derive_seed, evaluate, local_fit
+from fedsim.training import derive_seed, evaluate, local_fit, num_examples
 
 
 class LoraClient:
@@ -105,7 +105,7 @@ class LoraClient:
                     p.copy_(received[k])
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "loss": stats.loss,
-            NUM_EXAMPLES: stats.examples,
+            NUM_EXAMPLES: num_examples(stats, data.train),
             LORA_RANK: rank,
             LORA_SCALING: scaling_for(exp.peft, rank),
             **extra,

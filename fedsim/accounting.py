@@ -87,11 +87,17 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> f
     """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    entries = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    entries = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
     if not entries:
         return 0.0
     if any(s <= 0 for s, _, _ in entries):
         return math.inf
+    return _epsilon(entries, float(delta), accountant)
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(entries: tuple[Step, ...], delta: float, accountant: str) -> float:
+    # Cached: a client asks for the same history's epsilon from round to round.
     acc = _accountant(accountant, entries)
     with warnings.catch_warnings():
         # Opacus warns when the optimal RDP order is the largest one it tries.
@@ -178,3 +184,27 @@ def planned_steps(
     sample_rate, per_epoch = poisson_schedule(num_examples, batch_size)
     per_round = epochs * per_epoch
     return sample_rate, per_round, rounds * per_round
+
+
+def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
+    """Noise multiplier for the clipped updates under adaptive clipping.
+
+    Adaptive clipping (Andrew et al., 2021) releases two Gaussian sums per round:
+    the clipped updates (sensitivity ``clipping_norm``, noise multiplier ``z_u``)
+    and the count of clipped updates (sensitivity 1, noise std ``count_stddev``).
+    Together they are one Gaussian mechanism with noise multiplier
+    ``(z_u**-2 + count_stddev**-2) ** -0.5``; this returns the ``z_u`` that makes
+    that equal to ``noise_multiplier``. (Flower's wrapper uses ``2 * count_stddev``
+    here, the sensitivity-1/2 of centred bits, which it does not centre.)
+
+    Raises
+    ------
+    ValueError
+        Unless ``0 < noise_multiplier < count_stddev``.
+    """
+    if not 0 < noise_multiplier < count_stddev:
+        raise ValueError(
+            f"noise_multiplier ({noise_multiplier:g}) must be in "
+            f"(0, count_stddev = {count_stddev:g})"
+        )
+    return float((noise_multiplier**-2 - count_stddev**-2) ** -0.5)

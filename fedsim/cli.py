@@ -93,7 +93,9 @@ def check_resources(exp: Experiment) -> None:
             f"{gpus} CUDA GPUs are visible"
         )
     if res.device == "cuda" and gpus == 0:
-        raise ConfigError("resources.device: 'cuda' requested but no CUDA GPU is visible")
+        raise ConfigError(
+            "resources.device: 'cuda' requested but no CUDA GPU is visible"
+        )
 
 
 def preflight(exp: Experiment) -> None:
@@ -131,9 +133,11 @@ class Progress:
         rounds = sorted(int(r) for r in server["round"].unique())
         for rnd in [r for r in rounds if r > self.done]:
             rows = server[server["round"] == rnd].set_index("metric")["value"]
+            nan = float("nan")
             line = (
-                f"round {rnd:>3}/{self.rounds}  accuracy {rows.get('accuracy', float('nan')):.4f}"
-                f"  loss {rows.get('loss', float('nan')):.4f}"
+                f"round {rnd:>3}/{self.rounds}"
+                f"  accuracy {rows.get('accuracy', nan):.4f}"
+                f"  loss {rows.get('loss', nan):.4f}"
                 f"  elapsed {time.monotonic() - self.start:6.1f}s"
             )
             self.done = rnd
@@ -229,6 +233,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if not frame.empty:
         table = analysis.comparison(frame, target=args.target)
         console.print(analysis.comparison_table(table))
+
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 

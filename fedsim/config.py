@@ -72,7 +72,9 @@ def _rate(v: float) -> str | None:
 
 
 def _one_of(*names: str) -> Check:
-    return lambda v: None if v in names else f"is not allowed; choose one of: {', '.join(names)}"
+    return lambda v: (
+        None if v in names else f"is not allowed; choose one of: {', '.join(names)}"
+    )
 
 
 def _registered(table: Mapping[str, registry.Entry]) -> Check:
@@ -124,9 +126,7 @@ class FederationConfig:
 class DataConfig:
     """``[data]``: dataset, partitioning and splits."""
 
-    dataset: str = _opt(
-        "digits", "registered dataset name or hf:NAME", _dataset_name
-    )
+    dataset: str = _opt("digits", "registered dataset name or hf:NAME", _dataset_name)
     partitioner: str = _opt(
         "dirichlet",
         "how training data is split among clients",
@@ -209,8 +209,7 @@ class PeftConfig:
     rank: int = _opt(8, "LoRA rank r of every client", _at_least(1))
     ranks: tuple[int, ...] = _opt(
         [],
-        "per-client LoRA ranks: partition i gets ranks[i % len(ranks)]; "
-        "overrides rank",
+        "per-client LoRA ranks: partition i gets ranks[i % len(ranks)]; overrides rank",
         _all_positive,
     )
     alpha: float = _opt(16.0, "LoRA lora_alpha (scaling = alpha / r)", _positive)
@@ -267,12 +266,13 @@ class PrivacyConfig:
         _one_of("fixed", "adaptive"),
     )
     clipping_norm: float = _opt(
-        1.0, "dp-fedavg: bound on a client update's norm (initial if adaptive)",
+        1.0,
+        "dp-fedavg: bound on a client update's norm (initial if adaptive)",
         _positive,
     )
-    target_clipped_quantile: float = _opt(
+    target_unclipped_quantile: float = _opt(
         0.5,
-        "dp-fedavg adaptive: share of updates to leave unclipped",
+        "dp-fedavg adaptive: share of updates the clipping norm leaves unclipped",
         lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
     )
     clip_norm_lr: float = _opt(
@@ -294,7 +294,8 @@ class ResourcesConfig:
         0.0, "GPUs per virtual client (fractions share a GPU)", _non_negative
     )
     device: str = _opt(
-        "auto", "torch device: auto picks cuda when GPUs are requested",
+        "auto",
+        "torch device: auto picks cuda when GPUs are requested",
         _one_of("auto", "cpu", "cuda"),
     )
 
@@ -390,8 +391,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(
-                f"{key}: expected a list of {_TYPE_WORDS[item_tp][2:]}s, "
-                f"got {value!r}"
+                f"{key}: expected a list of {_TYPE_WORDS[item_tp][2:]}s, got {value!r}"
             )
         return tuple(_coerce(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value))
     if tp is bool:
@@ -402,8 +402,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         ok = isinstance(value, tp) and not isinstance(value, bool)
     if not ok:
         raise ConfigError(
-            f"{key}: expected {_TYPE_WORDS[tp]}, got {value!r} "
-            f"({type(value).__name__})"
+            f"{key}: expected {_TYPE_WORDS[tp]}, got {value!r} ({type(value).__name__})"
         )
     if tp is float:
         value = float(value)
@@ -551,10 +550,10 @@ def _check_privacy(exp: Experiment) -> None:
         )
     sampled = max(int(exp.federation.clients * exp.federation.fraction_train), 1)
     stddev = p.clipped_count_stddev or sampled / 20
-    if p.clipping == "adaptive" and p.noise_multiplier >= 2 * stddev:
+    if p.clipping == "adaptive" and p.noise_multiplier >= stddev:
         raise ConfigError(
-            f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < 2 * "
-            f"clipped-count-stddev = {2 * stddev:g} with adaptive clipping "
+            f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < "
+            f"clipped-count-stddev = {stddev:g} with adaptive clipping "
             f"({sampled} clients per round); raise privacy.clipped-count-stddev"
         )
 
@@ -614,7 +613,10 @@ def to_dict(exp: Experiment) -> dict[str, Any]:
 
     def conv(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {_kebab(f.name): conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {
+                _kebab(f.name): conv(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+            }
         if isinstance(obj, tuple):
             return list(obj)
         return obj

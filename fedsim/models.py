@@ -155,8 +155,11 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(self.tokens(x))
-        cls = self.cls_token(self.positions[:1]).expand(x.shape[0], 1, -1)
-        h = torch.cat([cls, tokens], dim=1) + self.pos_embed(self.positions)
+        # Embeddings are looked up per example (not once for the batch) so that
+        # Opacus sees a per-example input and can compute per-example gradients.
+        positions = self.positions.expand(x.shape[0], -1)
+        cls = self.cls_token(positions[:, :1] * 0)
+        h = torch.cat([cls, tokens], dim=1) + self.pos_embed(positions)
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h[:, 0]))

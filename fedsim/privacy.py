@@ -34,10 +34,11 @@ when a client declines, ``declined`` (with ``num-examples = 0``).
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from torch.utils.data import DataLoader
 from fedsim import accounting, registry
 from fedsim.config import ConfigError, Experiment, PrivacyConfig
 from fedsim.data import FederatedData
-from fedsim.messages import METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.messages import METRICS, PARTITION_ID
 from fedsim.recorder import RunStopped
 from fedsim.training import TrainStats, train_epochs
 
@@ -130,10 +131,13 @@ def load_history(state: RecordDict) -> list[accounting.Step]:
     if STATE_KEY not in state.config_records:
         return []
     record = state.config_records[STATE_KEY]
-    sigmas = list(record["noise-multiplier"])  # type: ignore[arg-type]
-    rates = list(record["sample-rate"])  # type: ignore[arg-type]
-    steps = list(record["steps"])  # type: ignore[arg-type]
-    return [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
+    sigmas = cast(list[float], record["noise-multiplier"])
+    rates = cast(list[float], record["sample-rate"])
+    steps = cast(list[int], record["steps"])
+    return [
+        (float(s), float(q), int(n))
+        for s, q, n in zip(sigmas, rates, steps, strict=True)
+    ]
 
 
 def save_history(state: RecordDict, history: Sequence[accounting.Step]) -> None:
@@ -236,7 +240,8 @@ def dp_train_epochs(
             optimizer.zero_grad(set_to_none=True)
             if len(y) == 0:
                 for _, p in named:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
+                    # a zero-example batch: Opacus then adds noise only
+                    p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[union-attr]
                 optimizer.step()
                 steps += 1
                 continue
@@ -271,10 +276,13 @@ class DpSgd(NoPrivacy):
     def noise_multiplier(self, sample_rate: float, steps_per_run: int) -> float:
         """Noise for a client with this schedule."""
         cfg = self.experiment.privacy
-        if cfg.noise_multiplier > 0:
+        if cfg.noise_multiplier > 0 or cfg.target_epsilon == 0:
             return cfg.noise_multiplier
         return accounting.calibrate_noise(
-            cfg.target_epsilon, cfg.target_delta, sample_rate, steps_per_run,
+            cfg.target_epsilon,
+            cfg.target_delta,
+            sample_rate,
+            steps_per_run,
             cfg.accountant,
         )
 
@@ -294,22 +302,24 @@ class DpSgd(NoPrivacy):
         exp, cfg = self.experiment, self.experiment.privacy
         num_examples = len(loader.dataset)  # type: ignore[arg-type]
         batch_size = int(loader.batch_size or 1)
+        history = load_history(state)
+        if num_examples == 0:  # nothing to train on, nothing spent
+            eps = accounting.epsilon(history, cfg.target_delta, cfg.accountant)
+            return TrainStats(0.0, 0, 0), {EPSILON: eps}
         sample_rate, per_round, per_run = accounting.planned_steps(
             num_examples, batch_size, epochs, exp.rounds
         )
         sigma = self.noise_multiplier(sample_rate, per_run)
-        history = load_history(state)
-        spent = accounting.epsilon(history, cfg.target_delta, cfg.accountant)
+        planned = accounting.merge(history, (sigma, sample_rate, per_round))
         if cfg.target_epsilon > 0:
-            planned = accounting.merge(history, (sigma, sample_rate, per_round))
-            next_epsilon = accounting.epsilon(
-                planned, cfg.target_delta, cfg.accountant
-            )
-            if next_epsilon > cfg.target_epsilon:
+            after = accounting.epsilon(planned, cfg.target_delta, cfg.accountant)
+            if after > cfg.target_epsilon:
+                spent = accounting.epsilon(history, cfg.target_delta, cfg.accountant)
                 declined = {EPSILON: spent, DECLINED: 1.0, NOISE_MULTIPLIER: sigma}
                 return TrainStats(0.0, 0, 0), declined
         check_batchnorm(model, exp.model.name)
         check_optimizer(model, optimizer)
+        model.train()  # Opacus validates training mode; evaluation left it in eval
         with warnings.catch_warnings():
             # Opacus warns about secure_mode (a CSPRNG) being off: simulations seed.
             warnings.simplefilter("ignore", UserWarning)
@@ -345,7 +355,11 @@ class DpSgd(NoPrivacy):
         finally:
             private_model.to_standard_module()  # remove Opacus' hooks from `model`
         history = list(engine.accountant.history)
-        save_history(state, history)
+        save_history(state, history)  # what Opacus accounted is what was spent
+        if history != planned:  # the budget check assumed `planned`: say so
+            raise RuntimeError(
+                f"DP-SGD: Opacus accounted {history}, fedsim planned {planned}"
+            )
         eps = accounting.epsilon(history, cfg.target_delta, cfg.accountant)
         return stats, {EPSILON: eps, NOISE_MULTIPLIER: sigma}
 
@@ -382,7 +396,9 @@ class DpSgd(NoPrivacy):
                 if n == 0:
                     continue
                 q, _, per_run = accounting.planned_steps(
-                    n, experiment.train.batch_size, experiment.train.epochs,
+                    n,
+                    experiment.train.batch_size,
+                    experiment.train.epochs,
                     experiment.rounds,
                 )
                 try:
@@ -467,7 +483,7 @@ class PrivacyBudgetStrategy(Strategy):
         """Aggregate the replies of clients that trained; add epsilon statistics."""
         replies = list(replies)
         answered = [r for r in replies if not r.has_error()]
-        declined = [r for r in answered if float(_metrics(r).get(DECLINED, 0.0))]
+        declined = [r for r in answered if _metrics(r).get(DECLINED, 0.0) == 1]
         for reply in declined:
             self.declined.add(int(_metrics(reply)[PARTITION_ID]))  # type: ignore[arg-type]
         trained = [r for r in replies if r not in declined]
@@ -523,16 +539,55 @@ def dp_fedavg_noise(experiment: Experiment) -> float:
         raise ConfigError(f"privacy.target-epsilon: {err}") from None
 
 
+def count_stddev(cfg: PrivacyConfig, sampled: int) -> float:
+    """Noise std of the clipped count (adaptive clipping)."""
+    return cfg.clipped_count_stddev or sampled / 20
+
+
 def check_adaptive_noise(cfg: PrivacyConfig, sigma: float, sampled: int) -> None:
     """Adaptive clipping spends part of the noise on the clipped count."""
-    stddev = cfg.clipped_count_stddev or sampled / 20
-    if cfg.clipping == "adaptive" and sigma >= 2 * stddev:
+    stddev = count_stddev(cfg, sampled)
+    if cfg.clipping == "adaptive" and sigma >= stddev:
         raise ConfigError(
-            f"privacy.noise-multiplier: {sigma:.4g} must be < 2 * "
-            f"clipped-count-stddev = {2 * stddev:g} with adaptive clipping "
-            f"({sampled} clients per round); raise privacy.clipped-count-stddev or "
-            "use privacy.clipping = 'fixed'"
+            f"privacy.noise-multiplier: {sigma:.4g} must be < clipped-count-stddev "
+            f"= {stddev:g} with adaptive clipping ({sampled} clients per round); "
+            "raise privacy.clipped-count-stddev or use privacy.clipping = 'fixed'"
         )
+
+
+def _adaptive_clipping_class() -> type:
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+        """Flower's server-side adaptive clipping with Andrew et al.'s update.
+
+        Flower 1.41 counts the *clipped* updates but applies the paper's rule,
+        written for the *unclipped* ones, so its norm runs away from the target
+        quantile; and it updates the norm before noising the aggregate, so the
+        noise follows the next round's norm instead of the one that clipped.
+        This class keeps the norm that clipped until the aggregate is noised,
+        then moves it by ``exp(-lr * (unclipped_fraction - target_quantile))``.
+        Its update noise multiplier is set by
+        :func:`fedsim.accounting.adaptive_update_noise`.
+        """
+
+        _next_norm: float | None = None
+
+        def _geometric_update(self, clipped_fraction: float) -> None:
+            unclipped = 1.0 - clipped_fraction
+            self._next_norm = self.clipping_norm * math.exp(
+                -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
+            )
+
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            result = super().aggregate_train(server_round, replies)
+            if self._next_norm is not None:
+                self.clipping_norm, self._next_norm = self._next_norm, None
+            return result  # type: ignore[no-any-return]
+
+    return AdaptiveClipping
 
 
 class UniformWeights(Strategy):
@@ -644,6 +699,7 @@ class DpFedAvgAccounting(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        norm = float(self.strategy.clipping_norm)  # the norm that clips this round
         arrays, metrics = self.strategy.aggregate_train(server_round, list(replies))
         if arrays is not None:
             step = (self.noise_multiplier, self.sample_rate, 1)
@@ -651,7 +707,7 @@ class DpFedAvgAccounting(Strategy):
         out = MetricRecord(dict(metrics) if metrics is not None else {})
         out[EPSILON] = self.epsilon()
         out[NOISE_MULTIPLIER] = self.noise_multiplier
-        out[CLIPPING_NORM] = float(self.strategy.clipping_norm)
+        out[CLIPPING_NORM] = norm
         return arrays, out
 
 
@@ -662,7 +718,6 @@ class DpFedAvg(NoPrivacy):
     def wrap_strategy(cls, strategy: Strategy, experiment: Experiment) -> Strategy:
         """Flower's server-side DP wrapper around a uniform FedAvg, accounted."""
         from flwr.serverapp.strategy import (
-            DifferentialPrivacyServerSideAdaptiveClipping,
             DifferentialPrivacyServerSideFixedClipping,
             FedAvg,
         )
@@ -682,15 +737,17 @@ class DpFedAvg(NoPrivacy):
         wrapped: Any
         if cfg.clipping == "adaptive":
             check_adaptive_noise(cfg, sigma, sampled)
-            wrapped = DifferentialPrivacyServerSideAdaptiveClipping(
+            stddev = count_stddev(cfg, sampled)
+            wrapped = _adaptive_clipping_class()(
                 uniform,
                 sigma,
                 sampled,
                 initial_clipping_norm=cfg.clipping_norm,
-                target_clipped_quantile=cfg.target_clipped_quantile,
+                target_clipped_quantile=cfg.target_unclipped_quantile,
                 clip_norm_lr=cfg.clip_norm_lr,
-                clipped_count_stddev=cfg.clipped_count_stddev or None,
+                clipped_count_stddev=stddev,
             )
+            wrapped.noise_multiplier = accounting.adaptive_update_noise(sigma, stddev)
         else:
             wrapped = DifferentialPrivacyServerSideFixedClipping(
                 uniform, sigma, cfg.clipping_norm, sampled
@@ -710,9 +767,7 @@ class DpFedAvg(NoPrivacy):
     ) -> None:
         """The noise must exist (budget reachable) and suit adaptive clipping."""
         sigma = dp_fedavg_noise(experiment)
-        check_adaptive_noise(
-            experiment.privacy, sigma, clients_per_round(experiment)
-        )
+        check_adaptive_noise(experiment.privacy, sigma, clients_per_round(experiment))
 
 
 # -- dispatch --------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,7 +165,7 @@ class RunRecorder:
             "strategy": experiment.strategy.name,
             "rounds": experiment.rounds,
             "rounds_completed": 0,
-            "started_at": datetime.now(timezone.utc).isoformat(),
+            "started_at": datetime.now(UTC).isoformat(),
             "finished_at": None,
             "wall_seconds": None,
             "final": {},
@@ -275,7 +275,7 @@ class RunRecorder:
         self.summary.update(
             status=status,
             reason=reason,
-            finished_at=datetime.now(timezone.utc).isoformat(),
+            finished_at=datetime.now(UTC).isoformat(),
         )
         self.flush()
         for sink in self.sinks:
@@ -299,10 +299,15 @@ class RunRecorder:
 
     def _final(self) -> dict[str, float]:
         final: dict[str, float] = {}
-        for rnd, client, phase, name, value in self.rows:
-            if client is None and phase in ("server", "evaluate") and name in (
-                "accuracy",
-                "loss",
+        for _, client, phase, name, value in self.rows:
+            if (
+                client is None
+                and phase in ("server", "evaluate")
+                and name
+                in (
+                    "accuracy",
+                    "loss",
+                )
             ):
                 key = name if phase == "server" else f"evaluate_{name}"
                 final[key] = value

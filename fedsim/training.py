@@ -97,6 +97,12 @@ def train_epochs(
     return TrainStats(total / max(seen, 1), seen, steps)
 
 
+def num_examples(stats: TrainStats, train: Arrays) -> int:
+    """A client's aggregation weight: its local train-set size (McMahan et al.'s
+    n_k), or 0 when it did not train (e.g. it declined: privacy budget spent)."""
+    return len(train) if stats.steps > 0 else 0
+
+
 @dataclass(frozen=True)
 class EvalStats:
     """Mean loss and accuracy over a split."""

@@ -264,7 +264,9 @@ def test_sampling_depends_on_the_seed_alone(tmp_path: Path) -> None:
         )
         recorder = RunRecorder(tmp_path / f"{seed}-{server_round}-{noise}", exp)
         partitions = {100 + 7 * i: i for i in range(10)}
-        grid = RecordingGrid(FakeGrid(partitions), recorder, num_clients=10, min_replies=1)
+        grid = RecordingGrid(
+            FakeGrid(partitions), recorder, num_clients=10, min_replies=1
+        )
         strategy = RecordingStrategy(build(exp), recorder, seed=seed)
         for _ in range(noise):
             random.random()

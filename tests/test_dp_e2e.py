@@ -1,0 +1,121 @@
+"""Differential privacy end to end through the CLI and Flower's simulation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pandas as pd
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedsim import accounting
+from fedsim.config import load_experiment
+from fedsim.data import federated_data
+from tests.conftest import SMALL, CliRun
+
+pytestmark = pytest.mark.slow
+
+LORA = (
+    "model.name=vit",
+    "model.hidden=16",
+    "model.heads=2",
+    "model.depth=1",
+    "strategy.name=flora",
+    "peft.method=lora",
+    "peft.rank=4",
+    "data.partitioner=iid",
+)
+
+
+def rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    oracle = RDPAccountant()
+    oracle.history = [(sigma, sample_rate, steps)]
+    return float(oracle.get_epsilon(delta))
+
+
+def train_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return frame[(frame["phase"] == "train") & (frame["metric"] == metric)]
+
+
+def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
+    run_cli: Callable[..., CliRun],
+) -> None:
+    """DP-SGD around FLoRA's LoRA clients: every client reports its cumulative
+    epsilon (Opacus' RDP accountant over its whole history); with a budget that
+    fits two rounds but not three, every client declines round 3 and the run
+    stops cleanly."""
+    overrides = (
+        *SMALL,
+        *LORA,
+        "privacy.mechanism=dp-sgd",
+        "privacy.noise-multiplier=1.0",
+    )
+    exp = load_experiment(None, overrides)
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    schedule = {
+        pid: accounting.planned_steps(
+            len(data.client(pid).train), exp.train.batch_size, exp.train.epochs, 3
+        )[:2]
+        for pid in range(exp.federation.clients)
+    }
+    delta = exp.privacy.target_delta
+    after = {
+        r: {pid: rdp_epsilon(1.0, q, r * n, delta) for pid, (q, n) in schedule.items()}
+        for r in (1, 2, 3)
+    }
+    assert max(after[2].values()) < min(after[3].values())
+    target = (max(after[2].values()) + min(after[3].values())) / 2
+
+    result = run_cli(overrides=(*overrides, f"privacy.target-epsilon={target}"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert "privacy budget spent" in summary["reason"]
+    assert summary["rounds_completed"] == 2
+
+    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    per_client = train_rows(frame, "epsilon").dropna(subset=["client"])
+    assert len(per_client) == 2 * exp.federation.clients
+    for row in per_client.itertuples():
+        assert row.value == pytest.approx(after[row.round][row.client], abs=1e-6)
+        assert row.value <= target
+    for rnd in (1, 2):
+        values = [after[rnd][pid] for pid in schedule]
+        rows = frame[(frame["round"] == rnd) & frame["client"].isna()]
+        got = rows.set_index("metric")["value"]
+        assert got["epsilon-max"] == pytest.approx(max(values), abs=1e-6)
+        assert got["epsilon-mean"] == pytest.approx(sum(values) / len(values), abs=1e-6)
+        assert got["clients-declined"] == 0
+
+
+def test_dp_fedavg_records_epsilon_per_round(run_cli: Callable[..., CliRun]) -> None:
+    """Client-level DP with half the clients sampled per round and the noise
+    calibrated for a budget: the server's epsilon per round is the RDP epsilon
+    of r sampled Gaussian releases, and the last one lands just under target."""
+    target = 5.0
+    overrides = (
+        *SMALL,
+        "privacy.mechanism=dp-fedavg",
+        f"privacy.target-epsilon={target}",
+        "privacy.clipping-norm=0.5",
+        "federation.fraction-train=0.5",
+    )
+    result = run_cli(overrides=overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+
+    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    server = frame[frame["client"].isna() & (frame["phase"] == "train")]
+    by_round = server.pivot(index="round", columns="metric", values="value")
+    sigma = float(by_round["noise-multiplier"].iloc[0])
+    assert sigma == pytest.approx(accounting.calibrate_noise(target, 1e-5, 0.5, 3))
+    assert list(by_round.index) == [1, 2, 3]
+    for rnd, eps in by_round["epsilon"].items():
+        assert eps == pytest.approx(rdp_epsilon(sigma, 0.5, int(rnd), 1e-5), abs=1e-6)
+    assert 0.95 * target <= by_round["epsilon"].iloc[-1] <= target
+    assert (by_round["clipping-norm"] == 0.5).all()
+    assert (by_round["clients"] == 2).all()
+    # clients train without sample-level DP: they report no epsilon of their own
+    assert train_rows(frame, "epsilon")["client"].isna().all()

@@ -11,7 +11,13 @@ from fedsim.config import Experiment
 from fedsim.data import ClientData, DatasetInfo
 from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.models import build_model
-from fedsim.training import derive_seed, evaluate, local_fit, num_examples
+from fedsim.training import (
+    derive_seed,
+    evaluate,
+    evaluation_metrics,
+    local_fit,
+    num_examples,
+)
 
 
 class FullModelClient:
@@ -69,14 +75,4 @@ class FullModelClient:
         """Loss and accuracy of the received global model on the local test split."""
         self._load(content)
         stats = evaluate(self.model, data.test, device=self.device)
-        return RecordDict(
-            {
-                METRICS: MetricRecord(
-                    {
-                        "loss": stats.loss,
-                        "accuracy": stats.accuracy,
-                        NUM_EXAMPLES: stats.examples,
-                    }
-                )
-            }
-        )
+        return RecordDict({METRICS: evaluation_metrics(stats)})

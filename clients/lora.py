@@ -16,7 +16,13 @@ from fedsim.lora import (
 )
 from fedsim.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
 from fedsim.models import build_model
-from fedsim.training import derive_seed, evaluate, local_fit, num_examples
+from fedsim.training import (
+    derive_seed,
+    evaluate,
+    evaluation_metrics,
+    local_fit,
+    num_examples,
+)
 
 
 class LoraClient:
@@ -123,14 +129,4 @@ class LoraClient:
         """Loss and accuracy of the received global model on the local test split."""
         self.load(content)
         stats = evaluate(self.base, data.test, device=self.device)
-        return RecordDict(
-            {
-                METRICS: MetricRecord(
-                    {
-                        "loss": stats.loss,
-                        "accuracy": stats.accuracy,
-                        NUM_EXAMPLES: stats.examples,
-                    }
-                )
-            }
-        )
+        return RecordDict({METRICS: evaluation_metrics(stats)})

@@ -54,6 +54,7 @@ from fedsim.data import FederatedData
 from fedsim.messages import METRICS, PARTITION_ID
 from fedsim.recorder import RunStopped
 from fedsim.training import TrainStats, train_epochs
+from fedsim.wrapping import DelegatingStrategy
 
 #: Cumulative epsilon of a client (reply metric) or of the server (dp-fedavg).
 EPSILON = "epsilon"
@@ -444,7 +445,7 @@ def _metrics(reply: Message) -> MetricRecord:
     return reply.content[METRICS]  # type: ignore[return-value]
 
 
-class PrivacyBudgetStrategy(Strategy):
+class PrivacyBudgetStrategy(DelegatingStrategy):
     """Server side of DP-SGD: keeps declined replies out of aggregation.
 
     Adds ``epsilon-max``, ``epsilon-mean`` (over the clients that replied) and
@@ -458,24 +459,6 @@ class PrivacyBudgetStrategy(Strategy):
         self.num_clients = num_clients
         self.target_epsilon = target_epsilon
         self.declined: set[int] = set()
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -590,7 +573,7 @@ def _adaptive_clipping_class() -> type:
     return AdaptiveClipping
 
 
-class UniformWeights(Strategy):
+class UniformWeights(DelegatingStrategy):
     """Makes a weighted FedAvg average its replies uniformly.
 
     DP-FedAvg's sensitivity bound (one client moves the mean by at most
@@ -603,24 +586,6 @@ class UniformWeights(Strategy):
         self.strategy = strategy
         self.weight_key = weight_key
 
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -632,7 +597,7 @@ class UniformWeights(Strategy):
         return self.strategy.aggregate_train(server_round, replies)
 
 
-class DpFedAvgAccounting(Strategy):
+class DpFedAvgAccounting(DelegatingStrategy):
     """Accounts the releases of a Flower DP wrapper and records ``epsilon``.
 
     Every round whose aggregate is released composes one Poisson-subsampled
@@ -669,9 +634,6 @@ class DpFedAvgAccounting(Strategy):
             self.accountant,
         )
 
-    def summary(self) -> None:
-        self.strategy.summary()
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -685,16 +647,6 @@ class DpFedAvgAccounting(Strategy):
                     f"privacy.target-epsilon = {self.target_epsilon:g}"
                 )
         return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
 from fedsim.recorder import RoundFailed, RunRecorder
 from fedsim.training import derive_seed
+from fedsim.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
 
@@ -201,7 +202,7 @@ def _client_keys(replies: list[Message]) -> set[str]:
     }
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(DelegatingStrategy):
     """Delegates to ``strategy``; records the metrics it adds when aggregating.
 
     Flower's samplers draw from the global ``random`` module, which Flower's own
@@ -211,12 +212,9 @@ class RecordingStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder, *, seed: int):
-        self.strategy = strategy
+        super().__init__(strategy)
         self.recorder = recorder
         self.seed = seed
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

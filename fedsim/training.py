@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import RecordDict
+from flwr.app import MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -155,6 +155,15 @@ def local_fit(
     mechanism = client_mechanism(exp)
     return mechanism.fit(
         model, optimizer, loader, epochs=exp.train.epochs, device=device, state=state
+    )
+
+
+def evaluation_metrics(stats: EvalStats) -> MetricRecord:
+    """The metrics of an ``evaluate`` reply (the FedAvg contract's keys)."""
+    from fedsim.messages import NUM_EXAMPLES
+
+    return MetricRecord(
+        {"loss": stats.loss, "accuracy": stats.accuracy, NUM_EXAMPLES: stats.examples}
     )
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedsim.config import ConfigError
+from fedsim.config import ConfigError, flatten
 from fedsim.recorder import (
     CHECKPOINTS_DIR,
     COLUMNS,
@@ -103,7 +103,7 @@ class Run:
     @property
     def flat_config(self) -> dict[str, Any]:
         """The config with dotted keys (``data.alpha``)."""
-        return _flatten(self.config)
+        return flatten(self.config)
 
     @property
     def status(self) -> str:
@@ -139,16 +139,6 @@ class Run:
             (self.metrics["phase"] == "server") & (self.metrics["metric"] == "elapsed")
         ]["value"]
         return float(elapsed.max()) if len(elapsed) else float("nan")
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _one_line(err: BaseException) -> str:

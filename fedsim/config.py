@@ -417,11 +417,13 @@ def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"{key}: unknown key{hint}")
 
 
-def _flatten_toml(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as one dict of dotted keys (``{"data": {"alpha": 1}}`` ->
+    ``{"data.alpha": 1}``)."""
     flat: dict[str, Any] = {}
     for k, v in table.items():
         if isinstance(v, dict):
-            flat.update(_flatten_toml(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -601,7 +603,7 @@ def load_experiment(
         table = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{file}: invalid TOML: {err}") from None
-    values = _flatten_toml(table)
+    values = flatten(table)
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
@@ -631,7 +633,7 @@ def to_toml(exp: Experiment) -> str:
 
 def to_run_config(exp: Experiment) -> RunConfig:
     """Flatten to Flower's run-config: dotted keys, lists as JSON strings."""
-    flat = _flatten_toml(to_dict(exp))
+    flat = flatten(to_dict(exp))
     return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 

@@ -189,7 +189,9 @@ class RecordingGrid(Grid):
                 f"round {server_round}: {ok} of {len(messages)} clients replied, "
                 f"fewer than federation.min-replies = {self.min_replies}"
             )
-        return replies
+        # Replies arrive in an order that depends on timing; floating-point sums
+        # over them (every weighted average) must not.
+        return sorted(replies, key=lambda r: partition_of[r.metadata.src_node_id])
 
 
 def _client_keys(replies: list[Message]) -> set[str]:

@@ -154,7 +154,7 @@ class FakeGrid(Grid):
                     arrays, {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}, src=node
                 )
             out.append(r)
-        return out
+        return out[::-1]  # replies arrive in any order
 
 
 def train_messages(nodes: Iterable[int], arrays: ArrayRecord) -> list[Message]:
@@ -173,7 +173,9 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
     grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1)
     assert grid.get_node_ids() == [13, 555, 907]
     down = ArrayRecord([np.zeros((10, 10), dtype=np.float32)])
-    grid.send_and_receive(train_messages(grid.get_node_ids(), down))
+    replies = grid.send_and_receive(train_messages(grid.get_node_ids(), down))
+    # returned in partition order, whatever the arrival order
+    assert [r.metadata.src_node_id for r in replies] == [13, 555, 907]
     recorder.end_round(1)
     frame = read_metrics(tmp_path)
     assert frame is not None

@@ -42,6 +42,7 @@ from fedsim.recorder import (
     CONFIG_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    read_metrics,
 )
 
 #: Accuracy a run must reach for ``rounds_to_target`` unless told otherwise.
@@ -153,12 +154,12 @@ def empty_metrics() -> pd.DataFrame:
 
 def _read_metrics(path: Path) -> pd.DataFrame:
     file = path / METRICS_FILE
-    if not file.exists():
-        return empty_metrics()
     try:
-        frame = pd.read_parquet(file)
+        frame = read_metrics(path)
     except Exception as err:  # pyarrow raises several unrelated types
         raise RunDirError(f"{file}: unreadable metrics: {_one_line(err)}") from None
+    if frame is None:
+        return empty_metrics()
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise RunDirError(f"{file}: missing columns {', '.join(missing)}")

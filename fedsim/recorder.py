@@ -13,6 +13,7 @@ the initial model).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -113,11 +114,17 @@ def metrics_frame(rows: list[tuple[int, int | None, str, str, float]]) -> pd.Dat
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame | None:
-    """``metrics.parquet`` of a run directory, or None while there is none."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
+    """``metrics.parquet`` of a run directory, or None while there is none.
+
+    The file is read in one go: pyarrow given a path may stat it and open it on
+    either side of the recorder's atomic replace and fail, while the bytes of one
+    open file are always one whole version, even during a run.
+    """
+    try:
+        data = (run_dir / METRICS_FILE).read_bytes()
+    except FileNotFoundError:
         return None
-    return pd.read_parquet(path)
+    return pd.read_parquet(io.BytesIO(data))
 
 
 Row = tuple[int, int | None, str, str, float]

@@ -267,6 +267,8 @@ def simulate(
         status, reason = "interrupted", "interrupted by the user (Ctrl-C or SIGTERM)"
     except SimulationError as err:
         status, reason = "failed", str(err)
+    except Exception as err:  # never leave the run directory saying "running"
+        status, reason = "failed", f"fedsim: {type(err).__name__}: {err}"
     finally:
         for proc in (submit, superlink):
             if proc is not None:

@@ -280,3 +280,36 @@ def test_sampling_depends_on_the_seed_alone(tmp_path: Path) -> None:
     assert len(first) == 3
     assert sampled(1, 3, noise=17) == first
     assert sampled(1, 4, noise=0) != first or sampled(2, 3, noise=0) != first
+
+
+def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
+    """A live reader (progress display, `fedsim report`) never sees a torn file."""
+    import threading
+    import time
+
+    from fedsim.recorder import _atomic_write, metrics_frame
+
+    rows = [(i, None, "server", "accuracy", 0.5) for i in range(2000)]
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        k = 0
+        while not stop.is_set():
+            frame = metrics_frame(rows[: 1000 + k % 1000])
+            _atomic_write(
+                tmp_path / "metrics.parquet", lambda p: frame.to_parquet(p, index=False)
+            )
+            k += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        deadline, reads = time.monotonic() + 3, 0
+        while time.monotonic() < deadline:
+            frame = read_metrics(tmp_path)
+            assert frame is None or len(frame) >= 1000
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 50

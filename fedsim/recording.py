@@ -239,10 +239,11 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> None:
         if metrics is None:
             return
+        sent = _client_keys(replies)
         own = {
             k: float(v)
             for k, v in metrics.items()
-            if k not in _client_keys(replies) and isinstance(v, (int, float))
+            if k not in sent and isinstance(v, (int, float))
         }
         if own:
             self.recorder.strategy(server_round, phase, own)

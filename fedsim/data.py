@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -247,11 +248,8 @@ def cached_partitions(
     key.update(repr((cfg.partitioner, cfg.alpha, cfg.classes_per_client)).encode())
     key.update(repr((cfg.min_partition_size, num_partitions, seed)).encode())
     path = cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
-    try:
-        with np.load(path) as saved:
-            return [saved[f"p{i}"] for i in range(num_partitions)]
-    except (OSError, KeyError, ValueError):
-        pass
+    with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
+        return [saved[f"p{i}"] for i in range(num_partitions)]
     parts = partition_indices(labels, cfg, num_partitions, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

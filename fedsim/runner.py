@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -107,10 +107,8 @@ def stop_tree(pid: int, timeout: float = 15.0) -> None:
     except psutil.NoSuchProcess:
         return
     for proc in procs:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         try:
@@ -118,10 +116,8 @@ def stop_tree(pid: int, timeout: float = 15.0) -> None:
         except psutil.NoSuchProcess:
             continue
         for p in stragglers:
-            try:
+            with suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(stragglers, timeout=5)
 
 
@@ -291,11 +287,8 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
                 f"flower-superlink exited with code {proc.returncode}:\n"
                 + _log_tail(log)
             )
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        with suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
         time.sleep(0.1)
     raise SimulationError(f"flower-superlink not ready after {STARTUP_TIMEOUT:.0f} s")

@@ -143,7 +143,7 @@ class Progress:
             self.done = rnd
             if self.console.is_terminal:
                 self.status.update(f"[bold]{line}")
-                self.console.log(line)
+                self.console.print(line, highlight=False)
             else:
                 print(line, flush=True)
 

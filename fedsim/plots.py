@@ -58,6 +58,20 @@ def _round_axis(ax: Axes) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _lines(ax: Any, wide: pd.DataFrame, colors: dict[Any, Any]) -> None:
+    """One line per run (column of ``wide``, indexed by round)."""
+    for run in wide.columns:
+        series = wide[run].dropna()
+        ax.plot(
+            series.index,
+            series.values,
+            marker="o",
+            markersize=3,
+            color=colors[run],
+            label=str(run),
+        )
+
+
 def accuracy_loss(
     frame: pd.DataFrame, *, phase: str = "server", by: str = "label"
 ) -> Figure:
@@ -74,16 +88,7 @@ def accuracy_loss(
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, wide, name in ((ax_acc, acc, "accuracy"), (ax_loss, loss, "loss")):
-        for run in wide.columns:
-            series = wide[run].dropna()
-            ax.plot(
-                series.index,
-                series.values,
-                marker="o",
-                markersize=3,
-                color=colors[run],
-                label=str(run),
-            )
+        _lines(ax, wide, colors)
         ax.set_ylabel(f"{name} ({phase})")
         ax.set_title(f"{name} vs round")
         _round_axis(ax)
@@ -132,16 +137,7 @@ def epsilon(frame: pd.DataFrame, *, by: str = "label") -> Figure:
     colors = _colors(analysis.run_order(frame, by))
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
-    for run in eps.columns:
-        series = eps[run].dropna()
-        ax.plot(
-            series.index,
-            series.values,
-            marker="o",
-            markersize=3,
-            color=colors[run],
-            label=str(run),
-        )
+    _lines(ax, eps, colors)
     ax.set_ylabel("epsilon (largest of any client)")
     ax.set_ylim(bottom=0)
     ax.set_title("privacy loss vs round")

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedsim.messages import ARRAYS, METRICS
 
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
@@ -77,3 +90,41 @@ def small_run(run_cli: Callable[..., CliRun]) -> CliRun:
     result = run_cli(overrides=SMALL)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+@pytest.fixture
+def task_identity() -> Iterable[None]:
+    """Messages take their run id from the process identity a ServerApp has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+
+
+def reply(
+    arrays: dict[str, np.ndarray] | None,
+    metrics: dict[str, float],
+    src: int = 1,
+    error: str | None = None,
+) -> Message:
+    """A train reply from node ``src`` as a ServerApp receives it."""
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[ARRAYS] = ArrayRecord(
+            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)

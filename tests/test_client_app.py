@@ -3,8 +3,6 @@ what a client process builds once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -28,13 +26,7 @@ from fedsim.training import derive_seed, make_loader
 OVERRIDES = ["federation.clients=4", "model.name=mlp", "train.epochs=2", "seed=7"]
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def message(arrays: ArrayRecord, server_round: int, kind: str) -> Message:

@@ -9,60 +9,22 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
-    Error,
     Message,
     MessageType,
-    Metadata,
-    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid
 
 from fedsim.config import load_experiment
-from fedsim.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
 from fedsim.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
 from fedsim.recording import RecordingGrid, RecordingStrategy
 from strategies.fedavg import build
+from tests.conftest import reply
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterable[None]:
-    """Messages take their run id from the process identity a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
-
-
-def reply(
-    arrays: dict[str, np.ndarray] | None,
-    metrics: dict[str, float],
-    src: int = 1,
-    error: str | None = None,
-) -> Message:
-    content = RecordDict({METRICS: MetricRecord(metrics)})
-    if arrays is not None:
-        content[ARRAYS] = ArrayRecord(
-            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    if error is not None:
-        return Message(error=Error(code=0, reason=error), metadata=metadata)
-    return Message(content=content, metadata=metadata)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_fedavg_aggregate_train_matches_numpy_weighted_mean() -> None:
@@ -297,7 +259,8 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
         while not stop.is_set():
             frame = metrics_frame(rows[: 1000 + k % 1000])
             _atomic_write(
-                tmp_path / "metrics.parquet", lambda p: frame.to_parquet(p, index=False)
+                tmp_path / "metrics.parquet",
+                lambda p, f=frame: f.to_parquet(p, index=False),
             )
             k += 1
 

@@ -14,8 +14,6 @@ from flwr.app import (
     Array,
     ArrayRecord,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -31,10 +29,11 @@ from fedsim.config import (
     load_experiment,
 )
 from fedsim.data import Arrays, DatasetInfo, federated_data
-from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.messages import ARRAYS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.models import build_model
 from fedsim.recorder import RunStopped
 from fedsim.training import local_fit
+from tests.conftest import reply
 
 CPU = torch.device("cpu")
 DIGITS = DatasetInfo((1, 8, 8), 10)
@@ -444,43 +443,6 @@ def test_cli_rejects_batchnorm_before_training(
 
 
 # -- server side -----------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity() -> Iterable[None]:
-    """Messages take their run id from the process identity a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
-
-
-def reply(
-    arrays: dict[str, np.ndarray], metrics: dict[str, float], src: int
-) -> Message:
-    content = RecordDict(
-        {
-            METRICS: MetricRecord(metrics),
-            ARRAYS: ArrayRecord(
-                array_dict={
-                    k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()
-                }
-            ),
-        }
-    )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 class Recorder:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+from cli_run import fedsim_run
 
 
 @dataclass(frozen=True)
@@ -43,22 +43,9 @@ class Outcome:
 
 def run(experiment: Path, overrides: list[str], out: Path) -> Path:
     """One CLI run; returns its run directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable,
-        "-m",
-        "fedsim.cli",
-        "run",
-        str(experiment),
-        "--out",
-        str(out),
-    ]
-    for pair in overrides:
-        args += ["--set", pair]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    proc, run_dir = fedsim_run(experiment, overrides, out)
     if proc.returncode != 0:
         raise RuntimeError(f"fedsim run failed ({proc.returncode}):\n{proc.stderr}")
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return run_dir
 
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+from cli_run import fedsim_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = (
@@ -50,25 +50,9 @@ def warm_cache(experiment: Path, overrides: list[str]) -> None:
 
 def run(experiment: Path, overrides: list[str], out: Path) -> Path:
     """``fedsim run EXPERIMENT``; the new run directory."""
-    before = set(out.glob("*")) if out.exists() else set()
-    args = [a for kv in overrides for a in ("--set", kv)]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.cli",
-            "run",
-            str(experiment),
-            *args,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc, run_dir = fedsim_run(experiment, overrides, out)
     if proc.returncode != 0:
         raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
-    (run_dir,) = set(out.glob("*")) - before
     return run_dir
 
 

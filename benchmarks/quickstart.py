@@ -12,26 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from cli_run import fedsim_run
 
 
 def one_run(overrides: list[str]) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as out:
-        args = [a for kv in overrides for a in ("--set", kv)]
         start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedsim.cli", "run", *args, "--out", out],
-            capture_output=True,
-            text=True,
-        )
+        proc, run_dir = fedsim_run(None, overrides, Path(out))
         total = time.perf_counter() - start
-        (run_dir,) = [p for p in Path(out).iterdir() if p.is_dir()]
         summary = json.loads((run_dir / "summary.json").read_text())
         frame = pd.read_parquet(run_dir / "metrics.parquet")
         server = frame[frame["phase"] == "server"].pivot(

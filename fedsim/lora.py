@@ -124,6 +124,14 @@ class LoraLayout:
         return self.adapted_weights + self.trained
 
 
+def _matching(modules: dict[str, Any], wanted: str, key: str) -> list[str]:
+    """Names of ``modules`` that ``wanted`` matches; none is an error of ``key``."""
+    found = [name for name in modules if name and matches(name, [wanted])]
+    if not found:
+        raise ConfigError(f"{key}: {wanted!r} matches no module of the model")
+    return found
+
+
 def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
     """Resolve ``peft.targets`` and ``peft.modules-to-save`` on ``model``.
 
@@ -138,11 +146,7 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
     modules = dict(model.named_modules())
     adapted: list[str] = []
     for target in peft.targets:
-        found = [name for name in modules if name and matches(name, [target])]
-        if not found:
-            raise ConfigError(
-                f"peft.targets: {target!r} matches no module of the model"
-            )
+        found = _matching(modules, target, "peft.targets")
         for name in found:
             if not isinstance(modules[name], nn.Linear):
                 raise ConfigError(
@@ -153,11 +157,7 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
                 adapted.append(name)
     trained: list[str] = []
     for wanted in peft.modules_to_save:
-        found = [name for name in modules if name and matches(name, [wanted])]
-        if not found:
-            raise ConfigError(
-                f"peft.modules-to-save: {wanted!r} matches no module of the model"
-            )
+        found = _matching(modules, wanted, "peft.modules-to-save")
         for name in found:
             inside = [a for a in adapted if a == name or a.startswith(f"{name}.")]
             if inside:

@@ -18,7 +18,7 @@ def fedsim_run(
         [
             sys.executable,
             "-m",
-            "fedsim.cli",
+            "fedsim",
             "run",
             *([str(experiment)] if experiment else []),
             *[arg for pair in overrides for arg in ("--set", pair)],

@@ -9,6 +9,6 @@ process simulates::
     reply = algorithm.evaluate(content, data, server_round=r, state=context.state)
 
 ``content`` is the received RecordDict, ``data`` the client's
-:class:`fedsim.data.ClientData`, ``state`` the client's persistent RecordDict
+:class:`fedsim.learn.data.ClientData`, ``state`` the client's persistent RecordDict
 (Flower's ``Context.state``; keep it small). Each returns the reply RecordDict.
 """

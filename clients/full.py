@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.config import Experiment
-from fedsim.data import ClientData, DatasetInfo
-from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.models import build_model
-from fedsim.training import (
+from fedsim.core.config import Experiment
+from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsim.learn.models import build_model
+from fedsim.learn.training import (
     derive_seed,
     evaluate,
     evaluation_metrics,

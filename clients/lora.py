@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.config import Experiment
-from fedsim.data import ClientData, DatasetInfo
-from fedsim.lora import (
+from fedsim.core.config import Experiment
+from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim.learn.lora import (
     adapter_state,
     inject_lora,
     lora_layout,
     rank_for,
     scaling_for,
 )
-from fedsim.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
-from fedsim.models import build_model
-from fedsim.training import (
+from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
+from fedsim.learn.models import build_model
+from fedsim.learn.training import (
     derive_seed,
     evaluate,
     evaluation_metrics,

@@ -1,7 +1,7 @@
 """FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (AISTATS 2017).
 
-Message contract (keys from :mod:`fedsim.messages`):
+Message contract (keys from :mod:`fedsim.core.messages`):
 
 - ``train`` down: ``arrays`` (global state dict), ``config`` (``server-round``).
 - ``train`` up: ``arrays`` (local state dict after training), ``metrics``
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.config import Experiment
-from fedsim.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.config import Experiment
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 
 
 def build(experiment: Experiment) -> FedAvg:

@@ -9,7 +9,7 @@ clients of different ranks only combine after zero-padding to the largest rank
 (:class:`strategies.flora.FLoRA`): the averaged update is merged into the global
 model, fully trained modules are averaged by example counts, clients start fresh
 adapters on the merged model; only :meth:`FedIT.combine` differs. As every client
-of a round draws the same initial A (:func:`fedsim.lora.inject_lora`), its rows
+of a round draws the same initial A (:func:`fedsim.learn.lora.inject_lora`), its rows
 line up across clients, as they do when FedIT clients receive a common adapter.
 
 Message contract: exactly FLoRA's (see :mod:`strategies.flora`), including the
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedsim.config import Experiment
+from fedsim.core.config import Experiment
 from strategies.flora import (
     Adapters,
     FLoRA,

@@ -12,7 +12,7 @@ next round starts fresh adapters on the merged model.
 
 What travels down: the dense current weights of the adapted layers and the fully
 trained modules. Every other weight never changes: it is the initial base, which
-each client process builds once (:func:`fedsim.models.build_model`, deterministic
+each client process builds once (:func:`fedsim.learn.models.build_model`, deterministic
 and cached on disk when pre-trained) and keeps resident. So a client that missed
 any number of rounds starts from the current global model with one message, and
 no client state has to match the server's history. (Stacked factors instead cost
@@ -21,8 +21,8 @@ against ``d_in d_out`` for the dense weight, and need the client to hold exactly
 the previous global model; in simulation a client process serves many
 partitions, so that does not hold.)
 
-Message contract (keys from :mod:`fedsim.messages`; array names from
-:mod:`fedsim.lora`):
+Message contract (keys from :mod:`fedsim.core.messages`; array names from
+:mod:`fedsim.learn.lora`):
 
 - ``train`` down: ``arrays`` with ``<module>.weight`` of every adapted layer and
   the parameters of the modules trained in full (``head.weight``, ...), under
@@ -51,9 +51,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.config import Experiment
-from fedsim.lora import LoraLayout, lora_layout, lora_pairs
-from fedsim.messages import (
+from fedsim.core.config import Experiment
+from fedsim.learn.lora import LoraLayout, lora_layout, lora_pairs
+from fedsim.core.messages import (
     ARRAYS,
     CONFIG,
     LORA_SCALING,
@@ -245,7 +245,7 @@ class FLoRA(FedAvg):
 
     @classmethod
     def from_layout(cls, layout: LoraLayout, **kwargs: Any) -> Self:
-        """The strategy for a resolved :class:`fedsim.lora.LoraLayout`."""
+        """The strategy for a resolved :class:`fedsim.learn.lora.LoraLayout`."""
         return cls(adapted=layout.adapted, trained=layout.trained, **kwargs)
 
     @property
@@ -355,8 +355,8 @@ def _reply_order(msg: Message) -> tuple[float, int]:
 
 def layout_of(experiment: Experiment) -> LoraLayout:
     """Resolve the experiment's LoRA targets on its model (raises ConfigError)."""
-    from fedsim.data import federated_data
-    from fedsim.models import build_model
+    from fedsim.learn.data import federated_data
+    from fedsim.learn.models import build_model
 
     data = federated_data(
         experiment.data, experiment.federation.clients, experiment.seed

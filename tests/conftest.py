@@ -21,7 +21,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedsim.messages import ARRAYS, METRICS
+from fedsim.core.messages import ARRAYS, METRICS
 
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
@@ -53,9 +53,9 @@ class CliRun:
 def fedsim(*args: str, out: Path, timeout: float = 300) -> CliRun:
     """Run the ``fedsim`` CLI in a subprocess, as a user would."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args, "--out", str(out)]
+        [sys.executable, "-m", "fedsim", *args, "--out", str(out)]
         if args and args[0] == "run"
-        else [sys.executable, "-m", "fedsim.cli", *args],
+        else [sys.executable, "-m", "fedsim", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

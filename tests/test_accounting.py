@@ -11,7 +11,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim import accounting
+from fedsim.privacy import accounting
 
 
 @pytest.mark.parametrize(

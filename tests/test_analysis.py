@@ -13,8 +13,8 @@ import pytest
 import tomli_w
 
 from fedsim import analysis
-from fedsim.config import load_experiment, to_dict, to_toml
-from fedsim.recorder import metrics_frame
+from fedsim.core.config import load_experiment, to_dict, to_toml
+from fedsim.engine.recorder import metrics_frame
 
 Row = tuple[int, int | None, str, str, float]
 

@@ -16,12 +16,12 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedsim import client_app
-from fedsim.config import load_experiment, to_run_config
-from fedsim.data import federated_data
-from fedsim.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
-from fedsim.models import build_model
-from fedsim.training import derive_seed, make_loader
+from fedsim.engine import client_app
+from fedsim.core.config import load_experiment, to_run_config
+from fedsim.learn.data import federated_data
+from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.learn.models import build_model
+from fedsim.learn.training import derive_seed, make_loader
 
 OVERRIDES = ["federation.clients=4", "model.name=mlp", "train.epochs=2", "seed=7"]
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.config import (
+from fedsim.core.config import (
     ConfigError,
     Experiment,
     from_run_config,
@@ -84,8 +84,8 @@ def test_pyproject_flower_config_matches_quickstart() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {
-        "serverapp": "fedsim.server_app:app",
-        "clientapp": "fedsim.client_app:app",
+        "serverapp": "fedsim.engine.server_app:app",
+        "clientapp": "fedsim.engine.client_app:app",
     }
     assert app["config"] == {**to_run_config(load_experiment(None)), "run-dir": ""}
 
@@ -205,7 +205,7 @@ def test_cli_bad_input_exits_2_without_traceback_or_files(
 ) -> None:
     out = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args, "--out", str(out)],
+        [sys.executable, "-m", "fedsim", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,

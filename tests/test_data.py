@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.config import ConfigError, DataConfig
-from fedsim.data import federated_data, load_arrays, partition_indices
+from fedsim.core.config import ConfigError, DataConfig
+from fedsim.learn.data import federated_data, load_arrays, partition_indices
 
 
 def labels(n_per_class: int = 60, classes: int = 10) -> np.ndarray:

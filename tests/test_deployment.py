@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import load_experiment
-from fedsim.recorder import create_run_dir, read_metrics
-from fedsim.runner import (
+from fedsim.core.config import load_experiment
+from fedsim.engine.recorder import create_run_dir, read_metrics
+from fedsim.engine.runner import (
     _executable,
     flower_home,
     free_port,

@@ -17,11 +17,11 @@ import psutil
 import pytest
 import torch
 
-from fedsim.config import load_experiment
-from fedsim.data import federated_data
-from fedsim.models import build_model
-from fedsim.recorder import read_metrics
-from fedsim.training import derive_seed, evaluate
+from fedsim.core.config import load_experiment
+from fedsim.learn.data import federated_data
+from fedsim.learn.models import build_model
+from fedsim.engine.recorder import read_metrics
+from fedsim.learn.training import derive_seed, evaluate
 from tests.conftest import SMALL, CliRun, sets
 
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def watch(
 ) -> tuple[int, set[int], str]:
     """Run the CLI, collect every process it starts, optionally send Ctrl-C."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedsim.cli", *args, "--out", str(out)],
+        [sys.executable, "-m", "fedsim", *args, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

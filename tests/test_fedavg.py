@@ -17,10 +17,10 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from fedsim.config import load_experiment
-from fedsim.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
-from fedsim.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
-from fedsim.recording import RecordingGrid, RecordingStrategy
+from fedsim.core.config import load_experiment
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
+from fedsim.engine.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
+from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from strategies.fedavg import build
 from tests.conftest import reply
 
@@ -249,7 +249,7 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
     import threading
     import time
 
-    from fedsim.recorder import _atomic_write, metrics_frame
+    from fedsim.engine.recorder import _atomic_write, metrics_frame
 
     rows = [(i, None, "server", "accuracy", 0.5) for i in range(2000)]
     stop = threading.Event()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.messages import ARRAYS, LORA_SCALING, METRICS, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, LORA_SCALING, METRICS, NUM_EXAMPLES
 from strategies.fedit import FedIT, average_lora
 from strategies.flora import FLoRA, aggregation_error, exact_update, lora_update
 

@@ -15,11 +15,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clients.lora import LoraClient
-from fedsim.config import load_experiment
-from fedsim.data import federated_data
-from fedsim.lora import LORA_A, LORA_B
-from fedsim.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.models import build_model
+from fedsim.core.config import load_experiment
+from fedsim.learn.data import federated_data
+from fedsim.learn.lora import LORA_A, LORA_B
+from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsim.learn.models import build_model
 from strategies.flora import (
     AGGREGATION_ERROR,
     FLoRA,

@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.lora import LoraClient
-from fedsim import pretrain
-from fedsim.config import ConfigError, PeftConfig, load_experiment
-from fedsim.data import federated_data
-from fedsim.lora import inject_lora, lora_layout, rank_for
-from fedsim.messages import (
+from fedsim.learn import pretrain
+from fedsim.core.config import ConfigError, PeftConfig, load_experiment
+from fedsim.learn.data import federated_data
+from fedsim.learn.lora import inject_lora, lora_layout, rank_for
+from fedsim.core.messages import (
     ARRAYS,
     CONFIG,
     LORA_RANK,
@@ -24,7 +24,7 @@ from fedsim.messages import (
     METRICS,
     SERVER_ROUND,
 )
-from fedsim.models import build_model
+from fedsim.learn.models import build_model
 from strategies.flora import FLoRA
 
 VIT = (

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.config import ConfigError, ModelConfig
-from fedsim.data import DatasetInfo
-from fedsim.models import build_model
+from fedsim.core.config import ConfigError, ModelConfig
+from fedsim.learn.data import DatasetInfo
+from fedsim.learn.models import build_model
 
 IMAGE = DatasetInfo((1, 8, 8), 10)
 TABLE = DatasetInfo((12,), 3)
@@ -43,7 +43,7 @@ def test_vit_attention_has_named_projections() -> None:
 
 def test_vit_attention_matches_torch_multihead_attention() -> None:
     """The hand-written attention equals nn.MultiheadAttention with the same weights."""
-    from fedsim.models import SelfAttention
+    from fedsim.learn.models import SelfAttention
 
     torch.manual_seed(0)
     attn = SelfAttention(16, 4, dropout=0.0)

@@ -20,19 +20,20 @@ from flwr.app import (
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedsim import accounting, privacy
-from fedsim.config import (
+from fedsim.privacy import accounting
+from fedsim.privacy import mechanisms as privacy
+from fedsim.core.config import (
     ConfigError,
     Experiment,
     StrategyConfig,
     _check_consistency,
     load_experiment,
 )
-from fedsim.data import Arrays, DatasetInfo, federated_data
-from fedsim.messages import ARRAYS, NUM_EXAMPLES, PARTITION_ID
-from fedsim.models import build_model
-from fedsim.recorder import RunStopped
-from fedsim.training import local_fit
+from fedsim.learn.data import Arrays, DatasetInfo, federated_data
+from fedsim.core.messages import ARRAYS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.learn.models import build_model
+from fedsim.engine.recorder import RunStopped
+from fedsim.learn.training import local_fit
 from tests.conftest import reply
 
 CPU = torch.device("cpu")
@@ -420,7 +421,8 @@ def test_preflight_rejects_models_without_per_example_gradients() -> None:
 def test_cli_rejects_batchnorm_before_training(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedsim import cli, models
+    from fedsim.engine import cli
+    from fedsim.learn import models
 
     monkeypatch.setattr(models, "build_model", lambda cfg, info, seed: BatchNormNet())
     code = cli.main(

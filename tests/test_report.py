@@ -1,4 +1,4 @@
-"""``fedsim report`` and fedsim.plots: the table, one PNG per view, live runs."""
+"""``fedsim report`` and fedsim.analysis.plots: the table, one PNG per view, live runs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from matplotlib.image import imread
 from test_analysis import rows_a, rows_b, write_run
 
-from fedsim import analysis, plots
-from fedsim.cli import main
+from fedsim import analysis
+from fedsim.analysis import plots
+from fedsim.engine.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -162,7 +163,7 @@ def test_bad_input_is_one_line_and_exit_2(
 def test_malformed_run_directory_from_the_command_line(runs: Path) -> None:
     (runs / "a-1" / "metrics.parquet").write_bytes(b"garbage")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", "report", str(runs / "a-1")],
+        [sys.executable, "-m", "fedsim", "report", str(runs / "a-1")],
         capture_output=True,
         text=True,
         cwd=runs,
@@ -206,7 +207,7 @@ def test_report_on_a_real_run(small_run, tmp_path: Path) -> None:  # type: ignor
         [
             sys.executable,
             "-m",
-            "fedsim.cli",
+            "fedsim",
             "report",
             str(run_dir),
             "--out",

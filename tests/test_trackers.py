@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 from conftest import SMALL, sets
 
-from fedsim import analysis, trackers
-from fedsim.config import ConfigError, load_experiment
-from fedsim.recorder import RoundSink, Row
+from fedsim import analysis
+from fedsim.analysis import trackers
+from fedsim.core.config import ConfigError, load_experiment
+from fedsim.engine.recorder import RoundSink, Row
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -208,7 +209,7 @@ def test_a_run_with_both_trackers_and_a_live_report(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "fedsim.cli",
+            "fedsim",
             "run",
             *sets(*overrides),
             "--out",
@@ -235,7 +236,7 @@ def test_a_run_with_both_trackers_and_a_live_report(tmp_path: Path) -> None:
                         [
                             sys.executable,
                             "-m",
-                            "fedsim.cli",
+                            "fedsim",
                             "report",
                             str(dirs[0]),
                             "--out",

@@ -1,6 +1,6 @@
 """Privacy mechanisms: what wraps a client's local training, and the server.
 
-A mechanism is a class registered in :data:`fedsim.registry.PRIVACY`. An instance
+A mechanism is a class registered in :data:`fedsim.core.registry.PRIVACY`. An instance
 is the client side: it receives the model, optimizer and loader a client algorithm
 built and runs the local epochs, possibly wrapping them first (Opacus for DP-SGD),
 keeping whatever it must remember across rounds in the client's ``state``. Its
@@ -48,13 +48,14 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsim import accounting, registry
-from fedsim.config import ConfigError, Experiment, PrivacyConfig
-from fedsim.data import FederatedData
-from fedsim.messages import METRICS, PARTITION_ID
-from fedsim.recorder import RunStopped
-from fedsim.training import TrainStats, train_epochs
-from fedsim.wrapping import DelegatingStrategy
+from fedsim.privacy import accounting
+from fedsim.core import registry
+from fedsim.core.config import ConfigError, Experiment, PrivacyConfig
+from fedsim.learn.data import FederatedData
+from fedsim.core.messages import METRICS, PARTITION_ID
+from fedsim.engine.recorder import RunStopped
+from fedsim.learn.training import TrainStats, train_epochs
+from fedsim.protocol.wrapping import DelegatingStrategy
 
 #: Cumulative epsilon of a client (reply metric) or of the server (dp-fedavg).
 EPSILON = "epsilon"
@@ -109,7 +110,7 @@ class NoPrivacy:
         device: torch.device,
         state: RecordDict,
     ) -> tuple[TrainStats, dict[str, float]]:
-        """Run :func:`fedsim.training.train_epochs`; no extra metrics."""
+        """Run :func:`fedsim.learn.training.train_epochs`; no extra metrics."""
         return train_epochs(model, loader, optimizer, epochs=epochs, device=device), {}
 
     @classmethod
@@ -226,7 +227,7 @@ def dp_train_epochs(
 ) -> TrainStats:
     """Local epochs with an Opacus-wrapped model, optimizer and Poisson loader.
 
-    Unlike :func:`fedsim.training.train_epochs`, an empty Poisson batch is a real
+    Unlike :func:`fedsim.learn.training.train_epochs`, an empty Poisson batch is a real
     step (noise only), as the accountant counts it. The first step is guarded:
     every trainable parameter must get a per-example gradient, and with noise
     every trainable parameter must change.
@@ -451,7 +452,7 @@ class PrivacyBudgetStrategy(DelegatingStrategy):
     Adds ``epsilon-max``, ``epsilon-mean`` (over the clients that replied) and
     ``clients-declined`` to the aggregated train metrics. Once every client of
     the federation has declined (a spent budget never comes back) the run stops
-    cleanly with :class:`fedsim.recorder.RunStopped`.
+    cleanly with :class:`fedsim.engine.recorder.RunStopped`.
     """
 
     def __init__(self, strategy: Strategy, *, num_clients: int, target_epsilon: float):
@@ -551,7 +552,7 @@ def _adaptive_clipping_class() -> type:
         This class keeps the norm that clipped until the aggregate is noised,
         then moves it by ``exp(-lr * (unclipped_fraction - target_quantile))``.
         Its update noise multiplier is set by
-        :func:`fedsim.accounting.adaptive_update_noise`.
+        :func:`fedsim.privacy.accounting.adaptive_update_noise`.
         """
 
         _next_norm: float | None = None

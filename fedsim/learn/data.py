@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import registry
-from fedsim.config import ConfigError, DataConfig
+from fedsim.core import registry
+from fedsim.core.config import ConfigError, DataConfig
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedsim import __version__, registry
-from fedsim.config import ConfigError, Experiment, load_experiment
-from fedsim.recorder import read_metrics
+from fedsim import __version__
+from fedsim.core import registry
+from fedsim.core.config import ConfigError, Experiment, load_experiment
+from fedsim.engine.recorder import read_metrics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -100,14 +101,14 @@ def check_resources(exp: Experiment) -> None:
 
 def preflight(exp: Experiment) -> None:
     """Load the data and build the model once, so that mismatches fail early."""
-    from fedsim.data import federated_data
-    from fedsim.models import build_model
+    from fedsim.learn.data import federated_data
+    from fedsim.learn.models import build_model
 
     check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed)
     if exp.privacy.mechanism != "none":
-        from fedsim.privacy import preflight as privacy_preflight
+        from fedsim.privacy.mechanisms import preflight as privacy_preflight
 
         privacy_preflight(exp, model, data)
 
@@ -175,8 +176,8 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedsim.recorder import create_run_dir
-    from fedsim.runner import simulate
+    from fedsim.engine.recorder import create_run_dir
+    from fedsim.engine.runner import simulate
 
     exp = load_experiment(args.experiment, args.overrides)
     preflight(exp)
@@ -216,7 +217,8 @@ def cmd_list(console: Console) -> int:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Comparison table of the runs, and one PNG per plot view in ``--out``."""
-    from fedsim import analysis, plots
+    from fedsim import analysis
+    from fedsim.analysis import plots
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")

@@ -18,11 +18,11 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim import registry
-from fedsim.config import Experiment, from_run_config
-from fedsim.data import FederatedData, federated_data
-from fedsim.messages import CONFIG, METRICS, PARTITION_ID, SECONDS, SERVER_ROUND
-from fedsim.training import derive_seed, resolve_device
+from fedsim.core import registry
+from fedsim.core.config import Experiment, from_run_config
+from fedsim.learn.data import FederatedData, federated_data
+from fedsim.core.messages import CONFIG, METRICS, PARTITION_ID, SECONDS, SERVER_ROUND
+from fedsim.learn.training import derive_seed, resolve_device
 
 
 class SimulatedClientFailure(RuntimeError):

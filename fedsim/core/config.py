@@ -25,7 +25,7 @@ from typing import Any
 
 import tomli_w
 
-from fedsim import registry
+from fedsim.core import registry
 
 RunConfig = dict[str, bool | int | float | str]
 

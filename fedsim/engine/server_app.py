@@ -16,15 +16,15 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim import registry
-from fedsim.config import RUN_DIR_KEY, Experiment, from_run_config
-from fedsim.data import federated_data
-from fedsim.models import build_model
-from fedsim.privacy import wrap_strategy
-from fedsim.recorder import RunRecorder, create_run_dir
-from fedsim.recording import RecordingGrid, RecordingStrategy
-from fedsim.trackers import build_sinks
-from fedsim.training import evaluate, resolve_device
+from fedsim.core import registry
+from fedsim.core.config import RUN_DIR_KEY, Experiment, from_run_config
+from fedsim.learn.data import federated_data
+from fedsim.learn.models import build_model
+from fedsim.privacy.mechanisms import wrap_strategy
+from fedsim.engine.recorder import RunRecorder, create_run_dir
+from fedsim.engine.recording import RecordingGrid, RecordingStrategy
+from fedsim.analysis.trackers import build_sinks
+from fedsim.learn.training import evaluate, resolve_device
 
 app = ServerApp()
 

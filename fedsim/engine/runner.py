@@ -31,8 +31,8 @@ import psutil
 import tomli_w
 
 from fedsim import __version__
-from fedsim.config import RUN_DIR_KEY, Experiment, to_run_config
-from fedsim.recorder import SUMMARY_FILE, write_json
+from fedsim.core.config import RUN_DIR_KEY, Experiment, to_run_config
+from fedsim.engine.recorder import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"
 STARTUP_TIMEOUT = 60.0
@@ -77,8 +77,8 @@ def write_app(app_dir: Path, exp: Experiment, run_dir: Path) -> None:
                 "app": {
                     "publisher": "fedsim",
                     "components": {
-                        "serverapp": "fedsim.server_app:app",
-                        "clientapp": "fedsim.client_app:app",
+                        "serverapp": "fedsim.engine.server_app:app",
+                        "clientapp": "fedsim.engine.client_app:app",
                     },
                     "config": config,
                 }

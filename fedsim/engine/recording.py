@@ -26,10 +26,10 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
-from fedsim.recorder import RoundFailed, RunRecorder
-from fedsim.training import derive_seed
-from fedsim.wrapping import DelegatingStrategy
+from fedsim.core.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
+from fedsim.engine.recorder import RoundFailed, RunRecorder
+from fedsim.learn.training import derive_seed
+from fedsim.protocol.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
 

@@ -70,47 +70,47 @@ STRATEGIES: Mapping[str, Entry] = {
 
 DATASETS: Mapping[str, Entry] = {
     "digits": Entry(
-        "fedsim.data:load_digits",
+        "fedsim.learn.data:load_digits",
         "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes)",
     ),
     "synthetic": Entry(
-        "fedsim.data:load_synthetic",
+        "fedsim.learn.data:load_synthetic",
         "Gaussian classification data; data.size, data.classes, data.features",
     ),
     "file": Entry(
-        "fedsim.data:load_file",
+        "fedsim.learn.data:load_file",
         "a local CSV or Parquet file at data.path; label in data.label-column",
     ),
     "hf:<name>": Entry(
-        "fedsim.data:load_hf",
+        "fedsim.learn.data:load_hf",
         "a Hugging Face dataset by name or local path (datasets.load_dataset)",
     ),
 }
 
 MODELS: Mapping[str, Entry] = {
-    "mlp": Entry("fedsim.models:build_mlp", "two-layer perceptron (any input shape)"),
+    "mlp": Entry("fedsim.learn.models:build_mlp", "two-layer perceptron (any input shape)"),
     "cnn": Entry(
-        "fedsim.models:build_cnn", "small convolutional network for image data"
+        "fedsim.learn.models:build_cnn", "small convolutional network for image data"
     ),
     "vit": Entry(
-        "fedsim.models:build_vit",
+        "fedsim.learn.models:build_vit",
         "ViT-style encoder with named q_proj/k_proj/v_proj/out_proj attention",
     ),
     "tiny-bert": Entry(
-        "fedsim.models:build_tiny_bert",
+        "fedsim.learn.models:build_tiny_bert",
         "transformers BERT from a config (random init, no download) over inputs "
         "quantized into tokens",
     ),
 }
 
 PRIVACY: Mapping[str, Entry] = {
-    "none": Entry("fedsim.privacy:NoPrivacy", "no differential privacy"),
+    "none": Entry("fedsim.privacy.mechanisms:NoPrivacy", "no differential privacy"),
     "dp-sgd": Entry(
-        "fedsim.privacy:DpSgd",
+        "fedsim.privacy.mechanisms:DpSgd",
         "sample-level DP: Opacus DP-SGD in every client, epsilon per client",
     ),
     "dp-fedavg": Entry(
-        "fedsim.privacy:DpFedAvg",
+        "fedsim.privacy.mechanisms:DpFedAvg",
         "client-level DP: server-side clipping and noise (fixed or adaptive)",
     ),
 }

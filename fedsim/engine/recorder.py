@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from fedsim.config import Experiment, to_toml
+from fedsim.core.config import Experiment, to_toml
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.parquet"

@@ -1,6 +1,6 @@
 """Read run directories and compute the common views of their round metrics.
 
-A run directory (see :mod:`fedsim.recorder`) holds ``config.toml``,
+A run directory (see :mod:`fedsim.engine.recorder`) holds ``config.toml``,
 ``metrics.parquet`` (long format: ``round``, ``client``, ``phase``, ``metric``,
 ``value``) and ``summary.json``. :func:`load_run` reads one; :func:`load_runs`
 stacks several into one long DataFrame whose extra columns label each row with
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedsim.config import ConfigError, flatten
-from fedsim.recorder import (
+from fedsim.core.config import ConfigError, flatten
+from fedsim.engine.recorder import (
     CHECKPOINTS_DIR,
     COLUMNS,
     CONFIG_FILE,

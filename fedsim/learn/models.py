@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim import registry
-from fedsim.config import ConfigError, ModelConfig
-from fedsim.data import DatasetInfo
+from fedsim.core import registry
+from fedsim.core.config import ConfigError, ModelConfig
+from fedsim.learn.data import DatasetInfo
 
 
 class MLP(nn.Module):
@@ -256,7 +256,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
     """Build the configured model with a seeded initialisation.
 
     With ``model.pretrain`` set, the weights are those of the base pre-trained
-    centrally on the public split (:mod:`fedsim.pretrain`, built once and cached
+    centrally on the public split (:mod:`fedsim.learn.pretrain`, built once and cached
     on disk), so the server and every client process start from the same base.
     """
     builder = registry.MODELS[cfg.name].load()
@@ -264,7 +264,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model: nn.Module = builder(cfg, info)
     if cfg.pretrain:
-        from fedsim.pretrain import pretrained_state
+        from fedsim.learn.pretrain import pretrained_state
 
         model.load_state_dict(pretrained_state(cfg, info, seed))
     return model

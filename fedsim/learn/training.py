@@ -18,8 +18,8 @@ from flwr.app import MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.config import Experiment, ResourcesConfig, TrainConfig
-from fedsim.data import Arrays
+from fedsim.core.config import Experiment, ResourcesConfig, TrainConfig
+from fedsim.learn.data import Arrays
 
 
 def resolve_device(cfg: ResourcesConfig) -> torch.device:
@@ -147,7 +147,7 @@ def local_fit(
     wrap them (DP-SGD) before running :func:`train_epochs`. Returns the training
     statistics and the mechanism's metrics (e.g. cumulative ``epsilon``).
     """
-    from fedsim.privacy import client_mechanism
+    from fedsim.privacy.mechanisms import client_mechanism
 
     torch.manual_seed(seed)
     loader = make_loader(train, exp.train.batch_size, seed=seed)
@@ -160,7 +160,7 @@ def local_fit(
 
 def evaluation_metrics(stats: EvalStats) -> MetricRecord:
     """The metrics of an ``evaluate`` reply (the FedAvg contract's keys)."""
-    from fedsim.messages import NUM_EXAMPLES
+    from fedsim.core.messages import NUM_EXAMPLES
 
     return MetricRecord(
         {"loss": stats.loss, "accuracy": stats.accuracy, NUM_EXAMPLES: stats.examples}

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsim.config import ConfigError, PeftConfig
+from fedsim.core.config import ConfigError, PeftConfig
 
 if TYPE_CHECKING:
     import torch
@@ -193,7 +193,7 @@ def inject_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from fedsim.training import derive_seed
+    from fedsim.learn.training import derive_seed
 
     config = LoraConfig(
         r=rank,

@@ -1,0 +1,3 @@
+"""Reading and comparing run directories (see :mod:`fedsim.analysis.runs`)."""
+
+from fedsim.analysis.runs import *  # noqa: F403

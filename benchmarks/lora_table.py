@@ -39,9 +39,9 @@ EXPERIMENTS = (
 
 def warm_cache(experiment: Path, overrides: list[str]) -> None:
     """Build (or load) the experiment's pre-trained base in this process."""
-    from fedsim.core.config import load_experiment
+    from fedsim.core.loading import load_experiment
+    from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
-    from fedsim.learn.models import build_model
 
     exp = load_experiment(experiment, overrides)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
@@ -58,7 +58,7 @@ def run(experiment: Path, overrides: list[str], out: Path) -> Path:
 
 def row(run_dir: Path) -> dict[str, str]:
     """One table row from a run directory."""
-    from fedsim.core.config import load_experiment
+    from fedsim.core.loading import load_experiment
 
     exp = load_experiment(run_dir / "config.toml")
     summary = json.loads((run_dir / "summary.json").read_text())

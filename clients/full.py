@@ -7,12 +7,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.core.config import Experiment
-from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim import privacy
+from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.learn.models import build_model
+from fedsim.core.seeding import derive_seed
+from fedsim.learn.base import build_model
+from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.training import (
-    derive_seed,
     evaluate,
     evaluation_metrics,
     local_fit,
@@ -55,6 +56,7 @@ class FullModelClient:
             seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
             device=self.device,
             state=state,
+            mechanism=privacy.client_mechanism(exp),
         )
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         metrics: dict[str, Any] = {

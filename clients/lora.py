@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.core.config import Experiment
+from fedsim import privacy
+from fedsim.core.experiment import Experiment
+from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
+from fedsim.core.seeding import derive_seed
+from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.lora import (
     adapter_state,
@@ -14,10 +18,7 @@ from fedsim.learn.lora import (
     rank_for,
     scaling_for,
 )
-from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
-from fedsim.learn.models import build_model
 from fedsim.learn.training import (
-    derive_seed,
     evaluate,
     evaluation_metrics,
     local_fit,
@@ -100,6 +101,7 @@ class LoraClient:
                 seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
                 device=self.device,
                 state=state,
+                mechanism=privacy.client_mechanism(exp),
             )
             arrays = adapter_state(self.base, self.layout)
             arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedsim.core.config import (
+from fedsim.core.loading import (
     RUN_DIR_KEY,
     load_experiment,
     reference_markdown,

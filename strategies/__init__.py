@@ -1,5 +1,10 @@
-"""Server-side algorithms. Each module names its paper and message contract.
+"""Server-side algorithms, one family per subpackage.
 
-A strategy module exposes ``build(experiment) -> Strategy`` (a Flower message-API
-strategy) and keeps its maths in module-level functions over numpy arrays.
+``strategies/<family>/__init__.py`` declares the family (a
+:class:`fedsim.core.family.Family` named ``FAMILY``, importable without torch or
+Flower) and states its paper and message contract; ``server.py`` builds the
+Flower message-API strategy from the engine's
+:class:`fedsim.protocol.setup.ServerSetup`;
+``maths.py`` keeps the aggregation rules as pure numpy functions. Families are
+registered through the ``fedsim.strategies`` entry points in ``pyproject.toml``.
 """

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,8 +108,10 @@ def reply(
     metrics: dict[str, float],
     src: int = 1,
     error: str | None = None,
+    reply_to: str = "x",
 ) -> Message:
-    """A train reply from node ``src`` as a ServerApp receives it."""
+    """A train reply from node ``src`` to message ``reply_to``, as a ServerApp
+    receives it."""
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if arrays is not None:
         content[ARRAYS] = ArrayRecord(
@@ -119,7 +122,7 @@ def reply(
         message_id="",
         src_node_id=src,
         dst_node_id=0,
-        reply_to_message_id="x",
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=0.0,
         ttl=60.0,
@@ -128,3 +131,11 @@ def reply(
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
+
+
+def strategy_for(exp: Any) -> Any:
+    """The family's server strategy for ``exp``, built as the ServerApp builds it."""
+    from fedsim.core import registry
+    from fedsim.engine.server_app import build
+
+    return registry.family(exp.strategy.name).load_server()(build(exp))

@@ -13,7 +13,7 @@ import pytest
 import tomli_w
 
 from fedsim import analysis
-from fedsim.core.config import load_experiment, to_dict, to_toml
+from fedsim.core.loading import load_experiment, to_dict, to_toml
 from fedsim.engine.recorder import metrics_frame
 
 Row = tuple[int, int | None, str, str, float]

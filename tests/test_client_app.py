@@ -16,12 +16,13 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedsim.engine import client_app
-from fedsim.core.config import load_experiment, to_run_config
-from fedsim.learn.data import federated_data
+from fedsim.core.loading import load_experiment, to_run_config
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
-from fedsim.learn.models import build_model
-from fedsim.learn.training import derive_seed, make_loader
+from fedsim.core.seeding import derive_seed
+from fedsim.engine import client_app
+from fedsim.learn.base import build_model
+from fedsim.learn.data import federated_data
+from fedsim.learn.training import make_loader
 
 OVERRIDES = ["federation.clients=4", "model.name=mlp", "train.epochs=2", "seed=7"]
 

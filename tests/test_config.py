@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.core.config import (
-    ConfigError,
-    Experiment,
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import (
     from_run_config,
     load_experiment,
     parse_override,

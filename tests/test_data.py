@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.core.config import ConfigError, DataConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import DataConfig
 from fedsim.learn.data import federated_data, load_arrays, partition_indices
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.core.config import load_experiment
+from fedsim.core.loading import load_experiment
 from fedsim.engine.recorder import create_run_dir, read_metrics
 from fedsim.engine.runner import (
     _executable,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedsim.core.config import load_experiment
+from fedsim.core.loading import load_experiment
 from fedsim.docs import with_flower_config, with_reference
 
 ROOT = Path(__file__).resolve().parents[1]

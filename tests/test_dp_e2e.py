@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedsim.privacy import accounting
-from fedsim.core.config import load_experiment
+from fedsim.core.loading import load_experiment
 from fedsim.learn.data import federated_data
+from fedsim.privacy import accounting
 from tests.conftest import SMALL, CliRun
 
 pytestmark = pytest.mark.slow

@@ -17,11 +17,12 @@ import psutil
 import pytest
 import torch
 
-from fedsim.core.config import load_experiment
-from fedsim.learn.data import federated_data
-from fedsim.learn.models import build_model
+from fedsim.core.loading import load_experiment
+from fedsim.core.seeding import derive_seed
 from fedsim.engine.recorder import read_metrics
-from fedsim.learn.training import derive_seed, evaluate
+from fedsim.learn.base import build_model
+from fedsim.learn.data import federated_data
+from fedsim.learn.training import evaluate
 from tests.conftest import SMALL, CliRun, sets
 
 pytestmark = pytest.mark.slow

@@ -17,12 +17,12 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from fedsim.core.config import load_experiment
+from fedsim.core.errors import RoundFailed
+from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
-from fedsim.engine.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
+from fedsim.engine.recorder import RunRecorder, aggregate_replies, read_metrics
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from strategies.fedavg import build
-from tests.conftest import reply
+from tests.conftest import reply, strategy_for
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -41,7 +41,7 @@ def test_fedavg_aggregate_train_matches_numpy_weighted_mean() -> None:
         reply(m, {"loss": float(i), NUM_EXAMPLES: n}, src=i + 1)
         for i, (m, n) in enumerate(zip(models, examples))
     ]
-    strategy = build(load_experiment(None, ["federation.clients=3"]))
+    strategy = strategy_for(load_experiment(None, ["federation.clients=3"]))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     p = np.array(examples, dtype=np.float64) / sum(examples)
@@ -79,6 +79,7 @@ class FakeGrid(Grid):
         self.partitions = partitions
         self.fail = fail
         self.sent: list[Message] = []
+        self.waiting: dict[str, Message] = {}
 
     def set_run(self, run: object) -> None: ...
 
@@ -93,30 +94,32 @@ class FakeGrid(Grid):
         return list(self.partitions)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise AssertionError("unused")
+        ids = []
+        for msg in messages:
+            self.sent.append(msg)
+            ids.append(f"m{len(self.sent)}")
+            self.waiting[ids[-1]] = self.answer(msg, ids[-1])
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise AssertionError("unused")
+        ready = [self.waiting.pop(i) for i in message_ids if i in self.waiting]
+        return ready[::-1]  # replies arrive in any order
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            pid = self.partitions[node]
-            if msg.metadata.message_type == MessageType.QUERY:
-                r = reply(None, {PARTITION_ID: pid}, src=node)
-            elif pid in self.fail:
-                r = reply(None, {}, src=node, error=f"boom {pid}")
-            else:
-                arrays = {"w": np.full((5, 5), float(pid), dtype=np.float32)}
-                r = reply(
-                    arrays, {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}, src=node
-                )
-            out.append(r)
-        return out[::-1]  # replies arrive in any order
+        raise AssertionError("RecordingGrid pushes and polls itself")
+
+    def answer(self, msg: Message, message_id: str) -> Message:
+        node = msg.metadata.dst_node_id
+        pid = self.partitions[node]
+        if msg.metadata.message_type == MessageType.QUERY:
+            return reply(None, {PARTITION_ID: pid}, src=node, reply_to=message_id)
+        if pid in self.fail:
+            return reply(None, {}, src=node, error=f"boom {pid}", reply_to=message_id)
+        arrays = {"w": np.full((5, 5), float(pid), dtype=np.float32)}
+        metrics = {"loss": 1.0 + pid, NUM_EXAMPLES: 10 * (pid + 1)}
+        return reply(arrays, metrics, src=node, reply_to=message_id)
 
 
 def train_messages(nodes: Iterable[int], arrays: ArrayRecord) -> list[Message]:
@@ -177,7 +180,7 @@ def test_recording_strategy_records_only_the_strategys_own_metrics(
 ) -> None:
     exp = load_experiment(None, ["federation.clients=2"])
     recorder = RunRecorder(tmp_path, exp)
-    inner = build(exp)
+    inner = strategy_for(exp)
 
     class WithError(type(inner)):  # type: ignore[misc]
         def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
@@ -231,7 +234,7 @@ def test_sampling_depends_on_the_seed_alone(tmp_path: Path) -> None:
         grid = RecordingGrid(
             FakeGrid(partitions), recorder, num_clients=10, min_replies=1
         )
-        strategy = RecordingStrategy(build(exp), recorder, seed=seed)
+        strategy = RecordingStrategy(strategy_for(exp), recorder, seed=seed)
         for _ in range(noise):
             random.random()
         arrays = ArrayRecord([np.zeros(2, np.float32)])

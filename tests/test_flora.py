@@ -15,19 +15,19 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clients.lora import LoraClient
-from fedsim.core.config import load_experiment
+from fedsim.core.loading import load_experiment
+from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import LORA_A, LORA_B
-from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.learn.models import build_model
 from strategies.flora import (
     AGGREGATION_ERROR,
-    FLoRA,
     aggregation_error,
-    build,
     exact_update,
     stack_lora,
 )
+from strategies.flora.server import FLoRA
+from tests.conftest import strategy_for
 
 MODULES = ("base_model.model.blocks.0.q_proj", "base_model.model.blocks.0.v_proj")
 
@@ -234,7 +234,7 @@ def test_flora_round_gives_the_model_carrying_the_stacked_adapter(
     base = build_model(exp.model, data.info, exp.seed)
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
 
-    strategy = build(exp)
+    strategy = strategy_for(exp)
     assert isinstance(strategy, FLoRA)
     messages = list(
         strategy.configure_train(

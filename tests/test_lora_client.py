@@ -12,10 +12,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.lora import LoraClient
-from fedsim.learn import pretrain
-from fedsim.core.config import ConfigError, PeftConfig, load_experiment
-from fedsim.learn.data import federated_data
-from fedsim.learn.lora import inject_lora, lora_layout, rank_for
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import PeftConfig
+from fedsim.core.loading import load_experiment
 from fedsim.core.messages import (
     ARRAYS,
     CONFIG,
@@ -24,8 +23,11 @@ from fedsim.core.messages import (
     METRICS,
     SERVER_ROUND,
 )
-from fedsim.learn.models import build_model
-from strategies.flora import FLoRA
+from fedsim.learn import pretrain
+from fedsim.learn.base import build_model
+from fedsim.learn.data import federated_data
+from fedsim.learn.lora import inject_lora, lora_layout, rank_for
+from strategies.flora.server import FLoRA
 
 VIT = (
     "model.name=vit",
@@ -208,7 +210,10 @@ def test_bad_targets_are_config_errors(
             "peft.method: 'none' cannot run strategy.name = 'flora'",
         ),
         (("strategy.name=fedit",), "set peft.method = 'lora'"),
-        (("peft.method=lora",), "peft.method: 'lora' needs a LoRA strategy"),
+        (
+            ("peft.method=lora",),
+            "peft.method: 'lora' cannot run strategy.name = 'fedavg'",
+        ),
         (
             ("peft.method=lora", "strategy.name=fedit", "peft.targets=[]"),
             "peft.targets",

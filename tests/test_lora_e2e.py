@@ -12,10 +12,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedsim.core.config import load_experiment
+from fedsim.core.loading import load_experiment
+from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import lora_layout, rank_for
-from fedsim.learn.models import build_model
 from strategies.flora import AGGREGATION_ERROR
 from tests.conftest import CliRun
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.core.config import ConfigError, ModelConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import ModelConfig
+from fedsim.learn.base import build_model
 from fedsim.learn.data import DatasetInfo
-from fedsim.learn.models import build_model
 
 IMAGE = DatasetInfo((1, 8, 8), 10)
 TABLE = DatasetInfo((12,), 3)

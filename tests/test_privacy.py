@@ -20,21 +20,17 @@ from flwr.app import (
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedsim.privacy import accounting
-from fedsim.privacy import mechanisms as privacy
-from fedsim.core.config import (
-    ConfigError,
-    Experiment,
-    StrategyConfig,
-    _check_consistency,
-    load_experiment,
-)
-from fedsim.learn.data import Arrays, DatasetInfo, federated_data
+from fedsim import privacy
+from fedsim.core.errors import ConfigError, RunStopped
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, NUM_EXAMPLES, PARTITION_ID
-from fedsim.learn.models import build_model
-from fedsim.engine.recorder import RunStopped
+from fedsim.learn.base import build_model
+from fedsim.learn.data import Arrays, DatasetInfo, federated_data
 from fedsim.learn.training import local_fit
-from tests.conftest import reply
+from fedsim.privacy import accounting, budget, dp_fedavg, dp_sgd
+from fedsim.privacy import base as pbase
+from tests.conftest import reply, strategy_for
 
 CPU = torch.device("cpu")
 DIGITS = DatasetInfo((1, 8, 8), 10)
@@ -69,7 +65,15 @@ def fit_rounds(
     reports = []
     for r in range(1, rounds + 1):
         model.eval()  # as federated evaluation leaves it between rounds
-        stats, extra = local_fit(model, train, exp, seed=r, device=CPU, state=state)
+        stats, extra = local_fit(
+            model,
+            train,
+            exp,
+            seed=r,
+            device=CPU,
+            state=state,
+            mechanism=privacy.client_mechanism(exp),
+        )
         reports.append({"examples": stats.examples, **extra})
     return reports
 
@@ -89,13 +93,13 @@ def test_cumulative_epsilon_equals_opacus_rdp_accountant(client_train: Arrays) -
         oracle = RDPAccountant()
         for _ in range(r * per_round):
             oracle.step(noise_multiplier=1.1, sample_rate=q)
-        assert report[privacy.EPSILON] == pytest.approx(
+        assert report[pbase.EPSILON] == pytest.approx(
             oracle.get_epsilon(exp.privacy.target_delta), abs=1e-6
         )
-        assert report[privacy.NOISE_MULTIPLIER] == 1.1
+        assert report[pbase.NOISE_MULTIPLIER] == 1.1
     # the history carried in the client's state is the accountant's own
-    assert privacy.load_history(state) == [(1.1, q, 3 * per_round)]
-    epsilons = [r[privacy.EPSILON] for r in reports]
+    assert dp_sgd.load_history(state) == [(1.1, q, 3 * per_round)]
+    epsilons = [r[pbase.EPSILON] for r in reports]
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
 
 
@@ -109,11 +113,11 @@ def test_prv_accountant_is_used_when_selected(client_train: Arrays) -> None:
     (report,) = fit_rounds(
         exp, build_model(exp.model, DIGITS, 0), client_train, 1, state
     )
-    history = privacy.load_history(state)
-    assert report[privacy.EPSILON] == pytest.approx(
+    history = dp_sgd.load_history(state)
+    assert report[pbase.EPSILON] == pytest.approx(
         accounting.epsilon(history, 1e-5, "prv"), abs=1e-6
     )
-    assert report[privacy.EPSILON] < accounting.epsilon(history, 1e-5, "rdp")
+    assert report[pbase.EPSILON] < accounting.epsilon(history, 1e-5, "rdp")
 
 
 def test_target_epsilon_calibration_spends_budget_by_the_last_round(
@@ -124,12 +128,12 @@ def test_target_epsilon_calibration_spends_budget_by_the_last_round(
     state = RecordDict()
     model = build_model(exp.model, DIGITS, 0)
     reports = fit_rounds(exp, model, client_train, exp.rounds, state)
-    assert all(privacy.DECLINED not in r for r in reports)
-    final = reports[-1][privacy.EPSILON]
+    assert all(pbase.DECLINED not in r for r in reports)
+    final = reports[-1][pbase.EPSILON]
     assert final <= target
     assert final >= 0.95 * target
     # calibrated for the whole run, not one round: round 1 spends far less
-    assert reports[0][privacy.EPSILON] < 0.8 * target
+    assert reports[0][pbase.EPSILON] < 0.8 * target
 
 
 def test_client_declines_when_next_round_exceeds_budget(client_train: Arrays) -> None:
@@ -145,13 +149,13 @@ def test_client_declines_when_next_round_exceeds_budget(client_train: Arrays) ->
     model = build_model(exp.model, DIGITS, 0)
     state = RecordDict()
     (first,) = fit_rounds(exp, model, client_train, 1, state)
-    assert first[privacy.EPSILON] == pytest.approx(one, abs=1e-9)
+    assert first[pbase.EPSILON] == pytest.approx(one, abs=1e-9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     (second,) = fit_rounds(exp, model, client_train, 1, state)
-    assert second[privacy.DECLINED] == 1.0
+    assert second[pbase.DECLINED] == 1.0
     assert second["examples"] == 0
-    assert second[privacy.EPSILON] == pytest.approx(one, abs=1e-9)
-    assert privacy.load_history(state) == [(1.0, q, per_round)]
+    assert second[pbase.EPSILON] == pytest.approx(one, abs=1e-9)
+    assert dp_sgd.load_history(state) == [(1.0, q, per_round)]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -199,9 +203,17 @@ def test_noise_free_step_sums_clipped_per_example_gradients(
     assert (norms > clip).all()  # clipping is active for every example
     assert (clipped_norms <= clip + 1e-6).all()
 
-    stats, extra = local_fit(model, train, exp, seed=0, device=CPU, state=RecordDict())
+    stats, extra = local_fit(
+        model,
+        train,
+        exp,
+        seed=0,
+        device=CPU,
+        state=RecordDict(),
+        mechanism=privacy.client_mechanism(exp),
+    )
     assert stats.examples == len(train) and stats.steps == 1
-    assert extra[privacy.EPSILON] == float("inf")  # no noise, no privacy
+    assert extra[pbase.EPSILON] == float("inf")  # no noise, no privacy
     for name, p in model.named_parameters():
         moved = params[name] - p.detach()
         expected = clipped[name].sum(0) / len(train)
@@ -243,8 +255,16 @@ def test_dp_sgd_trains_lora_adapters_of_a_peft_model(client_train: Arrays) -> No
         "lora_B" in n for n in trainable
     )
     train = client_train.subset(np.arange(96))
-    stats, extra = local_fit(model, train, exp, seed=1, device=CPU, state=RecordDict())
-    assert stats.steps > 0 and 0 < extra[privacy.EPSILON] < float("inf")
+    stats, extra = local_fit(
+        model,
+        train,
+        exp,
+        seed=1,
+        device=CPU,
+        state=RecordDict(),
+        mechanism=privacy.client_mechanism(exp),
+    )
+    assert stats.steps > 0 and 0 < extra[pbase.EPSILON] < float("inf")
     for name, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[name])
         assert changed == (name in trainable), name
@@ -279,7 +299,7 @@ def test_missing_per_example_gradient_is_caught(client_train: Arrays) -> None:
     Opacus; the guard says so instead of letting the step run. The ViT, which
     looks its embeddings up per example, trains."""
     exp = tiny_vit_experiment()
-    with pytest.raises(privacy.PerSampleGradientError, match="per-example gradient"):
+    with pytest.raises(dp_sgd.PerSampleGradientError, match="per-example gradient"):
         local_fit(
             BatchSharedEmbedding(),
             client_train,
@@ -287,10 +307,19 @@ def test_missing_per_example_gradient_is_caught(client_train: Arrays) -> None:
             seed=1,
             device=CPU,
             state=RecordDict(),
+            mechanism=privacy.client_mechanism(exp),
         )
     model = build_model(exp.model, DIGITS, 0)
     before = [p.detach().clone() for p in model.parameters()]
-    local_fit(model, client_train, exp, seed=1, device=CPU, state=RecordDict())
+    local_fit(
+        model,
+        client_train,
+        exp,
+        seed=1,
+        device=CPU,
+        state=RecordDict(),
+        mechanism=privacy.client_mechanism(exp),
+    )
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
@@ -305,8 +334,8 @@ def test_stale_optimizer_parameters_are_caught(client_train: Arrays) -> None:
         ),
         batch_size=16,
     )
-    mechanism = privacy.DpSgd(exp)
-    with pytest.raises(privacy.PerSampleGradientError, match="optimizer"):
+    mechanism = dp_sgd.DpSgd(exp)
+    with pytest.raises(dp_sgd.PerSampleGradientError, match="optimizer"):
         mechanism.fit(
             model, optimizer, loader, epochs=1, device=CPU, state=RecordDict()
         )
@@ -322,8 +351,8 @@ def test_step_that_moves_nothing_is_caught(client_train: Arrays) -> None:
         ),
         batch_size=16,
     )
-    with pytest.raises(privacy.PerSampleGradientError, match="unchanged"):
-        privacy.DpSgd(exp).fit(
+    with pytest.raises(dp_sgd.PerSampleGradientError, match="unchanged"):
+        dp_sgd.DpSgd(exp).fit(
             model, optimizer, loader, epochs=1, device=CPU, state=RecordDict()
         )
 
@@ -372,17 +401,15 @@ def test_mechanism_needs_noise_or_budget() -> None:
     experiment("privacy.mechanism=dp-fedavg", "privacy.noise-multiplier=0.8")
 
 
-@pytest.mark.parametrize("name", ["flora", "fedit", "hyperfl"])
+@pytest.mark.parametrize("name", ["flora", "fedit"])
 def test_dp_fedavg_rejects_strategies_it_cannot_clip(name: str) -> None:
-    exp = experiment("privacy.mechanism=dp-fedavg", "privacy.noise-multiplier=1.0")
-    method = "lora" if name in ("flora", "fedit") else "none"
-    exp = dataclasses.replace(
-        exp,
-        strategy=StrategyConfig(name=name),
-        peft=dataclasses.replace(exp.peft, method=method),
-    )
     with pytest.raises(ConfigError, match=f"strategy.name: '{name}' cannot run") as err:
-        _check_consistency(exp)
+        experiment(
+            "privacy.mechanism=dp-fedavg",
+            "privacy.noise-multiplier=1.0",
+            f"strategy.name={name}",
+            "peft.method=lora",
+        )
     assert "dp-sgd" in str(err.value)
 
 
@@ -422,9 +449,9 @@ def test_cli_rejects_batchnorm_before_training(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fedsim.engine import cli
-    from fedsim.learn import models
+    from fedsim.learn import base
 
-    monkeypatch.setattr(models, "build_model", lambda cfg, info, seed: BatchNormNet())
+    monkeypatch.setattr(base, "build_model", lambda cfg, info, seed: BatchNormNet())
     code = cli.main(
         [
             "run",
@@ -473,23 +500,21 @@ def test_budget_strategy_keeps_declined_replies_out_and_stops(
     task_identity: None,
 ) -> None:
     inner = Recorder()
-    strategy = privacy.PrivacyBudgetStrategy(
+    strategy = budget.PrivacyBudgetStrategy(
         inner,
         num_clients=3,
         target_epsilon=2.0,  # type: ignore[arg-type]
     )
     w = np.ones(2, dtype=np.float32)
     replies = [
-        reply({"w": w}, {NUM_EXAMPLES: 5, privacy.EPSILON: 1.5, PARTITION_ID: 0}, 1),
-        reply(
-            {"w": 3 * w}, {NUM_EXAMPLES: 5, privacy.EPSILON: 0.5, PARTITION_ID: 1}, 2
-        ),
+        reply({"w": w}, {NUM_EXAMPLES: 5, pbase.EPSILON: 1.5, PARTITION_ID: 0}, 1),
+        reply({"w": 3 * w}, {NUM_EXAMPLES: 5, pbase.EPSILON: 0.5, PARTITION_ID: 1}, 2),
         reply(
             {"w": 100 * w},
             {
                 NUM_EXAMPLES: 0,
-                privacy.EPSILON: 1.9,
-                privacy.DECLINED: 1,
+                pbase.EPSILON: 1.9,
+                pbase.DECLINED: 1,
                 PARTITION_ID: 2,
             },
             3,
@@ -499,17 +524,17 @@ def test_budget_strategy_keeps_declined_replies_out_and_stops(
     assert arrays is not None and metrics is not None
     np.testing.assert_allclose(arrays["w"].numpy(), 2 * w)  # declined one left out
     assert len(inner.seen[0]) == 2
-    assert metrics[privacy.EPSILON_MAX] == 1.9
-    assert metrics[privacy.EPSILON_MEAN] == pytest.approx((1.5 + 0.5 + 1.9) / 3)
-    assert metrics[privacy.CLIENTS_DECLINED] == 1
+    assert metrics[pbase.EPSILON_MAX] == 1.9
+    assert metrics[pbase.EPSILON_MEAN] == pytest.approx((1.5 + 0.5 + 1.9) / 3)
+    assert metrics[pbase.CLIENTS_DECLINED] == 1
     # everyone declines: the run stops cleanly with the reason
     declined = [
         reply(
             {"w": w},
             {
                 NUM_EXAMPLES: 0,
-                privacy.EPSILON: 1.9,
-                privacy.DECLINED: 1,
+                pbase.EPSILON: 1.9,
+                pbase.DECLINED: 1,
                 PARTITION_ID: i,
             },
             i + 1,
@@ -526,16 +551,14 @@ def test_dp_fedavg_server_chain_clips_averages_uniformly_and_accounts(
     """Flower's server-side fixed clipping around a uniform FedAvg: with
     negligible noise the new model is the global one plus the uniform mean of
     the updates clipped to clipping-norm (numpy oracle)."""
-    from strategies.fedavg import build
-
     exp = experiment(
         "privacy.mechanism=dp-fedavg",
         "privacy.noise-multiplier=1e-9",
         "privacy.clipping-norm=0.5",
         "federation.fraction-train=0.5",
     )
-    strategy = privacy.wrap_strategy(build(exp), exp)
-    assert isinstance(strategy, privacy.DpFedAvgAccounting)
+    strategy = privacy.wrap_strategy(strategy_for(exp), exp)
+    assert isinstance(strategy, dp_fedavg.DpFedAvgAccounting)
     rng = np.random.default_rng(0)
     current = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
     strategy.strategy.current_arrays = ArrayRecord(
@@ -552,10 +575,10 @@ def test_dp_fedavg_server_chain_clips_averages_uniformly_and_accounts(
     np.testing.assert_allclose(
         arrays["w"].numpy(), current["w"] + np.mean(clipped, axis=0), atol=1e-5
     )
-    assert metrics[privacy.EPSILON] == pytest.approx(
+    assert metrics[pbase.EPSILON] == pytest.approx(
         accounting.epsilon([(1e-9, 0.5, 1)], 1e-5), rel=1e-9
     )
-    assert metrics[privacy.CLIPPING_NORM] == 0.5
+    assert metrics[pbase.CLIPPING_NORM] == 0.5
 
 
 def test_dp_fedavg_adaptive_clipping_follows_andrew_et_al(task_identity: None) -> None:
@@ -564,8 +587,6 @@ def test_dp_fedavg_adaptive_clipping_follows_andrew_et_al(task_identity: None) -
     clipped; the accounted noise covers updates and count together."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 
-    from strategies.fedavg import build
-
     exp = experiment(
         "privacy.mechanism=dp-fedavg",
         "privacy.noise-multiplier=0.5",
@@ -573,8 +594,8 @@ def test_dp_fedavg_adaptive_clipping_follows_andrew_et_al(task_identity: None) -
         "privacy.clipped-count-stddev=1.0",
         "privacy.clipping-norm=0.1",
     )
-    strategy = privacy.wrap_strategy(build(exp), exp)
-    assert isinstance(strategy, privacy.DpFedAvgAccounting)
+    strategy = privacy.wrap_strategy(strategy_for(exp), exp)
+    assert isinstance(strategy, dp_fedavg.DpFedAvgAccounting)
     wrapper = strategy.strategy
     assert isinstance(wrapper, DifferentialPrivacyServerSideAdaptiveClipping)
     z_u = wrapper.noise_multiplier
@@ -594,18 +615,18 @@ def test_dp_fedavg_adaptive_clipping_follows_andrew_et_al(task_identity: None) -
         ]
         _, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics is not None
-        norms.append(metrics[privacy.CLIPPING_NORM])
+        norms.append(metrics[pbase.CLIPPING_NORM])
     assert norms[0] == 0.1
     assert norms[1] == pytest.approx(expected, rel=1e-9)
     assert norms[1] > 0.1
-    assert metrics[privacy.EPSILON] == pytest.approx(
+    assert metrics[pbase.EPSILON] == pytest.approx(
         accounting.epsilon([(0.5, 1.0, 2)], 1e-5), rel=1e-9
     )
 
 
 def test_dp_fedavg_accounting_per_round_and_budget_stop() -> None:
     inner = Recorder()
-    strategy = privacy.DpFedAvgAccounting(
+    strategy = dp_fedavg.DpFedAvgAccounting(
         inner,
         noise_multiplier=1.0,
         sample_rate=0.25,
@@ -618,7 +639,7 @@ def test_dp_fedavg_accounting_per_round_and_budget_stop() -> None:
         _, metrics = strategy.aggregate_train(rnd, [])
         oracle.step(noise_multiplier=1.0, sample_rate=0.25)
         assert metrics is not None
-        assert metrics[privacy.EPSILON] == pytest.approx(
+        assert metrics[pbase.EPSILON] == pytest.approx(
             oracle.get_epsilon(1e-5), abs=1e-6
         )
     with pytest.raises(RunStopped, match="privacy budget spent"):

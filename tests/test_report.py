@@ -1,4 +1,4 @@
-"""``fedsim report`` and fedsim.analysis.plots: the table, one PNG per view, live runs."""
+"""``fedsim report`` and fedsim.analysis.plots: the table, PNGs, live runs."""
 
 from __future__ import annotations
 

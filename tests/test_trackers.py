@@ -17,7 +17,8 @@ from conftest import SMALL, sets
 
 from fedsim import analysis
 from fedsim.analysis import trackers
-from fedsim.core.config import ConfigError, load_experiment
+from fedsim.core.errors import ConfigError
+from fedsim.core.loading import load_experiment
 from fedsim.engine.recorder import RoundSink, Row
 
 pytest.importorskip("tensorboard")

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedsim.core.config import ConfigError, flatten
+from fedsim.core.errors import ConfigError
+from fedsim.core.schema import flatten
 from fedsim.engine.recorder import (
     CHECKPOINTS_DIR,
     COLUMNS,

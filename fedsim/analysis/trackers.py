@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.core.config import Experiment, to_run_config, to_toml
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import to_run_config, to_toml
 from fedsim.engine.recorder import RoundSink, Row
 
 #: Folder of the TensorBoard event files inside a run directory.
@@ -157,7 +158,7 @@ class MlflowSink:
             tags={
                 "fedsim.run-dir": str(self.run_dir),
                 "fedsim.strategy": self.experiment.strategy.name,
-                "fedsim.privacy.mechanisms": self.experiment.privacy.mechanism,
+                "fedsim.privacy": self.experiment.privacy.mechanism,
             },
         )
         params = [Param(k, str(v)) for k, v in to_run_config(self.experiment).items()]

@@ -1,1 +1,2 @@
-"""core"""
+"""The lowest layer: experiment schema and loading, the registry and family
+declarations, message keys, seeding and errors. Imports neither torch nor Flower."""

@@ -1,16 +1,24 @@
-"""Registered strategies, datasets, models and privacy mechanisms.
+"""Registered strategy families, datasets, models, partitioners and privacy
+mechanisms.
 
 Entries name their implementation as ``"module:attribute"`` strings and are imported
 on first use, so that validating a config or running ``fedsim list`` never imports
-torch, Ray or Flower.
+torch, Ray or Flower. Strategy families come from the entry-point group
+``fedsim.strategies`` (see :mod:`fedsim.core.family`).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
 from typing import Any
+
+from fedsim.core.family import Family, load
+
+#: Entry-point group of strategy families (built-in ones included).
+FAMILY_GROUP = "fedsim.strategies"
 
 
 @dataclass(frozen=True)
@@ -23,50 +31,58 @@ class Entry:
         ``"module:attribute"`` of the implementation.
     summary : str
         One line shown by ``fedsim list``.
-    client : str
-        For strategies: ``"module:attribute"`` of the client algorithm that
-        matches the strategy's message contract; empty otherwise.
     """
 
     target: str
     summary: str
-    client: str = ""
 
     def load(self) -> Any:
         """Import and return the implementation."""
-        return _import(self.target)
-
-    def load_client(self) -> Any:
-        """Import and return the client algorithm of a strategy."""
-        if not self.client:
-            raise LookupError(f"{self.target} names no client algorithm")
-        return _import(self.client)
+        return load(self.target)
 
 
-def _import(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+class FamilyError(RuntimeError):
+    """An installed family declaration is broken (not a user input error)."""
 
 
-STRATEGIES: Mapping[str, Entry] = {
-    "fedavg": Entry(
-        "strategies.fedavg:build",
-        "FedAvg (McMahan et al., 2017): example-weighted average of full models",
-        client="clients.full:FullModelClient",
-    ),
-    "flora": Entry(
-        "strategies.flora:build",
-        "FLoRA (Wang et al., 2024): stacks heterogeneous-rank LoRA adapters, "
-        "merges them into the base",
-        client="clients.lora:LoraClient",
-    ),
-    "fedit": Entry(
-        "strategies.fedit:build",
-        "FedIT (Zhang et al., 2024): averages LoRA A and B separately "
-        "(zero-padded ranks)",
-        client="clients.lora:LoraClient",
-    ),
-}
+@cache
+def families() -> dict[str, Family]:
+    """Every strategy family, by name, from the ``fedsim.strategies`` entry points.
+
+    Raises
+    ------
+    FamilyError
+        An entry point that does not load a Family of its own name, or two
+        packages declaring the same name.
+    """
+    found: dict[str, Family] = {}
+    origin: dict[str, str] = {}
+    for ep in sorted(metadata.entry_points(group=FAMILY_GROUP), key=lambda e: e.name):
+        loaded = ep.load()
+        declared = [loaded] if isinstance(loaded, Family) else list(_iterable(loaded))
+        mine = [f for f in declared if isinstance(f, Family) and f.name == ep.name]
+        if len(mine) != 1:
+            raise FamilyError(
+                f"entry point {ep.name!r} = {ep.value!r} in group {FAMILY_GROUP!r} "
+                f"must load a fedsim Family named {ep.name!r}"
+            )
+        if ep.name in found and origin[ep.name] != ep.value:
+            raise FamilyError(
+                f"strategy family {ep.name!r} is declared twice: {origin[ep.name]!r} "
+                f"and {ep.value!r}"
+            )
+        found[ep.name], origin[ep.name] = mine[0], ep.value
+    return found
+
+
+def _iterable(obj: Any) -> Iterable[Any]:
+    return obj if isinstance(obj, (list, tuple)) else ()
+
+
+def family(name: str) -> Family:
+    """The family registered as ``name`` (KeyError if none)."""
+    return families()[name]
+
 
 DATASETS: Mapping[str, Entry] = {
     "digits": Entry(
@@ -88,7 +104,9 @@ DATASETS: Mapping[str, Entry] = {
 }
 
 MODELS: Mapping[str, Entry] = {
-    "mlp": Entry("fedsim.learn.models:build_mlp", "two-layer perceptron (any input shape)"),
+    "mlp": Entry(
+        "fedsim.learn.models:build_mlp", "two-layer perceptron (any input shape)"
+    ),
     "cnn": Entry(
         "fedsim.learn.models:build_cnn", "small convolutional network for image data"
     ),
@@ -104,13 +122,13 @@ MODELS: Mapping[str, Entry] = {
 }
 
 PRIVACY: Mapping[str, Entry] = {
-    "none": Entry("fedsim.privacy.mechanisms:NoPrivacy", "no differential privacy"),
+    "none": Entry("fedsim.privacy.base:NoPrivacy", "no differential privacy"),
     "dp-sgd": Entry(
-        "fedsim.privacy.mechanisms:DpSgd",
+        "fedsim.privacy.dp_sgd:DpSgd",
         "sample-level DP: Opacus DP-SGD in every client, epsilon per client",
     ),
     "dp-fedavg": Entry(
-        "fedsim.privacy.mechanisms:DpFedAvg",
+        "fedsim.privacy.dp_fedavg:DpFedAvg",
         "client-level DP: server-side clipping and noise (fixed or adaptive)",
     ),
 }

@@ -1,1 +1,1 @@
-"""engine"""
+"""The run: CLI, runner, Flower ServerApp and ClientApp, round driver, recording."""

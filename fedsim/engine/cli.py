@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from rich.table import Table
 
 from fedsim import __version__
 from fedsim.core import registry
-from fedsim.core.config import ConfigError, Experiment, load_experiment
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import load_experiment
 from fedsim.engine.recorder import read_metrics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -100,24 +102,26 @@ def check_resources(exp: Experiment) -> None:
 
 
 def preflight(exp: Experiment) -> None:
-    """Load the data and build the model once, so that mismatches fail early."""
+    """Every pre-run check, before anything is written: resources, the data and
+    the model built once, the family's own check (e.g. LoRA targets), the
+    privacy mechanism's."""
+    from fedsim import privacy
+    from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
-    from fedsim.learn.models import build_model
 
     check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed)
-    if exp.privacy.mechanism != "none":
-        from fedsim.privacy.mechanisms import preflight as privacy_preflight
-
-        privacy_preflight(exp, model, data)
+    registry.family(exp.strategy.name).run_check(exp, model, data)
+    privacy.preflight(exp, model, data)
 
 
 class Progress:
     """Round i/N, latest server accuracy and elapsed time, read from the run dir."""
 
-    def __init__(self, console: Console, run_dir: Path, rounds: int):
+    def __init__(self, console: Console, run_dir: Path, rounds: int, *, headline: str):
         self.console = console
+        self.headline = headline
         self.run_dir = run_dir
         self.rounds = rounds
         self.start = time.monotonic()
@@ -130,10 +134,11 @@ class Progress:
         frame = read_metrics(self.run_dir)
         if frame is None:
             return
-        server = frame[(frame["phase"] == "server") & frame["client"].isna()]
-        rounds = sorted(int(r) for r in server["round"].unique())
+        closed = frame[(frame["phase"] == "server") & frame["client"].isna()]
+        shown = frame[(frame["phase"] == self.headline) & frame["client"].isna()]
+        rounds = sorted(int(r) for r in closed["round"].unique())
         for rnd in [r for r in rounds if r > self.done]:
-            rows = server[server["round"] == rnd].set_index("metric")["value"]
+            rows = shown[shown["round"] == rnd].set_index("metric")["value"]
             nan = float("nan")
             line = (
                 f"round {rnd:>3}/{self.rounds}"
@@ -157,11 +162,12 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_column("field")
     table.add_column("value", justify="right")
     final = summary.get("final", {})
+    headline = summary.get("headline", "server")
     rows = [
         ("status", str(summary.get("status"))),
         ("rounds", f"{summary.get('rounds_completed')}/{summary.get('rounds')}"),
-        ("server accuracy", _fmt(final.get("accuracy"))),
-        ("server loss", _fmt(final.get("loss"))),
+        (f"{_HEADLINE[headline]} accuracy", _fmt(final.get("accuracy"))),
+        (f"{_HEADLINE[headline]} loss", _fmt(final.get("loss"))),
         ("federated accuracy", _fmt(final.get("evaluate_accuracy"))),
         ("client failures", str(summary.get("failures", 0))),
         ("wall time", f"{summary.get('wall_seconds') or 0:.1f} s"),
@@ -169,6 +175,10 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+#: How the summary table names the headline accuracy and loss.
+_HEADLINE = {"server": "server", "evaluate": "clients' local"}
 
 
 def _fmt(value: Any) -> str:
@@ -183,7 +193,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     preflight(exp)
     run_dir = create_run_dir(Path(args.out).resolve(), exp)
     console.print(f"run directory: {run_dir}")
-    progress = Progress(console, run_dir, exp.rounds)
+    headline = (
+        "server" if registry.family(exp.strategy.name).global_model else "evaluate"
+    )
+    progress = Progress(console, run_dir, exp.rounds, headline=headline)
     try:
         outcome = simulate(exp, run_dir, on_poll=progress.poll)
     finally:
@@ -198,8 +211,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_list(console: Console) -> int:
-    sections = [
-        ("strategies", registry.STRATEGIES),
+    sections: list[tuple[str, Mapping[str, Any]]] = [
+        ("strategies", registry.families()),
         ("datasets", registry.DATASETS),
         ("partitioners", registry.PARTITIONERS),
         ("models", registry.MODELS),
@@ -259,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args, console)
         return cmd_run(args, console)
-    except ConfigError as err:
+    except (ConfigError, registry.FamilyError) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,8 +1,11 @@
-"""The Flower ClientApp: routes messages to the strategy's client algorithm.
+"""The Flower ClientApp: routes messages to the family's client algorithm.
 
-Everything heavy (experiment parsing, the dataset and its partitions, the client
-algorithm with its model) is built once per client process and cached, so a Ray
-actor that simulates many clients over many rounds builds it once.
+``train`` and ``evaluate`` go to the algorithm's methods of those names; a
+family's custom action ``train.<action>`` (declared in ``Family.actions``) to
+its method ``<action>``. Everything heavy (experiment parsing, the dataset and
+its partitions, the client algorithm with its model) is built once per client
+process and cached, so a Ray actor that simulates many clients over many rounds
+builds it once.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.core import registry
-from fedsim.core.config import Experiment, from_run_config
-from fedsim.learn.data import FederatedData, federated_data
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import from_run_config
 from fedsim.core.messages import CONFIG, METRICS, PARTITION_ID, SECONDS, SERVER_ROUND
-from fedsim.learn.training import derive_seed, resolve_device
+from fedsim.core.seeding import derive_seed
+from fedsim.learn.data import FederatedData, federated_data
+from fedsim.learn.device import resolve_device
 
 
 class SimulatedClientFailure(RuntimeError):
@@ -44,9 +49,7 @@ def _runtime(items: tuple[tuple[str, Any], ...]) -> ClientRuntime:
     torch.set_num_threads(exp.resources.num_cpus)
     device = resolve_device(exp.resources)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    algorithm = registry.STRATEGIES[exp.strategy.name].load_client()(
-        exp, data.info, device
-    )
+    algorithm = registry.family(exp.strategy.name).load_client()(exp, data.info, device)
     return ClientRuntime(exp, data, algorithm)
 
 
@@ -80,20 +83,31 @@ def maybe_fail(exp: Experiment, server_round: int, pid: int) -> None:
 app = ClientApp()
 
 
-def _handle(msg: Message, context: Context, method: str) -> Message:
+def _handle(msg: Message, context: Context) -> Message:
     rt = runtime(context.run_config)
     pid = partition_id(context)
-    server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])  # type: ignore[arg-type]
-    if method == "train":
+    category, _, action = msg.metadata.message_type.partition(".")
+    config = msg.content.config_records.get(CONFIG)
+    server_round = int(config[SERVER_ROUND]) if config else 0  # type: ignore[arg-type]
+    if action:
+        declared = registry.family(rt.experiment.strategy.name).actions
+        if action not in declared:
+            raise ValueError(
+                f"strategy {rt.experiment.strategy.name!r} declares no client action "
+                f"{action!r} (declared: {', '.join(declared) or 'none'})"
+            )
+    if category == MessageType.TRAIN and not action:
         maybe_fail(rt.experiment, server_round, pid)
     start = time.perf_counter()
-    reply: RecordDict = getattr(rt.algorithm, method)(
+    reply: RecordDict = getattr(rt.algorithm, action or category)(
         msg.content,
         rt.data.client(pid),
         server_round=server_round,
         state=context.state,
     )
-    metrics = reply.metric_records[METRICS]
+    metrics = reply.metric_records.get(METRICS)
+    if metrics is None:
+        metrics = reply[METRICS] = MetricRecord()
     metrics[SECONDS] = time.perf_counter() - start
     metrics[PARTITION_ID] = pid
     return Message(reply, reply_to=msg)
@@ -101,14 +115,24 @@ def _handle(msg: Message, context: Context, method: str) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training with the strategy's client algorithm."""
-    return _handle(msg, context, "train")
+    """Local training with the family's client algorithm."""
+    return _handle(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation on the client's local test split."""
-    return _handle(msg, context, "evaluate")
+    return _handle(msg, context)
+
+
+def _register_actions() -> None:
+    """Route every declared custom action (``train.<action>``) to ``_handle``."""
+    actions = {a for family in registry.families().values() for a in family.actions}
+    for action in sorted(actions):
+        app.train(action)(_handle)
+
+
+_register_actions()
 
 
 @app.query()

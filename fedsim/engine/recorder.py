@@ -29,7 +29,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from fedsim.core.config import Experiment, to_toml
+from fedsim.core.errors import RoundFailed, RunStopped
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import to_toml
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.parquet"
@@ -40,16 +42,10 @@ COLUMNS = ("round", "client", "phase", "metric", "value")
 
 #: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
 SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
+#: Per-client metrics summed over the exchanges of a round (one row per metric
+#: per (round, client, phase), whatever the number of exchanges).
+ADDITIVE = frozenset({"bytes-up", "bytes-down", "seconds"})
 _VERSIONED = ("fedsim", "flwr", "torch", "ray", "numpy", "pandas", "opacus", "peft")
-
-
-class RoundFailed(RuntimeError):
-    """A round could not complete (e.g. too few successful replies)."""
-
-
-class RunStopped(Exception):
-    """The run ends early but cleanly (e.g. every client's privacy budget is
-    spent); the message is the reason recorded in ``summary.json``."""
 
 
 def versions() -> dict[str, str]:
@@ -148,15 +144,21 @@ class RunRecorder:
     """
 
     def __init__(
-        self, run_dir: Path, experiment: Experiment, sinks: Sequence[RoundSink] = ()
+        self,
+        run_dir: Path,
+        experiment: Experiment,
+        sinks: Sequence[RoundSink] = (),
+        *,
+        headline: str = "server",
     ):
         self.run_dir = run_dir
         self.experiment = experiment
         self.sinks = list(sinks)
         self._sent = 0  # rows already given to the sinks
         self.rows: list[tuple[int, int | None, str, str, float]] = []
-        self._pending: dict[tuple[int, str], list[tuple[int, dict[str, float]]]] = (
-            defaultdict(list)
+        self.headline = headline
+        self._pending: dict[tuple[int, str], dict[int, dict[str, float]]] = defaultdict(
+            dict
         )
         self._phase_seconds: dict[tuple[int, str], float] = {}
         self._strategy: dict[tuple[int, str], dict[str, float]] = {}
@@ -170,6 +172,7 @@ class RunRecorder:
             "reason": None,
             "seed": experiment.seed,
             "strategy": experiment.strategy.name,
+            "headline": headline,
             "rounds": experiment.rounds,
             "rounds_completed": 0,
             "started_at": datetime.now(UTC).isoformat(),
@@ -189,9 +192,21 @@ class RunRecorder:
     def client(
         self, server_round: int, phase: str, client: int, metrics: Mapping[str, float]
     ) -> None:
-        """Record one client's reply metrics for a phase of a round."""
-        values = {k: float(v) for k, v in metrics.items()}
-        self._pending[(server_round, phase)].append((client, values))
+        """Record one client's reply metrics for a phase of a round.
+
+        A client that answers several exchanges in a phase of a round keeps one
+        row per metric: :data:`ADDITIVE` metrics are summed, others take the
+        latest value.
+        """
+        self._merge(server_round, phase, client, metrics)
+
+    def _merge(
+        self, server_round: int, phase: str, client: int, metrics: Mapping[str, float]
+    ) -> None:
+        held = self._pending[(server_round, phase)].setdefault(client, {})
+        for name, value in metrics.items():
+            value = float(value)
+            held[name] = held.get(name, 0.0) + value if name in ADDITIVE else value
 
     def failure(
         self,
@@ -203,9 +218,7 @@ class RunRecorder:
     ) -> None:
         """Record that a client failed a phase of a round (``metrics``: e.g. bytes
         that were sent to it all the same)."""
-        values = {k: float(v) for k, v in (metrics or {}).items()}
-        values["failed"] = 1.0
-        self._pending[(server_round, phase)].append((client, values))
+        self._merge(server_round, phase, client, {**(metrics or {}), "failed": 1.0})
         self.failures.append(
             {"round": server_round, "client": client, "phase": phase, "reason": reason}
         )
@@ -217,8 +230,10 @@ class RunRecorder:
         self._strategy[(server_round, phase)] = dict(metrics)
 
     def phase_seconds(self, server_round: int, phase: str, seconds: float) -> None:
-        """Wall-clock seconds the server waited for a phase's replies."""
-        self._phase_seconds[(server_round, phase)] = seconds
+        """Wall-clock seconds the server waited for a phase's replies (summed
+        over the phase's exchanges in the round)."""
+        key = (server_round, phase)
+        self._phase_seconds[key] = self._phase_seconds.get(key, 0.0) + seconds
 
     def server(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Record server-side metrics of the global model after a round."""
@@ -246,7 +261,7 @@ class RunRecorder:
         """
         keys = {*self._pending, *self._strategy, *self._phase_seconds}
         for rnd, phase in sorted(k for k in keys if k[0] <= server_round):
-            replies = sorted(self._pending.pop((rnd, phase), []), key=lambda r: r[0])
+            replies = sorted(self._pending.pop((rnd, phase), {}).items())
             for client, values in replies:
                 for name, value in values.items():
                     self.rows.append((rnd, client, phase, name, value))
@@ -305,19 +320,17 @@ class RunRecorder:
             self.finish("completed")
 
     def _final(self) -> dict[str, float]:
+        """Latest ``accuracy``/``loss`` of the headline phase (``server``: the
+        global model on the held-out test set; ``evaluate``: the clients' local
+        evaluation, for families without a global model) and the latest
+        ``evaluate_accuracy``/``evaluate_loss``."""
         final: dict[str, float] = {}
         for _, client, phase, name, value in self.rows:
-            if (
-                client is None
-                and phase in ("server", "evaluate")
-                and name
-                in (
-                    "accuracy",
-                    "loss",
-                )
-            ):
-                key = name if phase == "server" else f"evaluate_{name}"
-                final[key] = value
+            if client is None and name in ("accuracy", "loss"):
+                if phase == self.headline:
+                    final[name] = value
+                if phase == "evaluate":
+                    final[f"evaluate_{name}"] = value
         return final
 
     def _write_summary(self) -> None:

@@ -26,9 +26,16 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.core.messages import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND
-from fedsim.engine.recorder import RoundFailed, RunRecorder
-from fedsim.learn.training import derive_seed
+from fedsim.core.errors import RoundFailed
+from fedsim.core.messages import (
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SERVER_ROUND,
+)
+from fedsim.core.seeding import derive_seed
+from fedsim.engine.recorder import RunRecorder
 from fedsim.protocol.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
@@ -70,6 +77,9 @@ class RecordingGrid(Grid):
         self.num_clients = num_clients
         self.min_replies = min_replies
         self.connect_timeout = connect_timeout
+        #: The round being run (set by the round driver); messages without a
+        #: ``server-round`` in their config are recorded under it.
+        self.server_round = 0
         self._partition_of: dict[int, int] = {}
 
     # -- delegation ------------------------------------------------------------
@@ -120,7 +130,7 @@ class RecordingGrid(Grid):
             for node in nodes
         ]
         found: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
+        for reply in self._send_and_wait(messages, timeout=self.connect_timeout):
             if reply.has_error():
                 raise RoundFailed(
                     f"node {reply.metadata.src_node_id} did not report its partition: "
@@ -138,6 +148,40 @@ class RecordingGrid(Grid):
         """Node ids ordered by partition id (stable across runs)."""
         return sorted(self.partitions(), key=self.partitions().__getitem__)
 
+    # -- sending ---------------------------------------------------------------
+    #: First and largest pause between two polls for replies (seconds).
+    POLL_FIRST = 0.001
+    POLL_MAX = 0.05
+
+    def _send_and_wait(
+        self, messages: list[Message], *, timeout: float | None
+    ) -> list[Message]:
+        """Push ``messages`` and poll for their replies until all arrived or
+        ``timeout`` passed.
+
+        Flower's grids pause 0.1 s (simulation) to 3 s between polls; an exchange
+        here costs what the runtime needs: the pause starts at 1 ms and grows
+        1.5x per empty poll up to 50 ms, back to 1 ms whenever a reply arrives.
+        """
+        pending = {i for i in self.grid.push_messages(messages) if i is not None}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        pause = self.POLL_FIRST
+        while pending:
+            arrived = list(self.grid.pull_messages(pending))
+            if arrived:
+                replies.extend(arrived)
+                pending.difference_update(
+                    m.metadata.reply_to_message_id for m in arrived
+                )
+                pause = self.POLL_FIRST
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 1.5, self.POLL_MAX)
+        return replies
+
     # -- recording -------------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -148,11 +192,21 @@ class RecordingGrid(Grid):
             return []
         partition_of = self.partitions()
         first = messages[0]
-        phase = first.metadata.message_type
-        server_round = int(first.content[CONFIG][SERVER_ROUND])  # type: ignore[arg-type]
+        # ``train.<action>`` exchanges are recorded under the ``train`` phase
+        phase = first.metadata.message_type.split(".")[0]
+        config = first.content.config_records.get(CONFIG)
+        server_round = (
+            int(config[SERVER_ROUND])
+            if config and SERVER_ROUND in config
+            else self.server_round
+        )  # type: ignore[arg-type]
         down = {m.metadata.dst_node_id: array_bytes(m.content) for m in messages}
+        if len(down) < len(messages):
+            raise ValueError(
+                "one message per node per exchange: a node was sent two messages"
+            )
         start = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self._send_and_wait(messages, timeout=timeout)
         self.recorder.phase_seconds(server_round, phase, time.perf_counter() - start)
         ok = 0
         for reply in replies:

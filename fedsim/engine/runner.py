@@ -31,7 +31,8 @@ import psutil
 import tomli_w
 
 from fedsim import __version__
-from fedsim.core.config import RUN_DIR_KEY, Experiment, to_run_config
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import RUN_DIR_KEY, to_run_config
 from fedsim.engine.recorder import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"

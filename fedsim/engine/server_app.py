@@ -1,30 +1,35 @@
-"""The Flower ServerApp: builds the strategy from config and drives the rounds.
+"""The Flower ServerApp: builds once, hands the build to the family, drives rounds.
 
-Rounds run through :class:`fedsim.grid.RecordingGrid`, which records per-client
-metrics and bytes; server-side evaluation of the global model on the held-out test
-set closes each round and makes the recorder write the run directory.
+The engine builds the data, the model and the initial arrays once
+(:class:`fedsim.protocol.setup.ServerSetup`), the family's server side builds its
+strategy from them, privacy wraps it, recording wraps that, and
+:class:`fedsim.engine.rounds.RoundDriver` runs and closes every round through
+:class:`fedsim.engine.recording.RecordingGrid`.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim import privacy
+from fedsim.analysis.trackers import build_sinks
 from fedsim.core import registry
-from fedsim.core.config import RUN_DIR_KEY, Experiment, from_run_config
-from fedsim.learn.data import federated_data
-from fedsim.learn.models import build_model
-from fedsim.privacy.mechanisms import wrap_strategy
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import RUN_DIR_KEY, from_run_config
 from fedsim.engine.recorder import RunRecorder, create_run_dir
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from fedsim.analysis.trackers import build_sinks
-from fedsim.learn.training import evaluate, resolve_device
+from fedsim.engine.rounds import RoundDriver
+from fedsim.learn.base import build_model
+from fedsim.learn.data import federated_data
+from fedsim.learn.device import resolve_device
+from fedsim.learn.training import evaluate
+from fedsim.protocol.setup import ServerSetup
 
 app = ServerApp()
 
@@ -35,8 +40,8 @@ def run_dir_for(run_config: dict, exp: Experiment) -> Path:
     return Path(given) if given else create_run_dir(Path("runs").resolve(), exp)
 
 
-def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
-    """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``."""
+def build(exp: Experiment) -> ServerSetup:
+    """Data, model and initial arrays, built once for the whole run."""
     random.seed(exp.seed)
     np.random.seed(exp.seed % 2**32)
     torch.set_num_threads(1)
@@ -44,29 +49,33 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed).to(device)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    strategy = wrap_strategy(registry.STRATEGIES[exp.strategy.name].load()(exp), exp)
+    return ServerSetup(exp, data, model, initial, device)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        stats = evaluate(model, data.test, device=device)
-        metrics: dict[str, Any] = {"loss": stats.loss, "accuracy": stats.accuracy}
-        recorder.server(server_round, metrics)
-        recorder.checkpoint(server_round, {k: a.numpy() for k, a in arrays.items()})
-        recorder.end_round(server_round)
-        return MetricRecord(metrics)
 
-    RecordingStrategy(strategy, recorder, seed=exp.seed).start(
-        grid=RecordingGrid(
+def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
+    """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``."""
+    family = registry.family(exp.strategy.name)
+    setup = build(exp)
+    strategy = privacy.wrap_strategy(family.load_server()(setup), exp)
+
+    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        setup.model.load_state_dict(arrays.to_torch_state_dict())
+        stats = evaluate(setup.model, setup.data.test, device=setup.device)
+        return {"loss": stats.loss, "accuracy": stats.accuracy}
+
+    RoundDriver(
+        RecordingStrategy(strategy, recorder, seed=exp.seed),
+        RecordingGrid(
             grid,
             recorder,
             num_clients=exp.federation.clients,
             min_replies=exp.federation.min_replies,
         ),
-        initial_arrays=initial,
-        num_rounds=exp.rounds,
+        recorder,
+        evaluate=evaluate_global if family.global_model else None,
+        rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
-        evaluate_fn=evaluate_global,
-    )
+    ).run(setup.initial if family.global_model else None)
 
 
 @app.main()
@@ -74,6 +83,11 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's Grid and Context."""
     exp = from_run_config(context.run_config)
     run_dir = run_dir_for(dict(context.run_config), exp)
-    recorder = RunRecorder(run_dir, exp, sinks=build_sinks(exp, run_dir))
+    headline = (
+        "server" if registry.family(exp.strategy.name).global_model else "evaluate"
+    )
+    recorder = RunRecorder(
+        run_dir, exp, sinks=build_sinks(exp, run_dir), headline=headline
+    )
     with recorder.recording():
         run(grid, exp, recorder)

@@ -1,1 +1,1 @@
-"""learn"""
+"""Local learning: data, models, central pre-training, the training loop, LoRA."""

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from fedsim.core import registry
-from fedsim.core.config import ConfigError, DataConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import DataConfig
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsim.core.config import ConfigError, PeftConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import PeftConfig
+from fedsim.core.seeding import derive_seed
 
 if TYPE_CHECKING:
     import torch
@@ -172,6 +174,12 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
     return LoraLayout(tuple(adapted), tuple(trained))
 
 
+def check_layout(experiment: Any, model: nn.Module, data: Any) -> None:
+    """A LoRA family's pre-run check: ``peft.targets`` and ``peft.modules-to-save``
+    resolve on the model (raises ConfigError naming the key)."""
+    lora_layout(model, experiment.peft)
+
+
 def inject_lora(
     model: nn.Module,
     peft: PeftConfig,
@@ -192,8 +200,6 @@ def inject_lora(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from fedsim.learn.training import derive_seed
 
     config = LoraConfig(
         r=rank,

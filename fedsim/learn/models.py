@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.core import registry
-from fedsim.core.config import ConfigError, ModelConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import ModelConfig
 from fedsim.learn.data import DatasetInfo
 
 
@@ -252,19 +253,11 @@ def build_tiny_bert(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     )
 
 
-def build_model(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
-    """Build the configured model with a seeded initialisation.
-
-    With ``model.pretrain`` set, the weights are those of the base pre-trained
-    centrally on the public split (:mod:`fedsim.learn.pretrain`, built once and cached
-    on disk), so the server and every client process start from the same base.
-    """
+def build_architecture(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
+    """The configured architecture with its seeded initialisation (no
+    pre-trained weights: :func:`fedsim.learn.base.build_model` adds those)."""
     builder = registry.MODELS[cfg.name].load()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model: nn.Module = builder(cfg, info)
-    if cfg.pretrain:
-        from fedsim.learn.pretrain import pretrained_state
-
-        model.load_state_dict(pretrained_state(cfg, info, seed))
     return model

@@ -7,10 +7,10 @@ private, non-IID partitions.
 
 The public split is the data set's examples of ``model.pretrain-classes`` (all
 classes when empty) outside the global test set, which is drawn exactly as
-:func:`fedsim.learn.data.federated_data` draws it for the run's seed and the default data
-settings; :func:`fedsim.core.config.load_experiment` refuses an experiment whose own
-data settings would draw a different test set from the same data set, so no test
-example is ever pre-trained on. The public examples may also lie in client
+:func:`fedsim.learn.data.federated_data` draws it for the run's seed and the
+default data settings; :func:`fedsim.core.loading.load_experiment` refuses an
+experiment whose own data settings would draw a different test set from the
+same data set, so no test example is ever pre-trained on. The public examples may also lie in client
 partitions: public data is, by definition, available to everyone.
 
 The trained state dict is cached under ``<cache>/pretrain/`` (``FEDSIM_CACHE``,
@@ -34,9 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.core.config import ConfigError, DataConfig, ModelConfig
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import DataConfig, ModelConfig
+from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import Arrays, DatasetInfo, cache_dir, federated_data
-from fedsim.learn.training import derive_seed, make_loader, train_epochs
+from fedsim.learn.models import build_architecture
+from fedsim.learn.training import make_loader, train_epochs
 
 #: Bump when pre-training changes, so that old cached bases are not reused.
 RECIPE_VERSION = 1
@@ -103,8 +106,8 @@ def cache_path(cfg: ModelConfig, info: DatasetInfo, seed: int) -> Path:
 def pretrain(cfg: ModelConfig, info: DatasetInfo, seed: int) -> dict[str, torch.Tensor]:
     """Train the base of ``cfg`` centrally on its public split (no caching).
 
-    The model starts from :func:`fedsim.learn.models.build_model`'s seeded init of the
-    same architecture and trains every parameter with Adam for
+    The model starts from :func:`fedsim.learn.models.build_architecture`'s seeded
+    init of the same architecture and trains every parameter with Adam for
     ``cfg.pretrain_epochs`` epochs, on CPU, with seeded shuffling.
 
     Returns
@@ -112,10 +115,7 @@ def pretrain(cfg: ModelConfig, info: DatasetInfo, seed: int) -> dict[str, torch.
     dict of str to Tensor
         The trained state dict.
     """
-    from fedsim.learn.models import build_model
-
-    plain = dataclasses.replace(cfg, pretrain="", pretrain_classes=())
-    model = build_model(plain, info, seed)
+    model = build_architecture(cfg, info, seed)
     public = public_split(cfg, info, seed)
     run_seed = derive_seed(seed, "pretrain")
     with torch.random.fork_rng(devices=[]):

@@ -1,15 +1,18 @@
-"""The local training loop and evaluation, shared by every client algorithm.
+"""The one local training loop, evaluation, and the helpers around them.
 
-A client algorithm builds the model, optimizer and data loader (possibly wrapped,
-e.g. by Opacus) and hands them to :func:`train_epochs`; nothing here knows which
-algorithm or privacy mechanism is running.
+Every client algorithm trains through :func:`train_epochs`: full-model training,
+LoRA adapters and DP-SGD alike. What differs is passed in: the loss
+(``loss(model, x, y)``, cross-entropy by default), and :class:`TrainHooks` that
+a privacy mechanism overrides (DP-SGD: a noise-only step on an empty Poisson
+batch, guards around the first step). Nothing here knows which algorithm or
+privacy mechanism is running.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,25 +21,17 @@ from flwr.app import MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.core.config import Experiment, ResourcesConfig, TrainConfig
+from fedsim.core.experiment import Experiment, TrainConfig
+from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.learn.data import Arrays
 
-
-def resolve_device(cfg: ResourcesConfig) -> torch.device:
-    """The one place that picks the torch device of a process."""
-    if cfg.device == "cuda" or (cfg.device == "auto" and cfg.num_gpus > 0):
-        if not torch.cuda.is_available():
-            if cfg.device == "cuda":
-                raise RuntimeError("resources.device = 'cuda' but CUDA is unavailable")
-            return torch.device("cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
+#: ``loss(model, x, y)``: the mean loss of a batch, to minimise.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any parts (run seed, round, partition id...)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross-entropy of the model's logits."""
+    return F.cross_entropy(model(x), y)
 
 
 def tensors(arrays: Arrays) -> TensorDataset:
@@ -64,11 +59,30 @@ def make_optimizer(
 
 @dataclass(frozen=True)
 class TrainStats:
-    """Mean training loss over all examples seen, and how many were seen."""
+    """Mean training loss over all examples seen, how many were seen, and how
+    many optimizer steps were taken."""
 
     loss: float
     examples: int
     steps: int
+
+
+class TrainHooks:
+    """Extension points of :func:`train_epochs`; the defaults train plainly."""
+
+    def empty_batch(self, optimizer: torch.optim.Optimizer) -> bool:
+        """A batch without examples (Poisson sampling can draw one). Return
+        True if it was a step (DP-SGD: noise only); the default skips it."""
+        return False
+
+    def before_step(self, batch_size: int) -> None:
+        """After the backward pass, before ``optimizer.step()``."""
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``."""
+
+
+_PLAIN = TrainHooks()
 
 
 def train_epochs(
@@ -78,20 +92,25 @@ def train_epochs(
     *,
     epochs: int,
     device: torch.device,
+    loss: LossFn = cross_entropy,
+    hooks: TrainHooks = _PLAIN,
 ) -> TrainStats:
-    """Run ``epochs`` passes of cross-entropy SGD over ``loader``."""
+    """Run ``epochs`` passes of ``loss`` minimisation over ``loader``."""
     model.train()
     total, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch
+            optimizer.zero_grad(set_to_none=True)
+            if len(y) == 0:
+                steps += int(hooks.empty_batch(optimizer))
                 continue
             x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            value = loss(model, x, y)
+            value.backward()
+            hooks.before_step(len(y))
             optimizer.step()
-            total += float(loss.detach()) * len(y)
+            hooks.after_step()
+            total += float(value.detach()) * len(y)
             seen += len(y)
             steps += 1
     return TrainStats(total / max(seen, 1), seen, steps)
@@ -131,6 +150,22 @@ def evaluate(
     return EvalStats(loss / n, correct / n, n)
 
 
+class Mechanism(Protocol):
+    """What runs the local epochs (a privacy mechanism's client side)."""
+
+    def fit(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        *,
+        epochs: int,
+        device: torch.device,
+        state: RecordDict,
+        loss: LossFn = ...,
+    ) -> tuple[TrainStats, dict[str, float]]: ...
+
+
 def local_fit(
     model: nn.Module,
     train: Arrays,
@@ -139,29 +174,33 @@ def local_fit(
     seed: int,
     device: torch.device,
     state: RecordDict,
+    mechanism: Mechanism,
+    loss: LossFn = cross_entropy,
 ) -> tuple[TrainStats, dict[str, float]]:
     """Local training shared by every client algorithm.
 
     Builds a seeded loader and an optimizer over the trainable parameters and
-    hands them, with the model, to the experiment's privacy mechanism, which may
-    wrap them (DP-SGD) before running :func:`train_epochs`. Returns the training
+    hands them, with the model and ``loss``, to ``mechanism`` (the experiment's
+    privacy mechanism, :func:`fedsim.privacy.client_mechanism`), which may wrap
+    them (DP-SGD) before running :func:`train_epochs`. Returns the training
     statistics and the mechanism's metrics (e.g. cumulative ``epsilon``).
     """
-    from fedsim.privacy.mechanisms import client_mechanism
-
     torch.manual_seed(seed)
     loader = make_loader(train, exp.train.batch_size, seed=seed)
     optimizer = make_optimizer(model.parameters(), exp.train)
-    mechanism = client_mechanism(exp)
     return mechanism.fit(
-        model, optimizer, loader, epochs=exp.train.epochs, device=device, state=state
+        model,
+        optimizer,
+        loader,
+        epochs=exp.train.epochs,
+        device=device,
+        state=state,
+        loss=loss,
     )
 
 
 def evaluation_metrics(stats: EvalStats) -> MetricRecord:
     """The metrics of an ``evaluate`` reply (the FedAvg contract's keys)."""
-    from fedsim.core.messages import NUM_EXAMPLES
-
     return MetricRecord(
         {"loss": stats.loss, "accuracy": stats.accuracy, NUM_EXAMPLES: stats.examples}
     )

@@ -6,7 +6,8 @@ entries exactly as Opacus' accountants keep it. The functions here turn such a
 history into an epsilon (Opacus' RDP or PRV analysis), calibrate the noise for a
 budget, and reproduce the sampling schedule of Opacus' Poisson data loader. They
 hold no state: the client mechanism keeps its history in the client's state, the
-server wrapper keeps its own (see :mod:`fedsim.privacy.mechanisms`).
+server wrapper keeps its own (see :mod:`fedsim.privacy.dp_sgd` and
+:mod:`fedsim.privacy.dp_fedavg`).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""protocol"""
+"""How a round talks over Flower messages: the round shapes families use and the
+strategy wrappers that must forward them."""

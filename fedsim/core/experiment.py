@@ -1,0 +1,313 @@
+"""The experiment's sections: one frozen dataclass per TOML table.
+
+Every key is declared next to its field (:func:`fedsim.core.schema.option`):
+default, one-line help, check. The validator, the README reference and Flower's
+flat run-config all come from these declarations. ``[strategy]`` holds the
+family's name and the family's own option table (see :mod:`fedsim.core.family`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsim.core import registry
+from fedsim.core.family import NoOptions
+from fedsim.core.schema import (
+    Check,
+    at_least,
+    fraction,
+    non_negative,
+    one_of,
+    open_unit,
+    option,
+    positive,
+    rate,
+    unit_interval,
+)
+
+
+def _registered(table: Mapping[str, registry.Entry]) -> Check:
+    def check(v: str) -> str | None:
+        if v in table:
+            return None
+        return f"is not registered; choose one of: {', '.join(sorted(table))}"
+
+    return check
+
+
+def _family_name(v: str) -> str | None:
+    names = registry.families()
+    if v in names:
+        return None
+    return f"is not registered; choose one of: {', '.join(sorted(names))}"
+
+
+def _dataset_name(v: str) -> str | None:
+    if v.startswith("hf:") and len(v) > 3:
+        return None
+    return _registered(registry.DATASETS)(v)
+
+
+def _all_positive(v: tuple[int, ...]) -> str | None:
+    return None if all(x >= 1 for x in v) else "every rank must be >= 1"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``[federation]``: who takes part in each round."""
+
+    clients: int = option(10, "number of virtual clients", at_least(1))
+    fraction_train: float = option(
+        1.0, "fraction of clients sampled to train each round", fraction
+    )
+    fraction_evaluate: float = option(
+        1.0,
+        "fraction of clients sampled for federated evaluation; 0 disables it",
+        unit_interval,
+    )
+    min_replies: int = option(
+        1,
+        "fewest successful replies a round needs; fewer ends the run as failed",
+        at_least(1),
+    )
+    round_timeout: float = option(
+        600.0, "seconds to wait for the replies of one round", positive
+    )
+    failure_rate: float = option(
+        0.0,
+        "probability that a sampled client fails in a round (dropout simulation)",
+        rate,
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: dataset, partitioning and splits."""
+
+    dataset: str = option("digits", "registered dataset name or hf:NAME", _dataset_name)
+    partitioner: str = option(
+        "dirichlet",
+        "how training data is split among clients",
+        _registered(registry.PARTITIONERS),
+    )
+    alpha: float = option(0.5, "Dirichlet concentration (dirichlet)", positive)
+    classes_per_client: int = option(
+        2, "classes held by each client (pathological)", at_least(1)
+    )
+    min_partition_size: int = option(
+        10, "smallest client partition the Dirichlet sampler accepts", at_least(0)
+    )
+    test_fraction: float = option(
+        0.2, "held-out global test set for server-side evaluation", open_unit
+    )
+    client_test_fraction: float = option(
+        0.2, "share of each client's partition kept for its local test", open_unit
+    )
+    path: str = option("", "file path (dataset = 'file') or data files (hf:)")
+    label_column: str = option("label", "name of the label column")
+    split: str = option("train", "split to load from a Hugging Face dataset")
+    size: int = option(2000, "examples of the synthetic dataset", at_least(10))
+    classes: int = option(10, "classes of the synthetic dataset", at_least(2))
+    features: int = option(20, "features of the synthetic dataset", at_least(2))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the network trained by the clients."""
+
+    name: str = option("cnn", "registered model name", _registered(registry.MODELS))
+    hidden: int = option(64, "width of hidden layers / embedding size", at_least(1))
+    depth: int = option(2, "encoder blocks (vit)", at_least(1))
+    heads: int = option(4, "attention heads (vit); must divide hidden", at_least(1))
+    patch_size: int = option(2, "side of square image patches (vit)", at_least(1))
+    dropout: float = option(0.0, "dropout probability", rate)
+    pretrain: str = option(
+        "",
+        "'' starts from the seeded random init; 'digits' or 'synthetic' first "
+        "pre-trains the base centrally on that data set's public split (cached)",
+        one_of("", "digits", "synthetic"),
+    )
+    pretrain_classes: tuple[int, ...] = option(
+        [],
+        "classes that make up the public split (empty: all)",
+        lambda v: None if all(c >= 0 for c in v) else "every class must be >= 0",
+    )
+    pretrain_epochs: int = option(20, "epochs of central pre-training", at_least(1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: the clients' local training loop."""
+
+    epochs: int = option(1, "local epochs per round", at_least(1))
+    batch_size: int = option(32, "local batch size", at_least(1))
+    lr: float = option(0.05, "learning rate", positive)
+    optimizer: str = option("sgd", "local optimizer", one_of("sgd", "adam"))
+    momentum: float = option(0.9, "SGD momentum", rate)
+    weight_decay: float = option(0.0, "L2 weight decay", non_negative)
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """``[peft]``: parameter-efficient fine-tuning of the client model.
+
+    With ``method = "lora"`` each client trains LoRA adapters on the linear layers
+    named in ``targets`` of its frozen base, and the modules in
+    ``modules-to-save`` in full. The client with partition id ``i`` uses rank
+    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its scaling is
+    ``alpha / r``. Names match as in PEFT: a module matches a name when it is that
+    name or ends in ``.<name>``.
+    """
+
+    method: str = option(
+        "none",
+        "'none' trains the full model; 'lora' trains LoRA adapters",
+        one_of("none", "lora"),
+    )
+    rank: int = option(8, "LoRA rank r of every client", at_least(1))
+    ranks: tuple[int, ...] = option(
+        [],
+        "per-client LoRA ranks: partition i gets ranks[i % len(ranks)]; overrides rank",
+        _all_positive,
+    )
+    alpha: float = option(16.0, "LoRA lora_alpha (scaling = alpha / r)", positive)
+    dropout: float = option(0.0, "LoRA dropout on the adapters' input", rate)
+    targets: tuple[str, ...] = option(
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "names of the linear layers LoRA adapts",
+    )
+    modules_to_save: tuple[str, ...] = option(
+        ["head"], "modules trained in full next to the adapters (e.g. the head)"
+    )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the family and its own options.
+
+    ``options`` is an instance of the family's option table (its keys are
+    ``strategy.<key>``), built by :func:`fedsim.core.loading.from_flat`.
+    """
+
+    name: str = option("fedavg", "registered strategy family", _family_name)
+    options: Any = field(default_factory=NoOptions)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: differential privacy mechanism.
+
+    ``dp-sgd`` (per example, in every client) and ``dp-fedavg`` (per client, on
+    the server) take a fixed ``noise-multiplier``, or a ``target-epsilon`` for
+    which the noise is calibrated over all ``rounds``. With both, the noise is
+    fixed and ``target-epsilon`` is a budget that is enforced.
+    """
+
+    mechanism: str = option(
+        "none", "registered privacy mechanism", _registered(registry.PRIVACY)
+    )
+    noise_multiplier: float = option(
+        0.0,
+        "Gaussian noise std / clipping bound; 0 = calibrate from target-epsilon",
+        non_negative,
+    )
+    max_grad_norm: float = option(
+        1.0, "dp-sgd: bound on each example's gradient norm", positive
+    )
+    target_epsilon: float = option(
+        0.0, "privacy budget (epsilon at target-delta); 0 = no budget", non_negative
+    )
+    target_delta: float = option(1e-5, "delta of every reported epsilon", open_unit)
+    accountant: str = option(
+        "rdp", "privacy accountant (Opacus): rdp or prv", one_of("rdp", "prv")
+    )
+    clipping: str = option(
+        "fixed",
+        "dp-fedavg: server-side clipping of client updates",
+        one_of("fixed", "adaptive"),
+    )
+    clipping_norm: float = option(
+        1.0,
+        "dp-fedavg: bound on a client update's norm (initial if adaptive)",
+        positive,
+    )
+    target_unclipped_quantile: float = option(
+        0.5,
+        "dp-fedavg adaptive: share of updates the clipping norm leaves unclipped",
+        unit_interval,
+    )
+    clip_norm_lr: float = option(
+        0.2, "dp-fedavg adaptive: learning rate of the clipping norm", positive
+    )
+    clipped_count_stddev: float = option(
+        0.0,
+        "dp-fedavg adaptive: noise std of the clipped count; 0 = sampled clients/20",
+        non_negative,
+    )
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """``[resources]``: what each virtual client gets from Ray."""
+
+    num_cpus: int = option(1, "CPU cores per virtual client", at_least(1))
+    num_gpus: float = option(
+        0.0, "GPUs per virtual client (fractions share a GPU)", non_negative
+    )
+    device: str = option(
+        "auto",
+        "torch device: auto picks cuda when GPUs are requested",
+        one_of("auto", "cpu", "cuda"),
+    )
+
+
+def _installed(module: str, extra: str) -> Check:
+    """Allow ``true`` only where the optional extra providing ``module`` is in."""
+
+    def check(v: bool) -> str | None:
+        from importlib.util import find_spec
+
+        if not v or find_spec(module) is not None:
+            return None
+        return f"needs the optional extra: pip install 'fedsim[{extra}]'"
+
+    return check
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: round metrics also sent to experiment trackers."""
+
+    tensorboard: bool = option(
+        False,
+        "write TensorBoard event files to <run dir>/tensorboard",
+        _installed("tensorboard", "tensorboard"),
+    )
+    mlflow: bool = option(
+        False, "log params and round metrics to MLflow", _installed("mlflow", "mlflow")
+    )
+    mlflow_uri: str = option(
+        "",
+        "MLflow tracking URI; empty: sqlite:///<runs folder>/mlflow.db",
+    )
+    mlflow_experiment: str = option("", "MLflow experiment; empty: the experiment name")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A whole experiment, as read from its TOML file."""
+
+    name: str = option("quickstart", "run name; the run directory starts with it")
+    seed: int = option(0, "seed of partitioning, sampling, initialisation, training")
+    rounds: int = option(20, "federated rounds", at_least(1))
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

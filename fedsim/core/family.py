@@ -1,0 +1,103 @@
+"""A strategy family's declaration: everything the engine needs to know about it.
+
+A family is one place: ``strategies/<family>/`` holds its declaration (a
+:class:`Family` named ``FAMILY``, importable without torch or Flower), its
+server side and its pure maths; ``clients/<family>.py`` its client side. The
+engine, the config validation, the privacy layer and the CLI ask the
+declaration; nothing outside the family compares strategy names.
+
+Families are found through the entry-point group ``fedsim.strategies`` (the
+built-in ones too, in fedsim's ``pyproject.toml``), so another installed package
+adds a family with one line in its own ``pyproject.toml``::
+
+    [project.entry-points."fedsim.strategies"]
+    my-family = "my_package.family:FAMILY"
+
+An entry point's name is the family name; it loads a :class:`Family` (or a
+sequence of them, one per name).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The option table of a family without options of its own."""
+
+
+def load(spec: str) -> Any:
+    """Import ``"module:attribute"`` and return the attribute."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One strategy family.
+
+    Parameters
+    ----------
+    name : str
+        The ``strategy.name`` that selects it.
+    summary : str
+        One line for ``fedsim list`` (paper and what it does).
+    server : str
+        ``"module:callable"``: ``build(setup: fedsim.protocol.ServerSetup) ->
+        Strategy``, a Flower message-API strategy. Its round runs through
+        :func:`fedsim.protocol.rounds.standard_round` unless it defines
+        ``run_round`` (several exchanges, custom actions).
+    client : str
+        ``"module:Class"`` of the client algorithm: ``Class(experiment, info,
+        device)`` with ``train`` / ``evaluate`` methods and one method per name
+        in ``actions``.
+    options : type
+        Frozen dataclass of the family's own keys, declared with
+        :func:`fedsim.core.schema.option`; they are ``strategy.<key>``.
+    peft : tuple of str
+        The ``peft.method`` values the family runs (``("lora",)``: needs LoRA).
+    global_model : bool
+        Whether the server holds one global model that is evaluated on the
+        held-out test set after each round. Without one, the clients' local
+        evaluation is the run's headline accuracy.
+    privacy : tuple of str
+        The ``privacy.mechanism`` values the family supports.
+    rejects : mapping of str to str
+        Why a mechanism the family does not support cannot run (shown in the
+        error).
+    check : str
+        ``"module:callable"``: ``check(experiment, model, data)`` run before
+        anything is written; raises :class:`fedsim.core.errors.ConfigError`.
+    actions : tuple of str
+        Custom client actions: the server sends ``train.<action>`` messages, the
+        ClientApp calls the client algorithm's ``<action>`` method.
+    """
+
+    name: str
+    summary: str
+    server: str
+    client: str
+    options: type = NoOptions
+    peft: tuple[str, ...] = ("none",)
+    global_model: bool = True
+    privacy: tuple[str, ...] = ("none",)
+    rejects: Mapping[str, str] = field(default_factory=dict)
+    check: str = ""
+    actions: tuple[str, ...] = ()
+
+    def load_server(self) -> Any:
+        """The server-side factory."""
+        return load(self.server)
+
+    def load_client(self) -> Any:
+        """The client algorithm class."""
+        return load(self.client)
+
+    def run_check(self, experiment: Any, model: Any, data: Any) -> None:
+        """The family's pre-run check, if it has one."""
+        if self.check:
+            load(self.check)(experiment, model, data)

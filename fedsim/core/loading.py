@@ -1,0 +1,256 @@
+"""Loading an experiment: TOML file and overrides -> validated frozen config.
+
+Errors are :class:`fedsim.core.errors.ConfigError` with a one-line message that
+names the dotted key and what is allowed. Which keys exist depends on the
+family (``strategy.name``): its option table adds ``strategy.<key>`` keys, and
+its declaration says which ``peft.method`` and ``privacy.mechanism`` it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedsim.core import registry
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import DataConfig, Experiment, StrategyConfig
+from fedsim.core.family import Family
+from fedsim.core.schema import (
+    Schema,
+    as_table,
+    build,
+    checked,
+    flatten,
+    kebab,
+    keys_of,
+    shown_default,
+    unknown_key,
+)
+
+RunConfig = dict[str, bool | int | float | str]
+
+#: Run-config key (outside the experiment schema) carrying the run directory.
+RUN_DIR_KEY = "run-dir"
+_NAME_KEY = "strategy.name"
+
+
+def schema(strategy: str | None = None) -> Schema:
+    """Every dotted key with its type and declaration: the experiment's keys,
+    plus ``strategy.<key>`` of the family ``strategy`` when given."""
+    keys = keys_of(Experiment)
+    if strategy is not None:
+        keys.update(keys_of(registry.family(strategy).options, "strategy."))
+    return keys
+
+
+def _family_of(values: Mapping[str, Any]) -> Family:
+    base = keys_of(Experiment)
+    tp, declared = base[_NAME_KEY]
+    name = checked(_NAME_KEY, tp, declared, values.get(_NAME_KEY, declared.default))
+    return registry.family(name)
+
+
+def from_flat(values: Mapping[str, Any]) -> Experiment:
+    """Validate flat dotted keys and build the frozen :class:`Experiment`."""
+    family = _family_of(values)
+    keys = schema(family.name)
+    good: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in keys:
+            raise unknown_key(key, keys)
+        tp, declared = keys[key]
+        good[key] = checked(key, tp, declared, raw)
+    options = build(family.options, good, "strategy.")
+    strategy = StrategyConfig(name=family.name, options=options)
+    plain = {k: v for k, v in good.items() if not k.startswith("strategy.")}
+    exp = dataclasses.replace(build(Experiment, plain), strategy=strategy)
+    check_consistency(exp, family)
+    return exp
+
+
+#: Data keys that decide which examples form the global test set.
+_SPLIT_KEYS = ("test_fraction", "size", "classes", "features")
+
+
+def check_consistency(exp: Experiment, family: Family) -> None:
+    """Rules across keys, and the family's capabilities (ConfigError)."""
+    fed = exp.federation
+    if fed.min_replies > fed.clients:
+        raise ConfigError(
+            f"federation.min-replies: {fed.min_replies} must be <= federation.clients"
+            f" ({fed.clients})"
+        )
+    if exp.data.dataset == "file" and not exp.data.path:
+        raise ConfigError("data.path: required when data.dataset = 'file'")
+    if exp.model.hidden % exp.model.heads and exp.model.name == "vit":
+        raise ConfigError(
+            f"model.heads: {exp.model.heads} must divide model.hidden "
+            f"({exp.model.hidden})"
+        )
+    if exp.peft.method == "lora" and not exp.peft.targets:
+        raise ConfigError("peft.targets: LoRA needs at least one module name")
+    _check_pretrain_split(exp)
+    _check_family(exp, family)
+    p = exp.privacy
+    if p.mechanism != "none" and p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(
+            f"privacy.noise-multiplier: 0 with no privacy.target-epsilon gives "
+            f"{p.mechanism!r} no privacy; set noise-multiplier > 0 or "
+            "target-epsilon > 0"
+        )
+    if p.mechanism == "dp-fedavg" and p.clipping == "adaptive":
+        sampled = max(int(fed.clients * fed.fraction_train), 1)
+        stddev = p.clipped_count_stddev or sampled / 20
+        if p.noise_multiplier >= stddev:
+            raise ConfigError(
+                f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < "
+                f"clipped-count-stddev = {stddev:g} with adaptive clipping "
+                f"({sampled} clients per round); raise privacy.clipped-count-stddev"
+            )
+
+
+def _check_family(exp: Experiment, family: Family) -> None:
+    method, name = exp.peft.method, family.name
+    if method not in family.peft:
+        allowed = " or ".join(repr(m) for m in family.peft)
+        raise ConfigError(
+            f"peft.method: {method!r} cannot run strategy.name = {name!r}, which "
+            f"runs peft.method = {allowed}; set peft.method = {family.peft[0]!r} or "
+            "choose another strategy.name"
+        )
+    mechanism = exp.privacy.mechanism
+    if mechanism not in family.privacy:
+        reason = family.rejects.get(mechanism, f"{name!r} does not support it")
+        allowed = ", ".join(repr(m) for m in family.privacy)
+        raise ConfigError(
+            f"strategy.name: {name!r} cannot run under privacy.mechanism = "
+            f"{mechanism!r}: {reason}; it supports privacy.mechanism = {allowed}"
+        )
+
+
+def _check_pretrain_split(exp: Experiment) -> None:
+    model, data = exp.model, exp.data
+    if model.pretrain and model.pretrain == data.dataset:
+        # The public split leaves out the global test set drawn with the default
+        # data settings and the run's seed; other settings would leak test images
+        # into pre-training.
+        default = DataConfig()
+        for key in _SPLIT_KEYS:
+            if getattr(data, key) != getattr(default, key):
+                raise ConfigError(
+                    f"data.{kebab(key)}: must keep its default "
+                    f"({getattr(default, key)!r}) when model.pretrain = "
+                    f"{model.pretrain!r}, whose public split holds out the default "
+                    "global test set"
+                )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; VALUE is read as TOML, else taken as a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. rounds=5")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def packaged_quickstart() -> Path:
+    """Path of the experiment ``fedsim run`` uses without an argument."""
+    return Path(str(resources.files("fedsim") / "quickstart.toml"))
+
+
+def load_experiment(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Experiment:
+    """Read an experiment file, apply ``KEY=VALUE`` overrides and validate it.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        Experiment TOML; the packaged quickstart when omitted.
+    overrides : sequence of str
+        ``KEY=VALUE`` strings with dotted keys (``data.alpha=0.1``).
+
+    Raises
+    ------
+    ConfigError
+        One-line message naming the key and what is allowed.
+    """
+    file = Path(path) if path is not None else packaged_quickstart()
+    if not file.is_file():
+        raise ConfigError(f"experiment file not found: {file}")
+    try:
+        table = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file}: invalid TOML: {err}") from None
+    values = flatten(table)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return from_flat(values)
+
+
+def to_dict(exp: Experiment) -> dict[str, Any]:
+    """Nested dict with kebab-case keys, as in an experiment file (the family's
+    options inside ``strategy``)."""
+    return typing.cast(dict[str, Any], as_table(exp))
+
+
+def to_toml(exp: Experiment) -> str:
+    """The fully resolved experiment as TOML text (scalars first, then tables)."""
+    return tomli_w.dumps(to_dict(exp))
+
+
+def to_run_config(exp: Experiment) -> RunConfig:
+    """Flatten to Flower's run-config: dotted keys, lists as JSON strings."""
+    flat = flatten(to_dict(exp))
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
+    """Rebuild the experiment from Flower's run-config (inverse of to_run_config)."""
+    values = {k: v for k, v in run_config.items() if k != RUN_DIR_KEY}
+    keys = schema(_family_of(values).name)
+    for key, value in values.items():
+        tp = keys[key][0] if key in keys else None
+        if tp is not None and typing.get_origin(tp) is tuple and isinstance(value, str):
+            values[key] = json.loads(value)
+    return from_flat(values)
+
+
+def reference(strategy: str | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default as TOML, help) for every experiment key, or for the
+    option table of family ``strategy``; feeds the docs."""
+    if strategy is None:
+        keys = keys_of(Experiment)
+    else:
+        keys = keys_of(registry.family(strategy).options, "strategy.")
+    return [(k, shown_default(f), f.metadata["help"]) for k, (_, f) in keys.items()]
+
+
+def reference_markdown() -> str:
+    """The experiment-file reference table of the README, then one table per
+    family that has options of its own."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_text in reference():
+        lines.append(f"| `{key}` | `{default}` | {help_text} |")
+    for name in sorted(registry.families()):
+        rows = reference(name)
+        if rows:
+            lines += ["", f'Options of `strategy.name = "{name}"`:', ""]
+            lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+            lines += [f"| `{k}` | `{d}` | {h} |" for k, d, h in rows]
+    return "\n".join(lines) + "\n"

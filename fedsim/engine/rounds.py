@@ -1,0 +1,82 @@
+"""The round driver: runs every round of a family and closes it.
+
+Closing a round is one job, done here whether or not the family has a global
+model: server-side evaluation of the global model on the held-out test set when
+the family declares one (``Family.global_model``), the checkpoint, then
+:meth:`fedsim.engine.recorder.RunRecorder.end_round` (rows, ``metrics.parquet``,
+trackers; the CLI's progress reads the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedsim.engine.recorder import RunRecorder
+from fedsim.engine.recording import RecordingGrid
+from fedsim.protocol.rounds import run_round
+
+#: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).
+Evaluate = Callable[[ArrayRecord], dict[str, float]]
+
+
+class RoundDriver:
+    """Drives ``rounds`` rounds of ``strategy`` on ``grid``.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The outermost strategy (the family's, wrapped by privacy and recording).
+    grid : RecordingGrid
+        The ServerApp's grid, recording per-client rows.
+    recorder : RunRecorder
+        Where rows, checkpoints and the summary go.
+    evaluate : callable, optional
+        Server-side evaluation of the global arrays; None for families without
+        a global model.
+    rounds : int
+        Rounds to run.
+    timeout : float
+        Seconds to wait for the replies of one exchange.
+    """
+
+    def __init__(
+        self,
+        strategy: Any,
+        grid: RecordingGrid,
+        recorder: RunRecorder,
+        *,
+        evaluate: Evaluate | None,
+        rounds: int,
+        timeout: float,
+    ):
+        self.strategy = strategy
+        self.grid = grid
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.rounds = rounds
+        self.timeout = timeout
+
+    def run(self, initial: ArrayRecord | None) -> ArrayRecord | None:
+        """Run every round from ``initial``; return the last global arrays."""
+        arrays = initial
+        if self.evaluate is not None and arrays is not None:
+            self.close_round(0, arrays)
+        for server_round in range(1, self.rounds + 1):
+            self.grid.server_round = server_round
+            arrays = run_round(
+                self.strategy, server_round, arrays, self.grid, timeout=self.timeout
+            )
+            self.close_round(server_round, arrays)
+        return arrays
+
+    def close_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        """Evaluate and checkpoint the global model (if any), then end the round."""
+        if self.evaluate is not None and arrays is not None:
+            self.recorder.server(server_round, self.evaluate(arrays))
+            self.recorder.checkpoint(
+                server_round, {k: a.numpy() for k, a in arrays.items()}
+            )
+        self.recorder.end_round(server_round)

@@ -1,0 +1,52 @@
+"""FedIT's maths, pure numpy: the elementwise (zero-padded) average of LoRA A
+and B."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies.flora.maths import Adapters, adapter_pairs, client_weights
+
+
+def average_lora(adapters: Adapters, weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Elementwise weighted average of LoRA A and B (FedIT); inexact.
+
+    Parameters
+    ----------
+    adapters : sequence of mappings
+        One mapping per client from PEFT parameter names to arrays; A and B are
+        found by the ``lora_A`` / ``lora_B`` components of the names, other
+        entries are ignored.
+    weights : sequence of float
+        Non-negative client weights, normalised here to p_k.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Per adapted module, under the clients' names, ``sum_k p_k A_k`` and
+        ``sum_k p_k B_k``. Clients of lower rank are zero-padded to the largest
+        rank R first (A to ``R x d_in`` with zero rows, B to ``d_out x R`` with
+        zero columns). The product of the averages is *not* the average of the
+        products ``sum_k p_k B_k A_k`` unless all clients share their factors.
+    """
+    pairs = adapter_pairs(adapters)
+    p = client_weights(weights, len(adapters))
+    out: dict[str, np.ndarray] = {}
+    for a_key, b_key in pairs.values():
+        top = max(np.shape(ad[a_key])[0] for ad in adapters)
+        a_sum = sum(
+            pk * _pad(np.asarray(ad[a_key]), top, axis=0) for pk, ad in zip(p, adapters)
+        )
+        b_sum = sum(
+            pk * _pad(np.asarray(ad[b_key]), top, axis=1) for pk, ad in zip(p, adapters)
+        )
+        out[a_key], out[b_key] = np.asarray(a_sum), np.asarray(b_sum)
+    return out
+
+
+def _pad(x: np.ndarray, size: int, *, axis: int) -> np.ndarray:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return np.pad(x, widths)

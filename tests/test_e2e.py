@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fedsim.core.config import load_experiment
+from fedsim.core.rundir import read_metrics
 from fedsim.learn.data import federated_data
 from fedsim.learn.models import build_model
-from fedsim.engine.recorder import read_metrics
 from fedsim.learn.training import derive_seed, evaluate
 from tests.conftest import SMALL, CliRun, sets
 

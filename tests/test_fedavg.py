@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 
 from fedsim.core.config import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
-from fedsim.engine.recorder import RoundFailed, RunRecorder, aggregate_replies, read_metrics
+from fedsim.core.rundir import read_metrics
+from fedsim.engine.recorder import RoundFailed, RunRecorder, aggregate_replies
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from strategies.fedavg import build
 from tests.conftest import reply
@@ -249,7 +250,7 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
     import threading
     import time
 
-    from fedsim.engine.recorder import _atomic_write, metrics_frame
+    from fedsim.core.rundir import atomic_write, metrics_frame
 
     rows = [(i, None, "server", "accuracy", 0.5) for i in range(2000)]
     stop = threading.Event()
@@ -258,7 +259,7 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
         k = 0
         while not stop.is_set():
             frame = metrics_frame(rows[: 1000 + k % 1000])
-            _atomic_write(
+            atomic_write(
                 tmp_path / "metrics.parquet",
                 lambda p, f=frame: f.to_parquet(p, index=False),
             )

@@ -18,7 +18,7 @@ from conftest import SMALL, sets
 from fedsim import analysis
 from fedsim.analysis import trackers
 from fedsim.core.config import ConfigError, load_experiment
-from fedsim.engine.recorder import RoundSink, Row
+from fedsim.core.rundir import RoundSink, Row
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

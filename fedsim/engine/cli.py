@@ -21,7 +21,7 @@ from rich.table import Table
 from fedsim import __version__
 from fedsim.core import registry
 from fedsim.core.config import ConfigError, Experiment, load_experiment
-from fedsim.engine.recorder import read_metrics
+from fedsim.core.rundir import read_metrics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

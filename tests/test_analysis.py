@@ -14,7 +14,7 @@ import tomli_w
 
 from fedsim import analysis
 from fedsim.core.loading import load_experiment, to_dict, to_toml
-from fedsim.engine.recorder import metrics_frame
+from fedsim.core.rundir import metrics_frame
 
 Row = tuple[int, int | None, str, str, float]
 
@@ -349,3 +349,151 @@ def test_human_bytes() -> None:
     assert analysis.human_bytes(1536) == "1.5 kB"
     assert analysis.human_bytes(2.5e9) == "2.5 GB"
     assert analysis.human_bytes(float("nan")) == "-"
+
+
+# -- headline phase: runs of families without a global model ----------------------
+
+#: Per-client (equal weights) and aggregated evaluate accuracy and loss of run "c".
+C_ACC = {1: ([0.5, 0.7], 0.6), 2: ([0.8, 0.9], 0.85), 3: ([0.7, 0.9], 0.8)}
+C_LOSS = {1: ([1.0, 1.2], 1.1), 2: ([0.6, 0.8], 0.7), 3: ([0.7, 0.8], 0.75)}
+
+
+def rows_c() -> list[Row]:
+    """3 rounds, 2 clients, no global model: no `server` rows at all."""
+    rows: list[Row] = []
+    for r in range(1, 4):
+        for metric, table in (("accuracy", C_ACC), ("loss", C_LOSS)):
+            per_client, aggregate = table[r]
+            rows += [(r, c, "evaluate", metric, v) for c, v in enumerate(per_client)]
+            rows.append((r, None, "evaluate", metric, aggregate))
+        rows += [
+            (r, None, "train", "loss", 0.1 * r),  # never the headline loss
+            (r, None, "train", "bytes-up", 50.0),
+            (r, None, "train", "bytes-down", 50.0),
+        ]
+    return rows
+
+
+def write_c(root: Path, headline: str | None = "evaluate") -> Path:
+    summary: dict[str, Any] = {"status": "completed", "wall_seconds": 9.0}
+    if headline is not None:
+        summary["headline"] = headline
+    return write_run(
+        root, "c-1", rows_c(), overrides=["name=c", "rounds=3"], summary=summary
+    )
+
+
+def test_headline_evaluate_run_takes_the_clients_evaluation(tmp_path: Path) -> None:
+    path = write_c(tmp_path)
+    assert analysis.load_run(path).headline == "evaluate"
+    frame = analysis.load_runs(path)
+    assert set(frame["headline"]) == {"evaluate"}
+    table = analysis.comparison(frame, target=0.8)
+    c = table.loc["c"]
+    assert c["phase"] == "evaluate" and c["rounds"] == 3
+    assert c["final_accuracy"] == pytest.approx(0.8)
+    assert c["best_accuracy"] == pytest.approx(0.85) and c["best_round"] == 2
+    assert c["rounds_to_target"] == 2
+    assert c["final_loss"] == pytest.approx(0.75)
+    assert c["federated_accuracy"] == pytest.approx(0.8)
+    assert c["bytes_up"] == 150 and c["bytes_down"] == 150
+    assert table.attrs["phase"] == "evaluate"
+    higher = analysis.comparison(frame, target=0.86)
+    assert higher.loc["c", "rounds_to_target"] is pd.NA
+    wide = analysis.round_metric(frame, "accuracy")
+    assert list(wide.index) == [1, 2, 3]
+    assert wide["c"].tolist() == pytest.approx([0.6, 0.85, 0.8])
+    loss = analysis.round_metric(frame, "loss")
+    assert loss["c"].tolist() == pytest.approx([1.1, 0.7, 0.75])
+    # naming a phase still means that phase: the run has no server rows
+    assert analysis.round_metric(frame, "accuracy", "server").empty
+    assert np.isnan(analysis.comparison(frame, phase="server").loc["c", "final_loss"])
+    # the plots follow the headline too
+    from fedsim.analysis import plots
+
+    fig = plots.accuracy_loss(frame)
+    ax_acc, ax_loss = fig.axes
+    assert ax_acc.get_ylabel() == "accuracy (evaluate)"
+    assert ax_acc.lines[0].get_ydata().tolist() == pytest.approx([0.6, 0.85, 0.8])
+    assert ax_loss.lines[0].get_ydata().tolist() == pytest.approx([1.1, 0.7, 0.75])
+    fig = plots.accuracy_bytes(frame)
+    assert fig.axes[0].lines[0].get_xdata().tolist() == pytest.approx(
+        [100e-6, 200e-6, 300e-6]
+    )
+
+
+def test_mixed_headlines_each_run_its_own(two_runs: Path) -> None:
+    write_c(two_runs)
+    frame = analysis.load_runs(two_runs)
+    assert analysis.headline_phases(frame).to_dict() == {
+        "a": "server",
+        "b": "server",
+        "c": "evaluate",
+    }
+    table = analysis.comparison(frame, target=0.8)
+    assert list(table.index) == ["a", "b", "c"]
+    assert list(table["phase"]) == ["server", "server", "evaluate"]
+    a, b, c = table.loc["a"], table.loc["b"], table.loc["c"]
+    # run a as in test_comparison_matches_hand_computed_values: server rows, not
+    # its evaluate rows (federated accuracy 0.84, best 0.88 in round 3 too)
+    assert a["final_accuracy"] == pytest.approx(0.86)
+    assert a["best_accuracy"] == pytest.approx(0.88) and a["best_round"] == 3
+    assert a["rounds_to_target"] == 2 and a["final_loss"] == pytest.approx(0.50)
+    assert a["federated_accuracy"] == pytest.approx(0.84)
+    assert b["final_accuracy"] == pytest.approx(0.45)
+    assert b["final_loss"] == pytest.approx(1.5)
+    assert c["final_accuracy"] == pytest.approx(0.8)
+    assert c["best_accuracy"] == pytest.approx(0.85) and c["best_round"] == 2
+    assert c["rounds_to_target"] == 2 and c["final_loss"] == pytest.approx(0.75)
+    assert table.attrs["phase"] == "headline"
+    caption = analysis.comparison_table(table).caption
+    assert caption == "accuracy and loss: server phase for a, b; evaluate phase for c"
+    wide = analysis.round_metric(frame, "accuracy")
+    assert list(wide.columns) == ["a", "b", "c"] and list(wide.index) == [0, 1, 2, 3, 4]
+    assert wide["a"].tolist() == pytest.approx([0.10, 0.55, 0.82, 0.88, 0.86])
+    assert np.isnan(wide.loc[0, "c"])
+    assert wide["c"].iloc[1:4].tolist() == pytest.approx([0.6, 0.85, 0.8])
+    from fedsim.analysis import plots
+
+    ax_acc = plots.accuracy_loss(frame).axes[0]
+    assert ax_acc.get_ylabel() == "accuracy (headline)"
+    assert [line.get_label() for line in ax_acc.lines] == ["a", "b", "c"]
+
+
+def test_summary_without_headline_is_a_server_run(two_runs: Path) -> None:
+    frame = analysis.load_runs(two_runs)
+    assert set(frame["headline"]) == {"server"}
+    assert analysis.load_run(two_runs / "a-1").headline == "server"
+    table = analysis.comparison(frame, target=0.8)
+    explicit = analysis.comparison(frame, target=0.8, phase="server")
+    pd.testing.assert_frame_equal(table, explicit)
+    assert list(table["phase"]) == ["server", "server"]
+    assert table.attrs["phase"] == "server"
+    caption = analysis.comparison_table(table).caption
+    assert caption == "accuracy and loss: server phase"
+    # a frame from before the column existed reads the same
+    old = analysis.comparison(frame.drop(columns="headline"), target=0.8)
+    pd.testing.assert_frame_equal(old, table)
+    pd.testing.assert_frame_equal(
+        analysis.round_metric(frame, "accuracy"),
+        analysis.round_metric(frame, "accuracy", "server"),
+    )
+    # a summary without the key, or with a null one, is a server run's: a run with
+    # evaluate rows only then has no headline numbers, as before the key existed
+    for i, summary in enumerate(["{}", '{"headline": null}']):
+        path = write_c(two_runs / f"old-{i}", None)
+        (path / "summary.json").write_text(summary)
+        run = analysis.load_run(path)
+        assert run.headline == "server"
+        table = analysis.comparison(analysis.runs_frame([run]))
+        assert np.isnan(table.loc["c", "final_accuracy"])
+        assert table.loc["c", "federated_accuracy"] == pytest.approx(0.8)
+
+
+def test_unknown_headline_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_c(tmp_path, "global")
+    with pytest.raises(
+        analysis.RunDirError,
+        match=r"summary.json: headline 'global' is not one of server, evaluate",
+    ):
+        analysis.load_run(path)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.loading import load_experiment
-from fedsim.engine.recorder import create_run_dir, read_metrics
+from fedsim.core.rundir import read_metrics
+from fedsim.engine.recorder import create_run_dir
 from fedsim.engine.runner import (
     _executable,
     flower_home,

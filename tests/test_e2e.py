@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from fedsim.core.loading import load_experiment
+from fedsim.core.rundir import read_metrics
 from fedsim.core.seeding import derive_seed
-from fedsim.engine.recorder import read_metrics
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import evaluate

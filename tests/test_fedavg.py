@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
-from fedsim.engine.recorder import RunRecorder, aggregate_replies, read_metrics
+from fedsim.core.rundir import read_metrics
+from fedsim.engine.recorder import RunRecorder, aggregate_replies
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from tests.conftest import reply, strategy_for
 
@@ -252,7 +253,7 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
     import threading
     import time
 
-    from fedsim.engine.recorder import _atomic_write, metrics_frame
+    from fedsim.core.rundir import atomic_write, metrics_frame
 
     rows = [(i, None, "server", "accuracy", 0.5) for i in range(2000)]
     stop = threading.Event()
@@ -261,7 +262,7 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
         k = 0
         while not stop.is_set():
             frame = metrics_frame(rows[: 1000 + k % 1000])
-            _atomic_write(
+            atomic_write(
                 tmp_path / "metrics.parquet",
                 lambda p, f=frame: f.to_parquet(p, index=False),
             )

@@ -19,7 +19,7 @@ from fedsim import analysis
 from fedsim.analysis import trackers
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
-from fedsim.engine.recorder import RoundSink, Row
+from fedsim.core.rundir import RoundSink, Row
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

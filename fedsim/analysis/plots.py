@@ -1,5 +1,5 @@
 """Plots of round metrics (matplotlib), from the DataFrame of
-:func:`fedsim.analysis.load_runs`.
+:func:`fedsim.analysis.load_runs`. Import as ``from fedsim.analysis import plots``.
 
 Figures are built with :class:`matplotlib.figure.Figure` rather than pyplot: no
 global state, no GUI backend (saving renders with Agg), and a notebook shows the
@@ -11,6 +11,10 @@ Views (file names under ``fedsim report --out``):
 - ``accuracy_bytes``: accuracy vs cumulative bytes sent (up + down).
 - ``epsilon``: privacy loss epsilon vs round (runs that recorded it).
 - ``client_spread``: per-client accuracy per round, one box per round.
+
+The accuracy and loss of the first two are each run's headline ones (see
+:mod:`fedsim.analysis.views`): the global model's, or the clients' local
+evaluation for strategy families without a global model.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedsim import analysis
+from fedsim.analysis.views import (
+    HEADLINE,
+    client_metric,
+    communication,
+    epsilon_per_round,
+    phase_name,
+    round_metric,
+    run_order,
+)
 
 #: Every view, in the order ``fedsim report`` writes them.
 VIEWS = ("accuracy_loss", "accuracy_bytes", "epsilon", "client_spread")
@@ -73,23 +85,26 @@ def _lines(ax: Any, wide: pd.DataFrame, colors: dict[Any, Any]) -> None:
 
 
 def accuracy_loss(
-    frame: pd.DataFrame, *, phase: str = "server", by: str = "label"
+    frame: pd.DataFrame, *, phase: str = HEADLINE, by: str = "label"
 ) -> Figure:
     """Accuracy (left) and loss (right) vs round, one line per run.
 
     ``phase`` ``server`` is the global model on the held-out test set;
-    ``evaluate`` the clients' example-weighted local accuracy.
+    ``evaluate`` the clients' example-weighted local accuracy; ``headline``
+    (:data:`~fedsim.analysis.views.HEADLINE`, the default) each run's headline
+    phase, ``server`` but for families without a global model.
     """
-    acc = analysis.round_metric(frame, "accuracy", phase, by=by)
-    loss = analysis.round_metric(frame, "loss", phase, by=by)
+    acc = round_metric(frame, "accuracy", phase, by=by)
+    loss = round_metric(frame, "loss", phase, by=by)
+    shown = phase_name(frame, phase)
     if acc.empty and loss.empty:
-        raise NoData(f"no {phase} accuracy or loss recorded")
-    colors = _colors(analysis.run_order(frame, by))
+        raise NoData(f"no {shown} accuracy or loss recorded")
+    colors = _colors(run_order(frame, by))
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, wide, name in ((ax_acc, acc, "accuracy"), (ax_loss, loss, "loss")):
         _lines(ax, wide, colors)
-        ax.set_ylabel(f"{name} ({phase})")
+        ax.set_ylabel(f"{name} ({shown})")
         ax.set_title(f"{name} vs round")
         _round_axis(ax)
     ax_acc.set_ylim(0, 1.02)
@@ -98,14 +113,18 @@ def accuracy_loss(
 
 
 def accuracy_bytes(
-    frame: pd.DataFrame, *, phase: str = "server", by: str = "label"
+    frame: pd.DataFrame, *, phase: str = HEADLINE, by: str = "label"
 ) -> Figure:
-    """Accuracy vs cumulative bytes sent (up + down, all phases), per run."""
-    acc = analysis.round_metric(frame, "accuracy", phase, by=by)
+    """Accuracy vs cumulative bytes sent (up + down, all phases), per run.
+
+    ``phase`` as in :func:`accuracy_loss`.
+    """
+    acc = round_metric(frame, "accuracy", phase, by=by)
+    shown = phase_name(frame, phase)
     if acc.empty:
-        raise NoData(f"no {phase} accuracy recorded")
-    comm = analysis.communication(frame, by=by)
-    colors = _colors(analysis.run_order(frame, by))
+        raise NoData(f"no {shown} accuracy recorded")
+    comm = communication(frame, by=by)
+    colors = _colors(run_order(frame, by))
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
     for run in acc.columns:
@@ -121,7 +140,7 @@ def accuracy_bytes(
             label=str(run),
         )
     ax.set_xlabel("cumulative bytes sent, up + down (MB)")
-    ax.set_ylabel(f"accuracy ({phase})")
+    ax.set_ylabel(f"accuracy ({shown})")
     ax.set_ylim(0, 1.02)
     ax.set_title("accuracy vs communication")
     ax.grid(True, alpha=0.3)
@@ -131,10 +150,10 @@ def accuracy_bytes(
 
 def epsilon(frame: pd.DataFrame, *, by: str = "label") -> Figure:
     """Largest epsilon of any client so far vs round, per run that recorded it."""
-    eps = analysis.epsilon_per_round(frame, by=by)
+    eps = epsilon_per_round(frame, by=by)
     if eps.empty:
         raise NoData("no run recorded epsilon")
-    colors = _colors(analysis.run_order(frame, by))
+    colors = _colors(run_order(frame, by))
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
     _lines(ax, eps, colors)
@@ -166,12 +185,12 @@ def client_spread(
     line joins the example-weighted aggregate. Long runs show at most
     :data:`MAX_BOXES` evenly spaced rounds.
     """
-    per_client = analysis.client_metric(frame, metric, phase, by=by)
+    per_client = client_metric(frame, metric, phase, by=by)
     if per_client.empty:
         raise NoData(f"no per-client {phase} {metric} recorded")
-    aggregate = analysis.round_metric(frame, metric, phase, by=by)
-    runs = [r for r in analysis.run_order(frame, by) if r in set(per_client[by])]
-    colors = _colors(analysis.run_order(frame, by))
+    aggregate = round_metric(frame, metric, phase, by=by)
+    runs = [r for r in run_order(frame, by) if r in set(per_client[by])]
+    colors = _colors(run_order(frame, by))
     cols = min(len(runs), 3)
     rows = math.ceil(len(runs) / cols)
     fig = Figure(figsize=(4.6 * cols + 0.6, 3.8 * rows), layout="constrained")

@@ -7,7 +7,7 @@ Enabled from the experiment file (needs the extras ``fedsim[tensorboard]`` /
     tensorboard = true   # event files in <run dir>/tensorboard
     mlflow = true        # MLflow run in sqlite:///<runs folder>/mlflow.db
 
-Each tracker is a :class:`fedsim.engine.recorder.RoundSink`: when a round closes it
+Each tracker is a :class:`fedsim.core.rundir.RoundSink`: when a round closes it
 receives the rows the recorder has just written to ``metrics.parquet`` and logs
 the aggregated ones (``client`` null) as ``<phase>/<metric>`` at step = round,
 e.g. ``server/accuracy``, ``evaluate/accuracy``, ``train/loss``,
@@ -34,7 +34,7 @@ from typing import Any
 
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import to_run_config, to_toml
-from fedsim.engine.recorder import RoundSink, Row
+from fedsim.core.rundir import RoundSink, Row
 
 #: Folder of the TensorBoard event files inside a run directory.
 TENSORBOARD_DIR = "tensorboard"

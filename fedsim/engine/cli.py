@@ -23,7 +23,7 @@ from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
-from fedsim.engine.recorder import read_metrics
+from fedsim.core.rundir import read_metrics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

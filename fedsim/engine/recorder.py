@@ -13,9 +13,6 @@ the initial model).
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import platform
 import time
 from collections import defaultdict
@@ -24,27 +21,30 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedsim.core.errors import RoundFailed, RunStopped
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import to_toml
+from fedsim.core.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    GLOBAL_CHECKPOINT,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    SUMMED,
+    RoundSink,
+    metrics_frame,
+    write_json,
+)
+from fedsim.core.rundir import atomic_write as _atomic_write
 
-CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.parquet"
-SUMMARY_FILE = "summary.json"
-CHECKPOINTS_DIR = "checkpoints"
-GLOBAL_CHECKPOINT = "global.npz"
-COLUMNS = ("round", "client", "phase", "metric", "value")
-
-#: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
-SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
 #: Per-client metrics summed over the exchanges of a round (one row per metric
 #: per (round, client, phase), whatever the number of exchanges).
 ADDITIVE = frozenset({"bytes-up", "bytes-down", "seconds"})
+
 _VERSIONED = ("fedsim", "flwr", "torch", "ray", "numpy", "pandas", "opacus", "peft")
 
 
@@ -59,22 +59,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a file object keeps numpy from adding ".npz"
         np.savez(fh, **arrays)  # type: ignore[arg-type]
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    _atomic_write(
-        path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n", "utf-8")
-    )
 
 
 def create_run_dir(out: Path, exp: Experiment) -> Path:
@@ -93,47 +80,6 @@ def create_run_dir(out: Path, exp: Experiment) -> Path:
     (run_dir / CHECKPOINTS_DIR).mkdir()
     (run_dir / CONFIG_FILE).write_text(to_toml(exp), encoding="utf-8")
     return run_dir
-
-
-def metrics_frame(rows: list[tuple[int, int | None, str, str, float]]) -> pd.DataFrame:
-    """Rows as the long-format DataFrame of ``metrics.parquet``."""
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    return frame.astype(
-        {
-            "round": "int64",
-            "client": "Int64",
-            "phase": "string",
-            "metric": "string",
-            "value": "float64",
-        }
-    )
-
-
-def read_metrics(run_dir: Path) -> pd.DataFrame | None:
-    """``metrics.parquet`` of a run directory, or None while there is none.
-
-    The file is read in one go: pyarrow given a path may stat it and open it on
-    either side of the recorder's atomic replace and fail, while the bytes of one
-    open file are always one whole version, even during a run.
-    """
-    try:
-        data = (run_dir / METRICS_FILE).read_bytes()
-    except FileNotFoundError:
-        return None
-    return pd.read_parquet(io.BytesIO(data))
-
-
-Row = tuple[int, int | None, str, str, float]
-
-
-class RoundSink(Protocol):
-    """Also receives each closed round's rows (e.g. an experiment tracker)."""
-
-    def log_round(self, server_round: int, rows: Sequence[Row]) -> None:
-        """Rows (round, client, phase, metric, value) added by ``end_round``."""
-
-    def close(self, status: str) -> None:
-        """The run ended with ``status`` (``completed``, ``failed``...)."""
 
 
 class RunRecorder:

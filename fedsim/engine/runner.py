@@ -33,7 +33,7 @@ import tomli_w
 from fedsim import __version__
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY, to_run_config
-from fedsim.engine.recorder import SUMMARY_FILE, write_json
+from fedsim.core.rundir import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"
 STARTUP_TIMEOUT = 60.0

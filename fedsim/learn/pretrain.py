@@ -10,8 +10,8 @@ classes when empty) outside the global test set, which is drawn exactly as
 :func:`fedsim.learn.data.federated_data` draws it for the run's seed and the
 default data settings; :func:`fedsim.core.loading.load_experiment` refuses an
 experiment whose own data settings would draw a different test set from the
-same data set, so no test example is ever pre-trained on. The public examples may also lie in client
-partitions: public data is, by definition, available to everyone.
+same data set, so no test example is ever pre-trained on. The public examples
+may also lie in client partitions: public data is, by definition, available to everyone.
 
 The trained state dict is cached under ``<cache>/pretrain/`` (``FEDSIM_CACHE``,
 else ``~/.cache/fedsim``), keyed by a hash of the model config, the data shape and

@@ -4,9 +4,9 @@ server-side hooks (wrap the strategy, check the experiment before the run).
 A mechanism is a class registered in :data:`fedsim.core.registry.PRIVACY`. An
 instance is the client side: it receives the model, optimizer and loader a client
 algorithm built and runs the local epochs with
-:func:`fedsim.learn.training.train_epochs`, possibly wrapping them first (Opacus for DP-SGD), keeping whatever it must
-remember across rounds in the client's ``state``. Its classmethods are the
-server side.
+:func:`fedsim.learn.training.train_epochs`, possibly wrapping them first
+(Opacus for DP-SGD), keeping whatever it must remember across rounds in the
+client's ``state``. Its classmethods are the server side.
 """
 
 from __future__ import annotations

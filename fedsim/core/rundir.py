@@ -1,0 +1,176 @@
+"""The run-directory format, shared by its writer and its readers.
+
+A run directory (``runs/<name>-<timestamp>``) holds:
+
+- ``config.toml``: the resolved experiment.
+- ``metrics.parquet``: the round metrics in long format (:data:`COLUMNS`:
+  ``round``, ``client``, ``phase``, ``metric``, ``value``; ``client`` is the
+  partition id, null on aggregated and server rows). Phases: ``train`` and
+  ``evaluate`` (per-client rows and their aggregate) and ``server`` (server-side
+  evaluation of the global model on the held-out test set, round 0 being the
+  initial model). The file is rewritten atomically each time a round completes.
+- ``summary.json``: status, timings and final metrics, written when the run starts
+  and again when it ends. Its ``headline`` key names the phase whose aggregated
+  accuracy and loss are the run's headline (:data:`HEADLINE_PHASES`); runs
+  recorded before the key existed are ``server`` runs.
+- ``checkpoints/global.npz``: the latest global model.
+
+The engine's run recorder writes run directories; :mod:`fedsim.analysis` and the
+CLI's progress display read them. This module is what both sides agree on; being
+part of the core, it imports neither.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.parquet"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+GLOBAL_CHECKPOINT = "global.npz"
+COLUMNS = ("round", "client", "phase", "metric", "value")
+#: The dtypes of :data:`COLUMNS` (``client`` is nullable).
+DTYPES: Mapping[str, str] = {
+    "round": "int64",
+    "client": "Int64",
+    "phase": "string",
+    "metric": "string",
+    "value": "float64",
+}
+
+#: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
+SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
+
+#: ``summary.json`` key naming the run's headline phase.
+HEADLINE_KEY = "headline"
+#: Phases a run's headline accuracy and loss can come from: ``server`` (the global
+#: model on the held-out test set) or ``evaluate`` (the clients' local evaluation,
+#: aggregated, for strategy families without a global model).
+HEADLINE_PHASES = ("server", "evaluate")
+#: The headline phase of a summary without :data:`HEADLINE_KEY` (older runs).
+DEFAULT_HEADLINE = "server"
+
+#: One metric value: (round, client or None, phase, metric, value).
+Row = tuple[int, int | None, str, str, float]
+
+
+class RoundSink(Protocol):
+    """Also receives each closed round's rows (e.g. an experiment tracker)."""
+
+    def log_round(self, server_round: int, rows: Sequence[Row]) -> None:
+        """Rows (round, client, phase, metric, value) added by ``end_round``."""
+
+    def close(self, status: str) -> None:
+        """The run ended with ``status`` (``completed``, ``failed``...)."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` through a temporary file beside it, then rename it in place.
+
+    Parameters
+    ----------
+    path : Path
+        The file to (re)write.
+    write : callable
+        Writes the content to the path it is given (the temporary file).
+
+    Notes
+    -----
+    The rename is atomic, so a reader sees either the old file or the new one,
+    never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees half a file).
+
+    Parameters
+    ----------
+    path : Path
+        The file to (re)write, e.g. ``summary.json``.
+    payload : Mapping
+        A JSON-serialisable mapping, written indented with a final newline.
+    """
+    atomic_write(
+        path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n", "utf-8")
+    )
+
+
+def metrics_frame(rows: list[Row]) -> pd.DataFrame:
+    """Rows as the long-format DataFrame of ``metrics.parquet``.
+
+    Parameters
+    ----------
+    rows : list of Row
+        ``(round, client, phase, metric, value)`` tuples.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`COLUMNS` with their :data:`DTYPES`.
+    """
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return frame.astype(dict(DTYPES))
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame | None:
+    """``metrics.parquet`` of a run directory, or None while there is none.
+
+    The file is read in one go: pyarrow given a path may stat it and open it on
+    either side of the recorder's atomic replace and fail, while the bytes of one
+    open file are always one whole version, even during a run.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run directory.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        The metrics as written, or None if the file does not exist yet.
+    """
+    try:
+        data = (run_dir / METRICS_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def headline_phase(summary: Mapping[str, Any]) -> str:
+    """The phase whose aggregated accuracy and loss are a run's headline.
+
+    Parameters
+    ----------
+    summary : Mapping
+        ``summary.json`` as read (empty before the run has written it).
+
+    Returns
+    -------
+    str
+        ``summary["headline"]``, or :data:`DEFAULT_HEADLINE` where the key is
+        absent or null (runs recorded before it existed).
+
+    Raises
+    ------
+    ValueError
+        The key holds something other than one of :data:`HEADLINE_PHASES`.
+    """
+    value = summary.get(HEADLINE_KEY)
+    if value is None:
+        return DEFAULT_HEADLINE
+    if value not in HEADLINE_PHASES:
+        allowed = ", ".join(HEADLINE_PHASES)
+        raise ValueError(f"{HEADLINE_KEY} {value!r} is not one of {allowed}")
+    return str(value)

@@ -51,8 +51,11 @@ class CliRun:
         return only
 
 
-def fedsim(*args: str, out: Path, timeout: float = 300) -> CliRun:
-    """Run the ``fedsim`` CLI in a subprocess, as a user would."""
+def fedsim(
+    *args: str, out: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> CliRun:
+    """Run the ``fedsim`` CLI in a subprocess, as a user would (``env``: the
+    environment, default this process's)."""
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim", *args, "--out", str(out)]
         if args and args[0] == "run"
@@ -60,6 +63,7 @@ def fedsim(*args: str, out: Path, timeout: float = 300) -> CliRun:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     return CliRun(proc.returncode, proc.stdout, proc.stderr, out)
 

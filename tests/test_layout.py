@@ -1,0 +1,136 @@
+"""The architecture holds: layers import only downwards, no import cycles,
+small modules, and nothing outside a family compares strategy names."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("fedsim", "strategies", "clients")
+#: Which fedsim layers each layer may import (besides itself).
+ALLOWED = {
+    "core": set(),
+    "learn": {"core"},
+    "protocol": {"core", "learn"},
+    "privacy": {"core", "learn", "protocol"},
+    "analysis": {"core"},
+    "engine": {"core", "learn", "protocol", "privacy", "analysis"},
+}
+MAX_LINES = 450
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """Modules of this repository that ``path`` imports, anywhere in it."""
+    found: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known)
+    found.discard(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, name, known) for name, path in known.items()}
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "fedsim" and len(parts) > 1 else None
+
+
+def test_no_import_cycle() -> None:
+    edges = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt) :] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_layers_import_only_downwards() -> None:
+    bad = []
+    for module, targets in graph().items():
+        own = layer(module)
+        for target in targets:
+            if module.startswith("strategies") and target.startswith("clients"):
+                bad.append(f"{module} -> {target}")
+            if module.startswith("clients") and target.startswith("strategies"):
+                bad.append(f"{module} -> {target}")
+            other = layer(target)
+            if own in ALLOWED and other in ALLOWED and other != own:
+                if other not in ALLOWED[own]:
+                    bad.append(f"{module} -> {target}")
+    assert not bad, bad
+
+
+def test_core_imports_neither_torch_nor_flower() -> None:
+    for path in (ROOT / "fedsim" / "core").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for n in names:
+                assert n.split(".")[0] not in ("torch", "flwr", "ray"), (path, n)
+
+
+def test_modules_stay_small() -> None:
+    big = {
+        str(path.relative_to(ROOT)): n
+        for path in modules().values()
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not big, big
+
+
+def test_nothing_outside_a_family_compares_strategy_names() -> None:
+    names = "|".join(["fedavg", "flora", "fedit"])
+    pattern = re.compile(rf"[=!]=\s*[\"']({names})[\"']|[\"']({names})[\"']\s*[=!]=")
+    hits = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for package in ("fedsim", "clients")
+        for path in (ROOT / package).rglob("*.py")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line) or re.search(rf"\bin\s*\(\s*[\"']({names})", line)
+    ]
+    assert not hits, hits

@@ -11,4 +11,8 @@ process simulates::
 ``content`` is the received RecordDict, ``data`` the client's
 :class:`fedsim.learn.data.ClientData`, ``state`` the client's persistent RecordDict
 (Flower's ``Context.state``; keep it small). Each returns the reply RecordDict.
+A family's custom action ``train.<action>`` (``Family.actions``) calls the
+method ``<action>`` with the same arguments. Local training goes through
+:func:`fedsim.learn.training.local_fit` with the experiment's privacy mechanism
+(:func:`fedsim.privacy.client_mechanism`), so DP-SGD wraps every family alike.
 """

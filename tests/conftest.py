@@ -21,8 +21,9 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp import Grid
 
-from fedsim.core.messages import ARRAYS, METRICS
+from fedsim.core.messages import ARRAYS, METRICS, PARTITION_ID
 
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
@@ -143,3 +144,48 @@ def strategy_for(exp: Any) -> Any:
     from fedsim.engine.server_app import build
 
     return registry.family(exp.strategy.name).load_server()(build(exp))
+
+
+class ScriptedGrid(Grid):
+    """A Grid without a Flower runtime: each pushed message is answered at once
+    by :meth:`answer` (subclasses script it); replies come back in reverse order,
+    as replies arrive in any order."""
+
+    def __init__(self, partitions: dict[int, int]):
+        self.partitions = partitions  # node id -> partition id
+        self.sent: list[Message] = []
+        self.waiting: dict[str, Message] = {}
+
+    def set_run(self, run: object) -> None: ...
+
+    @property
+    def run(self) -> object:
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise AssertionError("unused")
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.partitions)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            self.sent.append(msg)
+            ids.append(f"m{len(self.sent)}")
+            self.waiting[ids[-1]] = self.answer(msg, ids[-1])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        ready = [self.waiting.pop(i) for i in message_ids if i in self.waiting]
+        return ready[::-1]
+
+    def send_and_receive(self, *args: object, **kwargs: object) -> Iterable[Message]:
+        raise AssertionError("RecordingGrid pushes and polls itself")
+
+    def answer(self, msg: Message, message_id: str) -> Message:
+        """The reply of ``msg``'s node; the partition-id query is answered here."""
+        node = msg.metadata.dst_node_id
+        return reply(
+            None, {PARTITION_ID: self.partitions[node]}, src=node, reply_to=message_id
+        )

@@ -8,19 +8,18 @@ once the folder is on the path, exactly as an installed package is.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import from_run_config, load_experiment, to_run_config
-from fedsim.core.messages import ARRAYS, NUM_EXAMPLES, PARTITION_ID
+from fedsim.core.messages import ARRAYS, NUM_EXAMPLES
 from fedsim.core.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 from fedsim.engine.recorder import RunRecorder
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy, array_bytes
@@ -28,7 +27,7 @@ from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy
-from tests.conftest import fedsim, reply, sets
+from tests.conftest import ScriptedGrid, fedsim, reply, sets
 
 PLUGIN = Path(__file__).parent / "plugin"
 
@@ -79,47 +78,19 @@ def test_the_declaration_decides_peft_and_privacy() -> None:
         )
 
 
-class PingGrid(Grid):
-    """Answers ``train.ping`` by doubling and ``train`` with canned replies; the
-    partition-id query with each node's partition."""
-
-    def __init__(self, partitions: dict[int, int]):
-        self.partitions = partitions
-        self.types: list[str] = []
-        self.waiting: dict[str, Message] = {}
-
-    def set_run(self, run: object) -> None: ...
+class PingGrid(ScriptedGrid):
+    """Answers ``train.ping`` by doubling and ``train`` with canned replies."""
 
     @property
-    def run(self) -> object:
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:
-        raise AssertionError("unused")
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.partitions)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            self.types.append(msg.metadata.message_type)
-            ids.append(f"m{len(self.types)}")
-            self.waiting[ids[-1]] = self.answer(msg, ids[-1])
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.waiting.pop(i) for i in message_ids if i in self.waiting]
-
-    def send_and_receive(self, *args: object, **kwargs: object) -> Iterable[Message]:
-        raise AssertionError("RecordingGrid pushes and polls itself")
+    def types(self) -> list[str]:
+        return [m.metadata.message_type for m in self.sent]
 
     def answer(self, msg: Message, message_id: str) -> Message:
         node = msg.metadata.dst_node_id
         pid = self.partitions[node]
         kind = msg.metadata.message_type
         if kind == MessageType.QUERY:
-            return reply(None, {PARTITION_ID: pid}, src=node, reply_to=message_id)
+            return super().answer(msg, message_id)
         if kind == "train.ping":
             n = msg.content[ARRAYS]["n"].numpy()
             return reply({"n": 2 * n}, {"pings": 1.0}, src=node, reply_to=message_id)

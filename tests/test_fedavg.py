@@ -15,15 +15,14 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
-from flwr.serverapp import Grid
 
 from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
 from fedsim.engine.recorder import RunRecorder, aggregate_replies
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from tests.conftest import reply, strategy_for
+from tests.conftest import ScriptedGrid, reply, strategy_for
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -73,49 +72,18 @@ def test_aggregate_replies_sums_counts_and_weights_means() -> None:
     assert "seconds" not in out
 
 
-class FakeGrid(Grid):
+class FakeGrid(ScriptedGrid):
     """Answers train messages from a table of canned replies (no Flower runtime)."""
 
     def __init__(self, partitions: dict[int, int], fail: set[int] = frozenset()):
-        self.partitions = partitions
+        super().__init__(partitions)
         self.fail = fail
-        self.sent: list[Message] = []
-        self.waiting: dict[str, Message] = {}
-
-    def set_run(self, run: object) -> None: ...
-
-    @property
-    def run(self) -> object:
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:
-        raise AssertionError("unused")
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.partitions)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            self.sent.append(msg)
-            ids.append(f"m{len(self.sent)}")
-            self.waiting[ids[-1]] = self.answer(msg, ids[-1])
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        ready = [self.waiting.pop(i) for i in message_ids if i in self.waiting]
-        return ready[::-1]  # replies arrive in any order
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise AssertionError("RecordingGrid pushes and polls itself")
 
     def answer(self, msg: Message, message_id: str) -> Message:
         node = msg.metadata.dst_node_id
         pid = self.partitions[node]
         if msg.metadata.message_type == MessageType.QUERY:
-            return reply(None, {PARTITION_ID: pid}, src=node, reply_to=message_id)
+            return super().answer(msg, message_id)
         if pid in self.fail:
             return reply(None, {}, src=node, error=f"boom {pid}", reply_to=message_id)
         arrays = {"w": np.full((5, 5), float(pid), dtype=np.float32)}

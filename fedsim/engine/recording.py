@@ -195,11 +195,9 @@ class RecordingGrid(Grid):
         # ``train.<action>`` exchanges are recorded under the ``train`` phase
         phase = first.metadata.message_type.split(".")[0]
         config = first.content.config_records.get(CONFIG)
-        server_round = (
-            int(config[SERVER_ROUND])
-            if config and SERVER_ROUND in config
-            else self.server_round
-        )  # type: ignore[arg-type]
+        server_round = self.server_round
+        if config and SERVER_ROUND in config:
+            server_round = int(config[SERVER_ROUND])  # type: ignore[arg-type]
         down = {m.metadata.dst_node_id: array_bytes(m.content) for m in messages}
         if len(down) < len(messages):
             raise ValueError(

@@ -8,9 +8,7 @@ traceback, nothing written), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,8 @@ from rich.table import Table
 from fedsim import __version__
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
-from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
-from fedsim.core.rundir import read_metrics
+from fedsim.engine.launch import Progress, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -79,79 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_resources(exp: Experiment) -> None:
-    """Ray would wait forever for resources this machine does not have."""
-    import torch
+class ConsoleDisplay:
+    """Rich status line in a terminal (updated in place), plain lines otherwise."""
 
-    res = exp.resources
-    cores = os.cpu_count() or 1
-    if res.num_cpus > cores:
-        raise ConfigError(
-            f"resources.num-cpus: {res.num_cpus} exceeds the {cores} cores here"
-        )
-    gpus = torch.cuda.device_count()
-    if res.num_gpus > gpus:
-        raise ConfigError(
-            f"resources.num-gpus: {res.num_gpus:g} requested per client but "
-            f"{gpus} CUDA GPUs are visible"
-        )
-    if res.device == "cuda" and gpus == 0:
-        raise ConfigError(
-            "resources.device: 'cuda' requested but no CUDA GPU is visible"
-        )
-
-
-def preflight(exp: Experiment) -> None:
-    """Every pre-run check, before anything is written: resources, the data and
-    the model built once, the family's own check (e.g. LoRA targets), the
-    privacy mechanism's."""
-    from fedsim import privacy
-    from fedsim.learn.base import build_model
-    from fedsim.learn.data import federated_data
-
-    check_resources(exp)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    model = build_model(exp.model, data.info, exp.seed)
-    registry.family(exp.strategy.name).run_check(exp, model, data)
-    privacy.preflight(exp, model, data)
-
-
-class Progress:
-    """Round i/N, latest server accuracy and elapsed time, read from the run dir."""
-
-    def __init__(self, console: Console, run_dir: Path, rounds: int, *, headline: str):
+    def __init__(self, console: Console):
         self.console = console
-        self.headline = headline
-        self.run_dir = run_dir
-        self.rounds = rounds
-        self.start = time.monotonic()
-        self.done = -1
         self.status = console.status("starting the simulation runtime...")
         if console.is_terminal:
             self.status.start()
 
-    def poll(self) -> None:
-        frame = read_metrics(self.run_dir)
-        if frame is None:
-            return
-        closed = frame[(frame["phase"] == "server") & frame["client"].isna()]
-        shown = frame[(frame["phase"] == self.headline) & frame["client"].isna()]
-        rounds = sorted(int(r) for r in closed["round"].unique())
-        for rnd in [r for r in rounds if r > self.done]:
-            rows = shown[shown["round"] == rnd].set_index("metric")["value"]
-            nan = float("nan")
-            line = (
-                f"round {rnd:>3}/{self.rounds}"
-                f"  accuracy {rows.get('accuracy', nan):.4f}"
-                f"  loss {rows.get('loss', nan):.4f}"
-                f"  elapsed {time.monotonic() - self.start:6.1f}s"
-            )
-            self.done = rnd
-            if self.console.is_terminal:
-                self.status.update(f"[bold]{line}")
-                self.console.print(line, highlight=False)
-            else:
-                print(line, flush=True)
+    def round(self, server_round: int, rounds: int, line: str) -> None:
+        if self.console.is_terminal:
+            self.status.update(f"[bold]{line}")
+            self.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         self.status.stop()
@@ -193,10 +132,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     preflight(exp)
     run_dir = create_run_dir(Path(args.out).resolve(), exp)
     console.print(f"run directory: {run_dir}")
-    headline = (
-        "server" if registry.family(exp.strategy.name).global_model else "evaluate"
-    )
-    progress = Progress(console, run_dir, exp.rounds, headline=headline)
+    progress = Progress(ConsoleDisplay(console), run_dir, exp)
     try:
         outcome = simulate(exp, run_dir, on_poll=progress.poll)
     finally:

@@ -54,6 +54,19 @@ def _executable(name: str) -> str:
     return found
 
 
+def environment_path() -> str:
+    """``PATH`` with this interpreter's ``bin/`` first.
+
+    The SuperLink starts Flower's own executables by name (``flower-superexec``,
+    ``flwr-serverapp``...); from a shell where this environment is not activated
+    (cron, some notebook kernels, ``/path/to/venv/bin/fedsim``) they would not be
+    found otherwise.
+    """
+    here = str(Path(sys.executable).parent)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join([here, *rest])
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -182,6 +195,7 @@ def flower_home(port: int) -> tuple[Path, dict[str, str]]:
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
+        "PATH": environment_path(),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -1,0 +1,222 @@
+"""Launching runs: pre-run checks, progress displays, and :func:`run` (the Python
+API behind ``fedsim run``).
+
+``fedsim.run(...)`` (:func:`run`) is the same run as the CLI: it validates the
+experiment (raising :class:`fedsim.core.errors.ConfigError`), runs every pre-run
+check before anything is written, simulates, and returns the finished run as
+:func:`fedsim.analysis.load_run` reads it. In a Jupyter notebook the progress is
+an HTML progress bar updated in place; in a terminal, one line per round.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedsim.core import registry
+from fedsim.core.errors import ConfigError
+from fedsim.core.experiment import Experiment
+from fedsim.core.loading import load_experiment
+from fedsim.core.rundir import read_metrics
+
+
+def check_resources(exp: Experiment) -> None:
+    """Ray would wait forever for resources this machine does not have."""
+    import torch
+
+    res = exp.resources
+    cores = os.cpu_count() or 1
+    if res.num_cpus > cores:
+        raise ConfigError(
+            f"resources.num-cpus: {res.num_cpus} exceeds the {cores} cores here"
+        )
+    gpus = torch.cuda.device_count()
+    if res.num_gpus > gpus:
+        raise ConfigError(
+            f"resources.num-gpus: {res.num_gpus:g} requested per client but "
+            f"{gpus} CUDA GPUs are visible"
+        )
+    if res.device == "cuda" and gpus == 0:
+        raise ConfigError(
+            "resources.device: 'cuda' requested but no CUDA GPU is visible"
+        )
+
+
+def preflight(exp: Experiment) -> None:
+    """Every pre-run check, before anything is written: resources, the data and
+    the model built once, the family's own check (e.g. LoRA targets), the
+    privacy mechanism's."""
+    from fedsim import privacy
+    from fedsim.learn.base import build_model
+    from fedsim.learn.data import federated_data
+
+    check_resources(exp)
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    model = build_model(exp.model, data.info, exp.seed)
+    registry.family(exp.strategy.name).run_check(exp, model, data)
+    privacy.preflight(exp, model, data)
+
+
+def headline_of(exp: Experiment) -> str:
+    """The phase whose accuracy is the run's headline (see the recorder)."""
+    return "server" if registry.family(exp.strategy.name).global_model else "evaluate"
+
+
+class Display(Protocol):
+    """Shows one line per closed round."""
+
+    def round(self, server_round: int, rounds: int, line: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Progress:
+    """Reads closed rounds from the run directory and hands them to a display."""
+
+    def __init__(self, display: Display, run_dir: Path, exp: Experiment):
+        self.display = display
+        self.run_dir = run_dir
+        self.rounds = exp.rounds
+        self.headline = headline_of(exp)
+        self.start = time.monotonic()
+        self.done = -1
+
+    def poll(self) -> None:
+        frame = read_metrics(self.run_dir)
+        if frame is None:
+            return
+        closed = frame[(frame["phase"] == "server") & frame["client"].isna()]
+        shown = frame[(frame["phase"] == self.headline) & frame["client"].isna()]
+        for rnd in sorted(int(r) for r in closed["round"].unique()):
+            if rnd <= self.done:
+                continue
+            rows = shown[shown["round"] == rnd].set_index("metric")["value"]
+            nan = float("nan")
+            line = (
+                f"round {rnd:>3}/{self.rounds}"
+                f"  accuracy {rows.get('accuracy', nan):.4f}"
+                f"  loss {rows.get('loss', nan):.4f}"
+                f"  elapsed {time.monotonic() - self.start:6.1f}s"
+            )
+            self.done = rnd
+            self.display.round(rnd, self.rounds, line)
+
+    def close(self) -> None:
+        self.display.close()
+
+
+class PlainDisplay:
+    """One printed line per round (scripts, pipes, log files)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def round(self, server_round: int, rounds: int, line: str) -> None:
+        print(f"{self.prefix}{line}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class NotebookDisplay:
+    """An HTML ``<progress>`` bar and the latest round's line, updated in place
+    in the notebook's output (IPython's display handles; no widgets needed)."""
+
+    def __init__(self, title: str):
+        from IPython.display import HTML, display
+
+        self._html = HTML
+        self.title = title
+        self.handle = display(HTML(self._render(0, 1, "starting...")), display_id=True)
+
+    def _render(self, done: int, total: int, line: str) -> str:
+        return (
+            f"<div><b>{html.escape(self.title)}</b> "
+            f'<progress value="{done}" max="{total}" style="width:30ex"></progress> '
+            f"<code>{html.escape(line)}</code></div>"
+        )
+
+    def round(self, server_round: int, rounds: int, line: str) -> None:
+        if self.handle is not None:
+            self.handle.update(self._html(self._render(server_round, rounds, line)))
+
+    def close(self) -> None:
+        pass
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel."""
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    ipython = shell.get_ipython()  # type: ignore[attr-defined]
+    return ipython is not None and type(ipython).__name__ == "ZMQInteractiveShell"
+
+
+def default_display(title: str) -> Display:
+    """A notebook bar in Jupyter, printed lines elsewhere."""
+    return NotebookDisplay(title) if in_notebook() else PlainDisplay()
+
+
+def run(
+    experiment: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path = "runs",
+    *,
+    progress: bool = True,
+) -> Any:
+    """Run an experiment as ``fedsim run`` does and return the finished run.
+
+    Parameters
+    ----------
+    experiment : str or Path, optional
+        Experiment TOML; the packaged quickstart when omitted.
+    overrides : sequence of str
+        ``KEY=VALUE`` dotted-key overrides, as ``--set`` takes them.
+    out : str or Path
+        Where the run directory goes (default ``./runs``).
+    progress : bool
+        Show progress (a notebook bar in Jupyter, lines elsewhere).
+
+    Returns
+    -------
+    fedsim.analysis.runs.Run
+        What :func:`fedsim.analysis.load_run` reads from the run directory
+        (``status`` tells whether it completed).
+
+    Raises
+    ------
+    ConfigError
+        Invalid experiment or a failed pre-run check (nothing is written).
+    KeyboardInterrupt
+        The run was interrupted (its directory says ``interrupted``).
+    """
+    from fedsim.analysis import load_run
+    from fedsim.engine.recorder import create_run_dir
+    from fedsim.engine.runner import simulate
+
+    exp = load_experiment(experiment, overrides)
+    preflight(exp)
+    run_dir = create_run_dir(Path(out).resolve(), exp)
+    display: Display = default_display(exp.name) if progress else _Silent()
+    watch = Progress(display, run_dir, exp)
+    try:
+        outcome = simulate(exp, run_dir, on_poll=watch.poll)
+    finally:
+        watch.close()
+    if outcome.status == "interrupted":
+        raise KeyboardInterrupt(f"run interrupted; see {run_dir}")
+    return load_run(run_dir)
+
+
+class _Silent:
+    def round(self, server_round: int, rounds: int, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

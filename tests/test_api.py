@@ -1,0 +1,80 @@
+"""``fedsim.run`` from Python, and a runner that works from any environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fedsim
+from fedsim.core.errors import ConfigError
+from fedsim.core.rundir import METRICS_FILE
+from fedsim.engine.launch import NotebookDisplay, PlainDisplay
+from tests.conftest import SMALL, CliRun, sets
+
+TIMING = ("seconds", "elapsed")
+
+
+def untimed(path: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path / METRICS_FILE)
+    frame = frame[~frame["metric"].isin(TIMING)]
+    keys = ["round", "client", "phase", "metric"]
+    return frame.sort_values(keys).reset_index(drop=True)
+
+
+def test_bad_input_raises_the_cli_s_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.alhpa: unknown key"):
+        fedsim.run(overrides=["data.alhpa=0.1"], out=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_notebook_display_is_an_html_progress_bar() -> None:
+    pytest.importorskip("IPython")
+    display = NotebookDisplay("quickstart")
+    html = display._render(3, 20, "round   3/20  accuracy 0.5000")
+    assert '<progress value="3" max="20"' in html and "\x1b" not in html
+    assert "round   3/20" in html
+
+
+@pytest.mark.slow
+def test_run_returns_the_run_the_cli_writes(
+    small_run: CliRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = fedsim.run(overrides=list(SMALL), out=tmp_path)
+    assert run.status == "completed" and run.path.parent == tmp_path
+    assert "round   3/3" in capsys.readouterr().out  # plain progress lines
+    pd.testing.assert_frame_equal(untimed(run.path), untimed(small_run.run_dir))
+
+
+@pytest.mark.slow
+def test_console_script_runs_without_its_environment_on_path(tmp_path: Path) -> None:
+    """``/path/to/venv/bin/fedsim run`` from a shell where the venv is not
+    activated: the SuperLink must still find Flower's executables."""
+    script = Path(sys.executable).with_name("fedsim")
+    here = str(Path(sys.executable).parent)
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here
+    )
+    env = {**os.environ, "PATH": path or "/usr/bin:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    args = sets("rounds=1", "federation.clients=2", "model.name=mlp")
+    proc = subprocess.run(
+        [str(script), "run", *args, "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "completed" in proc.stdout
+
+
+def test_plain_display_prints_a_line_per_round(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    PlainDisplay("[1/2] ").round(1, 2, "round   1/2")
+    assert capsys.readouterr().out == "[1/2] round   1/2\n"

@@ -1,13 +1,14 @@
 """fedsim: federated-learning simulation on Flower and Ray.
 
-``fedsim.run(...)`` launches a run from Python (see :func:`fedsim.engine.launch.run`);
-it is imported on first use, so that ``import fedsim.core`` stays light.
+``fedsim.run(...)`` launches a run from Python (:func:`fedsim.engine.launch.run`),
+``fedsim.sweep(...)`` a sweep (:func:`fedsim.engine.sweep.sweep`); both are
+imported on first use, so that ``import fedsim.core`` stays light.
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "run"]
+__all__ = ["__version__", "run", "sweep"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,4 +16,8 @@ def __getattr__(name: str) -> Any:
         from fedsim.engine.launch import run
 
         return run
+    if name == "sweep":
+        from fedsim.engine.sweep import sweep
+
+        return sweep
     raise AttributeError(f"module 'fedsim' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from fedsim.engine.runner import (
     _executable,
     flower_home,
     free_port,
+    run_config_of,
     spawn,
     stop_tree,
     submit_command,
@@ -37,7 +38,7 @@ def test_superlink_and_two_supernodes_run_fedavg(tmp_path: Path) -> None:
     logs.mkdir()
     port = free_port()
     home, env = flower_home(port)
-    write_app(home / "app", exp, run_dir)
+    write_app(home / "app", run_config_of(exp, run_dir), "deployment test")
     procs = []
     try:
         link = spawn(superlink_command(port, simulation=False), env, logs / "link.log")

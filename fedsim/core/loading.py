@@ -39,6 +39,9 @@ RunConfig = dict[str, bool | int | float | str]
 
 #: Run-config key (outside the experiment schema) carrying the run directory.
 RUN_DIR_KEY = "run-dir"
+#: Run-config key of a sweep: JSON list of ``{"config": run-config, "run-dir": ...}``
+#: whose experiments one Flower run executes one after another.
+SWEEP_KEY = "sweep"
 _NAME_KEY = "strategy.name"
 
 

@@ -22,3 +22,5 @@ SECONDS = "seconds"
 LORA_RANK = "lora-rank"
 #: LoRA scaling alpha / r of the adapters in a reply (train metrics).
 LORA_SCALING = "lora-scaling"
+#: In a sweep, the index of the experiment a message belongs to (in CONFIG).
+EXPERIMENT = "fedsim-experiment"

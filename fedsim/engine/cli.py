@@ -1,4 +1,4 @@
-"""``fedsim`` command line: ``run``, ``list``, ``report``.
+"""``fedsim`` command line: ``run``, ``sweep``, ``list``, ``report``.
 
 Exit codes: 0 run completed (or stopped cleanly, e.g. privacy budget spent), 1 run
 failed, 2 invalid input (one line on stderr, no
@@ -44,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--out", default="runs", help="where run directories go (default: ./runs)"
+    )
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of experiments (start-up paid once); re-run to finish one",
+    )
+    sweep.add_argument("sweep", help="experiment TOML with [grid] and/or [[variants]]")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key of the base experiment (repeatable)",
+    )
+    sweep.add_argument(
+        "--out",
+        default="runs",
+        help="the sweep directory is OUT/<sweep file name> (default: ./runs)",
     )
     sub.add_parser("list", help="list strategies, datasets, models, privacy mechanisms")
     report = sub.add_parser(
@@ -146,6 +164,45 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_FAILED
 
 
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    """Validate the whole sweep, run what is left, print a table of its runs."""
+    from fedsim.engine.launch import PlainDisplay
+    from fedsim.engine.runner import read_summary
+    from fedsim.engine.sweep import execute, plan
+
+    work = plan(args.sweep, args.overrides, args.out)
+    total = len(work.points)
+    done = total - len(work.todo)
+    console.print(
+        f"sweep directory: {work.directory} ({total} experiments, {done} done)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    outcomes = execute(
+        work,
+        display=lambda p: PlainDisplay(f"[{p.index + 1}/{total}] {p.label}: "),
+    )
+    table = Table(title=f"fedsim sweep: {work.source.name}")
+    for column in ("#", "experiment", "status", "accuracy", "rounds"):
+        table.add_column(column, justify="right" if column != "experiment" else "left")
+    for point in work.points:
+        summary = read_summary(work.run_dir(point))
+        final = summary.get("final", {})
+        table.add_row(
+            str(point.index),
+            point.label,
+            str(summary.get("status", "pending")),
+            _fmt(final.get("accuracy")),
+            f"{summary.get('rounds_completed', 0)}/{point.experiment.rounds}",
+        )
+    console.print(table)
+    console.print(f"sweep directory: {work.directory}", highlight=False, soft_wrap=True)
+    statuses = {o.status for o in outcomes}
+    if "interrupted" in statuses:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if statuses - {"completed", "stopped"} else EXIT_OK
+
+
 def cmd_list(console: Console) -> int:
     sections: list[tuple[str, Mapping[str, Any]]] = [
         ("strategies", registry.families()),
@@ -207,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_list(console)
         if args.command == "report":
             return cmd_report(args, console)
+        if args.command == "sweep":
+            return cmd_sweep(args, console)
         return cmd_run(args, console)
     except (ConfigError, registry.FamilyError) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ builds it once.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,13 +19,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import from_run_config
-from fedsim.core.messages import CONFIG, METRICS, PARTITION_ID, SECONDS, SERVER_ROUND
+from fedsim.core.loading import SWEEP_KEY, from_run_config
+from fedsim.core.messages import (
+    CONFIG,
+    EXPERIMENT,
+    METRICS,
+    PARTITION_ID,
+    SECONDS,
+    SERVER_ROUND,
+)
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import FederatedData, federated_data
 from fedsim.learn.device import resolve_device
@@ -58,6 +73,35 @@ def runtime(run_config: Mapping[str, Any]) -> ClientRuntime:
     return _runtime(tuple(sorted(run_config.items())))
 
 
+@lru_cache(maxsize=2)
+def _sweep(text: str) -> tuple[dict[str, Any], ...]:
+    return tuple(entry["config"] for entry in json.loads(text))
+
+
+#: Key in a node's state naming the sweep experiment the state belongs to.
+_STATE_OWNER = "fedsim-sweep"
+
+
+def experiment_config(
+    run_config: Mapping[str, Any], config: Mapping[str, Any], state: RecordDict
+) -> Mapping[str, Any]:
+    """The run-config of the experiment a message belongs to.
+
+    In a sweep (one Flower run, its experiments one after another) the message's
+    ``config`` names the experiment; a node's state belongs to one experiment
+    and is cleared when the next one reaches the node, so no private state
+    (e.g. a DP-SGD accountant) leaks from one experiment into another.
+    """
+    if SWEEP_KEY not in run_config:
+        return run_config
+    index = int(config[EXPERIMENT])
+    owner = state.config_records.get(_STATE_OWNER)
+    if owner is None or int(owner["index"]) != index:  # type: ignore[arg-type]
+        state.clear()
+        state[_STATE_OWNER] = ConfigRecord({"index": index})
+    return _sweep(str(run_config[SWEEP_KEY]))[index]
+
+
 def partition_id(context: Context) -> int:
     """The client's partition id, from Flower's node config."""
     try:
@@ -84,11 +128,11 @@ app = ClientApp()
 
 
 def _handle(msg: Message, context: Context) -> Message:
-    rt = runtime(context.run_config)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    rt = runtime(experiment_config(context.run_config, config, context.state))
     pid = partition_id(context)
     category, _, action = msg.metadata.message_type.partition(".")
-    config = msg.content.config_records.get(CONFIG)
-    server_round = int(config[SERVER_ROUND]) if config else 0  # type: ignore[arg-type]
+    server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
     if action:
         declared = registry.family(rt.experiment.strategy.name).actions
         if action not in declared:

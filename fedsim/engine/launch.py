@@ -149,6 +149,16 @@ class NotebookDisplay:
         pass
 
 
+class QuietDisplay:
+    """Shows nothing."""
+
+    def round(self, server_round: int, rounds: int, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def in_notebook() -> bool:
     """Whether this process is a Jupyter kernel."""
     shell = sys.modules.get("IPython")
@@ -203,7 +213,7 @@ def run(
     exp = load_experiment(experiment, overrides)
     preflight(exp)
     run_dir = create_run_dir(Path(out).resolve(), exp)
-    display: Display = default_display(exp.name) if progress else _Silent()
+    display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:
         outcome = simulate(exp, run_dir, on_poll=watch.poll)
@@ -212,11 +222,3 @@ def run(
     if outcome.status == "interrupted":
         raise KeyboardInterrupt(f"run interrupted; see {run_dir}")
     return load_run(run_dir)
-
-
-class _Silent:
-    def round(self, server_round: int, rounds: int, line: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import (
@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.core.errors import RoundFailed
 from fedsim.core.messages import (
     CONFIG,
+    EXPERIMENT,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
@@ -61,6 +62,12 @@ class RecordingGrid(Grid):
         Fewest successful training replies a round needs.
     connect_timeout : float
         Seconds to wait for ``num_clients`` nodes to connect.
+    experiment : int, optional
+        In a sweep, the experiment's index, set in every message's ``config``
+        so that clients serve it with that experiment's settings.
+    partitions : mapping of int to int, optional
+        Node id -> partition id when already known (a sweep's earlier
+        experiment asked); otherwise every node is asked once.
     """
 
     def __init__(
@@ -71,8 +78,11 @@ class RecordingGrid(Grid):
         num_clients: int,
         min_replies: int,
         connect_timeout: float = 300.0,
+        experiment: int | None = None,
+        partitions: Mapping[int, int] | None = None,
     ):
         self.grid = grid
+        self.experiment = experiment
         self.recorder = recorder
         self.num_clients = num_clients
         self.min_replies = min_replies
@@ -80,7 +90,7 @@ class RecordingGrid(Grid):
         #: The round being run (set by the round driver); messages without a
         #: ``server-round`` in their config are recorded under it.
         self.server_round = 0
-        self._partition_of: dict[int, int] = {}
+        self._partition_of: dict[int, int] = dict(partitions or {})
 
     # -- delegation ------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -203,6 +213,11 @@ class RecordingGrid(Grid):
             raise ValueError(
                 "one message per node per exchange: a node was sent two messages"
             )
+        if self.experiment is not None:
+            for message in messages:
+                config = message.content.config_records.get(CONFIG, ConfigRecord())
+                config[EXPERIMENT] = self.experiment
+                message.content[CONFIG] = config
         start = time.perf_counter()
         replies = self._send_and_wait(messages, timeout=timeout)
         self.recorder.phase_seconds(server_round, phase, time.perf_counter() - start)

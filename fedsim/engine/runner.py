@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ import tomli_w
 
 from fedsim import __version__
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, to_run_config
+from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, to_run_config
 from fedsim.core.rundir import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"
@@ -74,15 +74,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_app(app_dir: Path, exp: Experiment, run_dir: Path) -> None:
-    """A minimal Flower App: fedsim's components with the experiment as config."""
-    config: dict[str, Any] = dict(to_run_config(exp))
-    config[RUN_DIR_KEY] = str(run_dir)
+def write_app(app_dir: Path, config: dict[str, Any], description: str) -> None:
+    """A minimal Flower App: fedsim's components with ``config`` as run-config."""
     pyproject = {
         "project": {
             "name": "fedsim-run",
             "version": __version__,
-            "description": f"fedsim run {exp.name}",
+            "description": description,
             "license": "Apache-2.0",
             "dependencies": [],
         },
@@ -103,6 +101,13 @@ def write_app(app_dir: Path, exp: Experiment, run_dir: Path) -> None:
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), "utf-8")
 
 
+def run_config_of(exp: Experiment, run_dir: Path) -> dict[str, Any]:
+    """The run-config of one experiment writing to ``run_dir``."""
+    config: dict[str, Any] = dict(to_run_config(exp))
+    config[RUN_DIR_KEY] = str(run_dir)
+    return config
+
+
 def federation_config(exp: Experiment) -> str:
     """``flwr run --federation-config`` value: clients and their Ray resources."""
     res = exp.resources
@@ -113,13 +118,29 @@ def federation_config(exp: Experiment) -> str:
     )
 
 
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants (collected first), then kill."""
+def descendants(pid: int) -> list[psutil.Process]:
+    """The live descendants of ``pid`` (empty if it is gone)."""
     try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(
+    pid: int, timeout: float = 15.0, also: Iterable[psutil.Process] = ()
+) -> None:
+    """Terminate a process and all its descendants (collected first), then kill.
+
+    ``also``: processes seen under it earlier that may have been re-parented
+    since (a child that lost its parent is no longer its descendant); each
+    remembers its start time, so a reused PID is never signalled.
+    """
+    procs: list[psutil.Process] = []
+    with suppress(psutil.NoSuchProcess):
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+    known = {p.pid for p in procs}
+    procs += [p for p in also if p.pid not in known and p.is_running()]
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()
@@ -227,6 +248,90 @@ def submit_command(app_dir: Path, federation: str | None = None) -> list[str]:
     return [_executable("flwr"), "run", str(app_dir), "fedsim", "--stream", *extra]
 
 
+def launch(
+    config: dict[str, Any],
+    federation: str,
+    logs: Path,
+    *,
+    description: str,
+    on_poll: Callable[[], None] = lambda: None,
+    poll_interval: float = 0.5,
+) -> tuple[str | None, str | None]:
+    """Start a private SuperLink, submit the app with run-config ``config`` and
+    wait for it; stop every process started, whatever happens.
+
+    Returns ``(status, reason)``: ``(None, None)`` when the app ended by itself
+    (the run directories say how), else how it ended (``failed`` with the
+    reason, ``interrupted``).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    home, env = flower_home(port)
+    write_app(home / "app", config, description)
+    superlink: subprocess.Popen[bytes] | None = None
+    submit: subprocess.Popen[bytes] | None = None
+    status: str | None = None
+    reason: str | None = None
+    seen: dict[int, psutil.Process] = {}  # everything ever started under it
+    try:
+        with _terminate_as_interrupt():
+            superlink = spawn(
+                superlink_command(port, simulation=True), env, logs / "superlink.log"
+            )
+            wait_healthy(superlink, port, logs / "superlink.log")
+            submit = spawn(
+                submit_command(home / "app", federation), env, logs / "flower.log"
+            )
+            while submit.poll() is None:
+                seen.update((p.pid, p) for p in descendants(superlink.pid))
+                on_poll()
+                if superlink.poll() is not None:
+                    status = "failed"
+                    reason = "the SuperLink exited unexpectedly; see logs/superlink.log"
+                    break
+                time.sleep(poll_interval)
+            on_poll()
+    except KeyboardInterrupt:
+        status, reason = "interrupted", "interrupted by the user (Ctrl-C or SIGTERM)"
+    except SimulationError as err:
+        status, reason = "failed", str(err)
+    except Exception as err:  # never leave a run directory saying "running"
+        status, reason = "failed", f"fedsim: {type(err).__name__}: {err}"
+    finally:
+        if superlink is not None:
+            seen.update((p.pid, p) for p in descendants(superlink.pid))
+        for proc in (submit, superlink):
+            if proc is not None:
+                stop_tree(proc.pid, also=seen.values())
+        shutil.rmtree(home, ignore_errors=True)
+    return status, reason
+
+
+def settle(
+    run_dir: Path, status: str | None, reason: str | None, logs: Path
+) -> Outcome:
+    """How the run in ``run_dir`` ended, written into its ``summary.json``.
+
+    ``status``/``reason`` from :func:`launch` win; otherwise a run that still
+    says ``running`` (or never started) failed, with the log's tail as reason.
+    """
+    summary = read_summary(run_dir)
+    if status is None:
+        status = summary.get("status", "failed")
+        if status == "running" or not summary:
+            status = "failed"
+            reason = (
+                "the ServerApp ended without finishing; see logs/flower.log:\n"
+                + _log_tail(logs / "flower.log")
+            )
+    elif summary.get("status") in ("completed", "stopped"):
+        status, reason = summary["status"], summary.get("reason")
+    if reason is not None or summary.get("status") != status:
+        summary.update(status=status, reason=reason or summary.get("reason"))
+        write_json(run_dir / SUMMARY_FILE, summary)
+    return Outcome(status, summary)
+
+
 def simulate(
     exp: Experiment,
     run_dir: Path,
@@ -240,56 +345,49 @@ def simulate(
     (the CLI refreshes its progress display there).
     """
     logs = run_dir / LOGS_DIR
-    logs.mkdir(exist_ok=True)
-    port = free_port()
-    home, env = flower_home(port)
-    write_app(home / "app", exp, run_dir)
-    superlink: subprocess.Popen[bytes] | None = None
-    submit: subprocess.Popen[bytes] | None = None
-    status = "failed"
-    reason: str | None = None
-    try:
-        with _terminate_as_interrupt():
-            superlink = spawn(
-                superlink_command(port, simulation=True), env, logs / "superlink.log"
+    status, reason = launch(
+        run_config_of(exp, run_dir),
+        federation_config(exp),
+        logs,
+        description=f"fedsim run {exp.name}",
+        on_poll=on_poll,
+        poll_interval=poll_interval,
+    )
+    return settle(run_dir, status, reason, logs)
+
+
+def simulate_sweep(
+    runs: Sequence[tuple[Experiment, Path]],
+    logs: Path,
+    *,
+    on_poll: Callable[[], None] = lambda: None,
+    poll_interval: float = 0.5,
+) -> list[Outcome]:
+    """Run several experiments in one Flower run: one SuperLink, one Ray
+    session, the same SuperNodes and actors, the experiments one after another
+    (the ServerApp's ``run_sweep``). They must share ``federation.clients`` and
+    ``[resources]`` (the SuperNodes and their Ray resources)."""
+    first = runs[0][0]
+    federation = federation_config(first)
+    for exp, _ in runs:
+        if federation_config(exp) != federation:
+            raise ValueError(
+                "one Flower run serves experiments with the same federation.clients "
+                "and resources only"
             )
-            wait_healthy(superlink, port, logs / "superlink.log")
-            submit = spawn(
-                submit_command(home / "app", federation_config(exp)),
-                env,
-                logs / "flower.log",
-            )
-            while submit.poll() is None:
-                on_poll()
-                if superlink.poll() is not None:
-                    reason = "the SuperLink exited unexpectedly; see logs/superlink.log"
-                    break
-                time.sleep(poll_interval)
-            on_poll()
-            summary = read_summary(run_dir)
-            status = summary.get("status", "failed")
-            if status == "running":
-                status = "failed"
-                reason = reason or (
-                    "the ServerApp ended without finishing; see logs/flower.log:\n"
-                    + _log_tail(logs / "flower.log")
-                )
-    except KeyboardInterrupt:
-        status, reason = "interrupted", "interrupted by the user (Ctrl-C or SIGTERM)"
-    except SimulationError as err:
-        status, reason = "failed", str(err)
-    except Exception as err:  # never leave the run directory saying "running"
-        status, reason = "failed", f"fedsim: {type(err).__name__}: {err}"
-    finally:
-        for proc in (submit, superlink):
-            if proc is not None:
-                stop_tree(proc.pid)
-        shutil.rmtree(home, ignore_errors=True)
-    summary = read_summary(run_dir)
-    if reason is not None or summary.get("status") != status:
-        summary.update(status=status, reason=reason or summary.get("reason"))
-        write_json(run_dir / SUMMARY_FILE, summary)
-    return Outcome(status, summary)
+    entries = [
+        {"config": run_config_of(exp, run_dir), RUN_DIR_KEY: str(run_dir)}
+        for exp, run_dir in runs
+    ]
+    status, reason = launch(
+        {SWEEP_KEY: json.dumps(entries)},
+        federation,
+        logs,
+        description=f"fedsim sweep {first.name}",
+        on_poll=on_poll,
+        poll_interval=poll_interval,
+    )
+    return [settle(run_dir, status, reason, logs) for _, run_dir in runs]
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:

@@ -9,8 +9,11 @@ strategy from them, privacy wraps it, recording wraps that, and
 
 from __future__ import annotations
 
+import json
 import random
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +24,8 @@ from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, from_run_config
+from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, from_run_config
+from fedsim.engine.launch import headline_of
 from fedsim.engine.recorder import RunRecorder, create_run_dir
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from fedsim.engine.rounds import RoundDriver
@@ -52,8 +56,20 @@ def build(exp: Experiment) -> ServerSetup:
     return ServerSetup(exp, data, model, initial, device)
 
 
-def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
-    """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``."""
+def run(
+    grid: Grid,
+    exp: Experiment,
+    recorder: RunRecorder,
+    *,
+    experiment: int | None = None,
+    partitions: dict[int, int] | None = None,
+) -> RecordingGrid:
+    """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``.
+
+    ``experiment`` and ``partitions``: a sweep's experiment index (stamped on
+    every message) and the node -> partition map its earlier experiments found.
+    Returns the recording grid (its ``partitions()`` serve the next experiment).
+    """
     family = registry.family(exp.strategy.name)
     setup = build(exp)
     strategy = privacy.wrap_strategy(family.load_server()(setup), exp)
@@ -63,31 +79,55 @@ def run(grid: Grid, exp: Experiment, recorder: RunRecorder) -> None:
         stats = evaluate(setup.model, setup.data.test, device=setup.device)
         return {"loss": stats.loss, "accuracy": stats.accuracy}
 
+    recording = RecordingGrid(
+        grid,
+        recorder,
+        num_clients=exp.federation.clients,
+        min_replies=exp.federation.min_replies,
+        experiment=experiment,
+        partitions=partitions,
+    )
     RoundDriver(
         RecordingStrategy(strategy, recorder, seed=exp.seed),
-        RecordingGrid(
-            grid,
-            recorder,
-            num_clients=exp.federation.clients,
-            min_replies=exp.federation.min_replies,
-        ),
+        recording,
         recorder,
         evaluate=evaluate_global if family.global_model else None,
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
     ).run(setup.initial if family.global_model else None)
+    return recording
+
+
+def recorder_for(exp: Experiment, run_dir: Path) -> RunRecorder:
+    """The run directory's recorder, with the trackers the experiment asks for."""
+    return RunRecorder(
+        run_dir, exp, sinks=build_sinks(exp, run_dir), headline=headline_of(exp)
+    )
+
+
+def run_sweep(grid: Grid, entries: list[dict[str, Any]]) -> None:
+    """The experiments of a sweep, one after another, on the same nodes.
+
+    Each entry holds an experiment's run-config and run directory. A failed
+    experiment is recorded as failed and the next one starts; an interrupt
+    ends the sweep.
+    """
+    partitions: dict[int, int] | None = None
+    for index, entry in enumerate(entries):
+        exp = from_run_config(entry["config"])
+        recorder = recorder_for(exp, Path(entry[RUN_DIR_KEY]))
+        with suppress(Exception), recorder.recording():
+            used = run(grid, exp, recorder, experiment=index, partitions=partitions)
+            partitions = used.partitions()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's Grid and Context."""
+    if SWEEP_KEY in context.run_config:
+        run_sweep(grid, json.loads(str(context.run_config[SWEEP_KEY])))
+        return
     exp = from_run_config(context.run_config)
-    run_dir = run_dir_for(dict(context.run_config), exp)
-    headline = (
-        "server" if registry.family(exp.strategy.name).global_model else "evaluate"
-    )
-    recorder = RunRecorder(
-        run_dir, exp, sinks=build_sinks(exp, run_dir), headline=headline
-    )
+    recorder = recorder_for(exp, run_dir_for(dict(context.run_config), exp))
     with recorder.recording():
         run(grid, exp, recorder)

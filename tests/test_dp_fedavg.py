@@ -3,9 +3,11 @@ statistical tests with fixed seeds (every tolerance is stated with its margin)."
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.engine.recorder import RunRecorder
 from fedsim.privacy import base as pbase
 from fedsim.privacy import dp_fedavg
 from fedsim.privacy import dp_fedavg_maths as maths
@@ -443,6 +446,26 @@ def test_adaptive_count_noise_default_follows_the_expected_clients() -> None:
     experiment(*base, "privacy.noise-multiplier=1.6")
     with pytest.raises(ConfigError, match="clipped-count-stddev = 1.65"):
         experiment(*base, "privacy.noise-multiplier=1.7")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "label"),
+    [
+        (("privacy.client-sampling='poisson'",), "poisson"),
+        ((), "poisson-approximation"),
+        (("federation.fraction-train=1.0",), "full-participation"),
+    ],
+)
+def test_summary_says_what_the_accounting_is(
+    tmp_path: Path, overrides: tuple[str, ...], label: str
+) -> None:
+    exp = experiment("privacy.noise-multiplier=1.0", *overrides)
+    recorder = RunRecorder(tmp_path, exp, extra_summary=privacy.summary_fields(exp))
+    recorder.finish("completed")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["accounting"] == label
+    plain = load_experiment(None, ["federation.clients=4"])
+    assert privacy.summary_fields(plain) == {}
 
 
 # -- 6. fedsim's own figure of the extra noise on the updates --------------------

@@ -87,7 +87,11 @@ def main(grid: Grid, context: Context) -> None:
         "server" if registry.family(exp.strategy.name).global_model else "evaluate"
     )
     recorder = RunRecorder(
-        run_dir, exp, sinks=build_sinks(exp, run_dir), headline=headline
+        run_dir,
+        exp,
+        sinks=build_sinks(exp, run_dir),
+        headline=headline,
+        extra_summary=privacy.summary_fields(exp),
     )
     with recorder.recording():
         run(grid, exp, recorder)

@@ -153,7 +153,8 @@ def test_dp_fedavg_poisson_sampling_with_failures(
         r: {
             p
             for p in chosen[r]
-            if np.random.default_rng(derive_seed(0, "failure", r, p)).random() < 0.25
+            if np.random.default_rng(derive_seed(0, "failure", r, int(p))).random()
+            < 0.25
         }
         for r in (1, 2, 3)
     }

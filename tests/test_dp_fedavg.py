@@ -8,11 +8,12 @@ import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from opacus.accountants import RDPAccountant
 
@@ -56,6 +57,11 @@ class FakeGrid:
         return self.nodes
 
 
+def grid(nodes: int) -> Grid:
+    """A :class:`FakeGrid` of ``nodes`` nodes, typed as the Grid it stands for."""
+    return cast(Grid, FakeGrid(nodes))
+
+
 class RecordingRng:
     """A numpy Generator that records every normal draw (intercepts the noise)."""
 
@@ -93,7 +99,7 @@ def chain(exp: Experiment, rng: RecordingRng) -> dp_fedavg.DpFedAvgAccounting:
 def start_round(strategy: Any, rnd: int, current: np.ndarray, nodes: int) -> list[int]:
     """``configure_train`` of round ``rnd``; returns the node ids sampled."""
     arrays = ArrayRecord({"w": Array(current)})
-    messages = strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(nodes))
+    messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid(nodes))
     return [m.metadata.dst_node_id for m in messages]
 
 
@@ -208,8 +214,11 @@ def test_round_with_a_failed_client_has_the_accounted_noise(
 
 def test_fixed_denominator_mean_against_numpy() -> None:
     rng = np.random.default_rng(0)
-    current = [rng.normal(size=(3, 2)).astype(np.float32), np.arange(4)]
-    models = [
+    current: list[np.ndarray] = [
+        rng.normal(size=(3, 2)).astype(np.float32),
+        np.arange(4),
+    ]
+    models: list[list[np.ndarray]] = [
         [rng.normal(size=(3, 2)).astype(np.float32), rng.integers(0, 9, 4)]
         for _ in range(3)
     ]
@@ -357,7 +366,7 @@ def test_poisson_sampling_joins_each_client_with_probability_q(
     joined = np.zeros((rounds, nodes), dtype=bool)
     for rnd in range(1, rounds + 1):
         messages = list(
-            sampler.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(nodes))
+            sampler.configure_train(rnd, arrays, ConfigRecord(), grid(nodes))
         )
         dst = [m.metadata.dst_node_id for m in messages]
         assert len(set(dst)) == len(dst)
@@ -371,7 +380,7 @@ def test_poisson_sampling_joins_each_client_with_probability_q(
     )
     # the draw depends on the seed and the round alone
     again = wrappers.PoissonSampling(inner, sample_rate=q, seed=11)
-    first = again.configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes))
+    first = again.configure_train(1, arrays, ConfigRecord(), grid(nodes))
     assert [m.metadata.dst_node_id - 1 for m in first] == list(
         np.flatnonzero(joined[0])
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 import pytest
 from opacus.accountants import RDPAccountant
 
 from fedsim.core.loading import load_experiment
+from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import federated_data
 from fedsim.privacy import accounting
 from tests.conftest import SMALL, CliRun
@@ -105,6 +107,7 @@ def test_dp_fedavg_records_epsilon_per_round(run_cli: Callable[..., CliRun]) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+    assert summary["accounting"] == "poisson-approximation"
 
     frame = pd.read_parquet(result.run_dir / "metrics.parquet")
     server = frame[frame["client"].isna() & (frame["phase"] == "train")]
@@ -119,3 +122,63 @@ def test_dp_fedavg_records_epsilon_per_round(run_cli: Callable[..., CliRun]) -> 
     assert (by_round["clients"] == 2).all()
     # clients train without sample-level DP: they report no epsilon of their own
     assert train_rows(frame, "epsilon")["client"].isna().all()
+
+
+def test_dp_fedavg_poisson_sampling_with_failures(
+    run_cli: Callable[..., CliRun],
+) -> None:
+    """Poisson client sampling through Flower's simulation, with clients
+    dropping out: each round trains the partitions the seeded draw picks (one
+    uniform per partition), rounds with failed clients are released all the
+    same, and every round is accounted at q = fraction-train exactly."""
+    overrides = (
+        *SMALL,
+        "privacy.mechanism=dp-fedavg",
+        "privacy.noise-multiplier=1.0",
+        "privacy.clipping-norm=0.5",
+        "privacy.client-sampling='poisson'",
+        "federation.fraction-train=0.5",
+        "federation.failure-rate=0.25",
+    )
+    exp = load_experiment(None, overrides)
+    chosen = {
+        r: set(
+            np.flatnonzero(
+                np.random.default_rng(derive_seed(0, "poisson", r)).random(4) < 0.5
+            )
+        )
+        for r in (1, 2, 3)
+    }
+    failed = {
+        r: {
+            p
+            for p in chosen[r]
+            if np.random.default_rng(derive_seed(0, "failure", r, int(p))).random()
+            < 0.25
+        }
+        for r in (1, 2, 3)
+    }
+    # the seed gives rounds of 2, 4 and 3 clients, with failures in rounds 2, 3
+    assert [len(chosen[r]) for r in (1, 2, 3)] == [2, 4, 3]
+    assert [len(failed[r]) for r in (1, 2, 3)] == [0, 1, 1]
+
+    result = run_cli(overrides=overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["accounting"] == "poisson"
+    assert summary["failures"] == 2
+
+    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    train = frame[frame["phase"] == "train"]
+    for rnd in (1, 2, 3):
+        rows = train[train["round"] == rnd]
+        clients = set(rows["client"].dropna().astype(int))
+        assert clients == chosen[rnd]
+        dropped = set(rows[rows["metric"] == "failed"]["client"].astype(int))
+        assert dropped == failed[rnd]
+        server = rows[rows["client"].isna()].set_index("metric")["value"]
+        assert server["clients"] == len(chosen[rnd]) - len(failed[rnd])
+        delta = exp.privacy.target_delta
+        assert server["epsilon"] == pytest.approx(
+            rdp_epsilon(1.0, 0.5, rnd, delta), abs=1e-6
+        )

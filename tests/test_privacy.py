@@ -30,7 +30,7 @@ from fedsim.learn.data import Arrays, DatasetInfo, federated_data
 from fedsim.learn.training import local_fit
 from fedsim.privacy import accounting, budget, dp_fedavg, dp_sgd
 from fedsim.privacy import base as pbase
-from tests.conftest import reply, strategy_for
+from tests.conftest import reply
 
 CPU = torch.device("cpu")
 DIGITS = DatasetInfo((1, 8, 8), 10)
@@ -543,85 +543,6 @@ def test_budget_strategy_keeps_declined_replies_out_and_stops(
     ]
     with pytest.raises(RunStopped, match="privacy budget spent"):
         strategy.aggregate_train(2, declined)
-
-
-def test_dp_fedavg_server_chain_clips_averages_uniformly_and_accounts(
-    task_identity: None,
-) -> None:
-    """Flower's server-side fixed clipping around a uniform FedAvg: with
-    negligible noise the new model is the global one plus the uniform mean of
-    the updates clipped to clipping-norm (numpy oracle)."""
-    exp = experiment(
-        "privacy.mechanism=dp-fedavg",
-        "privacy.noise-multiplier=1e-9",
-        "privacy.clipping-norm=0.5",
-        "federation.fraction-train=0.5",
-    )
-    strategy = privacy.wrap_strategy(strategy_for(exp), exp)
-    assert isinstance(strategy, dp_fedavg.DpFedAvgAccounting)
-    rng = np.random.default_rng(0)
-    current = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
-    strategy.strategy.current_arrays = ArrayRecord(
-        array_dict={k: Array(v) for k, v in current.items()}
-    )
-    updates = [rng.normal(scale=s, size=(3, 2)).astype(np.float32) for s in (0.05, 2.0)]
-    replies = [
-        reply({"w": current["w"] + u}, {NUM_EXAMPLES: n, "loss": 1.0}, i + 1)
-        for i, (u, n) in enumerate(zip(updates, (10, 90)))
-    ]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert arrays is not None and metrics is not None
-    clipped = [u * min(1.0, 0.5 / np.linalg.norm(u)) for u in updates]
-    np.testing.assert_allclose(
-        arrays["w"].numpy(), current["w"] + np.mean(clipped, axis=0), atol=1e-5
-    )
-    assert metrics[pbase.EPSILON] == pytest.approx(
-        accounting.epsilon([(1e-9, 0.5, 1)], 1e-5), rel=1e-9
-    )
-    assert metrics[pbase.CLIPPING_NORM] == 0.5
-
-
-def test_dp_fedavg_adaptive_clipping_follows_andrew_et_al(task_identity: None) -> None:
-    """With every update far above the norm (nothing left unclipped) the norm
-    grows by exp(-lr * (noisy unclipped fraction - target)), after the round it
-    clipped; the accounted noise covers updates and count together."""
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
-
-    exp = experiment(
-        "privacy.mechanism=dp-fedavg",
-        "privacy.noise-multiplier=0.5",
-        "privacy.clipping='adaptive'",
-        "privacy.clipped-count-stddev=1.0",
-        "privacy.clipping-norm=0.1",
-    )
-    strategy = privacy.wrap_strategy(strategy_for(exp), exp)
-    assert isinstance(strategy, dp_fedavg.DpFedAvgAccounting)
-    wrapper = strategy.strategy
-    assert isinstance(wrapper, DifferentialPrivacyServerSideAdaptiveClipping)
-    z_u = wrapper.noise_multiplier
-    assert (z_u**-2 + 1.0**-2) ** -0.5 == pytest.approx(0.5)
-    wrapper.current_arrays = ArrayRecord(
-        array_dict={"w": Array(np.zeros(4, dtype=np.float32))}
-    )
-    np.random.seed(0)
-    noisy_clipped = np.random.normal(4, 1.0) / 4  # Flower's first draw
-    expected = 0.1 * np.exp(-0.2 * ((1 - noisy_clipped) - 0.5))
-    np.random.seed(0)
-    norms = []
-    for rnd in (1, 2):
-        replies = [
-            reply({"w": np.full(4, 5.0, dtype=np.float32)}, {NUM_EXAMPLES: 1}, i + 1)
-            for i in range(4)
-        ]
-        _, metrics = strategy.aggregate_train(rnd, replies)
-        assert metrics is not None
-        norms.append(metrics[pbase.CLIPPING_NORM])
-    assert norms[0] == 0.1
-    assert norms[1] == pytest.approx(expected, rel=1e-9)
-    assert norms[1] > 0.1
-    assert metrics[pbase.EPSILON] == pytest.approx(
-        accounting.epsilon([(0.5, 1.0, 2)], 1e-5), rel=1e-9
-    )
 
 
 def test_dp_fedavg_accounting_per_round_and_budget_stop() -> None:

@@ -202,7 +202,9 @@ class PrivacyConfig:
     ``dp-sgd`` (per example, in every client) and ``dp-fedavg`` (per client, on
     the server) take a fixed ``noise-multiplier``, or a ``target-epsilon`` for
     which the noise is calibrated over all ``rounds``. With both, the noise is
-    fixed and ``target-epsilon`` is a budget that is enforced.
+    fixed and ``target-epsilon`` is a budget that is enforced. ``dp-fedavg``
+    samples clients as ``client-sampling`` says (see
+    :func:`expected_clients_per_round`).
     """
 
     mechanism: str = option(
@@ -222,6 +224,12 @@ class PrivacyConfig:
     target_delta: float = option(1e-5, "delta of every reported epsilon", open_unit)
     accountant: str = option(
         "rdp", "privacy accountant (Opacus): rdp or prv", one_of("rdp", "prv")
+    )
+    client_sampling: str = option(
+        "fixed",
+        "dp-fedavg: 'fixed' samples clients x fraction-train (accounted as Poisson, "
+        "an approximation); 'poisson': each joins with probability fraction-train",
+        one_of("fixed", "poisson"),
     )
     clipping: str = option(
         "fixed",
@@ -243,7 +251,7 @@ class PrivacyConfig:
     )
     clipped_count_stddev: float = option(
         0.0,
-        "dp-fedavg adaptive: noise std of the clipped count; 0 = sampled clients/20",
+        "dp-fedavg adaptive: noise std of the unclipped count; 0 = clients/round / 20",
         non_negative,
     )
 
@@ -311,3 +319,17 @@ class Experiment:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def expected_clients_per_round(experiment: Experiment) -> float:
+    """Clients a ``dp-fedavg`` round is calibrated for (its fixed denominator).
+
+    ``privacy.client-sampling = "fixed"``: the ``max(int(clients x
+    fraction-train), 1)`` clients Flower's FedAvg samples; ``"poisson"``: their
+    expected number ``clients x fraction-train`` (each client joins with
+    probability ``fraction-train``).
+    """
+    fed = experiment.federation
+    if experiment.privacy.client_sampling == "poisson":
+        return fed.clients * fed.fraction_train
+    return float(max(int(fed.clients * fed.fraction_train), 1))

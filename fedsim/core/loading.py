@@ -21,7 +21,12 @@ import tomli_w
 
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
-from fedsim.core.experiment import DataConfig, Experiment, StrategyConfig
+from fedsim.core.experiment import (
+    DataConfig,
+    Experiment,
+    StrategyConfig,
+    expected_clients_per_round,
+)
 from fedsim.core.family import Family
 from fedsim.core.schema import (
     Schema,
@@ -109,14 +114,20 @@ def check_consistency(exp: Experiment, family: Family) -> None:
             f"{p.mechanism!r} no privacy; set noise-multiplier > 0 or "
             "target-epsilon > 0"
         )
+    if p.client_sampling != "fixed" and p.mechanism != "dp-fedavg":
+        raise ConfigError(
+            f"privacy.client-sampling: {p.client_sampling!r} is implemented by "
+            "privacy.mechanism = 'dp-fedavg' only; leave it 'fixed' with "
+            f"privacy.mechanism = {p.mechanism!r}"
+        )
     if p.mechanism == "dp-fedavg" and p.clipping == "adaptive":
-        sampled = max(int(fed.clients * fed.fraction_train), 1)
+        sampled = expected_clients_per_round(exp)
         stddev = p.clipped_count_stddev or sampled / 20
         if p.noise_multiplier >= stddev:
             raise ConfigError(
                 f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < "
                 f"clipped-count-stddev = {stddev:g} with adaptive clipping "
-                f"({sampled} clients per round); raise privacy.clipped-count-stddev"
+                f"({sampled:g} clients per round); raise privacy.clipped-count-stddev"
             )
 
 

@@ -86,7 +86,8 @@ class RunRecorder:
     """Collects round metrics and keeps the run directory up to date.
 
     ``sinks`` get the rows of each round once ``metrics.parquet`` holds them,
-    and are closed when the run finishes.
+    and are closed when the run finishes. ``extra_summary`` entries are added to
+    ``summary.json`` as given (e.g. the privacy mechanism's ``accounting``).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class RunRecorder:
         sinks: Sequence[RoundSink] = (),
         *,
         headline: str = "server",
+        extra_summary: Mapping[str, Any] | None = None,
     ):
         self.run_dir = run_dir
         self.experiment = experiment
@@ -127,6 +129,7 @@ class RunRecorder:
             "final": {},
             "failures": 0,
             "versions": versions(),
+            **(extra_summary or {}),
         }
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)

@@ -101,7 +101,11 @@ def run(
 def recorder_for(exp: Experiment, run_dir: Path) -> RunRecorder:
     """The run directory's recorder, with the trackers the experiment asks for."""
     return RunRecorder(
-        run_dir, exp, sinks=build_sinks(exp, run_dir), headline=headline_of(exp)
+        run_dir,
+        exp,
+        sinks=build_sinks(exp, run_dir),
+        headline=headline_of(exp),
+        extra_summary=privacy.summary_fields(exp),
     )
 
 

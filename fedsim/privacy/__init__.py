@@ -43,3 +43,9 @@ def wrap_strategy(strategy: Any, experiment: Experiment) -> Any:
 def preflight(experiment: Experiment, model: Any, data: Any) -> None:
     """Privacy checks before any training (raises ConfigError)."""
     mechanism_class(experiment).preflight(experiment, model, data)
+
+
+def summary_fields(experiment: Experiment) -> dict[str, Any]:
+    """Entries ``privacy.mechanism`` adds to ``summary.json`` (e.g. dp-fedavg's
+    ``accounting``)."""
+    return mechanism_class(experiment).summary_fields(experiment)

@@ -11,6 +11,8 @@ client's ``state``. Its classmethods are the server side.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.app import RecordDict
 from flwr.serverapp.strategy import Strategy
@@ -68,3 +70,8 @@ class NoPrivacy:
         cls, experiment: Experiment, model: nn.Module, data: FederatedData
     ) -> None:
         """Check the experiment against its model and data before training."""
+
+    @classmethod
+    def summary_fields(cls, experiment: Experiment) -> dict[str, Any]:
+        """Entries this mechanism adds to ``summary.json`` (none here)."""
+        return {}

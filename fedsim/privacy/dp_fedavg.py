@@ -2,55 +2,119 @@
 
 McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICLR
 2018); adaptive clipping from Andrew et al., "Differentially Private Learning
-with Adaptive Clipping" (NeurIPS 2021). Flower's server-side clipping wrappers
-around a uniformly weighted FedAvg; :class:`DpFedAvgAccounting` records the
-server's ``epsilon`` per round. Rounds are accounted as Poisson-subsampled
-Gaussian mechanisms with rate ``clients_per_round / clients``: Flower samples a
-fixed number of clients without replacement, so this is the usual approximation,
-exact when ``federation.fraction-train = 1`` (README, "Differential privacy").
+with Adaptive Clipping" (NeurIPS 2021). The strategy the ServerApp runs is, from
+the outside in: :class:`DpFedAvgAccounting` (records ``epsilon``, enforces the
+budget) -> :class:`FixedClipping` or :class:`AdaptiveClipping` (Flower's
+server-side wrappers, subclassed) -> :class:`FixedDenominatorMean` ->
+(:class:`PoissonSampling` ->) the family's FedAvg. The maths of a release is in
+:mod:`fedsim.privacy.dp_fedavg_maths`, the wrappers in
+:mod:`fedsim.privacy.dp_fedavg_wrappers`.
+
+Every round releases ``current + (sum of clipped updates + N(0, (z C)^2)) / D``
+and is accounted as one Poisson-subsampled Gaussian step with noise multiplier
+``z``. Where fedsim departs from Flower 1.41's wrappers, and why:
+
+- **Fixed denominator.** ``D`` is fixed before the round: the ``m`` clients
+  sampled, or ``q N`` under Poisson sampling (the paper's fixed-size
+  estimator). Flower divides by the replies that came back while its noise
+  stays ``z C / m``, so a round with failures or timeouts had less noise than
+  accounted. Here a client that fails or times out contributes a zero update:
+  the round shrinks towards the current model by ``replies / D``, its noise and
+  its accounting do not change.
+- **Every round releases.** Flower skips a round with any error reply; fedsim
+  leaves error replies out and releases all the same, also when no client
+  replied or none was drawn (then the release is the current model plus noise,
+  accounted as a step: skipping an empty Poisson round would tell whether a
+  client exists).
+- **Zero updates.** An update of norm 0 makes Flower's clipping divide by zero;
+  it is left out of Flower's clipping (its clipped update is 0 either way) and,
+  with adaptive clipping, counted as unclipped.
+- **Adaptive clipping.** The count is of *unclipped* updates, over ``D``, as
+  in the paper (Flower counts clipped ones over the replies), noised with
+  sensitivity 1, clamped to ``[0, 1]`` as TF-Privacy does, and the new norm
+  applies from the next round: the aggregate is noised with the norm that
+  clipped it (Flower 1.41 updated the norm first). The noise is split between
+  updates and count with fedsim's formula
+  (:func:`fedsim.privacy.accounting.adaptive_update_noise`), and fedsim logs its
+  own figure of the extra noise on the updates instead of Flower's.
+- **Randomness.** Noise is drawn from a generator seeded from the run's seed
+  (Flower draws from numpy's global one); like Opacus without ``secure_mode``,
+  this suits a simulation, not a deployment.
+
+Sampling (``privacy.client-sampling``): with ``"fixed"``, Flower samples ``m``
+clients without replacement and the rounds are accounted as Poisson with
+``q = m / N``: an approximation, not a bound (under replace-one adjacency
+fixed-size sampling can be far worse: Lebeda et al., 2024; Birrell et al.,
+2024); with ``m = N`` there is no sampling and the accounting is exact if the
+number of participating clients is public. With ``"poisson"``, every client
+joins a round independently with probability ``q = fraction-train`` and the
+accounting is that of the mechanism that runs. ``summary.json`` says which
+(``accounting``, :func:`accounting_label`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 
 from fedsim.core.errors import ConfigError, RunStopped
-from fedsim.core.experiment import Experiment, PrivacyConfig
+from fedsim.core.experiment import (
+    Experiment,
+    PrivacyConfig,
+    expected_clients_per_round,
+)
+from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import FederatedData
 from fedsim.privacy import accounting
 from fedsim.privacy.base import CLIPPING_NORM, EPSILON, NOISE_MULTIPLIER, NoPrivacy
+from fedsim.privacy.dp_fedavg_wrappers import (
+    AdaptiveClipping,
+    FixedClipping,
+    FixedDenominatorMean,
+    PoissonSampling,
+)
 from fedsim.protocol.wrapping import DelegatingStrategy
 
+#: ``accounting`` in ``summary.json``: how the server's epsilon relates to the
+#: sampling that ran.
+POISSON = "poisson"
+POISSON_APPROXIMATION = "poisson-approximation"
+FULL_PARTICIPATION = "full-participation"
 
-def clients_per_round(experiment: Experiment) -> int:
-    """How many clients Flower's FedAvg samples each round."""
+
+def sample_rate(experiment: Experiment) -> float:
+    """The accountant's client sampling rate ``q``: ``fraction-train`` under
+    Poisson sampling, ``m / clients`` under fixed-size sampling."""
     fed = experiment.federation
-    return max(int(fed.clients * fed.fraction_train), 1)
+    if experiment.privacy.client_sampling == "poisson":
+        return fed.fraction_train
+    return expected_clients_per_round(experiment) / fed.clients
+
+
+def accounting_label(experiment: Experiment) -> str:
+    """What the server's epsilon is: exact for Poisson sampling, exact for
+    full participation if the number of clients is public, else the Poisson
+    approximation of fixed-size sampling."""
+    if experiment.privacy.client_sampling == "poisson":
+        return POISSON
+    if sample_rate(experiment) >= 1:
+        return FULL_PARTICIPATION
+    return POISSON_APPROXIMATION
 
 
 def dp_fedavg_noise(experiment: Experiment) -> float:
-    """The server's noise multiplier: given, or calibrated for all ``rounds``.
-
-    Rounds are composed as Poisson-subsampled Gaussian mechanisms with sample
-    rate ``clients_per_round / clients`` (see the module docstring on Flower's
-    fixed-size sampling).
-    """
+    """The server's noise multiplier: given, or calibrated for all ``rounds``
+    at :func:`sample_rate`."""
     cfg = experiment.privacy
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    q = clients_per_round(experiment) / experiment.federation.clients
+    q = sample_rate(experiment)
     try:
         return accounting.calibrate_noise(
             cfg.target_epsilon, cfg.target_delta, q, experiment.rounds, cfg.accountant
@@ -59,97 +123,32 @@ def dp_fedavg_noise(experiment: Experiment) -> float:
         raise ConfigError(f"privacy.target-epsilon: {err}") from None
 
 
-def count_stddev(cfg: PrivacyConfig, sampled: int) -> float:
-    """Noise std of the clipped count (adaptive clipping)."""
-    return cfg.clipped_count_stddev or sampled / 20
+def count_stddev(cfg: PrivacyConfig, expected: float) -> float:
+    """Noise std of the unclipped count (adaptive clipping): given, or
+    ``expected`` clients per round / 20 (Andrew et al.'s default)."""
+    return cfg.clipped_count_stddev or expected / 20
 
 
-def check_adaptive_noise(cfg: PrivacyConfig, sigma: float, sampled: int) -> None:
+def check_adaptive_noise(cfg: PrivacyConfig, sigma: float, expected: float) -> None:
     """Adaptive clipping spends part of the noise on the clipped count."""
-    stddev = count_stddev(cfg, sampled)
+    stddev = count_stddev(cfg, expected)
     if cfg.clipping == "adaptive" and sigma >= stddev:
         raise ConfigError(
             f"privacy.noise-multiplier: {sigma:.4g} must be < clipped-count-stddev "
-            f"= {stddev:g} with adaptive clipping ({sampled} clients per round); "
+            f"= {stddev:g} with adaptive clipping ({expected:g} clients per round); "
             "raise privacy.clipped-count-stddev or use privacy.clipping = 'fixed'"
         )
 
 
-class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping with Andrew et al.'s update.
-
-    Flower 1.41 counts the *clipped* updates but applies the paper's rule,
-    written for the *unclipped* ones, so its norm runs away from the target
-    quantile; and it updates the norm before noising the aggregate, so the
-    noise follows the next round's norm instead of the one that clipped. This
-    subclass overrides the one hook that computes the update
-    (``_geometric_update``, called by Flower's ``aggregate_train``) to hold the
-    new norm back, and applies it once the aggregate is noised: the norm moves
-    by ``exp(-lr * (unclipped_fraction - target_quantile))``.
-
-    Parameters
-    ----------
-    update_noise_multiplier : float
-        The noise multiplier of the update itself, set by
-        :func:`fedsim.privacy.accounting.adaptive_update_noise` so that update
-        and count together are accounted at the run's noise multiplier.
-    *args, **kwargs
-        Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` arguments.
-    """
-
-    def __init__(self, *args: Any, update_noise_multiplier: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.noise_multiplier = update_noise_multiplier
-        self._next_norm: float | None = None
-
-    def _geometric_update(self, clipped_fraction: float) -> None:
-        unclipped = 1.0 - clipped_fraction
-        self._next_norm = self.clipping_norm * math.exp(
-            -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
-        )
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result = super().aggregate_train(server_round, replies)
-        if self._next_norm is not None:
-            self.clipping_norm, self._next_norm = self._next_norm, None
-        return result  # type: ignore[no-any-return]
-
-
-class UniformWeights(DelegatingStrategy):
-    """Makes a weighted FedAvg average its replies uniformly.
-
-    DP-FedAvg's sensitivity bound (one client moves the mean by at most
-    ``clipping_norm / clients_per_round``) needs equal weights: this sets each
-    reply's weight metric to 1 just before aggregation (the recorder has already
-    recorded the true ``num-examples``).
-    """
-
-    def __init__(self, strategy: Strategy, weight_key: str):
-        self.strategy = strategy
-        self.weight_key = weight_key
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for reply in replies:
-            if not reply.has_error():
-                for record in reply.content.metric_records.values():
-                    record[self.weight_key] = 1
-        return self.strategy.aggregate_train(server_round, replies)
-
-
 class DpFedAvgAccounting(DelegatingStrategy):
-    """Accounts the releases of a Flower DP wrapper and records ``epsilon``.
+    """Accounts the releases of the DP wrapper and records ``epsilon``.
 
-    Every round whose aggregate is released composes one Poisson-subsampled
-    Gaussian mechanism (``noise_multiplier``, ``sample_rate``); the cumulative
-    epsilon at ``target_delta``, the clipping norm and the noise multiplier are
-    added to the aggregated train metrics (server-side rows). With a
-    ``target_epsilon``, a round that would exceed it is not started: the run
-    stops cleanly.
+    Every round whose aggregate is released (with the wrappers above, every
+    round) composes one Poisson-subsampled Gaussian mechanism
+    (``noise_multiplier``, ``sample_rate``); the cumulative epsilon at
+    ``target_delta``, the clipping norm and the noise multiplier are added to
+    the aggregated train metrics (server-side rows). With a ``target_epsilon``,
+    a round that would exceed it is not started: the run stops cleanly.
     """
 
     def __init__(
@@ -190,7 +189,7 @@ class DpFedAvgAccounting(DelegatingStrategy):
                     f"server's epsilon from {self.epsilon():.4g} to {after:.4g}, over "
                     f"privacy.target-epsilon = {self.target_epsilon:g}"
                 )
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self.strategy.configure_train(server_round, arrays, config, grid)  # type: ignore[no-any-return]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -212,7 +211,7 @@ class DpFedAvg(NoPrivacy):
 
     @classmethod
     def wrap_strategy(cls, strategy: Strategy, experiment: Experiment) -> Strategy:
-        """Flower's server-side DP wrapper around a uniform FedAvg, accounted."""
+        """The DP chain of the module docstring around the family's FedAvg."""
         if not isinstance(strategy, FedAvg) or (
             type(strategy).aggregate_train is not FedAvg.aggregate_train
         ):
@@ -222,31 +221,49 @@ class DpFedAvg(NoPrivacy):
                 f"built {type(strategy).__name__}"
             )
         cfg = experiment.privacy
-        sampled = clients_per_round(experiment)
+        denominator = expected_clients_per_round(experiment)
         sigma = dp_fedavg_noise(experiment)
-        uniform = UniformWeights(strategy, strategy.weighted_by_key)
-        wrapped: Any
+        rng = np.random.default_rng(derive_seed(experiment.seed, "dp-fedavg-noise"))
+        sampled: Strategy = strategy
+        if cfg.client_sampling == "poisson":
+            if type(strategy).configure_train is not FedAvg.configure_train:
+                raise ConfigError(
+                    "privacy.client-sampling: 'poisson' needs FedAvg's train "
+                    f"messages (the same for every client); strategy "
+                    f"{experiment.strategy.name!r} built {type(strategy).__name__}; "
+                    "use privacy.client-sampling = 'fixed'"
+                )
+            sampled = PoissonSampling(
+                strategy, sample_rate=sample_rate(experiment), seed=experiment.seed
+            )
+        mean = FixedDenominatorMean(
+            sampled, denominator=denominator, weight_key=strategy.weighted_by_key
+        )
+        wrapped: Strategy
         if cfg.clipping == "adaptive":
-            check_adaptive_noise(cfg, sigma, sampled)
-            stddev = count_stddev(cfg, sampled)
+            check_adaptive_noise(cfg, sigma, denominator)
             wrapped = AdaptiveClipping(
-                uniform,
-                sigma,
-                sampled,
+                mean,
+                noise_multiplier=sigma,
+                count_stddev=count_stddev(cfg, denominator),
+                denominator=denominator,
+                rng=rng,
                 initial_clipping_norm=cfg.clipping_norm,
-                target_clipped_quantile=cfg.target_unclipped_quantile,
+                target_unclipped_quantile=cfg.target_unclipped_quantile,
                 clip_norm_lr=cfg.clip_norm_lr,
-                clipped_count_stddev=stddev,
-                update_noise_multiplier=accounting.adaptive_update_noise(sigma, stddev),
             )
         else:
-            wrapped = DifferentialPrivacyServerSideFixedClipping(
-                uniform, sigma, cfg.clipping_norm, sampled
+            wrapped = FixedClipping(
+                mean,
+                noise_multiplier=sigma,
+                clipping_norm=cfg.clipping_norm,
+                denominator=denominator,
+                rng=rng,
             )
         return DpFedAvgAccounting(
             wrapped,
             noise_multiplier=sigma,
-            sample_rate=sampled / experiment.federation.clients,
+            sample_rate=sample_rate(experiment),
             target_delta=cfg.target_delta,
             target_epsilon=cfg.target_epsilon,
             accountant=cfg.accountant,
@@ -258,4 +275,11 @@ class DpFedAvg(NoPrivacy):
     ) -> None:
         """The noise must exist (budget reachable) and suit adaptive clipping."""
         sigma = dp_fedavg_noise(experiment)
-        check_adaptive_noise(experiment.privacy, sigma, clients_per_round(experiment))
+        check_adaptive_noise(
+            experiment.privacy, sigma, expected_clients_per_round(experiment)
+        )
+
+    @classmethod
+    def summary_fields(cls, experiment: Experiment) -> dict[str, Any]:
+        """``accounting``: :func:`accounting_label`."""
+        return {"accounting": accounting_label(experiment)}

@@ -37,7 +37,15 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
     """Modules of this repository that ``path`` imports, anywhere in it."""
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    # a module's PEP 562 ``__getattr__`` imports on first attribute access, after
+    # the module is whole: not an import-time edge
+    tree.body = [
+        n
+        for n in tree.body
+        if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")
+    ]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -45,7 +53,10 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*up, base] if base else up)
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # ``from pkg import module`` imports the module; ``from module
+            # import name`` the module itself
+            subs = [f"{base}.{alias.name}" for alias in node.names]
+            targets = [t for t in subs if t in known] or [base]
         else:
             continue
         found.update(t for t in targets if t in known)

@@ -6,6 +6,8 @@ code and the message contract.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
@@ -76,7 +78,9 @@ class HyperFLClient:
         )
         self.model = HyperModel(target, hypernetwork).to(device)
 
-    def build_target(self, info: DatasetInfo) -> tuple[nn.Module, dict[str, torch.Size]]:
+    def build_target(
+        self, info: DatasetInfo
+    ) -> tuple[nn.Module, dict[str, torch.Size]]:
         """The target model and the shapes of the tensors generated for it: the
         feature extractor (every parameter outside ``head``)."""
         target = build_model(self.experiment.model, info, self.experiment.seed)
@@ -178,7 +182,7 @@ class HyperFLClient:
         shared = {
             k: v.detach().cpu() for k, v in model.hypernetwork.state_dict().items()
         }
-        metrics = {
+        metrics: dict[str, Any] = {
             "loss": stats.loss,
             "head-loss": head_stats.loss,
             NUM_EXAMPLES: num_examples(stats, data.train),
@@ -208,7 +212,9 @@ class LpmClient(HyperFLClient):
     ``peft.rank``); the head is private. Same phases and contract as
     :class:`HyperFLClient`."""
 
-    def build_target(self, info: DatasetInfo) -> tuple[nn.Module, dict[str, torch.Size]]:
+    def build_target(
+        self, info: DatasetInfo
+    ) -> tuple[nn.Module, dict[str, torch.Size]]:
         exp = self.experiment
         base = build_model(exp.model, info, exp.seed)
         base.requires_grad_(False)

@@ -33,7 +33,9 @@ class LocalClient:
         self.experiment = experiment
         self.device = device
         self.model = build_model(experiment.model, info, experiment.seed).to(device)
-        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.initial = {
+            k: v.detach().clone() for k, v in self.model.state_dict().items()
+        }
 
     def load(self, state: RecordDict) -> None:
         """This client's model, or the run's initial model before its first

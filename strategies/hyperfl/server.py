@@ -53,9 +53,9 @@ class HyperFL(FedAvg):
     ) -> ArrayRecord | None:
         """FedAvg's round over the hypernetwork (through the outermost wrapper
         ``hooks``); there is no global model to return."""
-        self.shared = standard_round(
-            hooks, server_round, self.shared, grid, timeout=timeout
-        )
+        new = standard_round(hooks, server_round, self.shared, grid, timeout=timeout)
+        if new is not None:
+            self.shared = new
         return None
 
     def aggregate_train(

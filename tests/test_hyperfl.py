@@ -282,3 +282,77 @@ def test_dp_sgd_is_rejected_with_exit_2_and_its_reason(tmp_path: Path) -> None:
     assert "per-sample gradients" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# -- HyperFL-LPM -----------------------------------------------------------------
+
+LPM = (
+    "strategy.name=hyperfl-lpm",
+    "peft.method=lora",
+    "model.name=vit",
+    "model.hidden=16",
+    "model.depth=1",
+    "model.heads=2",
+    "peft.rank=2",
+    'peft.targets=["q_proj", "v_proj"]',
+    "federation.clients=2",
+)
+
+
+def test_lpm_generated_lora_equals_the_merged_plain_model() -> None:
+    """The frozen base with generated LoRA factors gives the logits of a plain
+    copy of the base whose adapted weights are W + (alpha / r) B A."""
+    from clients.hyperfl import LpmClient
+    from fedsim.learn.base import build_model
+    from fedsim.learn.hypernet import lora_shapes
+
+    exp = load_experiment(None, list(LPM))
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = LpmClient(exp, data.info, torch.device("cpu"))
+    plain = build_model(exp.model, data.info, exp.seed)
+    assert set(client.model.hypernetwork.shapes) == set(lora_shapes(plain, exp.peft))
+    with torch.no_grad():
+        client.model.embedding.normal_()
+        generated = client.model.generate()
+        for name in ("blocks.0.attn.q_proj", "blocks.0.attn.v_proj"):
+            a = generated[f"{name}.lora_A.default.weight"]
+            b = generated[f"{name}.lora_B.default.weight"]
+            assert a.shape == (2, 16) and b.shape == (16, 2)
+            layer = plain.get_submodule(name)
+            layer.weight += exp.peft.alpha / exp.peft.rank * b @ a
+        head = dict(client.model.target.named_parameters())
+        plain.head.weight.copy_(head["head.weight"])
+        plain.head.bias.copy_(head["head.bias"])
+    x = torch.from_numpy(data.client(0).test.x[:4])
+    client.model.eval(), plain.eval()
+    torch.testing.assert_close(client.model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lpm_trains_only_the_hypernetwork_embedding_and_head() -> None:
+    from clients.hyperfl import LpmClient
+
+    exp = load_experiment(None, [*LPM, "train.epochs=1"])
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = LpmClient(exp, data.info, torch.device("cpu"))
+    frozen = {
+        k: v.clone()
+        for k, v in client.model.target.state_dict().items()
+        if "lora_" not in k and not k.startswith("head.")
+    }
+    net = initial_hypernetwork(
+        client.model.hypernetwork.shapes, exp.strategy.options, exp.seed
+    )
+    hyper = ArrayRecord({k: v.detach() for k, v in net.state_dict().items()})
+    state = RecordDict()
+    up = client.train(content(hyper, 1), data.client(0), server_round=1, state=state)
+    assert set(up[ARRAYS]) == set(hyper)
+    assert set(state[PRIVATE]) == {EMBEDDING, "head.weight", "head.bias"}
+    for k, v in client.model.target.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    with pytest.raises(ConfigError, match="peft.ranks"):
+        from fedsim.learn.base import build_model
+        from fedsim.learn.hypernet import check_lpm
+
+        bad = load_experiment(None, [*LPM, "peft.ranks=[2, 4]"])
+        check_lpm(bad, build_model(bad.model, data.info, bad.seed), data)

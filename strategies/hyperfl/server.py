@@ -1,0 +1,112 @@
+"""HyperFL's server: Flower's ``FedAvg`` over the shared hypernetwork only (see
+:mod:`strategies.hyperfl` for the paper and the message contract).
+
+The family has no global model: the round driver passes no arrays into
+:meth:`HyperFL.run_round`, and the strategy keeps the hypernetwork itself
+(:attr:`HyperFL.shared`), running FedAvg's round shape over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.seeding import derive_seed
+from fedsim.learn.hypernet import HyperNetwork, extractor_shapes, lora_shapes
+from fedsim.protocol.rounds import standard_round
+from fedsim.protocol.setup import ServerSetup
+
+
+class HyperFL(FedAvg):
+    """Example-weighted average of the clients' hypernetworks.
+
+    Parameters
+    ----------
+    initial : ArrayRecord
+        The hypernetwork round 1 starts from.
+    **kwargs
+        Flower ``FedAvg`` options (sampling fractions, minimum nodes...).
+    """
+
+    def __init__(self, initial: ArrayRecord, **kwargs: Any):
+        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
+        kwargs.setdefault("arrayrecord_key", ARRAYS)
+        kwargs.setdefault("configrecord_key", CONFIG)
+        super().__init__(**kwargs)
+        #: The current shared hypernetwork.
+        self.shared = initial
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """FedAvg's round over the hypernetwork (through the outermost wrapper
+        ``hooks``); there is no global model to return."""
+        new = standard_round(hooks, server_round, self.shared, grid, timeout=timeout)
+        if new is not None:
+            self.shared = new
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's weighted average, after checking that every reply carries
+        exactly the hypernetwork's arrays."""
+        replies = list(replies)
+        expected = set(self.shared)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            got = set(msg.content[ARRAYS]) if ARRAYS in msg.content else set()  # type: ignore[arg-type]
+            if got != expected:
+                extra = sorted(got - expected) or sorted(expected - got)
+                raise ValueError(
+                    f"node {msg.metadata.src_node_id} uploaded other arrays than the "
+                    f"hypernetwork's (first difference: {extra[0]!r})"
+                )
+        return super().aggregate_train(server_round, replies)
+
+
+def initial_hypernetwork(
+    shapes: dict[str, torch.Size], options: Any, seed: int
+) -> HyperNetwork:
+    """The seeded round-1 hypernetwork (PyTorch's default ``nn.Linear`` init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "hypernetwork"))
+        return HyperNetwork(
+            shapes, embedding_dim=options.embedding_dim, hidden_dim=options.hidden_dim
+        )
+
+
+def _strategy(setup: ServerSetup, shapes: dict[str, torch.Size]) -> HyperFL:
+    net = initial_hypernetwork(shapes, setup.options, setup.experiment.seed)
+    fed = setup.experiment.federation
+    return HyperFL(
+        ArrayRecord({k: v.detach().cpu() for k, v in net.state_dict().items()}),
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=fed.clients,
+    )
+
+
+def build(setup: ServerSetup) -> HyperFL:
+    """HyperFL: the hypernetwork generates the model's feature extractor."""
+    return _strategy(setup, extractor_shapes(setup.model))
+
+
+def build_lpm(setup: ServerSetup) -> HyperFL:
+    """HyperFL-LPM: the hypernetwork generates LoRA factors of the frozen base."""
+    return _strategy(setup, lora_shapes(setup.model, setup.experiment.peft))

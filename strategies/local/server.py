@@ -1,0 +1,57 @@
+"""The local-only baseline's server: samples, sends empty instructions and
+averages the clients' metrics (see :mod:`strategies.local`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.protocol.rounds import standard_round
+from fedsim.protocol.setup import ServerSetup
+
+
+class LocalOnly(FedAvg):
+    """FedAvg's round shape with nothing to aggregate."""
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """One train and one evaluate exchange with empty arrays."""
+        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The clients' weighted training metrics; no arrays."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        return None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def build(setup: ServerSetup) -> LocalOnly:
+    """The local-only round driver, sampling as ``[federation]`` says."""
+    fed = setup.experiment.federation
+    return LocalOnly(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=fed.clients,
+        weighted_by_key=NUM_EXAMPLES,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
+    )

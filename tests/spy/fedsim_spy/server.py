@@ -1,0 +1,74 @@
+"""The spy's server: HyperFL's round through a grid that records every reply."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedsim.protocol.setup import ServerSetup
+from strategies.hyperfl.server import HyperFL
+from strategies.hyperfl.server import build as build_hyperfl
+
+
+class SpyGrid:
+    """Delegates to ``grid``; writes each reply's arrays to ``out``."""
+
+    def __init__(self, grid: Grid, out: Path, server_round: int):
+        self.grid, self.out, self.server_round = grid, out, server_round
+        self.count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: Any = None) -> Any:
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            meta = reply.metadata
+            arrays = {
+                f"{record}|{key}": array.numpy()
+                for record, rec in reply.content.array_records.items()
+                for key, array in rec.items()
+            }
+            self.count += 1
+            name = (
+                f"up-{meta.message_type}-r{self.server_round}-{meta.src_node_id}-"
+                f"{self.count}.npz"
+            )
+            np.savez(self.out / name, **arrays)
+        return replies
+
+
+class SpyHyperFL(HyperFL):
+    spy_dir = ""
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        spy = SpyGrid(grid, Path(self.spy_dir), server_round)
+        return super().run_round(
+            server_round, arrays, spy, timeout=timeout, hooks=hooks
+        )  # type: ignore[arg-type]
+
+
+def build(setup: ServerSetup) -> SpyHyperFL:
+    strategy = build_hyperfl(setup)
+    spy = SpyHyperFL(
+        strategy.shared,
+        fraction_train=strategy.fraction_train,
+        fraction_evaluate=strategy.fraction_evaluate,
+        min_available_nodes=strategy.min_available_nodes,
+    )
+    spy.spy_dir = setup.options.spy_dir
+    np.savez(
+        Path(spy.spy_dir) / "initial.npz",
+        **{k: a.numpy() for k, a in strategy.shared.items()},
+    )
+    return spy

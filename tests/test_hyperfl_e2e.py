@@ -1,0 +1,89 @@
+"""HyperFL end to end through Flower's simulation runtime: what leaves a client.
+
+The ``hyperfl-spy`` plug-in (``tests/spy``) is HyperFL with a spy on both sides:
+the server writes every reply of every exchange, the clients write their
+private embedding, head and generated weights after each round.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedsim.core.rundir import SUMMARY_FILE, read_metrics
+from fedsim.learn.hypernet import HyperNetwork, extractor_shapes
+from fedsim.learn.models import MLP
+from tests.conftest import fedsim, sets
+
+pytestmark = pytest.mark.slow
+
+SPY = Path(__file__).parent / "spy"
+
+
+def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
+    tmp_path: Path,
+) -> None:
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = fedsim(
+        "run",
+        *sets(
+            "strategy.name=hyperfl-spy",
+            f"strategy.spy-dir={seen}",
+            "rounds=2",
+            "federation.clients=3",
+            "model.name=mlp",
+            "model.hidden=16",
+            "train.epochs=1",
+        ),
+        out=tmp_path / "runs",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # What the hypernetwork of this model is, built independently here.
+    target = MLP(64, 16, 10, 0.0)
+    net = HyperNetwork(extractor_shapes(target), embedding_dim=64, hidden_dim=128)
+    expected = {f"arrays|{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    initial = dict(np.load(seen / "initial.npz"))
+    assert {f"arrays|{k}": v.shape for k, v in initial.items()} == expected
+
+    train = [dict(np.load(p)) for p in sorted(seen.glob("up-train-*.npz"))]
+    evaluate = [dict(np.load(p)) for p in sorted(seen.glob("up-evaluate-*.npz"))]
+    private = [dict(np.load(p)) for p in sorted(seen.glob("private-*.npz"))]
+    assert len(train) == len(private) == 6 and len(evaluate) == 6
+    assert all(up == {} for up in evaluate)  # evaluation replies carry no arrays
+    for up in train:
+        assert {k: v.shape for k, v in up.items()} == expected
+    secrets = [v for p in private for v in p.values()]
+    assert {k.split("|")[0] for p in private for k in p} == {"private", "generated"}
+    assert any(k == "private|embedding" for k in private[0])
+    for up in train:
+        for array in up.values():
+            for secret in secrets:
+                assert array.shape != secret.shape or not np.allclose(array, secret)
+                assert not np.isin(secret.ravel()[:8], array.ravel()).all()
+
+    rows = read_metrics(result.run_dir)
+    clients = rows[rows["client"].notna()]
+    up_bytes = clients[
+        (clients["metric"] == "bytes-up") & (clients["phase"] == "train")
+    ]
+    hyper_bytes = sum(v.nbytes for v in initial.values())
+    assert up_bytes["value"].min() >= hyper_bytes
+    assert up_bytes["value"].max() < hyper_bytes * 1.01
+    assert not (rows["phase"] == "server").any() or set(
+        rows.loc[rows["phase"] == "server", "metric"]
+    ) <= {"elapsed"}
+    summary = pd.read_json(result.run_dir / SUMMARY_FILE, typ="series")
+    assert summary["headline"] == "evaluate" and summary["rounds_completed"] == 2
+    assert torch.tensor(summary["final"]["accuracy"]).item() > 0.1

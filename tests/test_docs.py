@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedsim.core.loading import load_experiment
+from fedsim.core.sweeps import load_sweep
 from fedsim.docs import with_flower_config, with_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,4 +26,8 @@ def test_every_experiment_file_is_valid() -> None:
     files = sorted((ROOT / "experiments").glob("*.toml"))
     assert files
     for path in files:
-        load_experiment(path)
+        text = path.read_text(encoding="utf-8")
+        if "[grid]" in text or "[[variants]]" in text:
+            assert load_sweep(path)  # a sweep file: every experiment valid
+        else:
+            load_experiment(path)

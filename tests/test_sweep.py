@@ -91,11 +91,11 @@ def test_sweep_runs_equal_the_same_experiments_run_alone(swept: Path) -> None:
     sweep_dir = swept / "runs" / "mini"
     index = json.loads((sweep_dir / SWEEP_INDEX).read_text())
     assert [e["status"] for e in index["experiments"]] == ["completed"] * 4
-    # the first and the last experiment (the last one follows three others on
-    # the same nodes and actors) against the same experiment run alone
+    # the last experiment (it follows three others on the same nodes and
+    # actors) against the same experiment run alone
     base = swept / "base.toml"
     base.write_text(SWEEP.split("[grid]")[0])
-    for entry in (index["experiments"][0], index["experiments"][3]):
+    for entry in index["experiments"][3:]:
         alone = fedsim(
             "run",
             str(base),

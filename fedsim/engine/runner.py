@@ -126,21 +126,21 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop_tree(
-    pid: int, timeout: float = 15.0, also: Iterable[psutil.Process] = ()
-) -> None:
-    """Terminate a process and all its descendants (collected first), then kill.
-
-    ``also``: processes seen under it earlier that may have been re-parented
-    since (a child that lost its parent is no longer its descendant); each
-    remembers its start time, so a reused PID is never signalled.
-    """
-    procs: list[psutil.Process] = []
-    with suppress(psutil.NoSuchProcess):
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """Terminate a process and all its descendants (collected first), then kill."""
+    try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
-    known = {p.pid for p in procs}
-    procs += [p for p in also if p.pid not in known and p.is_running()]
+    except psutil.NoSuchProcess:
+        return
+    stop_processes(procs, timeout)
+
+
+def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> None:
+    """Terminate ``procs``; kill (with their children) those still alive after
+    ``timeout``. Each ``psutil.Process`` remembers its start time, so a reused
+    PID is never signalled."""
+    procs = [p for p in procs if p.is_running()]
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()
@@ -302,7 +302,9 @@ def launch(
             seen.update((p.pid, p) for p in descendants(superlink.pid))
         for proc in (submit, superlink):
             if proc is not None:
-                stop_tree(proc.pid, also=seen.values())
+                stop_tree(proc.pid)
+        # what was started under the SuperLink but left its tree (re-parented)
+        stop_processes(seen.values())
         shutil.rmtree(home, ignore_errors=True)
     return status, reason
 

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsim.core.experiment import Experiment
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsim.learn.data import FederatedData
 
 
@@ -42,3 +43,19 @@ class ServerSetup:
     def options(self) -> Any:
         """The family's own option table."""
         return self.experiment.strategy.options
+
+    def fedavg_options(self) -> dict[str, Any]:
+        """Keyword arguments of Flower's ``FedAvg`` (and its subclasses) from
+        ``[federation]`` and fedsim's message keys: sampling fractions, every
+        client available before a round, weights under ``num-examples``."""
+        fed = self.experiment.federation
+        return {
+            "fraction_train": fed.fraction_train,
+            "fraction_evaluate": fed.fraction_evaluate,
+            "min_train_nodes": 1,
+            "min_evaluate_nodes": 1,
+            "min_available_nodes": fed.clients,
+            "weighted_by_key": NUM_EXAMPLES,
+            "arrayrecord_key": ARRAYS,
+            "configrecord_key": CONFIG,
+        }

@@ -11,7 +11,7 @@ from fedsim.learn.lora import lora_layout
 from fedsim.protocol.setup import ServerSetup
 from strategies.fedit.maths import average_lora
 from strategies.flora.maths import Adapters, adapter_pairs, lora_update
-from strategies.flora.server import FLoRA, sampling
+from strategies.flora.server import FLoRA
 
 
 class FedIT(FLoRA):
@@ -44,4 +44,4 @@ def build(setup: ServerSetup) -> FedIT:
     """FedIT over the LoRA layout of the engine's model, sampling as
     ``[federation]`` says."""
     layout = lora_layout(setup.model, setup.experiment.peft)
-    return FedIT.from_layout(layout, **sampling(setup.experiment))
+    return FedIT.from_layout(layout, **setup.fedavg_options())

@@ -12,7 +12,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.core.experiment import Experiment
 from fedsim.core.messages import (
     ARRAYS,
     CONFIG,
@@ -175,20 +174,8 @@ def _reply_order(msg: Message) -> tuple[float, int]:
     return float(pid), msg.metadata.src_node_id  # type: ignore[arg-type]
 
 
-def sampling(experiment: Experiment) -> dict[str, Any]:
-    """Flower ``FedAvg`` sampling options from ``[federation]``."""
-    fed = experiment.federation
-    return {
-        "fraction_train": fed.fraction_train,
-        "fraction_evaluate": fed.fraction_evaluate,
-        "min_train_nodes": 1,
-        "min_evaluate_nodes": 1,
-        "min_available_nodes": fed.clients,
-    }
-
-
 def build(setup: ServerSetup) -> FLoRA:
     """FLoRA over the LoRA layout of the engine's model, sampling as
     ``[federation]`` says."""
     layout = lora_layout(setup.model, setup.experiment.peft)
-    return FLoRA.from_layout(layout, **sampling(setup.experiment))
+    return FLoRA.from_layout(layout, **setup.fedavg_options())

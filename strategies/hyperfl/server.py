@@ -91,14 +91,9 @@ def initial_hypernetwork(
 
 def _strategy(setup: ServerSetup, shapes: dict[str, torch.Size]) -> HyperFL:
     net = initial_hypernetwork(shapes, setup.options, setup.experiment.seed)
-    fed = setup.experiment.federation
     return HyperFL(
         ArrayRecord({k: v.detach().cpu() for k, v in net.state_dict().items()}),
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=fed.clients,
+        **setup.fedavg_options(),
     )
 
 

@@ -10,7 +10,6 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsim.protocol.rounds import standard_round
 from fedsim.protocol.setup import ServerSetup
 
@@ -44,14 +43,4 @@ class LocalOnly(FedAvg):
 
 def build(setup: ServerSetup) -> LocalOnly:
     """The local-only round driver, sampling as ``[federation]`` says."""
-    fed = setup.experiment.federation
-    return LocalOnly(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=fed.clients,
-        weighted_by_key=NUM_EXAMPLES,
-        arrayrecord_key=ARRAYS,
-        configrecord_key=CONFIG,
-    )
+    return LocalOnly(**setup.fedavg_options())

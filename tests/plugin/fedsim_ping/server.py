@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS
 from fedsim.protocol.rounds import exchange, standard_round
 from fedsim.protocol.setup import ServerSetup
 
@@ -52,13 +52,4 @@ class PingFedAvg(FedAvg):
 
 
 def build(setup: ServerSetup) -> PingFedAvg:
-    fed = setup.experiment.federation
-    return PingFedAvg(
-        setup.options.factor,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_available_nodes=fed.clients,
-        weighted_by_key=NUM_EXAMPLES,
-        arrayrecord_key=ARRAYS,
-        configrecord_key=CONFIG,
-    )
+    return PingFedAvg(setup.options.factor, **setup.fedavg_options())

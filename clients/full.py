@@ -35,8 +35,15 @@ class FullModelClient:
         # Built once per process and reused for every client and round.
         self.model = build_model(experiment.model, info, experiment.seed).to(device)
 
-    def _load(self, content: RecordDict) -> None:
+    def load(self, content: RecordDict, state: RecordDict) -> None:
+        """Put the weights this round starts from into the resident model: the
+        received global model."""
         self.model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+
+    def keep(self, state: RecordDict) -> RecordDict:
+        """What the train reply carries besides metrics: the local model."""
+        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return RecordDict({ARRAYS: ArrayRecord(local)})
 
     def train(
         self,
@@ -48,7 +55,7 @@ class FullModelClient:
     ) -> RecordDict:
         """One round of local training from the received global model."""
         exp = self.experiment
-        self._load(content)
+        self.load(content, state)
         stats, extra = local_fit(
             self.model,
             data.train,
@@ -58,13 +65,14 @@ class FullModelClient:
             state=state,
             mechanism=privacy.client_mechanism(exp),
         )
-        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         metrics: dict[str, Any] = {
             "loss": stats.loss,
             NUM_EXAMPLES: num_examples(stats, data.train),
             **extra,
         }
-        return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
+        reply = self.keep(state)
+        reply[METRICS] = MetricRecord(metrics)
+        return reply
 
     def evaluate(
         self,
@@ -74,7 +82,8 @@ class FullModelClient:
         server_round: int,
         state: RecordDict,
     ) -> RecordDict:
-        """Loss and accuracy of the received global model on the local test split."""
-        self._load(content)
+        """Loss and accuracy of the model this client evaluates (the received
+        global model) on its local test split."""
+        self.load(content, state)
         stats = evaluate(self.model, data.test, device=self.device)
         return RecordDict({METRICS: evaluation_metrics(stats)})

@@ -267,7 +267,7 @@ def test_the_local_client_keeps_its_model_in_its_state(small) -> None:  # type: 
     assert ARRAYS not in one.train(empty, data.client(0), server_round=1, state=state)
     after = state[MODEL].to_torch_state_dict()
     other = LocalClient(exp, data.info, cpu)
-    other.load(state)
+    other.load(RecordDict(), state)
     for key, value in after.items():
         assert torch.equal(other.model.state_dict()[key], value)
         assert not torch.equal(value, one.initial[key]) or "bias" in key

@@ -120,7 +120,7 @@ class PlainDisplay:
         print(f"{self.prefix}{line}", flush=True)
 
     def close(self) -> None:
-        pass
+        """Printed lines need no closing."""
 
 
 class NotebookDisplay:
@@ -146,17 +146,17 @@ class NotebookDisplay:
             self.handle.update(self._html(self._render(server_round, rounds, line)))
 
     def close(self) -> None:
-        pass
+        """The bar stays in the output with the last round shown."""
 
 
 class QuietDisplay:
-    """Shows nothing."""
+    """Shows nothing (``progress=False``)."""
 
     def round(self, server_round: int, rounds: int, line: str) -> None:
-        pass
+        """Nothing to show."""
 
     def close(self) -> None:
-        pass
+        """Nothing to close."""
 
 
 def in_notebook() -> bool:

@@ -44,6 +44,9 @@ def test_notebook_display_is_an_html_progress_bar() -> None:
 def test_run_returns_the_run_the_cli_writes(
     small_run: CliRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The same experiment through the Python API and through the CLI (another
+    process, another run): the same rows, timings aside — the same seed gives
+    the same metrics."""
     run = fedsim.run(overrides=list(SMALL), out=tmp_path)
     assert run.status == "completed" and run.path.parent == tmp_path
     assert "round   3/3" in capsys.readouterr().out  # plain progress lines

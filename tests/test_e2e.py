@@ -101,16 +101,6 @@ def test_checkpoint_reproduces_the_server_accuracy(small_run: CliRun) -> None:
     assert stats.accuracy > 0.5  # three rounds already learn something
 
 
-def test_same_seed_same_metrics(
-    small_run: CliRun, run_cli: Callable[..., CliRun]
-) -> None:
-    again = run_cli(overrides=SMALL)
-    assert again.returncode == 0, again.stderr
-    a, b = metrics(small_run.run_dir), metrics(again.run_dir)
-    a, b = (f[~f["metric"].isin(TIMED)].reset_index(drop=True) for f in (a, b))
-    pd.testing.assert_frame_equal(a, b)
-
-
 def failing_setup(
     rate: float, clients: int, rounds: int
 ) -> tuple[int, set[tuple[int, int]]]:

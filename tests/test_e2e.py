@@ -27,8 +27,6 @@ from tests.conftest import SMALL, CliRun, sets
 
 pytestmark = pytest.mark.slow
 
-TIMED = {"seconds", "elapsed"}
-
 
 def metrics(run_dir: Path) -> pd.DataFrame:
     frame = read_metrics(run_dir)

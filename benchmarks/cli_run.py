@@ -1,4 +1,4 @@
-"""Run ``fedsim run`` in a subprocess, as a user would; shared by the benchmarks."""
+"""Shared by the benchmarks: run ``fedsim run`` as a user would; print tables."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def fedsim_run(
     if len(made) != 1:
         raise RuntimeError(f"fedsim run made no run directory:\n{proc.stderr}")
     return proc, made[0]
+
+
+def markdown(rows: list[dict[str, str]], text_columns: tuple[str, ...]) -> str:
+    """A Markdown table of ``rows``: ``text_columns`` left-aligned, numbers right."""
+    columns = list(rows[0])
+    align = ["---" if c in text_columns else "---:" for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

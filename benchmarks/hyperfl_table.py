@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli_run import fedsim_run
+from cli_run import fedsim_run, markdown
 
 from fedsim import analysis
 
@@ -78,15 +78,6 @@ def row(run_dir: Path) -> dict[str, str]:
     }
 
 
-def markdown(rows: list[dict[str, str]]) -> str:
-    """A Markdown table of ``rows`` (numbers right-aligned)."""
-    columns = list(rows[0])
-    align = ["---" if c in ("experiment", "strategy") else "---:" for c in columns]
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
@@ -104,7 +95,7 @@ def main() -> int:
             experiment = Path(name) if Path(name).exists() else ROOT / name
             dirs.append(run(experiment, args.overrides, args.out))
             print(dirs[-1], file=sys.stderr, flush=True)
-    print(markdown([row(d) for d in dirs]))
+    print(markdown([row(d) for d in dirs], ("experiment", "strategy")))
     return 0
 
 

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from cli_run import fedsim_run
+from cli_run import fedsim_run, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = (
@@ -92,17 +92,6 @@ def row(run_dir: Path) -> dict[str, str]:
     }
 
 
-def markdown(rows: list[dict[str, str]]) -> str:
-    """A Markdown table of ``rows`` (numbers right-aligned)."""
-    columns = list(rows[0])
-    align = [
-        "---" if c in ("experiment", "strategy", "ranks") else "---:" for c in columns
-    ]
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
@@ -116,7 +105,7 @@ def main() -> int:
         run_dir = run(experiment, args.overrides, args.out)
         rows.append(row(run_dir))
         print(f"{run_dir}: {rows[-1]['final accuracy']}", file=sys.stderr, flush=True)
-    print(markdown(rows))
+    print(markdown(rows, ("experiment", "strategy", "ranks")))
     return 0
 
 

@@ -23,6 +23,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import read_metrics
+from fedsim.engine.recorder import headline_of
 
 
 def check_resources(exp: Experiment) -> None:
@@ -60,11 +61,6 @@ def preflight(exp: Experiment) -> None:
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)
     privacy.preflight(exp, model, data)
-
-
-def headline_of(exp: Experiment) -> str:
-    """The phase whose accuracy is the run's headline (see the recorder)."""
-    return "server" if registry.family(exp.strategy.name).global_model else "evaluate"
 
 
 class Display(Protocol):

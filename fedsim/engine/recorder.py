@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.core import registry
 from fedsim.core.errors import RoundFailed, RunStopped
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import to_toml
@@ -62,6 +63,39 @@ def versions() -> dict[str, str]:
 def _savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a file object keeps numpy from adding ".npz"
         np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+
+def headline_of(exp: Experiment) -> str:
+    """The phase whose accuracy is the run's headline: ``server`` for families
+    with a global model, else the clients' ``evaluate``."""
+    return "server" if registry.family(exp.strategy.name).global_model else "evaluate"
+
+
+def summary_base(
+    exp: Experiment, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``summary.json`` of a run of ``exp`` that has not completed a round yet.
+
+    ``extra`` entries are added as given (e.g. the privacy mechanism's
+    ``accounting``).
+    """
+    return {
+        "name": exp.name,
+        "status": "running",
+        "reason": None,
+        "seed": exp.seed,
+        "strategy": exp.strategy.name,
+        "headline": headline_of(exp),
+        "rounds": exp.rounds,
+        "rounds_completed": 0,
+        "started_at": datetime.now(UTC).isoformat(),
+        "finished_at": None,
+        "wall_seconds": None,
+        "final": {},
+        "failures": 0,
+        "versions": versions(),
+        **(extra or {}),
+    }
 
 
 def create_run_dir(out: Path, exp: Experiment) -> Path:
@@ -114,23 +148,8 @@ class RunRecorder:
         self.failures: list[dict[str, Any]] = []
         self.rounds_completed = 0
         self.started = time.time()
-        self.summary: dict[str, Any] = {
-            "name": experiment.name,
-            "status": "running",
-            "reason": None,
-            "seed": experiment.seed,
-            "strategy": experiment.strategy.name,
-            "headline": headline,
-            "rounds": experiment.rounds,
-            "rounds_completed": 0,
-            "started_at": datetime.now(UTC).isoformat(),
-            "finished_at": None,
-            "wall_seconds": None,
-            "final": {},
-            "failures": 0,
-            "versions": versions(),
-            **(extra_summary or {}),
-        }
+        self.summary = summary_base(experiment, extra_summary)
+        self.summary["headline"] = headline
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
         if not (run_dir / CONFIG_FILE).exists():

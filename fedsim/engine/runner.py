@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import tomli_w
@@ -34,9 +35,12 @@ from fedsim import __version__
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, to_run_config
 from fedsim.core.rundir import SUMMARY_FILE, write_json
+from fedsim.engine.lifeline import Lifeline, die_with_parent
+from fedsim.engine.recorder import summary_base
 
 LOGS_DIR = "logs"
 STARTUP_TIMEOUT = 60.0
+T = TypeVar("T")
 
 
 class SimulationError(RuntimeError):
@@ -156,18 +160,47 @@ def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> No
         psutil.wait_procs(stragglers, timeout=5)
 
 
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so that cleanup runs either way."""
+class StopSignals:
+    """SIGINT and SIGTERM stop a run once.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    The first raises ``KeyboardInterrupt`` in the main thread (the runner then
+    stops what it started and finalises the summary); any later one, and any
+    once the shutdown has begun (:meth:`stop`), is ignored with a note on
+    stderr, so that an impatient second Ctrl-C never cuts the cleanup short or
+    leaves ``summary.json`` saying ``running``.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The shutdown has begun: ignore further signals."""
+        self.stopping = True
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            # os.write, not print: a handler may run in the middle of a print
+            os.write(2, b"fedsim: stopping the run; please wait\n")
+            return
+        self.stopping = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+
+@contextmanager
+def stop_signals() -> Iterator[StopSignals]:
+    """Install :class:`StopSignals` for SIGINT and SIGTERM (main thread only:
+    elsewhere Python allows no handlers, and the caller's stay)."""
+    signals = StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signals.handler) for sig in wanted}
     try:
-        yield
+        yield signals
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -206,6 +239,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
 
@@ -254,15 +288,20 @@ def launch(
     logs: Path,
     *,
     description: str,
+    finish: Callable[[str | None, str | None], T],
     on_poll: Callable[[], None] = lambda: None,
     poll_interval: float = 0.5,
-) -> tuple[str | None, str | None]:
+) -> T:
     """Start a private SuperLink, submit the app with run-config ``config`` and
-    wait for it; stop every process started, whatever happens.
+    wait for it; stop every process started, whatever happens, then return
+    ``finish(status, reason)``.
 
-    Returns ``(status, reason)``: ``(None, None)`` when the app ended by itself
-    (the run directories say how), else how it ended (``failed`` with the
-    reason, ``interrupted``).
+    ``(status, reason)`` is ``(None, None)`` when the app ended by itself (the
+    run directories say how), else how it ended (``failed`` with the reason,
+    ``interrupted``). SIGINT/SIGTERM stop the run once; from the first one (or
+    the end of the app) until ``finish`` returns, further ones are ignored
+    (:class:`StopSignals`). Should this process die without cleaning up, the
+    :class:`fedsim.engine.lifeline.Lifeline` watchdog stops what it started.
     """
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -270,18 +309,22 @@ def launch(
     write_app(home / "app", config, description)
     superlink: subprocess.Popen[bytes] | None = None
     submit: subprocess.Popen[bytes] | None = None
+    lifeline: Lifeline | None = None
     status: str | None = None
     reason: str | None = None
     seen: dict[int, psutil.Process] = {}  # everything ever started under it
-    try:
-        with _terminate_as_interrupt():
+    with stop_signals() as signals:
+        try:
+            lifeline = Lifeline()
             superlink = spawn(
                 superlink_command(port, simulation=True), env, logs / "superlink.log"
             )
+            lifeline.watch(superlink.pid)
             wait_healthy(superlink, port, logs / "superlink.log")
             submit = spawn(
                 submit_command(home / "app", federation), env, logs / "flower.log"
             )
+            lifeline.watch(submit.pid)
             while submit.poll() is None:
                 seen.update((p.pid, p) for p in descendants(superlink.pid))
                 on_poll()
@@ -291,36 +334,49 @@ def launch(
                     break
                 time.sleep(poll_interval)
             on_poll()
-    except KeyboardInterrupt:
-        status, reason = "interrupted", "interrupted by the user (Ctrl-C or SIGTERM)"
-    except SimulationError as err:
-        status, reason = "failed", str(err)
-    except Exception as err:  # never leave a run directory saying "running"
-        status, reason = "failed", f"fedsim: {type(err).__name__}: {err}"
-    finally:
-        if superlink is not None:
-            seen.update((p.pid, p) for p in descendants(superlink.pid))
-        for proc in (submit, superlink):
-            if proc is not None:
-                stop_tree(proc.pid)
-        # what was started under the SuperLink but left its tree (re-parented)
-        stop_processes(seen.values())
-        shutil.rmtree(home, ignore_errors=True)
-    return status, reason
+        except KeyboardInterrupt:
+            status, reason = (
+                "interrupted",
+                "interrupted by the user (Ctrl-C or SIGTERM)",
+            )
+        except SimulationError as err:
+            status, reason = "failed", str(err)
+        except Exception as err:  # never leave a run directory saying "running"
+            status, reason = "failed", f"fedsim: {type(err).__name__}: {err}"
+        finally:
+            signals.stop()
+            if superlink is not None:
+                seen.update((p.pid, p) for p in descendants(superlink.pid))
+            for proc in (submit, superlink):
+                if proc is not None:
+                    stop_tree(proc.pid)
+            # what was started under the SuperLink but left its tree (re-parented)
+            stop_processes(seen.values())
+            if lifeline is not None:
+                lifeline.close()
+            shutil.rmtree(home, ignore_errors=True)
+        return finish(status, reason)
 
 
 def settle(
-    run_dir: Path, status: str | None, reason: str | None, logs: Path
+    run_dir: Path,
+    status: str | None,
+    reason: str | None,
+    logs: Path,
+    exp: Experiment | None = None,
 ) -> Outcome:
     """How the run in ``run_dir`` ended, written into its ``summary.json``.
 
     ``status``/``reason`` from :func:`launch` win; otherwise a run that still
     says ``running`` (or never started) failed, with the log's tail as reason.
+    Fields the ServerApp never wrote (a run stopped before it started) come
+    from ``exp`` (:func:`fedsim.engine.recorder.summary_base`).
     """
-    summary = read_summary(run_dir)
+    written = read_summary(run_dir)
+    summary = {**(summary_base(exp) if exp is not None else {}), **written}
     if status is None:
-        status = summary.get("status", "failed")
-        if status == "running" or not summary:
+        status = written.get("status", "failed")
+        if status == "running" or not written:
             status = "failed"
             reason = (
                 "the ServerApp ended without finishing; see logs/flower.log:\n"
@@ -328,8 +384,8 @@ def settle(
             )
     elif summary.get("status") in ("completed", "stopped"):
         status, reason = summary["status"], summary.get("reason")
-    if reason is not None or summary.get("status") != status:
-        summary.update(status=status, reason=reason or summary.get("reason"))
+    summary.update(status=status, reason=reason or summary.get("reason"))
+    if summary != written:
         write_json(run_dir / SUMMARY_FILE, summary)
     return Outcome(status, summary)
 
@@ -347,15 +403,15 @@ def simulate(
     (the CLI refreshes its progress display there).
     """
     logs = run_dir / LOGS_DIR
-    status, reason = launch(
+    return launch(
         run_config_of(exp, run_dir),
         federation_config(exp),
         logs,
         description=f"fedsim run {exp.name}",
+        finish=lambda status, reason: settle(run_dir, status, reason, logs, exp),
         on_poll=on_poll,
         poll_interval=poll_interval,
     )
-    return settle(run_dir, status, reason, logs)
 
 
 def simulate_sweep(
@@ -381,15 +437,17 @@ def simulate_sweep(
         {"config": run_config_of(exp, run_dir), RUN_DIR_KEY: str(run_dir)}
         for exp, run_dir in runs
     ]
-    status, reason = launch(
+    return launch(
         {SWEEP_KEY: json.dumps(entries)},
         federation,
         logs,
         description=f"fedsim sweep {first.name}",
+        finish=lambda status, reason: [
+            settle(run_dir, status, reason, logs, exp) for exp, run_dir in runs
+        ],
         on_poll=on_poll,
         poll_interval=poll_interval,
     )
-    return [settle(run_dir, status, reason, logs) for _, run_dir in runs]
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:

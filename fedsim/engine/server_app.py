@@ -25,8 +25,7 @@ from fedsim.analysis.trackers import build_sinks
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, from_run_config
-from fedsim.engine.launch import headline_of
-from fedsim.engine.recorder import RunRecorder, create_run_dir
+from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model

@@ -1,0 +1,204 @@
+"""Nothing fedsim starts outlives it, however it dies (``kill -9`` included).
+
+fedsim starts a SuperLink, which starts a SuperExec, which starts the simulation
+process, which starts Ray (a GCS server, a raylet, workers, actors). The runner
+stops that tree when a run ends or is interrupted; this module covers the case
+where the ``fedsim`` process cannot do it (SIGKILL, a crash, the OOM killer, a
+notebook kernel restarted).
+
+Two layers:
+
+- :func:`die_with_parent`: on Linux, the SuperLink and ``flwr run`` get
+  ``PR_SET_PDEATHSIG`` = SIGTERM, so the kernel stops them when fedsim dies. The
+  SuperExec follows by itself (Flower starts it with ``--parent-pid``), but the
+  simulation process and Ray do not: they are re-parented and train on.
+- :class:`Lifeline`: a small watchdog process (``python -m
+  fedsim.engine.lifeline``) started first, in its own session so that Ctrl-C in
+  the terminal does not reach it. fedsim tells it the PIDs of the processes it
+  starts over a pipe; the watchdog keeps following their descendants (every
+  :data:`TICK` seconds, remembering those re-parented since), and when the pipe
+  closes (fedsim ended, however: the kernel closes a dead process's files) it
+  terminates every one still alive, kills those left after :data:`GRACE`
+  seconds, and exits. After a normal end the runner has stopped them already
+  and the watchdog just exits.
+
+A ``psutil.Process`` remembers its start time, so a reused PID is never
+signalled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from types import TracebackType
+
+import psutil
+
+#: Seconds between two looks at the watched processes' descendants.
+TICK = 0.25
+#: Seconds a process gets to exit after SIGTERM before it is killed.
+GRACE = 3.0
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when this process
+    dies (Linux ``prctl(PR_SET_PDEATHSIG)``); None elsewhere.
+
+    The child exits at once if this process died before the call took effect.
+    The signal follows the *thread* that starts the child: start it from a
+    thread that outlives it (the runner's does: it waits for the child).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+class Lifeline:
+    """The watchdog process and the write end of its pipe.
+
+    Use as a context manager around everything a run starts; :meth:`watch`
+    each process started. Leaving the block closes the pipe and waits for the
+    watchdog to finish.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fedsim.engine.lifeline"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def watch(self, pid: int) -> None:
+        """Stop ``pid`` and all its descendants if this process dies."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        with suppress(OSError):
+            stdin.write(f"{pid}\n".encode())
+            stdin.flush()
+
+    def close(self, timeout: float = 2 * GRACE + 5) -> None:
+        """Close the pipe and wait for the watchdog (it stops any survivor)."""
+        if self.process.stdin is not None:
+            with suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Lifeline:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- the watchdog process ------------------------------------------------------
+
+
+def _descendants(
+    tracked: dict[tuple[int, float], psutil.Process],
+) -> list[psutil.Process]:
+    """Live processes whose parent is tracked (one pass over the process table)."""
+    by_parent: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        by_parent.setdefault(proc.info["ppid"], []).append(proc)
+    found: list[psutil.Process] = []
+    todo = [p.pid for p in tracked.values() if p.is_running()]
+    while todo:
+        for child in by_parent.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+def _track(
+    tracked: dict[tuple[int, float], psutil.Process], procs: Iterable[psutil.Process]
+) -> None:
+    for proc in procs:
+        with suppress(psutil.Error):
+            tracked.setdefault((proc.pid, proc.create_time()), proc)
+
+
+def _alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        with suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+    return out
+
+
+def stop_all(tracked: dict[tuple[int, float], psutil.Process]) -> None:
+    """Terminate every tracked process and their descendants; kill what is left
+    after :data:`GRACE` seconds (again for children born meanwhile)."""
+    _track(tracked, _descendants(tracked))
+    alive = _alive(tracked.values())
+    for proc in alive:
+        with suppress(psutil.Error):
+            proc.terminate()
+    psutil.wait_procs(alive, timeout=GRACE)
+    for _ in range(3):
+        _track(tracked, _descendants(tracked))
+        alive = _alive(tracked.values())
+        if not alive:
+            return
+        for proc in alive:
+            with suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=2)
+
+
+def watchdog(fd: int) -> None:
+    """Follow the PIDs written to ``fd`` (one per line) and their descendants;
+    at end of file, stop every one still alive."""
+    tracked: dict[tuple[int, float], psutil.Process] = {}
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], TICK)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                with suppress(ValueError, psutil.Error):
+                    _track(tracked, [psutil.Process(int(line))])
+        _track(tracked, _descendants(tracked))
+    stop_all(tracked)
+
+
+def main() -> None:
+    """Entry point of ``python -m fedsim.engine.lifeline`` (stdin: the pipe)."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # only the pipe's end stops the watch
+    watchdog(sys.stdin.fileno())
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from flwr.app import (
 
 from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.rundir import read_metrics
 from fedsim.engine.recorder import RunRecorder, aggregate_replies
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -130,6 +131,22 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
     assert recorder.failures[0]["reason"] == "boom 1"
 
 
+class SilentGrid(FakeGrid):
+    """A FakeGrid whose nodes in ``silent`` never answer a train message."""
+
+    def __init__(self, partitions: dict[int, int], fail: set[int], silent: set[int]):
+        super().__init__(partitions, fail)
+        self.silent = silent
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [
+            m
+            for m in super().pull_messages(message_ids)
+            if self.partitions[m.metadata.src_node_id] not in self.silent
+            or PARTITION_ID in m.content[METRICS]  # the partition query
+        ]
+
+
 def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
@@ -142,6 +159,40 @@ def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:
     down = ArrayRecord([np.zeros(3, dtype=np.float32)])
     with pytest.raises(RoundFailed, match="1 of 3 clients replied.*min-replies = 2"):
         grid.send_and_receive(train_messages(grid.get_node_ids(), down))
+
+
+def test_the_round_that_ends_the_run_records_every_failure(tmp_path: Path) -> None:
+    """Client 0 fails, client 1 never answers (timeout), client 2 replies: too
+    few replies. Every failure has its row, the reason names the timeout."""
+    exp = load_experiment(None, ["federation.clients=3"])
+    recorder = RunRecorder(tmp_path, exp)
+    fake = SilentGrid({1: 0, 2: 1, 3: 2}, fail={0}, silent={1})
+    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=2)
+    down = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    with recorder.recording():
+        recorder.server(0, {"accuracy": 0.1, "loss": 2.0})
+        recorder.end_round(0)
+        grid.send_and_receive(train_messages(grid.get_node_ids(), down), timeout=0.2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 0
+    assert "1 of 3 clients replied" in summary["reason"]
+    assert (
+        "1 did not reply within federation.round-timeout = 0.2 s" in summary["reason"]
+    )
+    frame = read_metrics(tmp_path)
+    assert frame is not None
+    failed = frame[(frame["metric"] == "failed") & frame["client"].notna()]
+    assert sorted(failed["client"].astype(int)) == [0, 1]
+    assert summary["failures"] == len(failed) == 2
+    reasons = {d["client"]: d["reason"] for d in summary["failure_details"]}
+    assert reasons == {
+        0: "boom 0",
+        1: "no reply within federation.round-timeout = 0.2 s",
+    }
+    agg = frame[(frame["round"] == 1) & frame["client"].isna()]
+    assert agg.set_index("metric")["value"]["failures"] == 2
+    # no server rows for the round that did not complete
+    assert set(frame[frame["phase"] == "server"]["round"]) == {0}
 
 
 def test_recording_strategy_records_only_the_strategys_own_metrics(
@@ -182,8 +233,6 @@ def test_metrics_file_survives_a_crash_after_a_round(tmp_path: Path) -> None:
             raise ZeroDivisionError("a crash in round 2")
     frame = read_metrics(tmp_path)
     assert frame is not None and set(frame["round"]) == {1}
-    import json
-
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "ZeroDivisionError" in summary["reason"]
     assert summary["rounds_completed"] == 1 and summary["final"]["accuracy"] == 0.5

@@ -50,6 +50,15 @@ def _dataset_name(v: str) -> str | None:
     return _registered(registry.DATASETS)(v)
 
 
+def _run_name(v: str) -> str | None:
+    """A run name becomes a folder name inside ``--out``: one path component."""
+    if not v.strip():
+        return "must not be empty"
+    if any(sep in v for sep in ("/", "\\", "\0")) or v in (".", ".."):
+        return "must be a plain folder name (no '/', '\\', '.' or '..')"
+    return None
+
+
 def _all_positive(v: tuple[int, ...]) -> str | None:
     return None if all(x >= 1 for x in v) else "every rank must be >= 1"
 
@@ -307,7 +316,9 @@ class LoggingConfig:
 class Experiment:
     """A whole experiment, as read from its TOML file."""
 
-    name: str = option("quickstart", "run name; the run directory starts with it")
+    name: str = option(
+        "quickstart", "run name; the run directory starts with it", _run_name
+    )
     seed: int = option(0, "seed of partitioning, sampling, initialisation, training")
     rounds: int = option(20, "federated rounds", at_least(1))
     federation: FederationConfig = field(default_factory=FederationConfig)

@@ -186,6 +186,27 @@ def packaged_quickstart() -> Path:
     return Path(str(resources.files("fedsim") / "quickstart.toml"))
 
 
+def read_toml(file: Path, what: str) -> dict[str, Any]:
+    """The tables of TOML file ``file`` (``what`` names it in errors).
+
+    Raises
+    ------
+    ConfigError
+        One line: the file is missing, a directory, unreadable or not TOML.
+    """
+    if file.is_dir():
+        raise ConfigError(f"{what} {file} is a directory; give a TOML file")
+    if not file.is_file():
+        raise ConfigError(f"{what} not found: {file}")
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{what} {file}: cannot read: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        message = str(err).replace("\n", " ")
+        raise ConfigError(f"{file}: invalid TOML: {message}") from None
+
+
 def load_experiment(
     path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> Experiment:
@@ -204,13 +225,7 @@ def load_experiment(
         One-line message naming the key and what is allowed.
     """
     file = Path(path) if path is not None else packaged_quickstart()
-    if not file.is_file():
-        raise ConfigError(f"experiment file not found: {file}")
-    try:
-        table = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file}: invalid TOML: {err}") from None
-    values = flatten(table)
+    values = flatten(read_toml(file, "experiment file"))
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value

@@ -146,9 +146,26 @@ def checked(key: str, tp: Any, field_: dataclasses.Field[Any], raw: Any) -> Any:
 
 
 def unknown_key(key: str, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{key}: unknown key{hint}")
+    """The error for an undeclared dotted ``key``: the closest known key if one
+    is close, else the keys of its table (or the tables, if the table itself
+    does not exist)."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return ConfigError(f"{key}: unknown key; did you mean {close[0]!r}?")
+    table = key.rpartition(".")[0]
+    prefix = f"{table}." if table else ""
+    here = dict.fromkeys(
+        k.removeprefix(prefix).split(".")[0] for k in known if k.startswith(prefix)
+    )
+    if not here:
+        tables = dict.fromkeys(k.rpartition(".")[0] for k in known if "." in k)
+        return ConfigError(
+            f"{key}: unknown key; there is no [{table}] table; tables: "
+            + ", ".join(tables)
+        )
+    where = f"[{table}]" if table else "top-level"
+    return ConfigError(f"{key}: unknown key; {where} keys: {', '.join(here)}")
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import from_flat, parse_override
+from fedsim.core.loading import from_flat, parse_override, read_toml
 from fedsim.core.schema import flatten
 
 GRID, VARIANTS = "grid", "variants"
@@ -129,11 +128,4 @@ def sweep_points(
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> list[SweepPoint]:
     """Read and validate a sweep file (see the module docstring)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sweep file not found: {file}")
-    try:
-        table = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file}: invalid TOML: {err}") from None
-    return sweep_points(table, overrides)
+    return sweep_points(read_toml(Path(path), "sweep file"), overrides)

@@ -143,12 +143,13 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedsim.engine.recorder import create_run_dir
-    from fedsim.engine.runner import simulate
+    from fedsim.engine.recorder import check_out, create_run_dir
+    from fedsim.engine.runner import LOGS_DIR, simulate
 
     exp = load_experiment(args.experiment, args.overrides)
+    out = check_out(args.out)
     preflight(exp)
-    run_dir = create_run_dir(Path(args.out).resolve(), exp)
+    run_dir = create_run_dir(out, exp)
     console.print(f"run directory: {run_dir}")
     progress = Progress(ConsoleDisplay(console), run_dir, exp)
     try:
@@ -156,11 +157,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     finally:
         progress.close()
     console.print(summary_table(outcome.summary, run_dir))
-    if outcome.summary.get("reason"):
-        console.print(f"[red]{outcome.summary['reason']}", highlight=False)
+    reason = outcome.summary.get("reason")
+    if outcome.status == "stopped" and reason:
+        console.print(f"stopped: {reason}", highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)
     if outcome.status in ("completed", "stopped"):
         return EXIT_OK
+    first = str(reason or "no reason recorded").splitlines()[0]
+    log = run_dir / LOGS_DIR / "flower.log"
+    print(f"fedsim: run {outcome.status}: {first} (log: {log})", file=sys.stderr)
     return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_FAILED
 
 
@@ -270,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, registry.FamilyError) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before a run started, or after it ended
+        print("fedsim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -203,12 +203,13 @@ def run(
         The run was interrupted (its directory says ``interrupted``).
     """
     from fedsim.analysis import load_run
-    from fedsim.engine.recorder import create_run_dir
+    from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
 
     exp = load_experiment(experiment, overrides)
+    where = check_out(out, "out")
     preflight(exp)
-    run_dir = create_run_dir(Path(out).resolve(), exp)
+    run_dir = create_run_dir(where, exp, "out")
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:

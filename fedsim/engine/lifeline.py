@@ -22,6 +22,9 @@ Two layers:
   seconds, and exits. After a normal end the runner has stopped them already
   and the watchdog just exits.
 
+:func:`stop_signals` makes SIGINT/SIGTERM stop a run once: later ones, while
+the runner stops everything and finalises the summary, are ignored.
+
 A ``psutil.Process`` remembers its start time, so a reused PID is never
 signalled.
 """
@@ -34,9 +37,10 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
-from contextlib import suppress
-from types import TracebackType
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from types import FrameType, TracebackType
 
 import psutil
 
@@ -115,6 +119,49 @@ class Lifeline:
         trace: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class StopSignals:
+    """SIGINT and SIGTERM stop a run once.
+
+    The first raises ``KeyboardInterrupt`` in the main thread (the runner then
+    stops what it started and finalises the summary); any later one, and any
+    once the shutdown has begun (:meth:`stop`), is ignored with a note on
+    stderr, so that an impatient second Ctrl-C never cuts the cleanup short or
+    leaves ``summary.json`` saying ``running``.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The shutdown has begun: ignore further signals."""
+        self.stopping = True
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            # os.write, not print: a handler may run in the middle of a print
+            os.write(2, b"fedsim: stopping the run; please wait\n")
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopSignals]:
+    """Install :class:`StopSignals` for SIGINT and SIGTERM (main thread only:
+    elsewhere Python allows no handlers, and the caller's stay)."""
+    signals = StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signals.handler) for sig in wanted}
+    try:
+        yield signals
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- the watchdog process ------------------------------------------------------

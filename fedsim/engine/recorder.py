@@ -13,6 +13,7 @@ the initial model).
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.core import registry
-from fedsim.core.errors import RoundFailed, RunStopped
+from fedsim.core.errors import ConfigError, RoundFailed, RunStopped
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import to_toml
 from fedsim.core.rundir import (
@@ -98,10 +99,37 @@ def summary_base(
     }
 
 
-def create_run_dir(out: Path, exp: Experiment) -> Path:
-    """Create ``out/<name>-<timestamp>`` (made unique) holding ``config.toml``."""
+def check_out(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` made absolute, if run directories can be created in it.
+
+    Writes nothing. Raises :class:`ConfigError` naming ``flag`` when ``out`` is
+    a file, lies under a file, or its nearest existing folder is not writable.
+    """
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a file, not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: {path} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: {existing} is not writable")
+    return path
+
+
+def create_run_dir(out: Path, exp: Experiment, flag: str = "--out") -> Path:
+    """Create ``out/<name>-<timestamp>`` (made unique) holding ``config.toml``.
+
+    A folder that cannot be created (read-only file system, no permission:
+    what :func:`check_out` cannot see, e.g. as root) is a :class:`ConfigError`
+    naming ``flag``.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot create {out}: {err.strerror}") from None
     base = out / f"{exp.name}-{stamp}"
     run_dir, n = base, 1
     while True:
@@ -111,6 +139,10 @@ def create_run_dir(out: Path, exp: Experiment) -> Path:
         except FileExistsError:
             n += 1
             run_dir = base.with_name(f"{base.name}-{n}")
+        except OSError as err:
+            raise ConfigError(
+                f"{flag}: cannot create {run_dir}: {err.strerror}"
+            ) from None
     (run_dir / CHECKPOINTS_DIR).mkdir()
     (run_dir / CONFIG_FILE).write_text(to_toml(exp), encoding="utf-8")
     return run_dir
@@ -227,6 +259,33 @@ class RunRecorder:
         Only completed rounds reach the file: rows of a round that never ends
         (a crash) are left out.
         """
+        self._client_rows(server_round)
+        self.rows.extend(row for row in self._server if row[0] <= server_round)
+        self._server = [row for row in self._server if row[0] > server_round]
+        self.rows.append(
+            (server_round, None, "server", "elapsed", time.time() - self.started)
+        )
+        self.rounds_completed = server_round
+        self._publish(server_round)
+
+    def end_failed_round(self) -> None:
+        """Write what the clients did in the round that ended the run (e.g. too
+        few replies): every failure gets its row, as in a completed round, but
+        the round does not count as completed and has no server rows."""
+        keys = {*self._pending, *self._strategy, *self._phase_seconds}
+        if keys:
+            server_round = max(rnd for rnd, _ in keys)
+            self._client_rows(server_round)
+            self._publish(server_round)
+
+    def _publish(self, server_round: int) -> None:
+        self.flush()
+        new, self._sent = self.rows[self._sent :], len(self.rows)
+        for sink in self.sinks:
+            sink.log_round(server_round, new)
+
+    def _client_rows(self, server_round: int) -> None:
+        """Per-client rows of rounds up to ``server_round``, and their aggregates."""
         keys = {*self._pending, *self._strategy, *self._phase_seconds}
         for rnd, phase in sorted(k for k in keys if k[0] <= server_round):
             replies = sorted(self._pending.pop((rnd, phase), {}).items())
@@ -241,16 +300,6 @@ class RunRecorder:
             if (rnd, phase) in self._phase_seconds:
                 seconds = self._phase_seconds.pop((rnd, phase))
                 self.rows.append((rnd, None, phase, "seconds", seconds))
-        self.rows.extend(row for row in self._server if row[0] <= server_round)
-        self._server = [row for row in self._server if row[0] > server_round]
-        self.rows.append(
-            (server_round, None, "server", "elapsed", time.time() - self.started)
-        )
-        self.rounds_completed = server_round
-        self.flush()
-        new, self._sent = self.rows[self._sent :], len(self.rows)
-        for sink in self.sinks:
-            sink.log_round(server_round, new)
 
     def flush(self) -> None:
         """Rewrite metrics and summary atomically."""
@@ -280,6 +329,7 @@ class RunRecorder:
         except RunStopped as err:
             self.finish("stopped", str(err))
         except RoundFailed as err:
+            self.end_failed_round()
             self.finish("failed", str(err))
         except BaseException as err:
             self.finish("failed", f"{type(err).__name__}: {err}")

@@ -248,13 +248,19 @@ class RecordingGrid(Grid):
                 server_round,
                 phase,
                 partition_of[node],
-                f"no reply within {timeout} s",
+                f"no reply within federation.round-timeout = {timeout:g} s",
                 {"bytes-down": sent_bytes},
             )
         if phase == MessageType.TRAIN and ok < self.min_replies:
+            late = (
+                f"; {len(down)} did not reply within federation.round-timeout = "
+                f"{timeout:g} s"
+                if down
+                else ""
+            )
             raise RoundFailed(
                 f"round {server_round}: {ok} of {len(messages)} clients replied, "
-                f"fewer than federation.min-replies = {self.min_replies}"
+                f"fewer than federation.min-replies = {self.min_replies}{late}"
             )
         # Replies arrive in an order that depends on timing; floating-point sums
         # over them (every weighted average) must not.

@@ -13,19 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import psutil
@@ -35,7 +32,7 @@ from fedsim import __version__
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, to_run_config
 from fedsim.core.rundir import SUMMARY_FILE, write_json
-from fedsim.engine.lifeline import Lifeline, die_with_parent
+from fedsim.engine.lifeline import Lifeline, die_with_parent, stop_signals
 from fedsim.engine.recorder import summary_base
 
 LOGS_DIR = "logs"
@@ -158,49 +155,6 @@ def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> No
             with suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(stragglers, timeout=5)
-
-
-class StopSignals:
-    """SIGINT and SIGTERM stop a run once.
-
-    The first raises ``KeyboardInterrupt`` in the main thread (the runner then
-    stops what it started and finalises the summary); any later one, and any
-    once the shutdown has begun (:meth:`stop`), is ignored with a note on
-    stderr, so that an impatient second Ctrl-C never cuts the cleanup short or
-    leaves ``summary.json`` saying ``running``.
-    """
-
-    def __init__(self) -> None:
-        self.stopping = False
-
-    def stop(self) -> None:
-        """The shutdown has begun: ignore further signals."""
-        self.stopping = True
-
-    def handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            # os.write, not print: a handler may run in the middle of a print
-            os.write(2, b"fedsim: stopping the run; please wait\n")
-            return
-        self.stopping = True
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def stop_signals() -> Iterator[StopSignals]:
-    """Install :class:`StopSignals` for SIGINT and SIGTERM (main thread only:
-    elsewhere Python allows no handlers, and the caller's stay)."""
-    signals = StopSignals()
-    if threading.current_thread() is not threading.main_thread():
-        yield signals
-        return
-    wanted = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, signals.handler) for sig in wanted}
-    try:
-        yield signals
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from fedsim.engine.launch import (
     in_notebook,
     preflight,
 )
+from fedsim.engine.recorder import check_out
 from fedsim.engine.runner import (
     LOGS_DIR,
     Outcome,
@@ -73,6 +74,7 @@ def plan(
         directory that holds another sweep.
     """
     points = load_sweep(sweep_file, overrides)
+    root = check_out(out)
     for point in points:
         try:
             preflight(point.experiment)
@@ -80,7 +82,7 @@ def plan(
             raise ConfigError(
                 f"sweep experiment {point.index} ({point.label}): {err}"
             ) from None
-    directory = Path(out).resolve() / Path(sweep_file).stem
+    directory = root / Path(sweep_file).stem
     todo = []
     for point in points:
         run_dir = directory / point.dirname

@@ -98,23 +98,98 @@ def load_synthetic(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     )
 
 
+def _labels(values: np.ndarray, source: str, cfg: DataConfig) -> tuple[np.ndarray, int]:
+    """Class indices of ``values``; a classifier needs labels on every row and
+    at least two classes."""
+    missing = _missing(values)
+    if missing.any():
+        raise ConfigError(
+            f"data.label-column: {cfg.label_column!r} of {source} has "
+            f"{int(missing.sum())} empty labels (first in row "
+            f"{int(missing.argmax())}, 0-based); drop or fill those rows"
+        )
+    y, num_classes = _encode_labels(values)
+    if num_classes < 2:
+        raise ConfigError(
+            f"data.label-column: {cfg.label_column!r} of {source} holds "
+            f"{num_classes} class; a classifier needs at least 2"
+        )
+    return y, num_classes
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Which cells are missing (None or NaN), for any dtype."""
+    import pandas as pd
+
+    return np.asarray(pd.isna(values), dtype=bool)
+
+
+def _mostly_numeric(values: np.ndarray) -> tuple[bool, int | None]:
+    """Whether a non-numeric column has numbers in it (then it is meant as a
+    feature), and the row of its first cell that is not one."""
+    import pandas as pd
+
+    present = ~_missing(values)
+    numbers = pd.to_numeric(pd.Series(values), errors="coerce").notna().to_numpy()
+    if not numbers.any():
+        return False, None
+    bad = present & ~numbers
+    return True, int(bad.argmax()) if bad.any() else None
+
+
 def _from_table(
-    columns: dict[str, np.ndarray], cfg: DataConfig
+    columns: dict[str, np.ndarray], cfg: DataConfig, source: str
 ) -> tuple[Arrays, DatasetInfo]:
+    """Features and labels of a table: the label column, and every numeric
+    column as a feature (a column of text only is skipped).
+
+    Anything a run would train on silently wrong is a :class:`ConfigError`:
+    no rows, empty cells in features (NaN losses) or labels (an extra class),
+    one class only, and a column of numbers with a few other cells in it
+    (it would be dropped).
+    """
     if cfg.label_column not in columns:
         raise ConfigError(
-            f"data.label-column: {cfg.label_column!r} is not a column; "
+            f"data.label-column: {cfg.label_column!r} is not a column of {source}; "
             f"columns: {', '.join(columns)}"
         )
-    y, num_classes = _encode_labels(columns[cfg.label_column])
-    features = [
-        name
-        for name, col in columns.items()
-        if name != cfg.label_column and np.issubdtype(col.dtype, np.number)
-    ]
+    label = columns[cfg.label_column]
+    if len(label) == 0:
+        raise ConfigError(f"data.path: {source} has no rows")
+    y, num_classes = _labels(label, source, cfg)
+    features = []
+    for name, col in columns.items():
+        if name == cfg.label_column:
+            continue
+        if np.issubdtype(col.dtype, np.number):
+            features.append(name)
+            continue
+        if col.dtype.kind not in "OSU":  # booleans, dates...: not features
+            continue
+        numeric, row = _mostly_numeric(col)
+        if numeric and row is not None:
+            raise ConfigError(
+                f"data.path: column {name!r} of {source} holds numbers but row "
+                f"{row} (0-based) holds {col[row]!r}; fix those cells or drop the "
+                "column"
+            )
+        if numeric:  # numbers and empty cells only: caught as empty below
+            features.append(name)
     if not features:
-        raise ConfigError(f"data.path: {cfg.path!r} has no numeric feature columns")
+        raise ConfigError(f"data.path: {source} has no numeric feature columns")
+    gaps = [n for n in features if _missing(columns[n]).any()]
+    if gaps:
+        raise ConfigError(
+            f"data.path: {source} has empty (NaN) feature values in column(s) "
+            f"{', '.join(repr(n) for n in gaps)}; drop or fill those rows"
+        )
     x = np.stack([columns[n].astype(np.float32) for n in features], axis=1)
+    if not np.isfinite(x).all():
+        bad = [n for i, n in enumerate(features) if not np.isfinite(x[:, i]).all()]
+        raise ConfigError(
+            f"data.path: {source} has infinite feature values in column(s) "
+            f"{', '.join(repr(n) for n in bad)}"
+        )
     return Arrays(x, y), DatasetInfo((len(features),), num_classes)
 
 
@@ -123,15 +198,25 @@ def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     import pandas as pd
 
     path = Path(cfg.path)
+    if path.is_dir():
+        raise ConfigError(f"data.path: {path} is a directory; give a .csv or .parquet")
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
-    if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path)
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    else:
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
         raise ConfigError(f"data.path: {path.name!r} must end in .csv, .parquet or .pq")
-    return _from_table({c: frame[c].to_numpy() for c in frame.columns}, cfg)
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"data.path: {path} is empty") from None
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        message = " ".join(str(err).split())
+        raise ConfigError(f"data.path: cannot read {path}: {message}") from None
+    columns = {str(c): frame[c].to_numpy() for c in frame.columns}
+    return _from_table(columns, cfg, str(path))
 
 
 def _image_array(images: Sequence[Any]) -> np.ndarray:
@@ -167,9 +252,9 @@ def load_hf(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
                 f"columns: {', '.join(ds.column_names)}"
             )
         x = _image_array(ds[images[0]])
-        y, num_classes = _encode_labels(ds[cfg.label_column])
+        y, num_classes = _labels(np.asarray(ds[cfg.label_column]), name, cfg)
         return Arrays(x, y), DatasetInfo(tuple(x.shape[1:]), num_classes)
-    return _from_table({c: np.asarray(ds[c]) for c in ds.column_names}, cfg)
+    return _from_table({c: np.asarray(ds[c]) for c in ds.column_names}, cfg, name)
 
 
 @lru_cache(maxsize=4)

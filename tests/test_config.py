@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
+import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from fedsim.core.loading import (
     to_run_config,
     to_toml,
 )
+from fedsim.engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,30 +190,150 @@ def test_parse_override_keeps_equals_in_values() -> None:
     assert parse_override("rounds = 3") == ("rounds", 3)
 
 
+def _csv(tmp: Path, text: str) -> Path:
+    path = tmp / "table.csv"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _table(rows: int = 40, **cells: dict[int, str]) -> str:
+    """CSV text: features f1, f2 and a two-class label; ``cells`` overrides
+    cells by column and row (``f2={3: ""}``: row 3 of f2 empty)."""
+    lines = ["f1,f2,label"]
+    for i in range(rows):
+        row = {
+            "f1": f"{i / rows:.3f}",
+            "f2": f"{(i % 7) / 7:.3f}",
+            "label": "ab"[i % 2],
+        }
+        for column, changes in cells.items():
+            row[column] = changes.get(i, row[column])
+        lines.append(",".join(row.values()))
+    return "\n".join(lines) + "\n"
+
+
+def _file_data(text: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        path = _csv(tmp, text)
+        return [
+            "run",
+            *_sets("data.dataset=file", f"data.path={path}", "model.name=mlp"),
+        ]
+
+    return setup
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+def _out_file(tmp: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["run", "--out", str(tmp / "afile")]
+
+
+def _out_under_file(tmp: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return ["run", "--out", str(tmp / "afile" / "runs")]
+
+
+def _out_not_writable(tmp: Path) -> list[str]:
+    if os.geteuid() != 0:
+        locked = tmp / "locked"
+        locked.mkdir(mode=0o500)
+        return ["run", "--out", str(locked / "runs")]
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("as root, a folder nobody may write needs Linux's /sys")
+    return ["run", "--out", "/sys/fedsim-runs"]  # sysfs: mkdir is refused
+
+
+def _experiment_dir(tmp: Path) -> list[str]:
+    (tmp / "experiments").mkdir()
+    return ["run", str(tmp / "experiments")]
+
+
+def _args(*args: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: list(args)
+
+
+#: (case, arguments given a scratch folder, text the one-line error must hold)
+CLI_BAD: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("rounds", _args("run", "--set", "rounds=0"), "rounds: 0 must be >= 1"),
+    ("strategy", _args("run", "--set", "strategy.name=nope"), "strategy.name:"),
+    ("missing-file", _args("run", "missing.toml"), "experiment file not found"),
+    ("experiment-dir", _experiment_dir, "is a directory; give a TOML file"),
+    (
+        "cnn-on-vectors",
+        _args("run", "--set", "model.name=cnn", "--set", "data.dataset=synthetic"),
+        "model.name",
+    ),
+    ("cpus", _args("run", "--set", "resources.num-cpus=512"), "resources.num-cpus"),
+    ("gpus", _args("run", "--set", "resources.num-gpus=999"), "resources.num-gpus"),
+    (
+        "unknown-key",
+        _args("run", "--set", "data.q9x8w7=1"),
+        "data.q9x8w7: unknown key; [data] keys: dataset, partitioner, alpha",
+    ),
+    (
+        "unknown-table",
+        _args("run", "--set", "zzzzzz.q=1"),
+        "there is no [zzzzzz] table; tables: federation, data, model",
+    ),
+    ("out-is-a-file", _out_file, "--out: "),
+    ("out-under-a-file", _out_under_file, "which is a file"),
+    ("out-not-writable", _out_not_writable, "--out: "),
+    ("name-escapes", _args("run", "--set", "name=../escape"), "name: '../escape'"),
+    ("name-nested", _args("run", "--set", "name=a/b"), "name: 'a/b' must be a plain"),
+    ("name-empty", _args("run", "--set", 'name=""'), "name: '' must not be empty"),
+    ("csv-empty", _file_data(""), "table.csv is empty"),
+    ("csv-header-only", _file_data("f1,f2,label\n"), "table.csv has no rows"),
+    (
+        "csv-nan-features",
+        _file_data(_table(f1={5: ""}, f2={3: "nan"})),
+        "empty (NaN) feature values in column(s) 'f1', 'f2'",
+    ),
+    (
+        "csv-nan-labels",
+        _file_data(_table(label={7: ""})),
+        "has 1 empty labels (first in row 7",
+    ),
+    (
+        "csv-one-class",
+        _file_data(_table(label=dict.fromkeys(range(40), "a"))),
+        "holds 1 class; a classifier needs at least 2",
+    ),
+    (
+        "csv-stray-text",
+        _file_data(_table(f2={11: "n/a?", 12: "x"})),
+        "holds numbers but row 11 (0-based) holds 'n/a?'",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "args",
-    [
-        ["run", "--set", "rounds=0"],
-        ["run", "--set", "strategy.name=nope"],
-        ["run", "missing.toml"],
-        ["run", "--set", "model.name=cnn", "--set", "data.dataset=synthetic"],
-        ["run", "--set", "resources.num-cpus=512"],
-        ["run", "--set", "resources.num-gpus=999"],
-    ],
+    ("setup", "message"),
+    [pytest.param(setup, message, id=case) for case, setup, message in CLI_BAD],
 )
 def test_cli_bad_input_exits_2_without_traceback_or_files(
-    args: list[str], tmp_path: Path
+    setup: Callable[[Path], list[str]],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = tmp_path / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedsim", *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedsim: error: ")
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not out.exists()
+    """Each case: exit 2, one line on stderr naming the key or path, no
+    traceback (an exception escaping ``main`` fails the test), nothing written
+    (the scratch folder holds what the case made, nothing more)."""
+    monkeypatch.chdir(tmp_path)
+    args = setup(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "runs")]
+    before = sorted(tmp_path.rglob("*"))
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedsim: error: "), captured.err
+    assert message in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not Path("/sys/fedsim-runs").exists()

@@ -85,10 +85,14 @@ class Lifeline:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fedsim.engine.lifeline"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        # armed before anything is started: wait for the watchdog's first line
+        assert self.process.stdout is not None
+        self.process.stdout.readline()
+        self.process.stdout.close()
 
     def watch(self, pid: int) -> None:
         """Stop ``pid`` and all its descendants if this process dies."""
@@ -242,8 +246,10 @@ def watchdog(fd: int) -> None:
 
 def main() -> None:
     """Entry point of ``python -m fedsim.engine.lifeline`` (stdin: the pipe)."""
-    for sig in (signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)  # only the pipe's end stops the watch
+    print("ready", flush=True)
+    sys.stdout.close()
     watchdog(sys.stdin.fileno())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -173,6 +174,19 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+#: A Python exception line in a log (``RuntimeError: ...``, ``Exception: ...``).
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*: .+")
+
+
+def first_exception(path: Path) -> str | None:
+    """The first exception line of a log: in a chain of tracebacks, the cause."""
+    try:
+        text = path.read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln.strip() for ln in text if _EXCEPTION_LINE.match(ln)), None)
+
+
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text("utf-8", errors="replace").splitlines()
@@ -332,8 +346,11 @@ def settle(
         status = written.get("status", "failed")
         if status == "running" or not written:
             status = "failed"
+            cause = first_exception(logs / "flower.log")
             reason = (
-                "the ServerApp ended without finishing; see logs/flower.log:\n"
+                "the ServerApp ended without finishing"
+                + (f" ({cause})" if cause else "")
+                + "; see logs/flower.log:\n"
                 + _log_tail(logs / "flower.log")
             )
     elif summary.get("status") in ("completed", "stopped"):

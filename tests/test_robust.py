@@ -1,4 +1,5 @@
-"""What fedsim starts dies with it; interrupts stop a run once, cleanly.
+"""When things go wrong: what fedsim starts dies with it, interrupts stop a run
+once, a crashed run says why.
 
 Fast tests with stand-in processes (``sleep``); the end-to-end check with a
 real run killed by SIGKILL is in ``test_e2e.py``.
@@ -157,3 +158,26 @@ def test_ctrl_c_during_preflight_is_one_line_and_exit_130(
     assert captured.err.strip().splitlines() == ["fedsim: interrupted"]
     assert "Traceback" not in captured.out
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_crashed_serverapp_is_failed_with_the_first_exception(
+    tmp_path: Path,
+) -> None:
+    """The cause of a chain of tracebacks is the first exception line; it is in
+    the reason's first line (what the CLI prints on stderr)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "flower.log").write_text(
+        "INFO: Starting Flower Simulation\n"
+        "Traceback (most recent call last):\n"
+        '  File "node.py", line 423, in __init__\n'
+        "Exception: The current node timed out during startup.\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "RuntimeError: Simulation Runtime crashed.\n"
+    )
+    exp = load_experiment(None)
+    outcome = settle(tmp_path, None, None, logs, exp)
+    first = outcome.summary["reason"].splitlines()[0]
+    assert outcome.status == "failed"
+    assert "(Exception: The current node timed out during startup.)" in first
+    assert "RuntimeError: Simulation Runtime crashed." in outcome.summary["reason"]

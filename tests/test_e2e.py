@@ -227,6 +227,13 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert config["rounds"] == 200
 
 
+def name_of(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return ""
+
+
 def test_sigkill_of_the_cli_leaves_nothing_behind(tmp_path: Path) -> None:
     """``kill -9`` of ``fedsim run`` while Ray's actors train: the SuperLink,
     the SuperExec, the simulation process and every Ray process exit within
@@ -247,8 +254,7 @@ def test_sigkill_of_the_cli_leaves_nothing_behind(tmp_path: Path) -> None:
         while not training and time.monotonic() < deadline and proc.poll() is None:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 seen.setdefault(child.pid, child)
-            with contextlib.suppress(psutil.Error):
-                training = any("ClientAppActor" in p.name() for p in seen.values())
+            training = any("ClientAppActor" in name_of(p) for p in seen.values())
             time.sleep(0.2)
         for child in psutil.Process(proc.pid).children(recursive=True):
             seen.setdefault(child.pid, child)

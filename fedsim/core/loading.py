@@ -47,6 +47,11 @@ RUN_DIR_KEY = "run-dir"
 #: Run-config key of a sweep: JSON list of ``{"config": run-config, "run-dir": ...}``
 #: whose experiments one Flower run executes one after another.
 SWEEP_KEY = "sweep"
+#: Run-config key set by fedsim's simulation runner: the nodes are virtual and
+#: interchangeable, the server assigns each its partition (no discovery query).
+ASSIGN_KEY = "assign-partitions"
+#: Run-config keys that are not experiment keys.
+RUNTIME_KEYS = (RUN_DIR_KEY, ASSIGN_KEY)
 _NAME_KEY = "strategy.name"
 
 
@@ -236,7 +241,7 @@ def to_run_config(exp: Experiment) -> RunConfig:
 
 def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
     """Rebuild the experiment from Flower's run-config (inverse of to_run_config)."""
-    values = {k: v for k, v in run_config.items() if k != RUN_DIR_KEY}
+    values = {k: v for k, v in run_config.items() if k not in RUNTIME_KEYS}
     keys = schema(_family_of(values).name)
     for key, value in values.items():
         tp = keys[key][0] if key in keys else None

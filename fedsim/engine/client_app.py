@@ -102,8 +102,11 @@ def experiment_config(
     return _sweep(str(run_config[SWEEP_KEY]))[index]
 
 
-def partition_id(context: Context) -> int:
-    """The client's partition id, from Flower's node config."""
+def partition_id(context: Context, config: Mapping[str, Any]) -> int:
+    """The client's partition id: the one the server assigned in the message's
+    ``config`` (simulation), else Flower's node config (deployment)."""
+    if PARTITION_ID in config:
+        return int(config[PARTITION_ID])
     try:
         return int(context.node_config[PARTITION_ID])
     except KeyError:
@@ -130,7 +133,7 @@ app = ClientApp()
 def _handle(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     rt = runtime(experiment_config(context.run_config, config, context.state))
-    pid = partition_id(context)
+    pid = partition_id(context, config)
     category, _, action = msg.metadata.message_type.partition(".")
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
     if action:
@@ -182,7 +185,7 @@ _register_actions()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node discovery)."""
-    pid = partition_id(context)
+    pid = partition_id(context, {})
     return Message(
         RecordDict({METRICS: MetricRecord({PARTITION_ID: pid})}), reply_to=msg
     )

@@ -32,7 +32,7 @@ import tomli_w
 
 from fedsim import __version__
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, to_run_config
+from fedsim.core.loading import ASSIGN_KEY, RUN_DIR_KEY, SWEEP_KEY, to_run_config
 from fedsim.core.rundir import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"
@@ -348,7 +348,7 @@ def simulate(
     """
     logs = run_dir / LOGS_DIR
     status, reason = launch(
-        run_config_of(exp, run_dir),
+        {**run_config_of(exp, run_dir), ASSIGN_KEY: True},
         federation_config(exp),
         logs,
         description=f"fedsim run {exp.name}",
@@ -382,7 +382,7 @@ def simulate_sweep(
         for exp, run_dir in runs
     ]
     status, reason = launch(
-        {SWEEP_KEY: json.dumps(entries)},
+        {SWEEP_KEY: json.dumps(entries), ASSIGN_KEY: True},
         federation,
         logs,
         description=f"fedsim sweep {first.name}",

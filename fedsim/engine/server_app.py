@@ -24,7 +24,7 @@ from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, from_run_config
+from fedsim.core.loading import ASSIGN_KEY, RUN_DIR_KEY, SWEEP_KEY, from_run_config
 from fedsim.engine.launch import headline_of
 from fedsim.engine.recorder import RunRecorder, create_run_dir
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -63,11 +63,14 @@ def run(
     *,
     experiment: int | None = None,
     partitions: dict[int, int] | None = None,
+    assign: bool = False,
 ) -> RecordingGrid:
     """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``.
 
     ``experiment`` and ``partitions``: a sweep's experiment index (stamped on
     every message) and the node -> partition map its earlier experiments found.
+    ``assign``: the server assigns partitions to the (simulated) nodes instead
+    of asking them (:class:`RecordingGrid`).
     Returns the recording grid (its ``partitions()`` serve the next experiment).
     """
     family = registry.family(exp.strategy.name)
@@ -86,6 +89,7 @@ def run(
         min_replies=exp.federation.min_replies,
         experiment=experiment,
         partitions=partitions,
+        assign=assign,
     )
     RoundDriver(
         RecordingStrategy(strategy, recorder, seed=exp.seed),
@@ -109,7 +113,9 @@ def recorder_for(exp: Experiment, run_dir: Path) -> RunRecorder:
     )
 
 
-def run_sweep(grid: Grid, entries: list[dict[str, Any]]) -> None:
+def run_sweep(
+    grid: Grid, entries: list[dict[str, Any]], *, assign: bool = False
+) -> None:
     """The experiments of a sweep, one after another, on the same nodes.
 
     Each entry holds an experiment's run-config and run directory. A failed
@@ -121,17 +127,26 @@ def run_sweep(grid: Grid, entries: list[dict[str, Any]]) -> None:
         exp = from_run_config(entry["config"])
         recorder = recorder_for(exp, Path(entry[RUN_DIR_KEY]))
         with suppress(Exception), recorder.recording():
-            used = run(grid, exp, recorder, experiment=index, partitions=partitions)
+            used = run(
+                grid,
+                exp,
+                recorder,
+                experiment=index,
+                partitions=partitions,
+                assign=assign,
+            )
             partitions = used.partitions()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's Grid and Context."""
+    assign = bool(context.run_config.get(ASSIGN_KEY, False))
     if SWEEP_KEY in context.run_config:
-        run_sweep(grid, json.loads(str(context.run_config[SWEEP_KEY])))
+        entries = json.loads(str(context.run_config[SWEEP_KEY]))
+        run_sweep(grid, entries, assign=assign)
         return
     exp = from_run_config(context.run_config)
     recorder = recorder_for(exp, run_dir_for(dict(context.run_config), exp))
     with recorder.recording():
-        run(grid, exp, recorder)
+        run(grid, exp, recorder, assign=assign)

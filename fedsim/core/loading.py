@@ -47,6 +47,9 @@ RUN_DIR_KEY = "run-dir"
 #: Run-config key of a sweep: JSON list of ``{"config": run-config, "run-dir": ...}``
 #: whose experiments one Flower run executes one after another.
 SWEEP_KEY = "sweep"
+#: Run-config key (outside the experiment schema): true when the run continues
+#: from the run directory's checkpoint (``fedsim run --resume``).
+RESUME_KEY = "resume"
 _NAME_KEY = "strategy.name"
 
 
@@ -236,7 +239,7 @@ def to_run_config(exp: Experiment) -> RunConfig:
 
 def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
     """Rebuild the experiment from Flower's run-config (inverse of to_run_config)."""
-    values = {k: v for k, v in run_config.items() if k != RUN_DIR_KEY}
+    values = {k: v for k, v in run_config.items() if k not in (RUN_DIR_KEY, RESUME_KEY)}
     keys = schema(_family_of(values).name)
     for key, value in values.items():
         tp = keys[key][0] if key in keys else None

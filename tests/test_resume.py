@@ -319,11 +319,13 @@ def test_cli_resume_after_a_crash_ends_as_the_uninterrupted_run(
     run; the metrics equal those of the uninterrupted run (in-process, the same
     ServerApp and ClientApp code), DP-SGD's per-client epsilon included."""
     env = {**os.environ, server_app.CRASH_IN_ROUND: "2"}
-    crashed = fedsim("run", *sets(*E2E), out=tmp_path / "runs", env=env)
+    crashed = fedsim("run", *sets(*E2E), out=tmp_path / "runs", env=env, timeout=900)
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr
     run_dir = crashed.run_dir
     assert json.loads((run_dir / SUMMARY_FILE).read_text())["rounds_completed"] == 1
-    resumed = fedsim("run", "--resume", str(run_dir), out=tmp_path / "unused")
+    resumed = fedsim(
+        "run", "--resume", str(run_dir), out=tmp_path / "unused", timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "round   2/3" in resumed.stdout and "round   1/3" not in resumed.stdout
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

@@ -47,11 +47,14 @@ RUN_DIR_KEY = "run-dir"
 #: Run-config key of a sweep: JSON list of ``{"config": run-config, "run-dir": ...}``
 #: whose experiments one Flower run executes one after another.
 SWEEP_KEY = "sweep"
+#: Run-config key (outside the experiment schema): true when the run continues
+#: from the run directory's checkpoint (``fedsim run --resume``).
+RESUME_KEY = "resume"
 #: Run-config key set by fedsim's simulation runner: the nodes are virtual and
 #: interchangeable, the server assigns each its partition (no discovery query).
 ASSIGN_KEY = "assign-partitions"
 #: Run-config keys that are not experiment keys.
-RUNTIME_KEYS = (RUN_DIR_KEY, ASSIGN_KEY)
+RUNTIME_KEYS = (RUN_DIR_KEY, ASSIGN_KEY, RESUME_KEY)
 _NAME_KEY = "strategy.name"
 
 

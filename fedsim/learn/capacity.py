@@ -178,11 +178,15 @@ def training_memory_bytes(
     optimizer_slots: int = 1,
     bytes_per_element: int = 4,
 ) -> int:
-    """Memory to train ``model`` on batches of ``batch_size``: parameters, their
-    gradients and ``optimizer_slots`` optimizer buffers (SGD momentum: 1), plus
-    the activations of one batch. Counted, not measured: no CUDA needed.
+    """Memory to train ``model`` on batches of ``batch_size``: every trainable
+    parameter with its gradient and ``optimizer_slots`` optimizer buffers (SGD
+    momentum: 1), every frozen parameter once (or a tensor of its size computed
+    in the forward pass, e.g. a weight rebuilt from factors), and the
+    activations of one batch. Counted, not measured: no CUDA needed.
     """
-    params = parameter_count(model) * (2 + optimizer_slots)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = parameter_count(model) - trainable
+    params = trainable * (2 + optimizer_slots) + frozen
     activations = activation_elements(model, input_shape) * batch_size
     return (params + activations) * bytes_per_element
 

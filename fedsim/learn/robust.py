@@ -3,8 +3,9 @@
 L-infinity projected gradient descent on the cross-entropy: a uniform random
 start in the epsilon-ball, ``steps`` signed-gradient ascent steps of
 ``step_size``, each followed by the projection back into the ball (and into
-[0, 1] with ``clip``). Gradients are taken with respect to the input only
-(``torch.autograd.grad``), so the model's parameter gradients are untouched.
+the data's bounds, [0, 1] for images with ``robust.clip``). Gradients are
+taken with respect to the input only (``torch.autograd.grad``), so the
+model's parameter gradients are untouched.
 Any family reports robust accuracy by adding :func:`robust_metrics` to its
 evaluate reply; ``robust.epsilon = 0`` (the default) turns it off.
 """
@@ -38,7 +39,7 @@ def pgd(
     epsilon: float,
     steps: int,
     step_size: float,
-    clip: bool = True,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -56,8 +57,9 @@ def pgd(
         Ascent steps.
     step_size : float
         Size of each signed-gradient step.
-    clip : bool
-        Also keep the examples in [0, 1].
+    bounds : (float, float), optional
+        Also keep the examples in ``[low, high]`` (``(0, 1)``: images; a
+        feature space after a ReLU: ``(0, inf)``; None: unbounded).
     random_start : bool
         Start from a uniform draw in the ball (else from ``x``).
     generator : torch.Generator, optional
@@ -76,8 +78,8 @@ def pgd(
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         adv = adv + (2 * noise - 1) * epsilon
     low, high = x - epsilon, x + epsilon
-    if clip:
-        low, high = low.clamp(0, 1), high.clamp(0, 1)
+    if bounds is not None:
+        low, high = low.clamp(*bounds), high.clamp(*bounds)
     adv = torch.max(torch.min(adv, high), low)
     for _ in range(steps):
         adv.requires_grad_(True)
@@ -114,7 +116,7 @@ def robust_evaluate(
             epsilon=cfg.epsilon,
             steps=cfg.steps,
             step_size=step_size_of(cfg),
-            clip=cfg.clip,
+            bounds=(0.0, 1.0) if cfg.clip else None,
             generator=generator,
         )
         with torch.no_grad():

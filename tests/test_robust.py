@@ -78,3 +78,37 @@ def test_robust_keys_are_validated() -> None:
     exp = load_experiment(None, ["robust.epsilon=0.1", "robust.step-size=0.01"])
     assert step_size_of(exp.robust) == 0.01
     assert np.isfinite(exp.robust.epsilon)
+
+
+def test_fedavg_and_hyperfl_clients_report_robust_accuracy() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from clients.full import FullModelClient
+    from clients.hyperfl import HyperFLClient
+    from fedsim.core.messages import ARRAYS, CONFIG, SERVER_ROUND
+    from tests.test_heterofl import INFO, fake_client
+
+    for name, cls in (("fedavg", FullModelClient), ("hyperfl", HyperFLClient)):
+        exp = load_experiment(
+            None,
+            [
+                f"strategy.name={name}",
+                "model.name=mlp",
+                "model.hidden=8",
+                "robust.epsilon=0.1",
+                "robust.steps=2",
+            ],
+        )
+        client = cls(exp, INFO, torch.device("cpu"))
+        shared = client.model.hypernetwork if name == "hyperfl" else client.model
+        content = RecordDict(
+            {
+                ARRAYS: ArrayRecord(shared.state_dict()),
+                CONFIG: ConfigRecord({SERVER_ROUND: 1}),
+            }
+        )
+        metrics = client.evaluate(
+            content, fake_client(0), server_round=1, state=RecordDict()
+        )["metrics"]
+        assert 0 <= metrics["robust-accuracy"] <= 1, name
+        assert metrics["robust-loss"] >= metrics["loss"] - 1e-6, name

@@ -50,7 +50,9 @@ steps = 2
 def test_the_three_families_run_in_one_sweep(tmp_path: Path) -> None:
     file = tmp_path / "capacity.toml"
     file.write_text(SWEEP)
-    result = fedsim("sweep", str(file), "--out", str(tmp_path / "runs"), out=tmp_path)
+    result = fedsim(
+        "sweep", str(file), "--out", str(tmp_path / "runs"), out=tmp_path, timeout=900
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     sweep_dir = tmp_path / "runs" / "capacity"
     entries = json.loads((sweep_dir / SWEEP_INDEX).read_text())

@@ -86,6 +86,8 @@ class FedProphet(FedAvg):
         self.alpha, self.last_ratio = 1.0, 1.0
         self.ratios: list[float] = []
         self.best, self.since_best = -math.inf, 0
+        #: The clean/robust ratio at the stage's best score so far.
+        self.best_ratio = 1.0
 
     # -- content -----------------------------------------------------------------
     def prophets_of(self, partition_id: int) -> int:
@@ -245,7 +247,7 @@ class FedProphet(FedAvg):
             self.epsilon = feature_epsilon(norms, dim)
             self.bounded = all(float(m["feature-min"]) >= 0 for m in ok)  # type: ignore[arg-type]
         self.alpha = self.options.eps_quantile
-        self.last_ratio = getattr(self, "best_ratio", self.last_ratio)
+        self.last_ratio = self.best_ratio
         self.ratios, self.best, self.since_best = [], -math.inf, 0
         self.stage += 1
         self.stage_start = server_round + 1

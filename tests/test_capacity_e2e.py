@@ -55,7 +55,7 @@ def test_the_three_families_run_in_one_sweep(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     sweep_dir = tmp_path / "runs" / "capacity"
-    entries = json.loads((sweep_dir / SWEEP_INDEX).read_text())
+    entries = json.loads((sweep_dir / SWEEP_INDEX).read_text())["experiments"]
     runs = {}
     for entry in entries:
         run_dir = sweep_dir / entry["run_dir"]

@@ -12,9 +12,10 @@ other, and prints a Markdown table of the last round of each: clean and PGD
 robust accuracy of the clients' evaluation (example-weighted mean, worst
 client, mean of the smallest-capacity clients: those given the smallest entry
 of ``strategy.capacities`` / ``strategy.memory-mb``; every client for FedAvg),
-bytes per round (up + down, all clients, both phases), and the peak training
-memory of a client (the largest ``memory-mb`` a client reported; for FedAvg,
-the full model counted the same way).
+bytes per round (up + down, all clients, both phases), and the training
+memory of a client (the largest ``memory-mb`` any client, and any of the
+smallest-capacity clients, reported; for FedAvg, the full model counted as
+HeteroFL and Pa3dFL count).
 """
 
 from __future__ import annotations
@@ -94,8 +95,13 @@ def row(run_dir: Path) -> dict[str, str]:
     comm = comm[comm["round"] >= 1]
     out["MB / round"] = f"{(comm['bytes_up'] + comm['bytes_down']).mean() / 1e6:.3f}"
     memory = frame[(frame["metric"] == "memory-mb") & frame["client"].notna()]
-    peak = float(memory["value"].max()) if len(memory) else full_memory_mb(run_dir)
+    if len(memory):
+        peak = float(memory["value"].max())
+        small = float(memory[memory["client"].isin(low)]["value"].max())
+    else:
+        peak = small = full_memory_mb(run_dir)
     out["peak client MB"] = f"{peak:.3f}"
+    out["smallest client MB"] = f"{small:.3f}"
     return out
 
 

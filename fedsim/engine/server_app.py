@@ -51,6 +51,7 @@ from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.device import resolve_device
+from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import evaluate
 from fedsim.protocol.setup import ServerSetup
 
@@ -133,7 +134,10 @@ def run(
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         setup.model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(setup.model, setup.data.test, device=setup.device)
-        return {"loss": stats.loss, "accuracy": stats.accuracy}
+        robust = robust_metrics(
+            setup.model, setup.data.test, exp.robust, device=setup.device, seed=exp.seed
+        )
+        return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
 
     recording = RecordingGrid(
         grid,

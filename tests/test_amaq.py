@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.split.amaq import (
-    AmaqCodec,
+from fedsim.learn.amaq import (
+    Amaq,
     AmaqGate,
     bit_penalty,
     bit_target,
+    decode_arrays,
+    encode_at,
     pack_channels,
     packed_nbytes,
     unpack_channels,
@@ -57,9 +59,8 @@ def test_error_is_bounded_per_channel_by_its_bit_width(shape) -> None:
     )
     x = torch.randn(shape) * spread
     bits = np.arange(channels) % 7 + 2  # 2..8 bits
-    codec = AmaqCodec(min_bits=2, max_bits=8)
-    arrays = codec.encode(x, bits)
-    x_hat = codec.decode(arrays).numpy()
+    arrays = encode_at(x.numpy(), bits)
+    x_hat = decode_arrays(arrays)
     assert x_hat.shape == x.shape
     rows, rows_hat = numpy_channels(x.numpy()), numpy_channels(x_hat)
     step = (rows.max(1) - rows.min(1)) / (2.0**bits - 1)
@@ -82,9 +83,8 @@ def test_gate_forward_is_what_the_receiver_decodes_and_passes_gradients() -> Non
         gate.gate.normal_()
     x = torch.randn(16, 8, requires_grad=True)
     local = gate(x)
-    codec = AmaqCodec(min_bits=2, max_bits=8)
-    received = codec.decode(codec.encode(x, gate.wire_bits()))
-    assert torch.equal(local.detach(), received)
+    received = decode_arrays(encode_at(x.detach().numpy(), gate.wire_bits()))
+    assert torch.equal(local.detach(), torch.from_numpy(received))
     upstream = torch.randn(16, 8)
     local.backward(upstream)
     assert torch.equal(x.grad, upstream)  # straight through to the activations
@@ -101,7 +101,6 @@ def test_bit_widths_anneal_over_a_run_and_bytes_follow_them() -> None:
     y = (x[:, :3].sum(1) > 0).long()
     client, server = nn.Sequential(nn.Linear(10, 16), nn.ReLU()), nn.Linear(16, 2)
     gate = AmaqGate(16, min_bits=2, max_bits=8, start_bits=8)
-    codec = AmaqCodec(min_bits=2, max_bits=8)
     optimizer = torch.optim.SGD([*client.parameters(), *server.parameters()], lr=0.1)
     gate_optimizer = torch.optim.Adam(gate.parameters(), lr=0.1)
     rounds, steps = 6, 10
@@ -120,7 +119,7 @@ def test_bit_widths_anneal_over_a_run_and_bytes_follow_them() -> None:
             gate_optimizer.step()
         bits = gate.wire_bits()
         means.append(float(bits.mean()))
-        sizes.append(codec.encode(client(x), bits)["packed"].nbytes)
+        sizes.append(encode_at(client(x).detach().numpy(), bits)["packed"].nbytes)
         assert sizes[-1] == math.ceil(128 * int(bits.sum()) / 8)
     assert means[0] >= 7.0
     assert all(b <= a for a, b in zip(means, means[1:], strict=False))
@@ -156,3 +155,49 @@ def test_bit_target_runs_linearly_from_start_to_end() -> None:
     bits = torch.tensor([5.0, 7.0])
     assert bit_penalty(bits, 6.0, 3.0) == 0
     assert bit_penalty(bits, 5.0, 3.0) == pytest.approx(3.0)
+
+
+def test_codec_learns_on_the_client_and_the_server_answers_at_its_bits() -> None:
+    """The client's codec sends at its gate's bits; the server's codec decodes
+    them and sends the gradient back at the same bits; the client's backward
+    equals the oracle (gradient straight through to the segment, gate stepped
+    by Adam on the received gradient plus the penalty); state/load resumes the
+    same learner in another codec object."""
+    torch.manual_seed(4)
+    client, server = Amaq(min_bits=2, max_bits=8), Amaq(min_bits=2, max_bits=8)
+    layer = nn.Linear(5, 6)
+    x = torch.randn(12, 5)
+    # First batch: no gate yet, start bits everywhere.
+    up = client.encode(layer(x).detach().numpy())
+    np.testing.assert_array_equal(up["bits"], np.full(6, 8))
+    activations = server.decode(up)
+    down = server.encode(np.ones_like(activations))
+    np.testing.assert_array_equal(down["bits"], up["bits"])
+    gradient = torch.randn(12, 6)
+    oracle_gate = AmaqGate(6, min_bits=2, max_bits=8, start_bits=8)
+    oracle_layer = nn.Linear(5, 6)
+    oracle_layer.load_state_dict(layer.state_dict())
+    oracle_adam = torch.optim.Adam(oracle_gate.parameters(), lr=0.05)
+    for progress in (0.5, 0.9):
+        out = layer(x)
+        client.backward(out, gradient, progress=progress)
+        target = bit_target(progress, start_bits=8, end_bits=4)
+        oracle_adam.zero_grad()
+        loss = (oracle_gate(oracle_layer(x)) * gradient).sum()
+        (loss + bit_penalty(oracle_gate.bits(), target, 10.0)).backward()
+        oracle_adam.step()
+    assert client.gate is not None
+    torch.testing.assert_close(client.gate.gate, oracle_gate.gate)
+    torch.testing.assert_close(layer.weight.grad, oracle_layer.weight.grad)
+    # Once the gate exists, encode uses its bits.
+    sent = client.encode(layer(x).detach().numpy())
+    np.testing.assert_array_equal(sent["bits"], oracle_gate.wire_bits())
+    assert client.mean_sent_bits() == pytest.approx(
+        (8.0 + float(oracle_gate.wire_bits().mean())) / 2
+    )
+    resumed = Amaq(min_bits=2, max_bits=8)
+    resumed.load({k: v.numpy() for k, v in client.state().items()})
+    for codec in (client, resumed):
+        codec.backward(layer(x), gradient, progress=1.0)
+    assert resumed.gate is not None
+    torch.testing.assert_close(resumed.gate.gate, client.gate.gate)

@@ -46,7 +46,8 @@ module's, written from the paper's description):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,46 +176,32 @@ def packed_nbytes(n: int, bits: np.ndarray) -> int:
     return math.ceil(n * int(np.sum(bits)) / 8)
 
 
-@dataclass(frozen=True)
-class AmaqCodec:
-    """Packs a tensor at given per-channel bit widths; unpacks it.
+def encode_at(values: np.ndarray, bits: np.ndarray) -> dict[str, np.ndarray]:
+    """Pack ``values`` at per-channel ``bits`` (integers).
 
-    ``encode(tensor, bits)`` -> ``{"packed": uint8, "lo": float32 (C,),
-    "scale": float32 (C,), "bits": uint8 (C,), "shape": int64}``;
-    ``decode(arrays)`` -> the float32 tensor ``lo + scale * q``. Without
-    ``bits`` every channel gets ``max_bits``.
+    Returns ``{"packed": uint8, "lo": float32 (C,), "scale": float32 (C,),
+    "bits": uint8 (C,), "shape": int64}``; :func:`decode_arrays` inverts it.
     """
+    x = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    bits = np.asarray(bits).astype(BITS_DTYPE)
+    q, lo, scale = quantize_rows(to_channels(x), torch.as_tensor(bits).float())
+    return {
+        "packed": pack_channels(q.numpy().astype(np.int64), bits),
+        "lo": lo.numpy(),
+        "scale": scale.numpy(),
+        "bits": bits,
+        "shape": np.asarray(x.shape, dtype=np.int64),
+    }
 
-    min_bits: int = 2
-    max_bits: int = 8
 
-    def encode(
-        self, tensor: torch.Tensor, bits: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
-        rows = to_channels(tensor.detach().float().cpu())
-        if bits is None:
-            bits = np.full(rows.shape[0], self.max_bits)
-        bits = np.clip(np.asarray(bits), self.min_bits, self.max_bits)
-        q, lo, scale = quantize_rows(rows, torch.as_tensor(bits, dtype=torch.float32))
-        return {
-            "packed": pack_channels(q.numpy().astype(np.int64), bits),
-            "lo": lo.numpy().astype(np.float32),
-            "scale": scale.numpy().astype(np.float32),
-            "bits": bits.astype(BITS_DTYPE),
-            "shape": np.asarray(tensor.shape, dtype=np.int64),
-        }
-
-    def decode(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        shape = tuple(int(s) for s in arrays["shape"])
-        bits = arrays["bits"]
-        n = math.prod(shape) // max(len(bits), 1)
-        q = torch.as_tensor(
-            unpack_channels(arrays["packed"], bits, n), dtype=torch.float32
-        )
-        rows = dequantize_rows(
-            q, torch.as_tensor(arrays["lo"]), torch.as_tensor(arrays["scale"])
-        )
-        return from_channels(rows, shape)
+def decode_arrays(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The float32 values ``lo + scale * q`` of :func:`encode_at`'s arrays."""
+    shape = tuple(int(s) for s in arrays["shape"])
+    bits = np.asarray(arrays["bits"])
+    n = math.prod(shape) // max(len(bits), 1)
+    q = torch.as_tensor(unpack_channels(arrays["packed"], bits, n)).float()
+    lo, scale = torch.as_tensor(arrays["lo"]), torch.as_tensor(arrays["scale"])
+    return from_channels(dequantize_rows(q, lo, scale), shape).numpy()
 
 
 class AmaqGate(nn.Module):
@@ -267,3 +254,154 @@ class AmaqGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the receiver will decode it, differentiable in the gate."""
         return fake_quantize(x, self.bits())
+
+
+class Amaq:
+    """The ``amaq`` codec of ``split.quantization``, and its learning on the
+    sender of the activations.
+
+    As a codec (``encode(values) -> arrays``, ``decode(arrays) -> values``, see
+    :mod:`fedsim.learn.codecs`) it packs each channel at its own bit width. The
+    bit widths of a tensor with ``C`` channels are, in this order: the learnable
+    gate's (the client's, once :meth:`backward` has created it for ``C``), the
+    last bit widths this codec decoded for ``C`` channels (the server answers
+    the activations' gradient at the activations' bit widths), else
+    ``start_bits``.
+
+    As the client's learner, :meth:`backward` replaces ``out.backward(gradient)``:
+    it runs the cut tensor through the gate (what the server decoded, exactly),
+    backpropagates the received gradient plus the bit penalty towards the
+    annealed target, and steps the gate's own Adam optimiser (the gate is
+    optimised apart from the model, as in the paper). :meth:`state` /
+    :meth:`load` carry the gate and its optimiser between messages.
+
+    Parameters
+    ----------
+    min_bits, max_bits : int
+        ``split.min-bits`` / ``split.max-bits``.
+    start_bits, end_bits : float
+        The mean bit width the budget anneals from and to over the run.
+    weight : float
+        Weight of the bit penalty.
+    lr : float
+        Learning rate of the gate's Adam optimiser.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_bits: int,
+        max_bits: int,
+        start_bits: float = 8.0,
+        end_bits: float = 4.0,
+        weight: float = 10.0,
+        lr: float = 0.05,
+    ):
+        if not 1 <= min_bits < max_bits <= 16:
+            raise ValueError(
+                f"bit widths: need 1 <= min_bits < max_bits <= 16, got "
+                f"{min_bits}, {max_bits}"
+            )
+        self.min_bits, self.max_bits = min_bits, max_bits
+        self.start_bits = min(max(start_bits, min_bits), max_bits)
+        self.end_bits = min(max(end_bits, min_bits), max_bits)
+        self.weight, self.lr = weight, lr
+        self.gate: AmaqGate | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.received: dict[int, np.ndarray] = {}
+        self.sent_bits: list[float] = []
+
+    # -- the codec -------------------------------------------------------------
+    def bits_for(self, channels: int) -> np.ndarray:
+        """The integer bit widths a tensor of ``channels`` channels goes out at."""
+        if self.gate is not None and len(self.gate.gate) == channels:
+            return self.gate.wire_bits()
+        if channels in self.received:
+            return self.received[channels]
+        return np.full(channels, round(self.start_bits), dtype=BITS_DTYPE)
+
+    def encode(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        bits = self.bits_for(values.shape[channel_axis(values.ndim)])
+        self.sent_bits.append(float(bits.mean()))
+        return encode_at(values, bits)
+
+    def decode(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        bits = np.asarray(arrays["bits"], dtype=BITS_DTYPE)
+        self.received[len(bits)] = bits
+        return decode_arrays(arrays)
+
+    # -- learning on the client -------------------------------------------------
+    def ensure_gate(self, channels: int) -> AmaqGate:
+        """The gate for ``channels`` channels (new at ``start_bits`` if none)."""
+        if self.gate is None or len(self.gate.gate) != channels:
+            self.gate = AmaqGate(
+                channels,
+                min_bits=self.min_bits,
+                max_bits=self.max_bits,
+                start_bits=self.start_bits,
+            )
+            self.optimizer = torch.optim.Adam(self.gate.parameters(), lr=self.lr)
+        return self.gate
+
+    def backward(
+        self, out: torch.Tensor, gradient: torch.Tensor, *, progress: float
+    ) -> None:
+        """Backpropagate ``gradient`` (of the decoded cut tensor) into ``out``'s
+        graph through the gate, add the bit penalty at ``progress`` of the run,
+        and step the gate."""
+        gate = self.ensure_gate(out.shape[channel_axis(out.ndim)])
+        gate.to(out.device)
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        target = bit_target(
+            progress, start_bits=self.start_bits, end_bits=self.end_bits
+        )
+        bits = gate.bits()
+        loss = (gate(out) * gradient).sum() + bit_penalty(bits, target, self.weight)
+        loss.backward()
+        self.optimizer.step()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The gate and its optimiser's moments (empty before the first step)."""
+        if self.gate is None or self.optimizer is None:
+            return {}
+        out = {"gate": self.gate.gate.detach().cpu().clone()}
+        for name, value in self.optimizer.state.get(self.gate.gate, {}).items():
+            out[f"adam.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+        return out
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned (nothing: no gate yet)."""
+        self.gate, self.optimizer = None, None
+        if "gate" not in state:
+            return
+        gate = torch.as_tensor(np.asarray(state["gate"]))
+        self.ensure_gate(len(gate))
+        assert self.gate is not None and self.optimizer is not None
+        with torch.no_grad():
+            self.gate.gate.copy_(gate)
+        moments = {
+            k.removeprefix("adam."): torch.as_tensor(np.asarray(v))
+            for k, v in state.items()
+            if k.startswith("adam.")
+        }
+        if moments:
+            self.optimizer.state[self.gate.gate] = moments
+
+    def mean_sent_bits(self) -> float:
+        """Mean bit width of what this codec encoded since the last call
+        (nan if nothing); resets the tally."""
+        sent, self.sent_bits = self.sent_bits, []
+        return float(np.mean(sent)) if sent else float("nan")
+
+
+def amaq_codec(options: Any) -> Amaq:
+    """``CODECS["amaq"]``: the codec from a family's ``[split]`` options."""
+    return Amaq(
+        min_bits=options.min_bits,
+        max_bits=options.max_bits,
+        start_bits=getattr(options, "amaq_start_bits", 8.0),
+        end_bits=getattr(options, "amaq_end_bits", 4.0),
+        weight=getattr(options, "amaq_weight", 10.0),
+        lr=getattr(options, "amaq_lr", 0.05),
+    )

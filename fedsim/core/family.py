@@ -57,7 +57,11 @@ class Family:
         in ``actions``.
     options : type
         Frozen dataclass of the family's own keys, declared with
-        :func:`fedsim.core.schema.option`; they are ``strategy.<key>``.
+        :func:`fedsim.core.schema.option`; they are ``<section>.<key>``.
+    section : str
+        The experiment table holding the option keys: ``strategy`` (the
+        default) or a table of the family's own (e.g. ``split``: keys
+        ``split.cut``...); it must not be one of the experiment's sections.
     peft : tuple of str
         The ``peft.method`` values the family runs (``("lora",)``: needs LoRA).
     global_model : bool
@@ -82,6 +86,7 @@ class Family:
     server: str
     client: str
     options: type = NoOptions
+    section: str = "strategy"
     peft: tuple[str, ...] = ("none",)
     global_model: bool = True
     privacy: tuple[str, ...] = ("none",)

@@ -154,16 +154,24 @@ class ViT(nn.Module):
             return patches.transpose(1, 2)
         return x.flatten(1).unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token, class and positional embeddings: the blocks' input."""
         tokens = self.patch_embed(self.tokens(x))
         # Embeddings are looked up per example (not once for the batch) so that
         # Opacus sees a per-example input and can compute per-example gradients.
         positions = self.positions.expand(x.shape[0], -1)
         cls = self.cls_token(positions[:, :1] * 0)
-        h = torch.cat([cls, tokens], dim=1) + self.pos_embed(positions)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed(positions)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalised class token of the last block's output."""
+        return self.norm(h[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h[:, 0]))
+        return self.head(self.pool(h))
 
 
 def build_mlp(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:

@@ -29,6 +29,7 @@ from fedsim.core.messages import (
     NUM_EXAMPLES,
 )
 from fedsim.core.seeding import derive_seed
+from fedsim.learn.amaq import Amaq
 from fedsim.learn.base import build_model
 from fedsim.learn.codecs import CODECS, decode, encode
 from fedsim.learn.data import ClientData, DatasetInfo
@@ -46,8 +47,14 @@ from fedsim.learn.split import (
 from fedsim.learn.training import make_optimizer
 
 #: ``context.state`` keys: the client's segment weights, its optimiser state,
-#: and its cursor (``round``, ``batch``, ``loss-sum``, ``seen``).
+#: and its cursor (``round``, ``batch``, ``loss-sum``, ``seen``; with AMAQ
+#: ``bits-sum`` and ``bits-n``), kept for one round.
 WEIGHTS, OPTIMIZER, CURSOR = "split.weights", "split.optimizer", "split.cursor"
+#: ``context.state`` key of an adaptive codec's learner (AMAQ's gate), kept
+#: across rounds.
+CODEC = "split.codec"
+#: Metric of the last reply: mean bit width of the activations sent (AMAQ).
+MEAN_BITS = "mean-bits"
 
 
 class SplitClient:
@@ -105,7 +112,14 @@ class SplitClient:
         self.load_own(state.array_records[WEIGHTS].to_torch_state_dict())
         optimizer = self.optimizer()
         load_optimizer(optimizer, state.array_records[OPTIMIZER].to_torch_state_dict())
+        self.restore_codec(state)
         return optimizer, dict(state.config_records[CURSOR])
+
+    def restore_codec(self, state: RecordDict) -> None:
+        """An adaptive codec's learner (AMAQ's gate) from ``context.state``."""
+        if isinstance(self.codec, Amaq):
+            record = state.array_records[CODEC] if CODEC in state else ArrayRecord()
+            self.codec.load(record.to_torch_state_dict())
 
     def save(
         self,
@@ -116,9 +130,40 @@ class SplitClient:
         state[WEIGHTS] = ArrayRecord(self.own_state())
         state[OPTIMIZER] = ArrayRecord(optimizer_arrays(optimizer))
         state[CURSOR] = ConfigRecord(cursor)
+        self.save_codec(state)
+
+    def save_codec(self, state: RecordDict) -> None:
+        """An adaptive codec's learner into ``context.state`` (across rounds)."""
+        if isinstance(self.codec, Amaq):
+            state[CODEC] = ArrayRecord(self.codec.state())
+
+    def backward_cut(
+        self, out: torch.Tensor, gradient: torch.Tensor, progress: float
+    ) -> None:
+        """Backpropagate the received gradient of the cut activations; an
+        adaptive codec (AMAQ) also learns its bit widths (``progress``: the
+        run's fraction done, for its annealed budget)."""
+        if isinstance(self.codec, Amaq):
+            self.codec.backward(out, gradient, progress=progress)
+        else:
+            out.backward(gradient)
+
+    @staticmethod
+    def tally_bits(reply: RecordDict, cursor: dict[str, Any]) -> None:
+        """Add the mean bit width of the activations in ``reply`` (codecs that
+        send per-channel ``bits``) to the round's tally in ``cursor``."""
+        bits = f"{ACTIVATIONS}.bits"
+        if CUT in reply and bits in reply.array_records[CUT]:
+            values = reply.array_records[CUT][bits].numpy()
+            cursor["bits-sum"] = float(cursor.get("bits-sum", 0.0)) + float(
+                values.mean()
+            )
+            cursor["bits-n"] = int(cursor.get("bits-n", 0)) + 1
 
     # -- batches ------------------------------------------------------------------
-    def plan(self, data: ClientData, server_round: int) -> list[np.ndarray]:
+    def plan(
+        self, data: ClientData, server_round: int, cursor: dict[str, Any]
+    ) -> list[np.ndarray]:
         """This round's batches (``train.epochs`` shuffled passes)."""
         exp = self.experiment
         seed = derive_seed(exp.seed, "train", server_round, data.partition_id)
@@ -156,7 +201,9 @@ class SplitClient:
         self, plan: list[np.ndarray], data: ClientData, cursor: dict[str, Any]
     ) -> RecordDict:
         """The last reply of the round: the client's segments and its weight."""
-        metrics = {NUM_EXAMPLES: len(data.train), BATCHES: len(plan)}
+        metrics: dict[str, float] = {NUM_EXAMPLES: len(data.train), BATCHES: len(plan)}
+        if cursor.get("bits-n"):
+            metrics[MEAN_BITS] = float(cursor["bits-sum"]) / int(cursor["bits-n"])
         return RecordDict(
             {ARRAYS: ArrayRecord(self.own_state()), METRICS: MetricRecord(metrics)}
         )
@@ -172,12 +219,25 @@ class SplitClient:
     ) -> RecordDict:
         """Start the round: load the received segment(s), reply batch 0."""
         self.load_own(content.array_records[ARRAYS].to_torch_state_dict())
-        plan = self.plan(data, server_round)
         cursor = {"round": server_round, "batch": 0, "loss-sum": 0.0, "seen": 0}
+        return self.begin(data, server_round, state, cursor)
+
+    def begin(
+        self,
+        data: ClientData,
+        server_round: int,
+        state: RecordDict,
+        cursor: dict[str, Any],
+    ) -> RecordDict:
+        """Open the round's batches: reply batch 0 (the weights are loaded)."""
+        self.restore_codec(state)
+        plan = self.plan(data, server_round, cursor)
         if not plan:
             return self.final(plan, data, cursor)
+        reply = self.upload(data, server_round, plan, 0)
+        self.tally_bits(reply, cursor)
         self.save(state, self.optimizer(), cursor)
-        return self.upload(data, server_round, plan, 0)
+        return reply
 
     def split_step(
         self,
@@ -190,20 +250,24 @@ class SplitClient:
         """Apply the gradient of batch t's cut activations, step, reply batch
         t+1's activations (or, after the last batch, the client's segments)."""
         optimizer, cursor = self.restore(state)
-        plan = self.plan(data, server_round)
+        plan = self.plan(data, server_round, cursor)
         t = int(cursor["batch"])
         gradient = decode(self.codec, GRADIENT, from_record(content.array_records[CUT]))
         optimizer.zero_grad(set_to_none=True)
         out = self.head_output(data, server_round, plan[t], t)
-        out.backward(torch.from_numpy(gradient).to(self.device))
+        progress = (server_round - 1 + (t + 1) / len(plan)) / self.experiment.rounds
+        self.backward_cut(out, torch.from_numpy(gradient).to(self.device), progress)
         optimizer.step()
         cursor["batch"] = t + 1
         if t + 1 == len(plan):
             for key in (WEIGHTS, OPTIMIZER, CURSOR):
                 del state[key]
+            self.save_codec(state)
             return self.final(plan, data, cursor)
+        reply = self.upload(data, server_round, plan, t + 1)
+        self.tally_bits(reply, cursor)
         self.save(state, optimizer, cursor)
-        return self.upload(data, server_round, plan, t + 1)
+        return reply
 
 
 class UshapeClient(SplitClient):
@@ -236,7 +300,7 @@ class UshapeClient(SplitClient):
         """Tail forward on the body's output for batch t, the loss with the local
         labels, backward, step the tail; reply the gradient of the body's output."""
         optimizer, cursor = self.restore(state)
-        plan = self.plan(data, server_round)
+        plan = self.plan(data, server_round, cursor)
         t = int(cursor["batch"])
         body = decode(self.codec, ACTIVATIONS, from_record(content.array_records[CUT]))
         h = torch.from_numpy(body).to(self.device).requires_grad_(True)

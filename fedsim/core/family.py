@@ -79,6 +79,11 @@ class Family:
     actions : tuple of str
         Custom client actions: the server sends ``train.<action>`` messages, the
         ClientApp calls the client algorithm's ``<action>`` method.
+    model : str
+        ``"module:callable"``: ``adapt(model, experiment) -> nn.Module`` applied
+        to the engine's built model before the initial arrays are taken (e.g.
+        parameters of the family's own, such as soft prompts); the client side
+        applies the same to its own build.
     """
 
     name: str
@@ -93,6 +98,7 @@ class Family:
     rejects: Mapping[str, str] = field(default_factory=dict)
     check: str = ""
     actions: tuple[str, ...] = ()
+    model: str = ""
 
     def load_server(self) -> Any:
         """The server-side factory."""
@@ -101,6 +107,10 @@ class Family:
     def load_client(self) -> Any:
         """The client algorithm class."""
         return load(self.client)
+
+    def adapt_model(self, model: Any, experiment: Any) -> Any:
+        """The engine's built model as the family runs it."""
+        return load(self.model)(model, experiment) if self.model else model
 
     def run_check(self, experiment: Any, model: Any, data: Any) -> None:
         """The family's pre-run check, if it has one."""

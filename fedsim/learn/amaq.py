@@ -400,8 +400,8 @@ def amaq_codec(options: Any) -> Amaq:
     return Amaq(
         min_bits=options.min_bits,
         max_bits=options.max_bits,
-        start_bits=getattr(options, "amaq_start_bits", 8.0),
-        end_bits=getattr(options, "amaq_end_bits", 4.0),
-        weight=getattr(options, "amaq_weight", 10.0),
-        lr=getattr(options, "amaq_lr", 0.05),
+        start_bits=options.amaq_start_bits,
+        end_bits=options.amaq_end_bits,
+        weight=options.amaq_weight,
+        lr=options.amaq_lr,
     )

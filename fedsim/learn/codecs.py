@@ -123,12 +123,22 @@ class FixedBits:
         return from_rows(rows, shape)
 
 
+def amaq(options: Any) -> Codec:
+    """AMAQ (:mod:`fedsim.learn.amaq`). It needs torch, which the family
+    declarations that check ``split.quantization`` must not import: imported
+    when chosen."""
+    from fedsim.learn.amaq import amaq_codec
+
+    return amaq_codec(options)
+
+
 #: ``split.quantization`` name -> factory(options) of the codec. Open: another
 #: codec registers itself here (``CODECS["name"] = factory``).
 CODECS: dict[str, Callable[[Any], Codec]] = {
     "none": lambda options: Identity(),
     "int8": lambda options: FixedBits(8),
     "int4": lambda options: FixedBits(4),
+    "amaq": amaq,
 }
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.core.seeding import derive_seed
+
 
 def el2n_scores(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """``||softmax(logits) - onehot(labels)||_2`` per example (float64)."""
@@ -75,3 +77,15 @@ class Prompts(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return insert_prompts(h, self.prompts)
+
+
+def add_prompts(model: nn.Module, count: int, seed: int) -> nn.Module:
+    """Give a packaged ``vit`` ``count`` seeded prompt tokens (its parameter
+    ``prompts``, inserted by its ``embed``); returns the same model."""
+    patch = model.get_submodule("patch_embed")
+    assert isinstance(patch, nn.Linear)
+    initial = init_prompts(
+        count, patch.out_features, patch.in_features, derive_seed(seed, "prompts")
+    )
+    model.prompts = nn.Parameter(initial.to(patch.weight.device))
+    return model

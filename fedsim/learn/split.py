@@ -63,7 +63,7 @@ def stages(model: nn.Module) -> list[Stage]:
         embed: Stage = (
             "embed",
             model.embed,
-            ("patch_embed.", "cls_token.", "pos_embed."),
+            ("patch_embed.", "cls_token.", "pos_embed.", "prompts"),
         )
         blocks: list[Stage] = [
             (f"blocks.{i}", b, (f"blocks.{i}.",)) for i, b in enumerate(model.blocks)

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 from fedsim.core.family import Family
 from fedsim.core.messages import SPLIT_STEP, SPLIT_TAIL
-from fedsim.core.schema import at_least, option
+from fedsim.core.schema import at_least, fraction, option, positive
 from fedsim.learn.codecs import codec_name
 
 _NO_DP = (
@@ -87,11 +87,19 @@ class Options:
     quantization: str = option(
         "none",
         "codec of activations up and gradients down: none, int8, int4 "
-        "(per-channel scale and zero point)",
+        "(per-channel scale and zero point), amaq (learned per-channel bits)",
         codec_name,
     )
     min_bits: int = option(2, "fewest bits per value of an adaptive codec", at_least(1))
     max_bits: int = option(8, "most bits per value of an adaptive codec", at_least(1))
+    amaq_start_bits: float = option(
+        8.0, "AMAQ: mean bit width the budget starts from", at_least(1)
+    )
+    amaq_end_bits: float = option(
+        4.0, "AMAQ: mean bit width the budget anneals to by the last round", at_least(1)
+    )
+    amaq_weight: float = option(10.0, "AMAQ: weight of the bit penalty", positive)
+    amaq_lr: float = option(0.05, "AMAQ: Adam learning rate of the gate", positive)
 
 
 @dataclass(frozen=True)
@@ -148,3 +156,41 @@ USHAPE = Family(
 #: The three families (the entry points ``sfl-v1``, ``sfl-v2`` and
 #: ``split-ushape`` load this).
 FAMILIES = (V1, V2, USHAPE)
+
+
+@dataclass(frozen=True)
+class SFPromptOptions(UshapeOptions):
+    """SFPrompt: prompts, pruning and the local-loss update."""
+
+    tail: str = option(
+        "pool",
+        "first stage of the client's tail (name or index; at most 'pool', so that "
+        "tail(head(x)) is defined)",
+    )
+    prompts: int = option(
+        4, "soft prompt tokens inserted after the class token", at_least(1)
+    )
+    keep_fraction: float = option(
+        0.5,
+        "fraction of local examples kept each round (the largest EL2N scores)",
+        fraction,
+    )
+    local_epochs: int = option(
+        1, "epochs of the local-loss update (tail(head(x)), no messages)", at_least(0)
+    )
+
+
+#: SFPrompt (Cao et al., 2024); the entry point ``sfprompt`` loads it.
+SFPROMPT = Family(
+    name="sfprompt",
+    summary="SFPrompt (Cao et al., 2024): frozen pre-trained ViT, client prompts "
+    "and tail, EL2N pruning, local-loss update, U-shaped split training",
+    server="strategies.split.sfprompt:build",
+    client="clients.sfprompt:SFPromptClient",
+    options=SFPromptOptions,
+    section="split",
+    rejects=_REJECTS,
+    check="strategies.split.sfprompt:check",
+    actions=_ACTIONS,
+    model="strategies.split.sfprompt:prompted",
+)

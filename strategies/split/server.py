@@ -83,12 +83,15 @@ class ServerSegment:
     def __init__(self, segment: Segment, train: TrainConfig, device: torch.device):
         self.segment = segment
         self.device = device
-        self.optimizer = make_optimizer(segment.parameters(), train)
+        # A frozen segment (SFPrompt's body) passes gradients, steps nothing.
+        trains = any(p.requires_grad for p in segment.parameters())
+        self.optimizer = make_optimizer(segment.parameters(), train) if trains else None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _input(self, values: np.ndarray) -> torch.Tensor:
         self.segment.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         return torch.from_numpy(values).to(self.device).requires_grad_(True)
 
     def step(
@@ -120,7 +123,8 @@ class ServerSegment:
         a, out = self._pending
         self._pending = None
         out.backward(torch.from_numpy(gradient).to(self.device))
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         assert a.grad is not None
         return a.grad.cpu().numpy()
 
@@ -239,6 +243,14 @@ class SplitStrategy(FedAvg):
         ]
         return weighted_average(states, [weights[n] for n in nodes])
 
+    def client_state(self) -> dict[str, torch.Tensor]:
+        """What ``train`` sends each client: its segments' weights."""
+        return {
+            k: v
+            for s in self.client_segments(self.segments)
+            for k, v in s.state().items()
+        }
+
     # -- the round ------------------------------------------------------------------
     def run_round(
         self,
@@ -253,11 +265,7 @@ class SplitStrategy(FedAvg):
         both sides (through ``hooks`` for the client segments)."""
         assert arrays is not None
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        own = {
-            k: v
-            for s in self.client_segments(self.segments)
-            for k, v in s.state().items()
-        }
+        own = self.client_state()
         messages = list(
             hooks.configure_train(server_round, ArrayRecord(own), ConfigRecord(), grid)
         )

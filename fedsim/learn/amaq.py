@@ -237,7 +237,7 @@ class AmaqGate(nn.Module):
             )
         self.min_bits, self.max_bits, self.alpha = min_bits, max_bits, alpha
         frac = (start_bits - min_bits) / (max_bits - min_bits)
-        frac = min(max(frac, 0.02), 0.98)
+        frac = min(max(frac, 0.05), 0.95)
         logit = math.log(frac / (1 - frac)) / alpha
         self.gate = nn.Parameter(torch.full((channels,), logit))
 
@@ -295,7 +295,7 @@ class Amaq:
         start_bits: float = 8.0,
         end_bits: float = 4.0,
         weight: float = 10.0,
-        lr: float = 0.05,
+        lr: float = 0.2,
     ):
         if not 1 <= min_bits < max_bits <= 16:
             raise ValueError(

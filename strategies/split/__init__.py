@@ -99,7 +99,7 @@ class Options:
         4.0, "AMAQ: mean bit width the budget anneals to by the last round", at_least(1)
     )
     amaq_weight: float = option(10.0, "AMAQ: weight of the bit penalty", positive)
-    amaq_lr: float = option(0.05, "AMAQ: Adam learning rate of the gate", positive)
+    amaq_lr: float = option(0.2, "AMAQ: Adam learning rate of the gate", positive)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,14 @@ module's, written from the paper's description):
   straight-through rounding of ``b_c``.
 - Gradients down the cut reuse the bit widths the activations came up with (one
   gate per cut tensor, learned on the client): the server has no loss term that
-  could learn a gate of its own.
+  could learn a gate of its own. In U-shaped split learning the second cut (the
+  body's output down, its gradient up) goes at the same bit widths when it has
+  as many channels (the ViT's tokens), else at ``start_bits``; only the first
+  cut's quantisation trains the gate.
+- Each client learns its own gate (kept in its ``context.state``, never
+  averaged); the paper trains one client-server pair.
+- The gate's optimiser is Adam (learning rate ``split.amaq-lr``), apart from
+  the model's, as in the paper; its slope ``alpha`` is 1.
 """
 
 from __future__ import annotations

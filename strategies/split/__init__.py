@@ -7,7 +7,12 @@ the client runs, empty for the model's default). The client runs the first
 segment, the server the rest; activations go up, gradients of the cut
 activations come down, every tensor in the messages (so the recorded bytes are
 what crosses the cut). ``split.quantization`` picks the codec of both
-(:data:`fedsim.learn.codecs.CODECS`: ``none``, ``int8``, ``int4``).
+(:data:`fedsim.learn.codecs.CODECS`: ``none``, ``int8``, ``int4``, ``amaq``:
+learned per-channel bit widths, :mod:`fedsim.learn.amaq`, whose gate the client
+learns and keeps in its ``context.state`` across rounds; the clients' last
+replies then carry ``mean-bits``, the mean bit width of the activations they
+sent that round). ``sfprompt`` (:mod:`strategies.split.sfprompt`) builds on
+U-shaped split learning.
 
 - ``sfl-v1``: the sampled clients run concurrently; the server keeps one copy of
   the server segment per client (each starts the round from the global one and

@@ -82,9 +82,7 @@ def run(path: str, overrides: list[str]) -> dict[str, str]:
     rounds = exp.rounds
 
     def total(metric: str) -> float:
-        return sum(
-            v for r, c, p, m, v in rows if c is None and m == metric and r >= 1
-        )
+        return sum(v for r, c, p, m, v in rows if c is None and m == metric and r >= 1)
 
     accuracy = [v for r, c, p, m, v in rows if m == "accuracy" and p == "server"]
     bits = [v for r, c, p, m, v in rows if c is None and m == "mean-bits"]

@@ -231,8 +231,15 @@ def test_sfl_v2_three_clients_equals_a_plain_pytorch_loop(
     """Three clients, SGD with momentum 0.9 (the client's momentum buffer goes
     through ``context.state`` between messages), two rounds."""
     exp = experiment("sfl-v2", "federation.clients=3", "train.momentum=0.9")
-    final, _, _ = run_rounds(exp, 2, tmp_path)
+    final, _, recorder = run_rounds(exp, 2, tmp_path)
     expected = reference_v2(exp, 2, 3)
+    data = build(exp).data
+    per_epoch = sum(-(-len(data.client(p).train) // 32) for p in range(3))
+    batches = exp.train.epochs * per_epoch
+    exchanges = [
+        v for (_, c, phase, m, v) in recorder.rows if m == "exchanges" and c is None
+    ]
+    assert exchanges == [1 + batches] * 2  # the opening one, then one per batch
     got = final.to_torch_state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=2e-6, rtol=0)

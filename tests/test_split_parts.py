@@ -219,3 +219,14 @@ def test_int8_trains_close_to_float(task_identity: None, tmp_path: Path) -> None
     diffs = [float((a[k] - b[k]).abs().max()) for k in a]
     assert max(diffs) > 0
     assert max(diffs) < 0.05
+
+
+def test_a_family_section_may_not_be_an_experiment_section() -> None:
+    from dataclasses import replace
+
+    from fedsim.core.loading import option_keys
+    from strategies.split import V1
+
+    assert set(option_keys(V1)) == {"split.cut", "split.quantization"}
+    with pytest.raises(ValueError, match="section 'train' is an experiment section"):
+        option_keys(replace(V1, section="train"))

@@ -246,3 +246,15 @@ def test_sfl_v1_with_amaq_sends_falling_bit_widths_at_their_real_size(
             sent_bits[node] = bits
             checked += 1
     assert checked > 8
+
+
+def test_bit_bounds_out_of_order_are_a_config_error() -> None:
+    from fedsim.core.errors import ConfigError
+    from fedsim.learn.base import build_model
+    from fedsim.learn.data import federated_data
+    from strategies.split.server import check
+
+    exp = experiment("sfl-v1", "split.min-bits=8", "split.max-bits=4")
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    with pytest.raises(ConfigError, match="split.min-bits"):
+        check(exp, build_model(exp.model, data.info, exp.seed), data)

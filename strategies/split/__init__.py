@@ -57,13 +57,33 @@ named ``<prefix>.<codec array>``, see :func:`fedsim.learn.codecs.encode`):
   segment(s) after the round), ``metrics`` (``num-examples``, ``batches``;
   U-shaped also ``loss``).
 
-Client/server segment API (for families built on this one): the server side is
-:class:`strategies.split.server.SplitStrategy` (override ``sessions`` /
-``serve`` for another round shape); a client session's server half is
-:class:`strategies.split.server.ServerSegment` (``step`` for a segment ending
-in the loss, ``forward`` / ``backward`` for a body); the client side is
-:class:`clients.split.SplitClient` (``start`` / ``apply`` hooks). U-shaped
-training keeps one body copy per client, as V1 (the clients run concurrently).
+Client/server segment API (for families built on this one, e.g. SFPrompt):
+
+- cutting: :func:`fedsim.learn.split.stages` names a packaged model's stages,
+  :func:`~fedsim.learn.split.cut_points` turns ``split.cut`` (and ``split.tail``)
+  into cut indices, :func:`~fedsim.learn.split.split_model` returns
+  :class:`~fedsim.learn.split.Segment` s sharing the model's modules (callable;
+  ``parameters()``, ``state()`` and ``load()`` under the model's state-dict
+  names).
+- codecs: :data:`fedsim.learn.codecs.CODECS` (name -> ``factory(options)``; add
+  one by registering it there), :func:`~fedsim.learn.codecs.encode` /
+  :func:`~fedsim.learn.codecs.decode` name the arrays ``<prefix>.<array>``. The
+  codecs live in ``fedsim/learn`` because both sides use them and
+  ``clients/`` may not import ``strategies/``.
+- server: :class:`strategies.split.server.SplitStrategy` runs a round as one
+  :class:`~strategies.split.server.Session` per client (``respond(reply) ->
+  (action, content) | None``); override ``sessions`` (who shares which server
+  segment), ``serve`` (together or one after another), ``client_segments`` /
+  ``server_segment`` (who holds which segment) and ``server_state``
+  (aggregation of the server side). :class:`~strategies.split.server.
+  ServerSegment` is the server's segment with its optimiser: ``step`` for a
+  segment ending in the loss, ``forward`` / ``backward`` for a body.
+- client: :class:`clients.split.SplitClient` (``own`` segments, ``plan`` of
+  batches, ``head_output``, ``upload``, ``final``; ``restore`` / ``save`` of
+  ``context.state``) and :class:`clients.split.UshapeClient` (``split_tail``).
+
+U-shaped training keeps one body copy per client, as V1 (the clients run
+concurrently).
 """
 
 from dataclasses import dataclass

@@ -57,12 +57,13 @@ def cuts(model: nn.Module, options: Any) -> list[int]:
 
 
 def check(experiment: Experiment, model: nn.Module, data: Any) -> None:
-    """Pre-run check: the cuts exist in this model, bit bounds are ordered."""
+    """Pre-run check: the cuts exist in this model and leave every side a
+    stage (ConfigError before anything is written)."""
     options = experiment.strategy.options
     cuts(model, options)
-    if options.min_bits > options.max_bits:
+    if options.min_bits >= options.max_bits:
         raise ConfigError(
-            f"split.min-bits: {options.min_bits} must be <= split.max-bits "
+            f"split.min-bits: {options.min_bits} must be < split.max-bits "
             f"({options.max_bits})"
         )
 
@@ -196,7 +197,8 @@ class SplitStrategy(FedAvg):
         self.cuts = cuts(self.model, options)
         self.segments = split_model(self.model, self.cuts)
         self.codec = CODECS[options.quantization](options)
-        self._loss: float | None = None
+        #: Metrics of the round the strategy computed itself.
+        self._extra: dict[str, float] = {}
 
     # -- which segments are whose ---------------------------------------------------
     def client_segments(self, segments: list[Segment]) -> list[Segment]:
@@ -226,8 +228,9 @@ class SplitStrategy(FedAvg):
         *,
         server_round: int,
         timeout: float,
-    ) -> dict[int, Message]:
-        """V1: all sessions together, one exchange per step."""
+    ) -> tuple[dict[int, Message], int]:
+        """V1: all sessions together, one exchange per step. Returns node -> last
+        reply, and the number of exchanges."""
         return serve_together(
             grid, sessions, replies, server_round=server_round, timeout=timeout
         )
@@ -276,9 +279,10 @@ class SplitStrategy(FedAvg):
         contents = {m.metadata.dst_node_id: m.content for m in messages}
         sessions = self.sessions(nodes, server_round)
         replies = exchange(grid, contents, server_round=server_round, timeout=timeout)
-        done = self.serve(
+        done, exchanges = self.serve(
             grid, sessions, replies, server_round=server_round, timeout=timeout
         )
+        self._extra = {"exchanges": 1.0 + exchanges}
         finished = [n for n in nodes if n in done]
         needed = self.experiment.federation.min_replies
         if len(finished) < needed:
@@ -291,9 +295,8 @@ class SplitStrategy(FedAvg):
             for n in finished
         }
         seen = sum(sessions[n].examples for n in finished)
-        self._loss = (
-            sum(sessions[n].loss_sum for n in finished) / seen if seen else None
-        )
+        if seen:
+            self._extra["loss"] = sum(sessions[n].loss_sum for n in finished) / seen
         client, _ = hooks.aggregate_train(server_round, [done[n] for n in finished])
         if client is None:
             raise RoundFailed(f"round {server_round}: no client segment to average")
@@ -304,12 +307,14 @@ class SplitStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's FedAvg of the client segments; adds the server's training
-        ``loss`` (example-weighted over the round's batches) when the server
-        computed it."""
+        """Flower's FedAvg of the client segments; adds the round's
+        ``exchanges`` and the server's training ``loss`` (example-weighted over
+        the round's batches) when the server computed it."""
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if metrics is not None and self._loss is not None and "loss" not in metrics:
-            metrics["loss"] = self._loss
+        if metrics is not None:
+            for key, value in self._extra.items():
+                if key not in metrics:
+                    metrics[key] = value
         return arrays, metrics
 
 
@@ -331,23 +336,24 @@ class SplitFedV2(SplitStrategy):
         *,
         server_round: int,
         timeout: float,
-    ) -> dict[int, Message]:
+    ) -> tuple[dict[int, Message], int]:
         order = serving_order(
             [n for n in sessions if n in replies],
             derive_seed(self.experiment.seed, "sfl-v2-order", server_round),
         )
         done: dict[int, Message] = {}
+        exchanges = 0
         for node in order:
-            done.update(
-                serve_together(
-                    grid,
-                    {node: sessions[node]},
-                    {node: replies[node]},
-                    server_round=server_round,
-                    timeout=timeout,
-                )
+            one, count = serve_together(
+                grid,
+                {node: sessions[node]},
+                {node: replies[node]},
+                server_round=server_round,
+                timeout=timeout,
             )
-        return done
+            done.update(one)
+            exchanges += count
+        return done, exchanges
 
     def server_state(
         self, sessions: Mapping[int, Session], weights: Mapping[int, float]
@@ -378,11 +384,13 @@ def serve_together(
     *,
     server_round: int,
     timeout: float,
-) -> dict[int, Message]:
+) -> tuple[dict[int, Message], int]:
     """Answer every reply with its session's next message, one exchange per
-    action, until every client sent its last reply. Returns node -> last reply;
-    a client whose reply is an error (or missing) leaves the round."""
+    action, until every client sent its last reply. Returns node -> last reply
+    (a client whose reply is an error, or missing, leaves the round) and the
+    number of exchanges."""
     done: dict[int, Message] = {}
+    exchanges = 0
     pending = dict(replies)
     while pending:
         by_action: dict[str, dict[int, RecordDict]] = {}
@@ -396,6 +404,7 @@ def serve_together(
                 by_action.setdefault(nxt[0], {})[node] = nxt[1]
         pending = {}
         for action, contents in by_action.items():
+            exchanges += 1
             pending.update(
                 exchange(
                     grid,
@@ -405,7 +414,7 @@ def serve_together(
                     timeout=timeout,
                 )
             )
-    return done
+    return done, exchanges
 
 
 def build_v1(setup: ServerSetup) -> SplitStrategy:

@@ -74,7 +74,8 @@ def build(exp: Experiment) -> ServerSetup:
     torch.set_num_threads(1)
     device = resolve_device(exp.resources)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    model = build_model(exp.model, data.info, exp.seed).to(device)
+    model = build_model(exp.model, data.info, exp.seed)
+    model = registry.family(exp.strategy.name).adapt_model(model, exp).to(device)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return ServerSetup(exp, data, model, initial, device)
 

@@ -131,6 +131,26 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
     assert recorder.failures[0]["reason"] == "boom 1"
 
 
+def test_simulated_nodes_get_partitions_assigned_without_a_query(
+    tmp_path: Path,
+) -> None:
+    exp = load_experiment(None, ["federation.clients=3"])
+    recorder = RunRecorder(tmp_path, exp)
+    fake = FakeGrid({907: 0, 13: 2, 555: 1})  # node config the server never asks
+    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1, assign=True)
+    assert grid.partitions() == {13: 0, 555: 1, 907: 2}  # sorted node ids
+    assert fake.sent == []  # no discovery message
+    shared = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    messages = train_messages([907, 13, 555], shared)  # one content for all nodes
+    grid.send_and_receive(messages)
+    stamped = {
+        m.metadata.dst_node_id: m.content[CONFIG][PARTITION_ID] for m in fake.sent
+    }
+    assert stamped == {13: 0, 555: 1, 907: 2}
+    assert all(m.content[CONFIG]["server-round"] == 1 for m in fake.sent)
+    assert all(m.content[ARRAYS] is shared for m in fake.sent)  # not copied
+
+
 class SilentGrid(FakeGrid):
     """A FakeGrid whose nodes in ``silent`` never answer a train message."""
 

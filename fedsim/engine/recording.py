@@ -67,7 +67,15 @@ class RecordingGrid(Grid):
         so that clients serve it with that experiment's settings.
     partitions : mapping of int to int, optional
         Node id -> partition id when already known (a sweep's earlier
-        experiment asked); otherwise every node is asked once.
+        experiment found it); otherwise every node is asked once.
+    assign : bool
+        The nodes are interchangeable virtual nodes of Flower's simulation
+        runtime, which hold no data of their own: instead of asking every node
+        for its partition (one message per node before the first round), the
+        grid assigns partition ``i`` to the ``i``-th node id in sorted order
+        and names it in every message's ``config`` (``partition-id``), which
+        the ClientApp serves. A node always serves the same partition, so its
+        ``context.state`` stays that client's.
     """
 
     def __init__(
@@ -80,8 +88,10 @@ class RecordingGrid(Grid):
         connect_timeout: float = 300.0,
         experiment: int | None = None,
         partitions: Mapping[int, int] | None = None,
+        assign: bool = False,
     ):
         self.grid = grid
+        self.assign = assign
         self.experiment = experiment
         self.recorder = recorder
         self.num_clients = num_clients
@@ -134,6 +144,8 @@ class RecordingGrid(Grid):
                     f"within {self.connect_timeout:.0f} s"
                 )
             time.sleep(0.2)
+        if self.assign:
+            return {node: i for i, node in enumerate(sorted(nodes))}
         content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})})
         messages = [
             Message(content, dst_node_id=node, message_type=MessageType.QUERY)
@@ -192,6 +204,25 @@ class RecordingGrid(Grid):
             pause = min(pause * 1.5, self.POLL_MAX)
         return replies
 
+    def _stamp(self, messages: list[Message], partition_of: Mapping[int, int]) -> None:
+        """Name the sweep's experiment and the assigned partition in each
+        message's ``config``. Strategies often send one content object to every
+        node, so each message gets its own content and config record (the
+        arrays are shared, not copied)."""
+        stamp: dict[str, int] = {}
+        if self.experiment is not None:
+            stamp[EXPERIMENT] = self.experiment
+        if not stamp and not self.assign:
+            return
+        for message in messages:
+            content = RecordDict(dict(message.content.items()))
+            config = ConfigRecord(dict(content.config_records.get(CONFIG, {})))
+            config.update(stamp)
+            if self.assign:
+                config[PARTITION_ID] = partition_of[message.metadata.dst_node_id]
+            content[CONFIG] = config
+            message.content = content
+
     # -- recording -------------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -213,11 +244,7 @@ class RecordingGrid(Grid):
             raise ValueError(
                 "one message per node per exchange: a node was sent two messages"
             )
-        if self.experiment is not None:
-            for message in messages:
-                config = message.content.config_records.get(CONFIG, ConfigRecord())
-                config[EXPERIMENT] = self.experiment
-                message.content[CONFIG] = config
+        self._stamp(messages, partition_of)
         start = time.perf_counter()
         replies = self._send_and_wait(messages, timeout=timeout)
         self.recorder.phase_seconds(server_round, phase, time.perf_counter() - start)
@@ -251,7 +278,10 @@ class RecordingGrid(Grid):
                 f"no reply within federation.round-timeout = {timeout:g} s",
                 {"bytes-down": sent_bytes},
             )
-        if phase == MessageType.TRAIN and ok < self.min_replies:
+        # Only the round's opening train exchange: a family's own exchanges
+        # (``train.<action>``) may address fewer nodes (e.g. one at a time) and
+        # check what their round needs themselves.
+        if first.metadata.message_type == MessageType.TRAIN and ok < self.min_replies:
             late = (
                 f"; {len(down)} did not reply within federation.round-timeout = "
                 f"{timeout:g} s"

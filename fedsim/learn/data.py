@@ -24,6 +24,7 @@ import numpy as np
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import DataConfig
+from fedsim.learn.tables import from_table, labels
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,15 @@ class ClientData:
     test: Arrays
 
 
-def _encode_labels(labels: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, int]:
-    classes, y = np.unique(np.asarray(labels), return_inverse=True)
-    return y.astype(np.int64), len(classes)
-
-
 def load_digits(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     """scikit-learn's bundled digits: 1797 8x8 grey images scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    # reshape, not [:, None]: canonical strides, the same as the arrays read
+    # back from the disk cache (torch's kernels may round differently otherwise)
+    images = (bunch.images / 16.0).astype(np.float32)
+    x = images.reshape(len(images), 1, *images.shape[1:])
     return Arrays(x, bunch.target.astype(np.int64)), DatasetInfo((1, 8, 8), 10)
 
 
@@ -98,101 +97,6 @@ def load_synthetic(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     )
 
 
-def _labels(values: np.ndarray, source: str, cfg: DataConfig) -> tuple[np.ndarray, int]:
-    """Class indices of ``values``; a classifier needs labels on every row and
-    at least two classes."""
-    missing = _missing(values)
-    if missing.any():
-        raise ConfigError(
-            f"data.label-column: {cfg.label_column!r} of {source} has "
-            f"{int(missing.sum())} empty labels (first in row "
-            f"{int(missing.argmax())}, 0-based); drop or fill those rows"
-        )
-    y, num_classes = _encode_labels(values)
-    if num_classes < 2:
-        raise ConfigError(
-            f"data.label-column: {cfg.label_column!r} of {source} holds "
-            f"{num_classes} class; a classifier needs at least 2"
-        )
-    return y, num_classes
-
-
-def _missing(values: np.ndarray) -> np.ndarray:
-    """Which cells are missing (None or NaN), for any dtype."""
-    import pandas as pd
-
-    return np.asarray(pd.isna(values), dtype=bool)
-
-
-def _mostly_numeric(values: np.ndarray) -> tuple[bool, int | None]:
-    """Whether a non-numeric column has numbers in it (then it is meant as a
-    feature), and the row of its first cell that is not one."""
-    import pandas as pd
-
-    present = ~_missing(values)
-    numbers = pd.to_numeric(pd.Series(values), errors="coerce").notna().to_numpy()
-    if not numbers.any():
-        return False, None
-    bad = present & ~numbers
-    return True, int(bad.argmax()) if bad.any() else None
-
-
-def _from_table(
-    columns: dict[str, np.ndarray], cfg: DataConfig, source: str
-) -> tuple[Arrays, DatasetInfo]:
-    """Features and labels of a table: the label column, and every numeric
-    column as a feature (a column of text only is skipped).
-
-    Anything a run would train on silently wrong is a :class:`ConfigError`:
-    no rows, empty cells in features (NaN losses) or labels (an extra class),
-    one class only, and a column of numbers with a few other cells in it
-    (it would be dropped).
-    """
-    if cfg.label_column not in columns:
-        raise ConfigError(
-            f"data.label-column: {cfg.label_column!r} is not a column of {source}; "
-            f"columns: {', '.join(columns)}"
-        )
-    label = columns[cfg.label_column]
-    if len(label) == 0:
-        raise ConfigError(f"data.path: {source} has no rows")
-    y, num_classes = _labels(label, source, cfg)
-    features = []
-    for name, col in columns.items():
-        if name == cfg.label_column:
-            continue
-        if np.issubdtype(col.dtype, np.number):
-            features.append(name)
-            continue
-        if col.dtype.kind not in "OSU":  # booleans, dates...: not features
-            continue
-        numeric, row = _mostly_numeric(col)
-        if numeric and row is not None:
-            raise ConfigError(
-                f"data.path: column {name!r} of {source} holds numbers but row "
-                f"{row} (0-based) holds {col[row]!r}; fix those cells or drop the "
-                "column"
-            )
-        if numeric:  # numbers and empty cells only: caught as empty below
-            features.append(name)
-    if not features:
-        raise ConfigError(f"data.path: {source} has no numeric feature columns")
-    gaps = [n for n in features if _missing(columns[n]).any()]
-    if gaps:
-        raise ConfigError(
-            f"data.path: {source} has empty (NaN) feature values in column(s) "
-            f"{', '.join(repr(n) for n in gaps)}; drop or fill those rows"
-        )
-    x = np.stack([columns[n].astype(np.float32) for n in features], axis=1)
-    if not np.isfinite(x).all():
-        bad = [n for i, n in enumerate(features) if not np.isfinite(x[:, i]).all()]
-        raise ConfigError(
-            f"data.path: {source} has infinite feature values in column(s) "
-            f"{', '.join(repr(n) for n in bad)}"
-        )
-    return Arrays(x, y), DatasetInfo((len(features),), num_classes)
-
-
 def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     """A local CSV or Parquet table: numeric feature columns and a label column."""
     import pandas as pd
@@ -216,13 +120,14 @@ def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
         message = " ".join(str(err).split())
         raise ConfigError(f"data.path: cannot read {path}: {message}") from None
     columns = {str(c): frame[c].to_numpy() for c in frame.columns}
-    return _from_table(columns, cfg, str(path))
+    x, y, num_classes = from_table(columns, cfg, str(path))
+    return Arrays(x, y), DatasetInfo((x.shape[1],), num_classes)
 
 
 def _image_array(images: Sequence[Any]) -> np.ndarray:
     x = np.stack([np.asarray(img, dtype=np.float32) for img in images]) / 255.0
     if x.ndim == 3:
-        return x[:, None, :, :]
+        return x.reshape(len(x), 1, *x.shape[1:])
     return np.moveaxis(x, -1, 1)
 
 
@@ -252,9 +157,11 @@ def load_hf(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
                 f"columns: {', '.join(ds.column_names)}"
             )
         x = _image_array(ds[images[0]])
-        y, num_classes = _labels(np.asarray(ds[cfg.label_column]), name, cfg)
+        y, num_classes = labels(np.asarray(ds[cfg.label_column]), name, cfg)
         return Arrays(x, y), DatasetInfo(tuple(x.shape[1:]), num_classes)
-    return _from_table({c: np.asarray(ds[c]) for c in ds.column_names}, cfg, name)
+    columns = {c: np.asarray(ds[c]) for c in ds.column_names}
+    x, y, num_classes = from_table(columns, cfg, name)
+    return Arrays(x, y), DatasetInfo((x.shape[1],), num_classes)
 
 
 @lru_cache(maxsize=4)
@@ -320,29 +227,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
 
 
-def cached_partitions(
-    labels: np.ndarray, cfg: DataConfig, num_partitions: int, seed: int
-) -> list[np.ndarray]:
-    """:func:`partition_indices`, cached on disk.
+#: Bump when the cached layout or the splitting changes.
+_CACHE_FORMAT = 2
 
-    Every client process needs the same partitions; computing them once and
-    reading them back spares each Ray actor the partitioner and its imports. The
-    key covers the labels themselves, so a changed data file misses the cache.
-    """
-    key = hashlib.sha256()
-    key.update(labels.astype(np.int64).tobytes())
-    key.update(repr((cfg.partitioner, cfg.alpha, cfg.classes_per_client)).encode())
-    key.update(repr((cfg.min_partition_size, num_partitions, seed)).encode())
-    path = cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
-    with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
-        return [saved[f"p{i}"] for i in range(num_partitions)]
-    parts = partition_indices(labels, cfg, num_partitions, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})  # type: ignore[arg-type]
-    os.replace(tmp, path)
-    return parts
+
+def _source_fingerprint(cfg: DataConfig) -> str | None:
+    """What the loaded data depends on beyond ``cfg``: size and modification
+    time of every local file it reads; None when it reads something that cannot
+    be fingerprinted here (a dataset on the Hugging Face hub)."""
+    hub = cfg.dataset.removeprefix("hf:") if cfg.dataset.startswith("hf:") else ""
+    sources = [Path(p) for p in (cfg.path, hub) if p]
+    if hub and not Path(hub).exists():
+        return None
+    parts = []
+    for source in sources:
+        files = sorted(source.rglob("*")) if source.is_dir() else [source]
+        for file in files:
+            with suppress(OSError):
+                stat = file.stat()
+                parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _cache_path(cfg: DataConfig, num_clients: int, seed: int) -> Path | None:
+    fingerprint = _source_fingerprint(cfg)
+    if fingerprint is None:
+        return None
+    key = hashlib.sha256(
+        repr((_CACHE_FORMAT, cfg, num_clients, seed, fingerprint)).encode()
+    )
+    return cache_dir() / "data" / f"{key.hexdigest()[:32]}.npz"
 
 
 @dataclass(frozen=True)
@@ -373,7 +287,57 @@ class FederatedData:
 
 @lru_cache(maxsize=4)
 def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
-    """Split the dataset into a global test set and ``num_clients`` partitions."""
+    """Split the dataset into a global test set and ``num_clients`` partitions.
+
+    The result is cached on disk (:func:`cache_dir`), keyed by the data config,
+    the number of clients, the seed and the size and modification time of the
+    local files read: the CLI's pre-run check builds it once, and the ServerApp
+    and every Ray actor read it back without the loaders, the splitter and the
+    partitioner (nor their imports: scikit-learn, pandas, ``datasets``).
+    """
+    path = _cache_path(cfg, num_clients, seed)
+    if path is not None:
+        with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
+            info = DatasetInfo(
+                tuple(int(d) for d in saved["input_shape"]), int(saved["num_classes"])
+            )
+            parts = tuple(saved[f"p{i}"] for i in range(num_clients))
+            return FederatedData(
+                info,
+                Arrays(saved["pool_x"], saved["pool_y"]),
+                Arrays(saved["test_x"], saved["test_y"]),
+                parts,
+                cfg.client_test_fraction,
+                seed,
+            )
+    built = _split(cfg, num_clients, seed)
+    if path is not None:
+        _save(path, built)
+    return built
+
+
+def _save(path: Path, data: FederatedData) -> None:
+    """Write atomically: concurrent actors may build the same entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = {
+        "input_shape": np.asarray(data.info.input_shape, dtype=np.int64),
+        "num_classes": np.asarray(data.info.num_classes),
+        "pool_x": data.pool.x,
+        "pool_y": data.pool.y,
+        "test_x": data.test.x,
+        "test_y": data.test.y,
+        **{f"p{i}": p for i, p in enumerate(data.partitions)},
+    }
+    with suppress(OSError):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    with suppress(OSError):
+        tmp.unlink()
+
+
+def _split(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
     from sklearn.model_selection import train_test_split
 
     arrays, info = load_arrays(cfg, seed)
@@ -390,5 +354,5 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
             f"federation.clients: {num_clients} exceeds the {len(pool)} training "
             "examples"
         )
-    parts = cached_partitions(pool.y, cfg, num_clients, seed)
+    parts = partition_indices(pool.y, cfg, num_clients, seed)
     return FederatedData(info, pool, test, tuple(parts), cfg.client_test_fraction, seed)

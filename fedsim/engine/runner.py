@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -220,9 +221,10 @@ def spawn(
         )
 
 
-def flower_home(port: int) -> tuple[Path, dict[str, str]]:
-    """A private ``FLWR_HOME`` whose default connection ``fedsim`` is the SuperLink
-    on ``127.0.0.1:port``, and the environment for Flower's commands."""
+def flower_home(connection: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+    """A private ``FLWR_HOME`` whose default connection ``fedsim`` is
+    ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
+    ``root-certificates``), and the environment for Flower's commands."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     env = {
         **os.environ,
@@ -233,17 +235,45 @@ def flower_home(port: int) -> tuple[Path, dict[str, str]]:
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",
     }
-    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
     config = {"superlink": {"default": "fedsim", "fedsim": connection}}
     (home / "config.toml").write_text(tomli_w.dumps(config), "utf-8")
     return home, env
 
 
-def superlink_command(port: int, *, simulation: bool) -> list[str]:
-    """``flower-superlink`` on loopback; apps run from the installed environment."""
+def loopback(port: int) -> dict[str, Any]:
+    """The connection to a plain-text SuperLink on ``127.0.0.1:port``."""
+    return {"address": f"127.0.0.1:{port}", "insecure": True}
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A SuperLink's TLS files (``docker/certs.sh`` writes them)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_certfile: Path
+
+
+def superlink_command(
+    port: int,
+    *,
+    simulation: bool,
+    tls: Tls | None = None,
+    supernode_auth: bool = False,
+) -> list[str]:
+    """``flower-superlink`` on loopback; apps run from the installed environment.
+
+    Plain text unless ``tls`` is given; ``supernode_auth`` admits only the
+    SuperNodes whose public keys were registered.
+    """
+    files = ("certfile", "keyfile", "ca-certfile")
+    security = ["--insecure"]
+    if tls:
+        security = [f"--ssl-{k}={getattr(tls, k.replace('-', '_'))}" for k in files]
     return [
         _executable("flower-superlink"),
-        "--insecure",
+        *security,
+        *(["--enable-supernode-auth"] if supernode_auth else []),
         *(["--simulation"] if simulation else []),
         "--disable-runtime-dependency-installation",
         "--host",
@@ -277,7 +307,7 @@ def launch(
     """
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    home, env = flower_home(port)
+    home, env = flower_home(loopback(port))
     write_app(home / "app", config, description)
     superlink: subprocess.Popen[bytes] | None = None
     submit: subprocess.Popen[bytes] | None = None
@@ -405,17 +435,25 @@ def simulate_sweep(
     return [settle(run_dir, status, reason, logs) for _, run_dir in runs]
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Wait until the SuperLink on ``port`` answers its health check."""
+def wait_healthy(
+    proc: subprocess.Popen[bytes], port: int, log: Path, tls: Tls | None = None
+) -> None:
+    """Wait until the SuperLink on ``port`` answers its health check (over
+    HTTPS, verified with the CA of ``tls``, when it has TLS)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    url = f"http://127.0.0.1:{port}/health"
+    scheme = "https" if tls else "http"
+    context = ssl.create_default_context(cafile=tls.ca_certfile) if tls else None
+    url = f"{scheme}://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(
                 f"flower-superlink exited with code {proc.returncode}:\n"
                 + _log_tail(log)
             )
-        with suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+        with (
+            suppress(OSError),
+            urllib.request.urlopen(url, timeout=1, context=context) as response,
+        ):
             if response.status == 200:
                 return
         time.sleep(0.1)

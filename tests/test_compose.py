@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.remote import Connection, register_supernode, supernodes
+from fedsim.engine.remote import Connection, supernodes
 from fedsim.engine.runner import free_port
 from tests.conftest import fedsim, sets
 
@@ -185,8 +185,11 @@ def deployment(
         assert len(compose.running()) == 1 + NODES, compose.logs()
         if secure:
             wait_until_listening(connection, compose)
-            for node in range(NODES):
-                register_supernode(connection, certs / f"supernode-{node}.pub")
+            keys = [f"--register={certs}/supernode-{n}.pub" for n in range(NODES)]
+            address = ["--superlink", connection.address]
+            done = fedsim("supernodes", *address, *trust, *keys, out=runs)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert done.stdout.count("registered ") == NODES, done.stdout
         wait_online(connection, compose, timeout=300)
         step(f"up ({request.param})", started)
         yield compose, connection, trust, runs

@@ -99,6 +99,11 @@ def flwr(connection: Connection, *args: str) -> subprocess.CompletedProcess[str]
             timeout=FLWR_TIMEOUT,
             check=False,
         )
+    except subprocess.TimeoutExpired as err:
+        raise SimulationError(
+            f"flwr {args[0]}: no answer from {connection.address} "
+            f"in {FLWR_TIMEOUT:.0f} s"
+        ) from err
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

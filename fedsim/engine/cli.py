@@ -280,8 +280,9 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
     connection = _connection(args)
     try:
         for key in args.register:
-            node = register_supernode(connection, Path(key))
-            console.print(f"registered {key}: node {node}", highlight=False)
+            node_id = register_supernode(connection, Path(key))
+            line = f"registered {key}: node {node_id}"
+            console.print(line, highlight=False, soft_wrap=True)
         nodes = supernodes(connection)
     except SimulationError as err:
         print(f"fedsim: {err}", file=sys.stderr)

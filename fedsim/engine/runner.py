@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from fedsim.core.loading import (
     to_run_config,
 )
 from fedsim.core.rundir import SUMMARY_FILE, write_json
+from fedsim.engine.processes import descendants, stop_processes, stop_tree
 
 LOGS_DIR = "logs"
 STARTUP_TIMEOUT = 60.0
@@ -128,44 +129,6 @@ def federation_config(exp: Experiment) -> str:
         f"client-resources-num-cpus={res.num_cpus} "
         f"client-resources-num-gpus={res.num_gpus}"
     )
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    """The live descendants of ``pid`` (empty if it is gone)."""
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants (collected first), then kill."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    stop_processes(procs, timeout)
-
-
-def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> None:
-    """Terminate ``procs``; kill (with their children) those still alive after
-    ``timeout``. Each ``psutil.Process`` remembers its start time, so a reused
-    PID is never signalled."""
-    procs = [p for p in procs if p.is_running()]
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            stragglers = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in stragglers:
-            with suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(stragglers, timeout=5)
 
 
 @contextmanager

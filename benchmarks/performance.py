@@ -179,7 +179,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
     shutil.copytree(HERE / "plain_flower", app)
     timings = work / "timings.json"
     port = runner.free_port()
-    home, env = runner.flower_home(port)
+    home, env = runner.flower_home(runner.loopback(port))
     start = time.perf_counter()
     stamp0 = time.time()
     command = runner.superlink_command(port, simulation=True)

@@ -25,6 +25,20 @@ from flwr.serverapp import Grid
 
 from fedsim.core.messages import ARRAYS, METRICS, PARTITION_ID
 
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Tests marked ``compose`` (containers, minutes) run only when the marker
+    expression names them (``pytest -m compose``)."""
+    if "compose" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("compose") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
     "rounds=3",

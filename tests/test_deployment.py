@@ -1,76 +1,140 @@
 """The same apps on Flower's deployment runtime: a real SuperLink and SuperNodes on
-127.0.0.1 (the topology of docker/compose.yaml), started and stopped by PID."""
+127.0.0.1 (the topology of docker/compose.yaml, secured as a multi-host deployment
+is: TLS from docker/certs.sh's CA, authenticated SuperNodes), started and stopped
+by PID; the run is submitted with ``fedsim run --superlink``."""
 
 from __future__ import annotations
 
-import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.recorder import create_run_dir
+from fedsim.engine.remote import Connection, register_supernode, supernodes
 from fedsim.engine.runner import (
+    Tls,
     _executable,
     flower_home,
     free_port,
-    run_config_of,
+    loopback,
     spawn,
     stop_tree,
-    submit_command,
     superlink_command,
     wait_healthy,
-    write_app,
 )
+from tests.conftest import fedsim, sets
 
-pytestmark = pytest.mark.slow
+CERTS_SCRIPT = Path(__file__).resolve().parents[1] / "docker" / "certs.sh"
 
 
-def test_superlink_and_two_supernodes_run_fedavg(tmp_path: Path) -> None:
-    exp = load_experiment(
-        None, ["rounds=1", "federation.clients=2", "model.name=mlp", "name=deployed"]
-    )
-    run_dir = create_run_dir(tmp_path / "runs", exp)
+def supernode_command(
+    port: int, partition: int, ca: Path, key: Path | None
+) -> list[str]:
+    """A SuperNode of a TLS SuperLink, authenticated with ``key`` when given."""
+    return [
+        _executable("flower-supernode"),
+        "--root-certificates",
+        str(ca),
+        "--superlink",
+        f"127.0.0.1:{port}",
+        *(["--auth-supernode-private-key", str(key)] if key else []),
+        "--node-config",
+        f"partition-id={partition} num-partitions=2",
+        "--max-retries",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+
+
+def wait_online(connection: Connection, count: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = supernodes(connection)
+        if sum(n["status"] == "online" for n in nodes) >= count:
+            return
+        time.sleep(1)
+    raise AssertionError(f"fewer than {count} SuperNodes online: {nodes}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+    reason="docker/certs.sh needs openssl and ssh-keygen",
+)
+def test_tls_superlink_with_authenticated_supernodes_runs_fedavg(
+    tmp_path: Path,
+) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(CERTS_SCRIPT), str(certs), "3"], check=True)
+    ca = certs / "ca.crt"
+    tls = Tls(certs / "superlink.crt", certs / "superlink.key", ca)
     logs = tmp_path / "logs"
     logs.mkdir()
     port = free_port()
-    home, env = flower_home(port)
-    write_app(home / "app", run_config_of(exp, run_dir), "deployment test")
+    home, env = flower_home(loopback(port))
+    connection = Connection(f"127.0.0.1:{port}", root_certificates=ca)
     procs = []
     try:
-        link = spawn(superlink_command(port, simulation=False), env, logs / "link.log")
+        command = superlink_command(
+            port, simulation=False, tls=tls, supernode_auth=True
+        )
+        link = spawn(command, env, logs / "link.log")
         procs.append(link)
-        wait_healthy(link, port, logs / "link.log")
+        wait_healthy(link, port, logs / "link.log", tls)
+        # plain text to a TLS SuperLink is refused
+        plain = Connection(f"127.0.0.1:{port}", insecure=True)
+        with pytest.raises(RuntimeError):
+            supernodes(plain)
         for pid in range(2):
-            node = [
-                _executable("flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--node-config",
-                f"partition-id={pid} num-partitions=2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-            ]
+            register_supernode(connection, certs / f"supernode-{pid}.pub")
+            node = supernode_command(port, pid, ca, certs / f"supernode-{pid}")
             procs.append(spawn(node, env, logs / f"node{pid}.log"))
-        submit = spawn(submit_command(home / "app"), env, logs / "run.log")
-        procs.append(submit)
-        deadline = time.monotonic() + 240
-        while submit.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "completed", (logs / "run.log").read_text()[-3000:]
+        # no key, and a key nobody registered: both refused, neither admitted
+        strangers = [
+            spawn(supernode_command(port, 0, ca, None), env, logs / "nokey.log"),
+            spawn(
+                supernode_command(port, 1, ca, certs / "supernode-2"),
+                env,
+                logs / "unregistered.log",
+            ),
+        ]
+        procs.extend(strangers)
+        wait_online(connection, 2)
+        for proc in strangers:
+            assert proc.wait(timeout=60) != 0
+        nokey = (logs / "nokey.log").read_text()
+        assert "must be registered" in nokey, nokey[-2000:]
+        unregistered = (logs / "unregistered.log").read_text()
+        assert "Failed to activate SuperNode" in unregistered, unregistered[-2000:]
+        nodes = supernodes(connection)
+        assert sum(n["status"] == "online" for n in nodes) == 2, nodes
+
+        overrides = ["rounds=1", "federation.clients=2", "model.name=mlp"]
+        result = fedsim(
+            "run",
+            *sets(*overrides, "name=deployed"),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(ca),
+            out=tmp_path / "runs",
+            timeout=420,
+        )
     finally:
         for proc in reversed(procs):
             stop_tree(proc.pid)
         shutil.rmtree(home, ignore_errors=True)
     assert all(p.poll() is not None for p in procs)
-    frame = read_metrics(run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round   1/1" in result.stdout  # progress, read from the run directory
+    assert "completed" in result.stdout
+    frame = read_metrics(result.run_dir)
     assert frame is not None
     clients = frame[(frame["phase"] == "train") & frame["client"].notna()]
     assert sorted(clients["client"].unique()) == [0, 1]

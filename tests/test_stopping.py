@@ -148,7 +148,7 @@ def test_ctrl_c_during_preflight_is_one_line_and_exit_130(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def interrupted(exp: object) -> None:
+    def interrupted(exp: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "preflight", interrupted)

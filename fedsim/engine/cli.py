@@ -1,4 +1,5 @@
-"""``fedsim`` command line: ``run``, ``sweep``, ``list``, ``report``.
+"""``fedsim`` command line: ``run``, ``sweep``, ``list``, ``report``,
+``supernodes``.
 
 Exit codes: 0 run completed (or stopped cleanly, e.g. privacy budget spent), 1 run
 failed, 2 invalid input (one line on stderr, no
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted or failed run from its last completed round",
     )
+    _superlink_options(run)
+    run.add_argument(
+        "--remote-out",
+        metavar="DIR",
+        help="with --superlink: --out as the SuperLink's host sees it, e.g. "
+        "/work/runs for docker/compose.yaml (default: the same path)",
+    )
     sweep = sub.add_parser(
         "sweep",
         help="run a grid of experiments (start-up paid once); re-run to finish one",
@@ -69,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
         help="the sweep directory is OUT/<sweep file name> (default: ./runs)",
     )
     sub.add_parser("list", help="list strategies, datasets, models, privacy mechanisms")
+    nodes = sub.add_parser(
+        "supernodes",
+        help="list a SuperLink's SuperNodes; register SuperNode public keys",
+    )
+    _superlink_options(nodes, required=True)
+    nodes.add_argument(
+        "--register",
+        action="append",
+        default=[],
+        metavar="KEY.pub",
+        help="register a SuperNode's public key (docker/certs.sh makes them) with "
+        "a SuperLink that runs with --enable-supernode-auth (repeatable)",
+    )
     report = sub.add_parser(
         "report",
         help="compare runs: print a table, write PNG plots (works on running runs)",
@@ -97,6 +118,39 @@ def _parser() -> argparse.ArgumentParser:
         "epsilon, client_spread (default: all)",
     )
     return parser
+
+
+def _superlink_options(
+    parser: argparse.ArgumentParser, *, required: bool = False
+) -> None:
+    """``--superlink HOST:PORT`` and how to trust it."""
+    parser.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        required=required,
+        help="an existing SuperLink (e.g. docker/compose.yaml's 127.0.0.1:9093) "
+        "instead of a private simulation",
+    )
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--root-certificates",
+        metavar="FILE",
+        type=Path,
+        help="PEM CA certificate(s) that verify the SuperLink's TLS certificate "
+        "(default: the system's trust store)",
+    )
+    trust.add_argument(
+        "--insecure",
+        action="store_true",
+        help="connect without TLS (only to a SuperLink started with --insecure)",
+    )
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    """The :class:`fedsim.engine.remote.Connection` the options describe."""
+    from fedsim.engine.remote import Connection
+
+    return Connection(args.superlink, args.root_certificates, args.insecure)
 
 
 class ConsoleDisplay:
@@ -176,8 +230,17 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.engine.recorder import check_out, create_run_dir
+    from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
 
+    remote = args.superlink is not None
+    if not remote and (args.root_certificates or args.insecure or args.remote_out):
+        flag = "--root-certificates" if args.root_certificates else "--insecure"
+        flag = "--remote-out" if args.remote_out else flag
+        raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
+    if remote and args.resume:
+        raise ConfigError("--resume: not with --superlink (private simulations only)")
+    connection = _connection(args) if remote else None
     if args.resume:
         exp, run_dir, done = resumed_experiment(args)
         preflight(exp)
@@ -185,14 +248,20 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         exp = load_experiment(args.experiment, args.overrides)
         out = check_out(args.out)
-        preflight(exp)
+        preflight(exp, local=not remote)
         run_dir, done = create_run_dir(out, exp), -1
         console.print(f"run directory: {run_dir}")
+    remote_dir = Path(args.remote_out) / run_dir.name if args.remote_out else None
     progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
     try:
-        outcome = simulate(
-            exp, run_dir, on_poll=progress.poll, resume=bool(args.resume)
-        )
+        if connection is not None:
+            outcome = run_remote(
+                exp, run_dir, connection, remote_dir=remote_dir, on_poll=progress.poll
+            )
+        else:
+            outcome = simulate(
+                exp, run_dir, on_poll=progress.poll, resume=bool(args.resume)
+            )
     finally:
         progress.close()
     console.print(summary_table(outcome.summary, run_dir))
@@ -206,6 +275,32 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     log = run_dir / LOGS_DIR / "flower.log"
     print(f"fedsim: run {outcome.status}: {first} (log: {log})", file=sys.stderr)
     return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_FAILED
+
+
+def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
+    """Register the given public keys, then list the SuperNodes and their status."""
+    from fedsim.engine.remote import register_supernode, supernodes
+    from fedsim.engine.runner import SimulationError
+
+    connection = _connection(args)
+    try:
+        for key in args.register:
+            node_id = register_supernode(connection, Path(key))
+            line = f"registered {key}: node {node_id}"
+            console.print(line, highlight=False, soft_wrap=True)
+        nodes = supernodes(connection)
+    except SimulationError as err:
+        print(f"fedsim: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    table = Table(title=f"SuperNodes of {connection.address}")
+    table.add_column("node")
+    table.add_column("status")
+    for node in nodes:
+        table.add_row(str(node["node-id"]), str(node["status"]))
+    console.print(table)
+    online = sum(node["status"] == "online" for node in nodes)
+    console.print(f"online: {online}", highlight=False)
+    return EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
@@ -310,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args, console)
         if args.command == "sweep":
             return cmd_sweep(args, console)
+        if args.command == "supernodes":
+            return cmd_supernodes(args, console)
         return cmd_run(args, console)
     except (ConfigError, registry.FamilyError) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)

@@ -48,15 +48,17 @@ def check_resources(exp: Experiment) -> None:
         )
 
 
-def preflight(exp: Experiment) -> None:
-    """Every pre-run check, before anything is written: resources, the data and
-    the model built once, the family's own check (e.g. LoRA targets), the
+def preflight(exp: Experiment, *, local: bool = True) -> None:
+    """Every pre-run check, before anything is written: resources (``local``
+    runs only: on a SuperLink the SuperNodes' hosts have their own), the data
+    and the model built once, the family's own check (e.g. LoRA targets), the
     privacy mechanism's."""
     from fedsim import privacy
     from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
 
-    check_resources(exp)
+    if local:
+        check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)

@@ -14,13 +14,13 @@ import json
 import os
 import re
 import shutil
-import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,12 @@ from fedsim.core.loading import (
 )
 from fedsim.core.rundir import SUMMARY_FILE, write_json
 from fedsim.engine.lifeline import Lifeline, die_with_parent, stop_signals
+from fedsim.engine.processes import (
+    descendants,
+    free_port,
+    stop_processes,
+    stop_tree,
+)
 from fedsim.engine.recorder import summary_base
 
 LOGS_DIR = "logs"
@@ -73,13 +79,6 @@ def environment_path() -> str:
     here = str(Path(sys.executable).parent)
     rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here]
     return os.pathsep.join([here, *rest])
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_app(app_dir: Path, config: dict[str, Any], description: str) -> None:
@@ -131,42 +130,6 @@ def federation_config(exp: Experiment) -> str:
     )
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    """The live descendants of ``pid`` (empty if it is gone)."""
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """Terminate a process and all its descendants (collected first), then kill."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    stop_processes(procs, timeout)
-
-
-def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> None:
-    """Terminate ``procs``; kill (with their children) those still alive after
-    ``timeout``. Each ``psutil.Process`` remembers its start time, so a reused
-    PID is never signalled."""
-    procs = [p for p in procs if p.is_running()]
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            stragglers = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in stragglers:
-            with suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(stragglers, timeout=5)
 
 
 @dataclass
@@ -222,9 +185,10 @@ def spawn(
         )
 
 
-def flower_home(port: int) -> tuple[Path, dict[str, str]]:
-    """A private ``FLWR_HOME`` whose default connection ``fedsim`` is the SuperLink
-    on ``127.0.0.1:port``, and the environment for Flower's commands."""
+def flower_home(connection: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+    """A private ``FLWR_HOME`` whose default connection ``fedsim`` is
+    ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
+    ``root-certificates``), and the environment for Flower's commands."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     env = {
         **os.environ,
@@ -235,17 +199,45 @@ def flower_home(port: int) -> tuple[Path, dict[str, str]]:
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",
     }
-    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
     config = {"superlink": {"default": "fedsim", "fedsim": connection}}
     (home / "config.toml").write_text(tomli_w.dumps(config), "utf-8")
     return home, env
 
 
-def superlink_command(port: int, *, simulation: bool) -> list[str]:
-    """``flower-superlink`` on loopback; apps run from the installed environment."""
+def loopback(port: int) -> dict[str, Any]:
+    """The connection to a plain-text SuperLink on ``127.0.0.1:port``."""
+    return {"address": f"127.0.0.1:{port}", "insecure": True}
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A SuperLink's TLS files (``docker/certs.sh`` writes them)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_certfile: Path
+
+
+def superlink_command(
+    port: int,
+    *,
+    simulation: bool,
+    tls: Tls | None = None,
+    supernode_auth: bool = False,
+) -> list[str]:
+    """``flower-superlink`` on loopback; apps run from the installed environment.
+
+    Plain text unless ``tls`` is given; ``supernode_auth`` admits only the
+    SuperNodes whose public keys were registered.
+    """
+    files = ("certfile", "keyfile", "ca-certfile")
+    security = ["--insecure"]
+    if tls:
+        security = [f"--ssl-{k}={getattr(tls, k.replace('-', '_'))}" for k in files]
     return [
         _executable("flower-superlink"),
-        "--insecure",
+        *security,
+        *(["--enable-supernode-auth"] if supernode_auth else []),
         *(["--simulation"] if simulation else []),
         "--disable-runtime-dependency-installation",
         "--host",
@@ -284,7 +276,7 @@ def launch(
     """
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    home, env = flower_home(port)
+    home, env = flower_home(loopback(port))
     write_app(home / "app", config, description)
     superlink: subprocess.Popen[bytes] | None = None
     submit: subprocess.Popen[bytes] | None = None
@@ -431,17 +423,25 @@ def simulate_sweep(
     )
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Wait until the SuperLink on ``port`` answers its health check."""
+def wait_healthy(
+    proc: subprocess.Popen[bytes], port: int, log: Path, tls: Tls | None = None
+) -> None:
+    """Wait until the SuperLink on ``port`` answers its health check (over
+    HTTPS, verified with the CA of ``tls``, when it has TLS)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    url = f"http://127.0.0.1:{port}/health"
+    scheme = "https" if tls else "http"
+    context = ssl.create_default_context(cafile=tls.ca_certfile) if tls else None
+    url = f"{scheme}://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(
                 f"flower-superlink exited with code {proc.returncode}:\n"
                 + _log_tail(log)
             )
-        with suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+        with (
+            suppress(OSError),
+            urllib.request.urlopen(url, timeout=1, context=context) as response,
+        ):
             if response.status == 200:
                 return
         time.sleep(0.1)

@@ -75,6 +75,10 @@ class Family:
     actions : tuple of str
         Custom client actions: the server sends ``train.<action>`` messages, the
         ClientApp calls the client algorithm's ``<action>`` method.
+    audit : str
+        ``"module:callable"``: what an honest-but-curious server sees of a
+        client's train exchange, ``surface(sent, reply, public) -> Scene`` (see
+        :mod:`fedsim.audit.replay`); empty: the family cannot be audited.
     """
 
     name: str
@@ -88,6 +92,7 @@ class Family:
     rejects: Mapping[str, str] = field(default_factory=dict)
     check: str = ""
     actions: tuple[str, ...] = ()
+    audit: str = ""
 
     def load_server(self) -> Any:
         """The server-side factory."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import (
@@ -41,6 +41,9 @@ from fedsim.protocol.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
 
+#: ``observer(server_round, messages, replies, partition_of)``.
+Observer = Callable[[int, list[Message], list[Message], Mapping[int, int]], None]
+
 
 def array_bytes(content: RecordDict) -> int:
     """Bytes of the arrays a message carries (their serialised payload)."""
@@ -68,6 +71,9 @@ class RecordingGrid(Grid):
     partitions : mapping of int to int, optional
         Node id -> partition id when already known (a sweep's earlier
         experiment asked); otherwise every node is asked once.
+    observer : callable, optional
+        ``observer(server_round, messages, replies, partition_of)``, told of
+        every exchange once its replies are in (the privacy audit listens).
     """
 
     def __init__(
@@ -80,8 +86,10 @@ class RecordingGrid(Grid):
         connect_timeout: float = 300.0,
         experiment: int | None = None,
         partitions: Mapping[int, int] | None = None,
+        observer: Observer | None = None,
     ):
         self.grid = grid
+        self.observer = observer
         self.experiment = experiment
         self.recorder = recorder
         self.num_clients = num_clients
@@ -251,6 +259,8 @@ class RecordingGrid(Grid):
                 f"no reply within {timeout} s",
                 {"bytes-down": sent_bytes},
             )
+        if self.observer is not None:
+            self.observer(server_round, messages, replies, partition_of)
         if phase == MessageType.TRAIN and ok < self.min_replies:
             raise RoundFailed(
                 f"round {server_round}: {ok} of {len(messages)} clients replied, "

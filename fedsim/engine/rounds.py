@@ -40,6 +40,9 @@ class RoundDriver:
         Rounds to run.
     timeout : float
         Seconds to wait for the replies of one exchange.
+    after_round : callable, optional
+        Called with the round number after the round's evaluation, before the
+        round is closed (the privacy audit).
     """
 
     def __init__(
@@ -51,7 +54,9 @@ class RoundDriver:
         evaluate: Evaluate | None,
         rounds: int,
         timeout: float,
+        after_round: Callable[[int], None] | None = None,
     ):
+        self.after_round = after_round
         self.strategy = strategy
         self.grid = grid
         self.recorder = recorder
@@ -79,4 +84,6 @@ class RoundDriver:
             self.recorder.checkpoint(
                 server_round, {k: a.numpy() for k, a in arrays.items()}
             )
+        if self.after_round is not None:
+            self.after_round(server_round)
         self.recorder.end_round(server_round)

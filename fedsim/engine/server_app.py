@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
+from fedsim.audit.auditor import Auditor
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, from_run_config
@@ -79,6 +80,9 @@ def run(
         stats = evaluate(setup.model, setup.data.test, device=setup.device)
         return {"loss": stats.loss, "accuracy": stats.accuracy}
 
+    auditor = None
+    if exp.audit.attack != "none":
+        auditor = Auditor(exp, setup.data, recorder, family.audit)
     recording = RecordingGrid(
         grid,
         recorder,
@@ -86,6 +90,7 @@ def run(
         min_replies=exp.federation.min_replies,
         experiment=experiment,
         partitions=partitions,
+        observer=auditor.observe if auditor else None,
     )
     RoundDriver(
         RecordingStrategy(strategy, recorder, seed=exp.seed),
@@ -94,6 +99,7 @@ def run(
         evaluate=evaluate_global if family.global_model else None,
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
+        after_round=auditor.after_round if auditor else None,
     ).run(setup.initial if family.global_model else None)
     return recording
 

@@ -313,3 +313,19 @@ def test_the_audited_run_trains_exactly_as_the_run_without(
     grids = sorted(p.name for p in (tmp_path / "audited" / "attacks").iterdir())
     assert grids == ["round-2-client-0.png", "round-2-client-1.png"]
     assert not (tmp_path / "plain" / "attacks").exists()
+    # fedsim report and the progress line show it
+    from rich.console import Console
+
+    from fedsim import analysis
+    from fedsim.engine.launch import audit_note
+
+    frame = analysis.load_runs([tmp_path / "plain", tmp_path / "audited"])
+    table = analysis.comparison(frame)
+    shown = table.set_index("run")["attack_psnr"]
+    assert shown["audited"] == pytest.approx(per_client["value"].mean())
+    assert np.isnan(shown["plain"])
+    console = Console(width=250, record=True)
+    console.print(analysis.comparison_table(table))
+    assert "attack PSNR" in console.export_text()
+    assert f"attack-psnr {mean:.2f} dB" in audit_note(audited, 2)
+    assert audit_note(audited, 1) == "" and audit_note(plain, 2) == ""

@@ -33,7 +33,13 @@ from torch import nn
 from torch.func import functional_call
 
 from fedsim.core.experiment import Experiment
-from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, NUM_EXAMPLES
+from fedsim.core.messages import (
+    ARRAYS,
+    LORA_RANK,
+    LORA_SCALING,
+    METRICS,
+    NUM_EXAMPLES,
+)
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import DatasetInfo
@@ -128,7 +134,7 @@ def _arrays(content: RecordDict) -> Tensors:
 
 
 def _examples(reply: RecordDict) -> int:
-    return int(reply.metric_records["metrics"][NUM_EXAMPLES])  # type: ignore[arg-type]
+    return int(reply.metric_records[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
 
 
 def _train_optimizer(exp: Experiment) -> LocalOptimizer:
@@ -179,28 +185,23 @@ def lora_factors(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
     round's shared seed (:func:`fedsim.learn.lora.inject_lora`); the base is the
     one every process builds, overwritten by the sent weights.
     """
-    from fedsim.learn.lora import lora_pairs
+    from fedsim.learn.lora import initial_a, lora_pairs
 
     exp = public.experiment
     model = _target(public)
     model.load_state_dict(_arrays(sent), strict=False)
     base = {k: v.detach() for k, v in model.state_dict().items()}
     up = _arrays(reply)
-    metrics = reply.metric_records["metrics"]
+    metrics = reply.metric_records[METRICS]
     rank = int(metrics[LORA_RANK])  # type: ignore[arg-type]
     scaling = float(metrics[LORA_SCALING])  # type: ignore[arg-type]
     pairs = lora_pairs(up)
     init_seed = derive_seed(exp.seed, "lora-init", public.server_round)
     start: Tensors = {}
     for module, (a_key, b_key) in pairs.items():
-        d_in = base[f"{module}.weight"].shape[1]
-        top = max(exp.peft.ranks) if exp.peft.ranks else exp.peft.rank
-        gen = torch.Generator().manual_seed(derive_seed(init_seed, module))
-        bound = 1.0 / math.sqrt(d_in)
-        start[a_key] = torch.empty(top, d_in).uniform_(-bound, bound, generator=gen)[
-            :rank
-        ]
-        start[b_key] = torch.zeros(base[f"{module}.weight"].shape[0], rank)
+        d_out, d_in = base[f"{module}.weight"].shape
+        start[a_key] = initial_a(exp.peft, module, d_in, rank, init_seed)
+        start[b_key] = torch.zeros(d_out, rank)
     lora = {k for pair in pairs.values() for k in pair}
     for key in up:
         if key not in lora:

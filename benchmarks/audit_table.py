@@ -59,7 +59,7 @@ def row(run_dir: Path) -> dict[str, str]:
     rows = frame[frame["metric"] == "attack-psnr"]
     per_client = rows[rows["client"].notna()].sort_values("client")
     spent = frame[(frame["phase"] == "audit") & (frame["metric"] == "seconds")]
-    name = str(config["name"]).rsplit("-b", 1)[0]
+    name = str(config["name"]).rsplit("-b", 1)[0].replace("_", "-")
     batch = int(config["train"]["batch-size"])
     return {
         "experiment": f"`{name}`",

@@ -11,10 +11,12 @@ Runs every ``experiments/audit_*.toml`` with ``fedsim run`` as a user would, onc
 per batch size, reads the run directories with :mod:`fedsim.analysis` and prints
 a Markdown table: the mean ``attack-psnr`` over the attacked clients (each
 reconstruction scored by its best PSNR against the client's partition), each
-client's value, and the audit phase's seconds. ``--figure`` stacks the first
-attacked client's grid of every run (originals above reconstructions) into one
-PNG. ``--set`` applies to every run (``--set audit.iterations=100`` for a quick
-check). Run directories go to ``DIR`` (default ``runs/audit-table``).
+client's value, and the audit phase's seconds, then the scores that carry no
+information (the mean digit, uniform noise: :func:`floors`). ``--figure``
+stacks the first attacked client's grid of every run (originals above
+reconstructions) into one PNG. ``--set`` applies to every run (``--set
+audit.iterations=100`` for a quick check). Run directories go to ``DIR``
+(default ``runs/audit-table``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,31 @@ def row(run_dir: Path) -> dict[str, str]:
     }
 
 
+def floors() -> str:
+    """What scores carry no information: the mean digit of the global test set
+    and uniform noise (8 images, seed 0), each scored like a reconstruction
+    against every client's partition of ``audit_fedavg.toml``, mean over
+    clients."""
+    import numpy as np
+
+    from fedsim.audit.maths import best_matches
+    from fedsim.core.loading import load_experiment
+    from fedsim.learn.data import federated_data
+
+    exp = load_experiment(ROOT / "experiments" / "audit_fedavg.toml")
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    rng = np.random.default_rng(0)
+    mean, noise = [], []
+    for rows in data.partitions:
+        images = data.pool.x[rows]
+        mean.append(best_matches(data.test.x.mean(0, keepdims=True), images)[1])
+        noise.append(best_matches(rng.random((8, *images.shape[1:])), images)[1])
+    return (
+        f"floors: mean digit {np.mean(np.concatenate(mean)):.2f} dB, "
+        f"uniform noise {np.mean(np.concatenate(noise)):.2f} dB"
+    )
+
+
 def figure(dirs: list[Path], path: Path) -> None:
     """The first attacked client's grid of every run, one above the other."""
     import matplotlib
@@ -116,6 +143,7 @@ def main() -> int:
                 dirs.append(run(experiment, sets, args.out))
                 print(dirs[-1], file=sys.stderr, flush=True)
     print(markdown([row(d) for d in dirs], ("experiment", "server sees", "per client")))
+    print(floors())
     if args.figure:
         figure(dirs, args.figure)
     return 0

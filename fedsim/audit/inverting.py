@@ -7,9 +7,12 @@ optimiser; for one local step this is the plain gradient) and moves the
 inputs so that the replayed update points where the uploaded one does: loss
 ``1 - cos(replayed, uploaded) + tv * TV(x)``, Adam on the signed gradient,
 learning rate divided by 10 at 3/8, 5/8 and 7/8 of the iterations, inputs kept
-in [0, 1] (image data), the iterate with the lowest loss kept. These are the
-paper's choices (its reference code ``inversefed``); the paper also restarts
-from several initialisations, here one run per client.
+in [0, 1] (image data), the iterate with the lowest loss kept: the settings of
+the reference code's reconstruction script (``inversefed``, its ``inversed``
+configuration: signed Adam, lr 0.1, boxed, cosine over all layers with equal
+weights, TV weight 1e-4, one restart). Deviations: dummy inputs start uniform
+in [0, 1] (there: standard normal in normalised space); 1000 iterations by
+default (there: 4800; ``audit.iterations``).
 
 Labels: ``known`` (the auditor grants the client's labels, the paper's
 assumption), or ``inferred``: from the uploaded update of the output bias when

@@ -8,7 +8,8 @@ rounds before k readable. ``summary.json`` is written when the run starts
 
 Phases: ``train`` and ``evaluate`` (per-client rows and their aggregate), ``server``
 (server-side evaluation of the global model on the held-out test set, round 0 being
-the initial model).
+the initial model), ``audit`` (the privacy audit's seconds; its ``attack-psnr``
+goes in the ``train`` rows).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import (
     evaluate,
     evaluation_metrics,
@@ -83,7 +84,17 @@ class FullModelClient:
         state: RecordDict,
     ) -> RecordDict:
         """Loss and accuracy of the model this client evaluates (the received
-        global model) on its local test split."""
+        global model) on its local test split; with ``robust.epsilon`` > 0 also
+        its PGD loss and accuracy."""
+        exp = self.experiment
         self.load(content, state)
-        stats = evaluate(self.model, data.test, device=self.device)
-        return RecordDict({METRICS: evaluation_metrics(stats)})
+        metrics = evaluation_metrics(
+            evaluate(self.model, data.test, device=self.device)
+        )
+        seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
+        robust = robust_metrics(
+            self.model, data.test, exp.robust, device=self.device, seed=seed
+        )
+        for key, value in robust.items():
+            metrics[key] = value
+        return RecordDict({METRICS: metrics})

@@ -110,6 +110,17 @@ def test_evaluate_reply_is_the_local_test_accuracy() -> None:
     assert reply.content[METRICS][NUM_EXAMPLES] == len(test)
 
 
+def test_a_partition_assigned_in_the_message_wins_over_the_node_config() -> None:
+    exp = load_experiment(None, OVERRIDES)
+    data = federated_data(exp.data, 4, exp.seed)
+    arrays = ArrayRecord(build_model(exp.model, data.info, exp.seed).state_dict())
+    msg = message(arrays, 1, MessageType.EVALUATE)
+    msg.content[CONFIG][PARTITION_ID] = 3  # the simulation server's assignment
+    reply = client_app.evaluate(msg, context(1, to_run_config(exp)))
+    assert reply.content[METRICS][PARTITION_ID] == 3
+    assert reply.content[METRICS][NUM_EXAMPLES] == len(data.client(3).test)
+
+
 def test_a_client_process_builds_data_and_model_once() -> None:
     exp = load_experiment(None, [*OVERRIDES, "seed=11"])
     run_config = to_run_config(exp)

@@ -196,3 +196,37 @@ def test_too_many_clients_is_a_config_error() -> None:
     cfg = DataConfig(dataset="synthetic", size=20, partitioner="iid")
     with pytest.raises(ConfigError, match="federation.clients: 50 exceeds"):
         federated_data(cfg, 50, 0)
+
+
+def test_federated_data_is_cached_on_disk_and_misses_on_a_changed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsim.learn import data as data_module
+
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "d.csv"
+    table(120).to_csv(path, index=False)
+    cfg = DataConfig(dataset="file", path=str(path), label_column="species")
+    built = data_module._split(cfg, 4, 3)  # noqa: SLF001 (the uncached oracle)
+    first = data_module.federated_data.__wrapped__(cfg, 4, 3)
+    assert len(list((tmp_path / "cache" / "data").glob("*.npz"))) == 1
+    calls: list[int] = []
+
+    def rebuilt(*args: object) -> None:
+        calls.append(1)
+        raise LookupError("rebuilt")
+
+    monkeypatch.setattr(data_module, "_split", rebuilt)
+    again = data_module.federated_data.__wrapped__(cfg, 4, 3)  # read back
+    assert calls == []
+    for got in (first, again):
+        assert got.info == built.info
+        np.testing.assert_array_equal(got.pool.x, built.pool.x)
+        assert got.pool.x.strides == built.pool.x.strides
+        np.testing.assert_array_equal(got.test.y, built.test.y)
+        for a, b in zip(got.partitions, built.partitions, strict=True):
+            np.testing.assert_array_equal(a, b)
+    table(150).to_csv(path, index=False)  # new content: the key changes
+    with pytest.raises(LookupError, match="rebuilt"):  # a miss
+        data_module.federated_data.__wrapped__(cfg, 4, 3)
+    assert calls == [1]

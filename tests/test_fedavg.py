@@ -18,7 +18,7 @@ from flwr.app import (
 
 from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.rundir import read_metrics
 from fedsim.engine.recorder import RunRecorder, aggregate_replies
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -128,6 +128,26 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
     assert agg["loss"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40)
     assert agg["bytes-down"] == 3 * per_client.loc[0, "bytes-down"]
     assert recorder.failures[0]["reason"] == "boom 1"
+
+
+def test_simulated_nodes_get_partitions_assigned_without_a_query(
+    tmp_path: Path,
+) -> None:
+    exp = load_experiment(None, ["federation.clients=3"])
+    recorder = RunRecorder(tmp_path, exp)
+    fake = FakeGrid({907: 0, 13: 2, 555: 1})  # node config the server never asks
+    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1, assign=True)
+    assert grid.partitions() == {13: 0, 555: 1, 907: 2}  # sorted node ids
+    assert fake.sent == []  # no discovery message
+    shared = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    messages = train_messages([907, 13, 555], shared)  # one content for all nodes
+    grid.send_and_receive(messages)
+    stamped = {
+        m.metadata.dst_node_id: m.content[CONFIG][PARTITION_ID] for m in fake.sent
+    }
+    assert stamped == {13: 0, 555: 1, 907: 2}
+    assert all(m.content[CONFIG]["server-round"] == 1 for m in fake.sent)
+    assert all(m.content[ARRAYS] is shared for m in fake.sent)  # not copied
 
 
 def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:

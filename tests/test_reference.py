@@ -6,6 +6,12 @@ loop replaced the old engine. The same seed must give the same rows. Tolerance:
 1e-9 relative, far below any real change (one SGD step of lr 0.05 moves the
 loss by ~1e-3) yet above float64 noise from summing the same float32 values in
 another order; in practice the runs match exactly.
+
+One value was re-recorded since: round 0's server loss (2.30541840 ->
+2.30541857, 7e-8 relative) when the digits arrays got canonical strides (the
+on-disk data cache reads them back that way; torch's convolution rounded the
+untrained model's logits differently on the old ``[:, None]`` view). Every
+trained value stayed bit-identical.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ def comparison(
     """
     accuracy = round_metric(frame, "accuracy", phase, by=by)
     loss = round_metric(frame, "loss", phase, by=by)
+    robust = round_metric(frame, "robust-accuracy", phase, by=by)
     federated = round_metric(frame, "accuracy", "evaluate", by=by)
     comm = (
         communication(frame, by=by)
@@ -107,6 +108,7 @@ def comparison(
                 "best_round": int(acc.idxmax()) if len(acc) else pd.NA,
                 "rounds_to_target": int(reached.index[0]) if len(reached) else pd.NA,
                 "final_loss": _last(loss[name]) if name in loss else np.nan,
+                "robust_accuracy": (_last(robust[name]) if name in robust else np.nan),
                 "federated_accuracy": (
                     _last(federated[name]) if name in federated else np.nan
                 ),
@@ -129,6 +131,7 @@ def comparison(
         "best_round",
         "rounds_to_target",
         "final_loss",
+        "robust_accuracy",
         "federated_accuracy",
         "bytes_up",
         "bytes_down",
@@ -215,6 +218,7 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
     from rich.table import Table
 
     target = table.attrs.get("target", DEFAULT_TARGET)
+    robust = "robust_accuracy" in table and bool(table["robust_accuracy"].notna().any())
     out = Table(title=title, caption=_caption(table))
     out.add_column(str(table.index.name or "run"), overflow="fold")
     out.add_column("status")
@@ -224,6 +228,7 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
         "best (round)",
         f"rounds to {target:g}",
         "loss",
+        *(["robust acc"] if robust else []),
         "fed. acc",
         "bytes up",
         "bytes down",
@@ -247,6 +252,7 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
             best,
             _num(row["rounds_to_target"], "d"),
             _num(row["final_loss"]),
+            *([_num(row["robust_accuracy"])] if robust else []),
             _num(row["federated_accuracy"]),
             human_bytes(row["bytes_up"]),
             human_bytes(row["bytes_down"]),

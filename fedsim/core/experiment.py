@@ -271,6 +271,24 @@ class ResourcesConfig:
     )
 
 
+@dataclass(frozen=True)
+class RobustConfig:
+    """``[robust]``: PGD robustness evaluation (L-infinity, Madry et al. 2018),
+    reported next to clean accuracy by every client evaluation that supports it
+    and by the server's evaluation of a global model."""
+
+    epsilon: float = option(
+        0.0,
+        "L-inf radius of the PGD attack; 0 turns robust evaluation off",
+        non_negative,
+    )
+    steps: int = option(10, "PGD steps", at_least(1))
+    step_size: float = option(
+        0.0, "PGD step size; 0: 2.5 * epsilon / steps (Madry et al.)", non_negative
+    )
+    clip: bool = option(True, "keep adversarial inputs in [0, 1] (image data)")
+
+
 def _installed(module: str, extra: str) -> Check:
     """Allow ``true`` only where the optional extra providing ``module`` is in."""
 
@@ -357,6 +375,7 @@ class Experiment:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 

@@ -57,7 +57,11 @@ class Family:
         in ``actions``.
     options : type
         Frozen dataclass of the family's own keys, declared with
-        :func:`fedsim.core.schema.option`; they are ``strategy.<key>``.
+        :func:`fedsim.core.schema.option`; they are ``<section>.<key>``.
+    section : str
+        The experiment table holding the option keys: ``strategy`` (the
+        default) or a table of the family's own (e.g. ``split``: keys
+        ``split.cut``...); it must not be one of the experiment's sections.
     peft : tuple of str
         The ``peft.method`` values the family runs (``("lora",)``: needs LoRA).
     global_model : bool
@@ -75,6 +79,11 @@ class Family:
     actions : tuple of str
         Custom client actions: the server sends ``train.<action>`` messages, the
         ClientApp calls the client algorithm's ``<action>`` method.
+    model : str
+        ``"module:callable"``: ``adapt(model, experiment) -> nn.Module`` applied
+        to the engine's built model before the initial arrays are taken (e.g.
+        parameters of the family's own, such as soft prompts); the client side
+        applies the same to its own build.
     audit : str
         ``"module:callable"``: what an honest-but-curious server sees of a
         client's train exchange, ``surface(sent, reply, public) -> Scene`` (see
@@ -86,12 +95,14 @@ class Family:
     server: str
     client: str
     options: type = NoOptions
+    section: str = "strategy"
     peft: tuple[str, ...] = ("none",)
     global_model: bool = True
     privacy: tuple[str, ...] = ("none",)
     rejects: Mapping[str, str] = field(default_factory=dict)
     check: str = ""
     actions: tuple[str, ...] = ()
+    model: str = ""
     audit: str = ""
 
     def load_server(self) -> Any:
@@ -101,6 +112,10 @@ class Family:
     def load_client(self) -> Any:
         """The client algorithm class."""
         return load(self.client)
+
+    def adapt_model(self, model: Any, experiment: Any) -> Any:
+        """The engine's built model as the family runs it."""
+        return load(self.model)(model, experiment) if self.model else model
 
     def run_check(self, experiment: Any, model: Any, data: Any) -> None:
         """The family's pre-run check, if it has one."""

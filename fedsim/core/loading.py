@@ -2,8 +2,10 @@
 
 Errors are :class:`fedsim.core.errors.ConfigError` with a one-line message that
 names the dotted key and what is allowed. Which keys exist depends on the
-family (``strategy.name``): its option table adds ``strategy.<key>`` keys, and
-its declaration says which ``peft.method`` and ``privacy.mechanism`` it runs.
+family (``strategy.name``): its option table adds ``<section>.<key>`` keys
+(``Family.section``: ``strategy`` unless the family names a table of its own),
+and its declaration says which ``peft.method`` and ``privacy.mechanism`` it
+runs.
 """
 
 from __future__ import annotations
@@ -47,15 +49,35 @@ RUN_DIR_KEY = "run-dir"
 #: Run-config key of a sweep: JSON list of ``{"config": run-config, "run-dir": ...}``
 #: whose experiments one Flower run executes one after another.
 SWEEP_KEY = "sweep"
+#: Run-config key (outside the experiment schema): true when the run continues
+#: from the run directory's checkpoint (``fedsim run --resume``).
+RESUME_KEY = "resume"
+#: Run-config key set by fedsim's simulation runner: the nodes are virtual and
+#: interchangeable, the server assigns each its partition (no discovery query).
+ASSIGN_KEY = "assign-partitions"
+#: Run-config keys that are not experiment keys.
+RUNTIME_KEYS = (RUN_DIR_KEY, ASSIGN_KEY, RESUME_KEY)
 _NAME_KEY = "strategy.name"
+
+
+def option_keys(family: Family) -> Schema:
+    """The keys of ``family``'s option table, ``<section>.<key>``."""
+    if family.section != "strategy" and any(
+        k.startswith(f"{family.section}.") for k in keys_of(Experiment)
+    ):
+        raise ValueError(
+            f"family {family.name!r}: section {family.section!r} is an experiment "
+            "section; name a table of the family's own"
+        )
+    return keys_of(family.options, f"{family.section}.")
 
 
 def schema(strategy: str | None = None) -> Schema:
     """Every dotted key with its type and declaration: the experiment's keys,
-    plus ``strategy.<key>`` of the family ``strategy`` when given."""
+    plus the option keys of the family ``strategy`` when given."""
     keys = keys_of(Experiment)
     if strategy is not None:
-        keys.update(keys_of(registry.family(strategy).options, "strategy."))
+        keys.update(option_keys(registry.family(strategy)))
     return keys
 
 
@@ -76,9 +98,10 @@ def from_flat(values: Mapping[str, Any]) -> Experiment:
             raise unknown_key(key, keys)
         tp, declared = keys[key]
         good[key] = checked(key, tp, declared, raw)
-    options = build(family.options, good, "strategy.")
+    options = build(family.options, good, f"{family.section}.")
     strategy = StrategyConfig(name=family.name, options=options)
-    plain = {k: v for k, v in good.items() if not k.startswith("strategy.")}
+    own = option_keys(family)
+    plain = {k: v for k, v in good.items() if k not in own and k != _NAME_KEY}
     exp = dataclasses.replace(build(Experiment, plain), strategy=strategy)
     check_consistency(exp, family)
     return exp
@@ -236,8 +259,14 @@ def load_experiment(
 
 def to_dict(exp: Experiment) -> dict[str, Any]:
     """Nested dict with kebab-case keys, as in an experiment file (the family's
-    options inside ``strategy``)."""
-    return typing.cast(dict[str, Any], as_table(exp))
+    options in its section)."""
+    table = typing.cast(dict[str, Any], as_table(exp))
+    section = registry.family(exp.strategy.name).section
+    if section != "strategy":
+        strategy = table["strategy"]
+        moved = as_table(exp.strategy.options)
+        table[section] = {k: strategy.pop(k) for k in moved}
+    return table
 
 
 def to_toml(exp: Experiment) -> str:
@@ -253,7 +282,7 @@ def to_run_config(exp: Experiment) -> RunConfig:
 
 def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
     """Rebuild the experiment from Flower's run-config (inverse of to_run_config)."""
-    values = {k: v for k, v in run_config.items() if k != RUN_DIR_KEY}
+    values = {k: v for k, v in run_config.items() if k not in RUNTIME_KEYS}
     keys = schema(_family_of(values).name)
     for key, value in values.items():
         tp = keys[key][0] if key in keys else None
@@ -268,7 +297,7 @@ def reference(strategy: str | None = None) -> list[tuple[str, str, str]]:
     if strategy is None:
         keys = keys_of(Experiment)
     else:
-        keys = keys_of(registry.family(strategy).options, "strategy.")
+        keys = option_keys(registry.family(strategy))
     return [(k, shown_default(f), f.metadata["help"]) for k, (_, f) in keys.items()]
 
 

@@ -24,3 +24,19 @@ LORA_RANK = "lora-rank"
 LORA_SCALING = "lora-scaling"
 #: In a sweep, the index of the experiment a message belongs to (in CONFIG).
 EXPERIMENT = "fedsim-experiment"
+
+# -- split learning (strategies/split, clients/split.py) -------------------------
+#: ArrayRecord of what crosses the cut: encoded activations and gradients, labels.
+CUT = "cut"
+#: Name prefix (in CUT) of the encoded activations of a batch, both directions.
+ACTIVATIONS = "activations"
+#: Name prefix (in CUT) of the encoded gradient of a batch, both directions.
+GRADIENT = "gradient"
+#: Name (in CUT) of a batch's labels (SplitFed: client -> server).
+LABELS = "labels"
+#: Custom action: apply the gradient of batch t, reply batch t+1's activations.
+SPLIT_STEP = "split_step"
+#: Custom action (U-shaped): run the tail on the body's output, reply its gradient.
+SPLIT_TAIL = "split_tail"
+#: Metric of a split reply: batches the client runs this round.
+BATCHES = "batches"

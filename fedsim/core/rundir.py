@@ -14,6 +14,9 @@ A run directory (``runs/<name>-<timestamp>``) holds:
   accuracy and loss are the run's headline (:data:`HEADLINE_PHASES`); runs
   recorded before the key existed are ``server`` runs.
 - ``checkpoints/global.npz``: the latest global model.
+- ``checkpoints/resume.npz``: what ``fedsim run --resume`` continues from
+  (:mod:`fedsim.engine.checkpoint`), and ``checkpoints/clients/``: the
+  clients' private state (:mod:`fedsim.engine.client_state`).
 
 The engine's run recorder writes run directories; :mod:`fedsim.analysis` and the
 CLI's progress display read them. This module is what both sides agree on; being
@@ -36,6 +39,9 @@ METRICS_FILE = "metrics.parquet"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 GLOBAL_CHECKPOINT = "global.npz"
+RESUME_CHECKPOINT = "resume.npz"
+#: Under ``checkpoints/``: one folder per client partition with its private state.
+CLIENT_STATE_DIR = "clients"
 COLUMNS = ("round", "client", "phase", "metric", "value")
 #: The dtypes of :data:`COLUMNS` (``client`` is nullable).
 DTYPES: Mapping[str, str] = {

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", default="runs", help="where run directories go (default: ./runs)"
     )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted or failed run from its last completed round",
+    )
     sweep = sub.add_parser(
         "sweep",
         help="run a grid of experiments (start-up paid once); re-run to finish one",
@@ -142,17 +147,51 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
+    """The experiment, run directory and last checkpointed round of ``--resume``.
+
+    The experiment is the run directory's ``config.toml``; an experiment file or
+    ``--set`` given as well must resolve to the same experiment.
+    """
+    from fedsim.core.loading import to_run_config
+    from fedsim.core.rundir import CONFIG_FILE
+    from fedsim.engine.checkpoint import check_resumable
+
+    run_dir = Path(args.resume).resolve()
+    saved = check_resumable(run_dir)
+    exp = load_experiment(str(run_dir / CONFIG_FILE), [])
+    if args.experiment or args.overrides:
+        source = args.experiment or str(run_dir / CONFIG_FILE)
+        given = to_run_config(load_experiment(source, args.overrides))
+        stored = to_run_config(exp)
+        changed = sorted(k for k in {*given, *stored} if given.get(k) != stored.get(k))
+        if changed:
+            raise ConfigError(
+                f"--resume: {changed[0]} = {given.get(changed[0])!r} differs from "
+                f"the run's {stored.get(changed[0])!r}; a resumed run continues the "
+                "same experiment"
+            )
+    return exp, run_dir, int(saved["round"])
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.engine.recorder import create_run_dir
     from fedsim.engine.runner import simulate
 
-    exp = load_experiment(args.experiment, args.overrides)
-    preflight(exp)
-    run_dir = create_run_dir(Path(args.out).resolve(), exp)
-    console.print(f"run directory: {run_dir}")
-    progress = Progress(ConsoleDisplay(console), run_dir, exp)
+    if args.resume:
+        exp, run_dir, done = resumed_experiment(args)
+        preflight(exp)
+        console.print(f"resuming after round {done}: {run_dir}", highlight=False)
+    else:
+        exp = load_experiment(args.experiment, args.overrides)
+        preflight(exp)
+        run_dir, done = create_run_dir(Path(args.out).resolve(), exp), -1
+        console.print(f"run directory: {run_dir}")
+    progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
     try:
-        outcome = simulate(exp, run_dir, on_poll=progress.poll)
+        outcome = simulate(
+            exp, run_dir, on_poll=progress.poll, resume=bool(args.resume)
+        )
     finally:
         progress.close()
     console.print(summary_table(outcome.summary, run_dir))

@@ -6,6 +6,9 @@ its method ``<action>``. Everything heavy (experiment parsing, the dataset and
 its partitions, the client algorithm with its model) is built once per client
 process and cached, so a Ray actor that simulates many clients over many rounds
 builds it once.
+
+A client's ``context.state`` is saved to the run directory after each reply and
+loaded back once in a resumed run (:mod:`fedsim.engine.client_state`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +35,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import SWEEP_KEY, from_run_config
+from fedsim.core.loading import RESUME_KEY, RUN_DIR_KEY, SWEEP_KEY, from_run_config
 from fedsim.core.messages import (
     CONFIG,
     EXPERIMENT,
@@ -41,6 +45,7 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
+from fedsim.engine.client_state import ClientStateStore
 from fedsim.learn.data import FederatedData, federated_data
 from fedsim.learn.device import resolve_device
 
@@ -102,8 +107,21 @@ def experiment_config(
     return _sweep(str(run_config[SWEEP_KEY]))[index]
 
 
-def partition_id(context: Context) -> int:
-    """The client's partition id, from Flower's node config."""
+def state_store(config: Mapping[str, Any]) -> ClientStateStore | None:
+    """The client-state store of the run directory in an experiment's
+    run-config, where this process sees that directory (see
+    :mod:`fedsim.engine.client_state` for the deployment caveat)."""
+    run_dir = str(config.get(RUN_DIR_KEY, ""))
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    return ClientStateStore(Path(run_dir))
+
+
+def partition_id(context: Context, config: Mapping[str, Any]) -> int:
+    """The client's partition id: the one the server assigned in the message's
+    ``config`` (simulation), else Flower's node config (deployment)."""
+    if PARTITION_ID in config:
+        return int(config[PARTITION_ID])
     try:
         return int(context.node_config[PARTITION_ID])
     except KeyError:
@@ -129,8 +147,12 @@ app = ClientApp()
 
 def _handle(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    rt = runtime(experiment_config(context.run_config, config, context.state))
-    pid = partition_id(context)
+    run_config = experiment_config(context.run_config, config, context.state)
+    rt = runtime(run_config)
+    pid = partition_id(context, config)
+    store = state_store(run_config)
+    if store is not None and run_config.get(RESUME_KEY):
+        store.restore_into(pid, context.state)
     category, _, action = msg.metadata.message_type.partition(".")
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
     if action:
@@ -154,6 +176,8 @@ def _handle(msg: Message, context: Context) -> Message:
         metrics = reply[METRICS] = MetricRecord()
     metrics[SECONDS] = time.perf_counter() - start
     metrics[PARTITION_ID] = pid
+    if store is not None:
+        store.save(pid, server_round, context.state)
     return Message(reply, reply_to=msg)
 
 
@@ -182,7 +206,7 @@ _register_actions()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node discovery)."""
-    pid = partition_id(context)
+    pid = partition_id(context, {})
     return Message(
         RecordDict({METRICS: MetricRecord({PARTITION_ID: pid})}), reply_to=msg
     )

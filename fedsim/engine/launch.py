@@ -92,13 +92,16 @@ class Display(Protocol):
 class Progress:
     """Reads closed rounds from the run directory and hands them to a display."""
 
-    def __init__(self, display: Display, run_dir: Path, exp: Experiment):
+    def __init__(
+        self, display: Display, run_dir: Path, exp: Experiment, *, done: int = -1
+    ):
         self.display = display
         self.run_dir = run_dir
         self.rounds = exp.rounds
         self.headline = headline_of(exp)
         self.start = time.monotonic()
-        self.done = -1
+        #: The last round shown (a resumed run's rounds before it are not shown).
+        self.done = done
 
     def poll(self) -> None:
         frame = read_metrics(self.run_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fedsim.core.errors import RoundFailed, RunStopped
 from fedsim.core.experiment import Experiment
@@ -39,6 +40,7 @@ from fedsim.core.rundir import (
     UNWEIGHTED,
     RoundSink,
     metrics_frame,
+    read_metrics,
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
@@ -202,6 +204,44 @@ class RunRecorder:
         payload["__round__"] = np.asarray(server_round)
         _atomic_write(path, lambda p: _savez(p, payload))
         return path
+
+    # -- resume ----------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        """What a resumed run's recorder continues from (with ``metrics.parquet``):
+        the failures so far, the run's elapsed seconds and its summary's
+        ``started_at`` and ``resumed``."""
+        return {
+            "failures": list(self.failures),
+            "elapsed": time.time() - self.started,
+            "started_at": self.summary["started_at"],
+            "resumed": list(self.summary.get("resumed", [])),
+        }
+
+    def resume(self, server_round: int, state: Mapping[str, Any]) -> None:
+        """Continue a run after its completed round ``server_round``.
+
+        The rows of rounds up to ``server_round`` are read back from
+        ``metrics.parquet`` (those of a round after it, which died before its
+        checkpoint, are dropped); failures and elapsed time come from ``state``
+        (:meth:`resume_state`); ``summary.json`` keeps its ``started_at`` and
+        lists the resumptions under ``resumed``.
+        """
+        frame = read_metrics(self.run_dir)
+        rows: list[tuple[int, int | None, str, str, float]] = []
+        if frame is not None:
+            frame = frame[frame["round"] <= server_round]
+            for rnd, client, phase, name, value in frame.itertuples(index=False):
+                who = None if pd.isna(client) else int(client)
+                rows.append((int(rnd), who, str(phase), str(name), float(value)))
+        self.rows = rows
+        self._sent = len(rows)  # the sinks had them before the run died
+        self.failures = [dict(f) for f in state["failures"]]
+        self.rounds_completed = server_round
+        self.started = time.time() - float(state["elapsed"])
+        resumed = [*state["resumed"], {"after_round": server_round}]
+        resumed[-1]["at"] = datetime.now(UTC).isoformat()
+        self.summary.update(started_at=state["started_at"], resumed=resumed)
+        self.flush()
 
     # -- round and run boundaries ------------------------------------------------
     def end_round(self, server_round: int) -> None:

@@ -70,7 +70,15 @@ class RecordingGrid(Grid):
         so that clients serve it with that experiment's settings.
     partitions : mapping of int to int, optional
         Node id -> partition id when already known (a sweep's earlier
-        experiment asked); otherwise every node is asked once.
+        experiment found it); otherwise every node is asked once.
+    assign : bool
+        The nodes are interchangeable virtual nodes of Flower's simulation
+        runtime, which hold no data of their own: instead of asking every node
+        for its partition (one message per node before the first round), the
+        grid assigns partition ``i`` to the ``i``-th node id in sorted order
+        and names it in every message's ``config`` (``partition-id``), which
+        the ClientApp serves. A node always serves the same partition, so its
+        ``context.state`` stays that client's.
     observer : callable, optional
         ``observer(server_round, messages, replies, partition_of)``, told of
         every exchange once its replies are in (the privacy audit listens).
@@ -86,9 +94,11 @@ class RecordingGrid(Grid):
         connect_timeout: float = 300.0,
         experiment: int | None = None,
         partitions: Mapping[int, int] | None = None,
+        assign: bool = False,
         observer: Observer | None = None,
     ):
         self.grid = grid
+        self.assign = assign
         self.observer = observer
         self.experiment = experiment
         self.recorder = recorder
@@ -142,6 +152,8 @@ class RecordingGrid(Grid):
                     f"within {self.connect_timeout:.0f} s"
                 )
             time.sleep(0.2)
+        if self.assign:
+            return {node: i for i, node in enumerate(sorted(nodes))}
         content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})})
         messages = [
             Message(content, dst_node_id=node, message_type=MessageType.QUERY)
@@ -200,6 +212,25 @@ class RecordingGrid(Grid):
             pause = min(pause * 1.5, self.POLL_MAX)
         return replies
 
+    def _stamp(self, messages: list[Message], partition_of: Mapping[int, int]) -> None:
+        """Name the sweep's experiment and the assigned partition in each
+        message's ``config``. Strategies often send one content object to every
+        node, so each message gets its own content and config record (the
+        arrays are shared, not copied)."""
+        stamp: dict[str, int] = {}
+        if self.experiment is not None:
+            stamp[EXPERIMENT] = self.experiment
+        if not stamp and not self.assign:
+            return
+        for message in messages:
+            content = RecordDict(dict(message.content.items()))
+            config = ConfigRecord(dict(content.config_records.get(CONFIG, {})))
+            config.update(stamp)
+            if self.assign:
+                config[PARTITION_ID] = partition_of[message.metadata.dst_node_id]
+            content[CONFIG] = config
+            message.content = content
+
     # -- recording -------------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -221,11 +252,7 @@ class RecordingGrid(Grid):
             raise ValueError(
                 "one message per node per exchange: a node was sent two messages"
             )
-        if self.experiment is not None:
-            for message in messages:
-                config = message.content.config_records.get(CONFIG, ConfigRecord())
-                config[EXPERIMENT] = self.experiment
-                message.content[CONFIG] = config
+        self._stamp(messages, partition_of)
         start = time.perf_counter()
         replies = self._send_and_wait(messages, timeout=timeout)
         self.recorder.phase_seconds(server_round, phase, time.perf_counter() - start)
@@ -261,7 +288,10 @@ class RecordingGrid(Grid):
             )
         if self.observer is not None:
             self.observer(server_round, messages, replies, partition_of)
-        if phase == MessageType.TRAIN and ok < self.min_replies:
+        # Only the round's opening train exchange: a family's own exchanges
+        # (``train.<action>``) may address fewer nodes (e.g. one at a time) and
+        # check what their round needs themselves.
+        if first.metadata.message_type == MessageType.TRAIN and ok < self.min_replies:
             raise RoundFailed(
                 f"round {server_round}: {ok} of {len(messages)} clients replied, "
                 f"fewer than federation.min-replies = {self.min_replies}"

@@ -4,7 +4,9 @@ Closing a round is one job, done here whether or not the family has a global
 model: server-side evaluation of the global model on the held-out test set when
 the family declares one (``Family.global_model``), the checkpoint, then
 :meth:`fedsim.engine.recorder.RunRecorder.end_round` (rows, ``metrics.parquet``,
-trackers; the CLI's progress reads the file).
+trackers; the CLI's progress reads the file), then the resume checkpoint
+(:mod:`fedsim.engine.checkpoint`), written once the round's rows are in the file.
+A resumed run starts at the round after its checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from fedsim.protocol.rounds import run_round
 
 #: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).
 Evaluate = Callable[[ArrayRecord], dict[str, float]]
+#: Saves what the rounds after a completed round depend on: (round, arrays).
+Checkpoint = Callable[[int, ArrayRecord | None], None]
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised in a round the tests make crash (see ``crash_in_round``)."""
 
 
 class RoundDriver:
@@ -40,6 +48,12 @@ class RoundDriver:
         Rounds to run.
     timeout : float
         Seconds to wait for the replies of one exchange.
+    checkpoint : callable, optional
+        Called with each completed round and its global arrays, after the
+        round's rows are written.
+    crash_in_round : int, optional
+        Tests only: raise :class:`SimulatedCrash` when this round has run and
+        before anything of it is recorded, as a crash would.
     after_round : callable, optional
         Called with the round number after the round's evaluation, before the
         round is closed (the privacy audit).
@@ -54,6 +68,8 @@ class RoundDriver:
         evaluate: Evaluate | None,
         rounds: int,
         timeout: float,
+        checkpoint: Checkpoint | None = None,
+        crash_in_round: int | None = None,
         after_round: Callable[[int], None] | None = None,
     ):
         self.after_round = after_round
@@ -63,13 +79,16 @@ class RoundDriver:
         self.evaluate = evaluate
         self.rounds = rounds
         self.timeout = timeout
+        self.checkpoint = checkpoint
+        self.crash_in_round = crash_in_round
 
-    def run(self, initial: ArrayRecord | None) -> ArrayRecord | None:
-        """Run every round from ``initial``; return the last global arrays."""
+    def run(self, initial: ArrayRecord | None, *, start: int = 1) -> ArrayRecord | None:
+        """Run rounds ``start`` to ``rounds`` from ``initial`` (the global arrays
+        after round ``start - 1``); return the last global arrays."""
         arrays = initial
-        if self.evaluate is not None and arrays is not None:
+        if start == 1 and self.evaluate is not None and arrays is not None:
             self.close_round(0, arrays)
-        for server_round in range(1, self.rounds + 1):
+        for server_round in range(start, self.rounds + 1):
             self.grid.server_round = server_round
             arrays = run_round(
                 self.strategy, server_round, arrays, self.grid, timeout=self.timeout
@@ -78,7 +97,10 @@ class RoundDriver:
         return arrays
 
     def close_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
-        """Evaluate and checkpoint the global model (if any), then end the round."""
+        """Evaluate and checkpoint the global model (if any), end the round, then
+        write the resume checkpoint."""
+        if server_round == self.crash_in_round:
+            raise SimulatedCrash(f"simulated crash in round {server_round}")
         if self.evaluate is not None and arrays is not None:
             self.recorder.server(server_round, self.evaluate(arrays))
             self.recorder.checkpoint(
@@ -87,3 +109,5 @@ class RoundDriver:
         if self.after_round is not None:
             self.after_round(server_round)
         self.recorder.end_round(server_round)
+        if self.checkpoint is not None and server_round > 0:
+            self.checkpoint(server_round, arrays)

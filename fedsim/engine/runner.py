@@ -32,7 +32,13 @@ import tomli_w
 
 from fedsim import __version__
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, to_run_config
+from fedsim.core.loading import (
+    ASSIGN_KEY,
+    RESUME_KEY,
+    RUN_DIR_KEY,
+    SWEEP_KEY,
+    to_run_config,
+)
 from fedsim.core.rundir import SUMMARY_FILE, write_json
 
 LOGS_DIR = "logs"
@@ -101,10 +107,15 @@ def write_app(app_dir: Path, config: dict[str, Any], description: str) -> None:
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), "utf-8")
 
 
-def run_config_of(exp: Experiment, run_dir: Path) -> dict[str, Any]:
-    """The run-config of one experiment writing to ``run_dir``."""
+def run_config_of(
+    exp: Experiment, run_dir: Path, *, resume: bool = False
+) -> dict[str, Any]:
+    """The run-config of one experiment writing to ``run_dir`` (``resume``:
+    continuing from its checkpoint)."""
     config: dict[str, Any] = dict(to_run_config(exp))
     config[RUN_DIR_KEY] = str(run_dir)
+    if resume:
+        config[RESUME_KEY] = True
     return config
 
 
@@ -340,15 +351,17 @@ def simulate(
     *,
     on_poll: Callable[[], None] = lambda: None,
     poll_interval: float = 0.5,
+    resume: bool = False,
 ) -> Outcome:
     """Run ``exp`` to the end on a private SuperLink; results land in ``run_dir``.
 
     ``on_poll`` is called about every ``poll_interval`` seconds while the run goes
-    (the CLI refreshes its progress display there).
+    (the CLI refreshes its progress display there). ``resume``: continue the
+    run in ``run_dir`` from its checkpoint (:mod:`fedsim.engine.checkpoint`).
     """
     logs = run_dir / LOGS_DIR
     status, reason = launch(
-        run_config_of(exp, run_dir),
+        {**run_config_of(exp, run_dir, resume=resume), ASSIGN_KEY: True},
         federation_config(exp),
         logs,
         description=f"fedsim run {exp.name}",
@@ -382,7 +395,7 @@ def simulate_sweep(
         for exp, run_dir in runs
     ]
     status, reason = launch(
-        {SWEEP_KEY: json.dumps(entries)},
+        {SWEEP_KEY: json.dumps(entries), ASSIGN_KEY: True},
         federation,
         logs,
         description=f"fedsim sweep {first.name}",

@@ -5,11 +5,22 @@ The engine builds the data, the model and the initial arrays once
 strategy from them, privacy wraps it, recording wraps that, and
 :class:`fedsim.engine.rounds.RoundDriver` runs and closes every round through
 :class:`fedsim.engine.recording.RecordingGrid`.
+
+After every completed round the resume checkpoint is written
+(:mod:`fedsim.engine.checkpoint`); with ``resume`` in the run-config
+(``fedsim run --resume``) the run continues from it: the strategies' state, the
+global arrays, the random generators and the recorder are restored, the
+clients' saved states of later rounds are dropped, and the rounds after the
+checkpoint run.
+
+``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
+makes round ``r`` fail once it has run, before anything of it is recorded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from contextlib import suppress
 from pathlib import Path
@@ -25,7 +36,15 @@ from fedsim.analysis.trackers import build_sinks
 from fedsim.audit.auditor import Auditor
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
-from fedsim.core.loading import RUN_DIR_KEY, SWEEP_KEY, from_run_config
+from fedsim.core.loading import (
+    ASSIGN_KEY,
+    RESUME_KEY,
+    RUN_DIR_KEY,
+    SWEEP_KEY,
+    from_run_config,
+)
+from fedsim.engine import checkpoint
+from fedsim.engine.client_state import ClientStateStore
 from fedsim.engine.launch import headline_of
 from fedsim.engine.recorder import RunRecorder, create_run_dir
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -33,10 +52,14 @@ from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.device import resolve_device
+from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import evaluate
 from fedsim.protocol.setup import ServerSetup
 
 app = ServerApp()
+
+#: Environment variable (tests only): the round that crashes.
+CRASH_IN_ROUND = "FEDSIM_TEST_CRASH_IN_ROUND"
 
 
 def run_dir_for(run_config: dict, exp: Experiment) -> Path:
@@ -52,7 +75,8 @@ def build(exp: Experiment) -> ServerSetup:
     torch.set_num_threads(1)
     device = resolve_device(exp.resources)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    model = build_model(exp.model, data.info, exp.seed).to(device)
+    model = build_model(exp.model, data.info, exp.seed)
+    model = registry.family(exp.strategy.name).adapt_model(model, exp).to(device)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return ServerSetup(exp, data, model, initial, device)
 
@@ -64,21 +88,58 @@ def run(
     *,
     experiment: int | None = None,
     partitions: dict[int, int] | None = None,
+    assign: bool = False,
+    resume: bool = False,
 ) -> RecordingGrid:
     """Run all rounds of ``exp`` on ``grid``; rows go to ``recorder``.
 
     ``experiment`` and ``partitions``: a sweep's experiment index (stamped on
     every message) and the node -> partition map its earlier experiments found.
+    ``assign``: the server assigns partitions to the (simulated) nodes instead
+    of asking them (:class:`RecordingGrid`).
+    ``resume``: continue from the run directory's resume checkpoint.
     Returns the recording grid (its ``partitions()`` serve the next experiment).
     """
     family = registry.family(exp.strategy.name)
     setup = build(exp)
-    strategy = privacy.wrap_strategy(family.load_server()(setup), exp)
+    strategy = RecordingStrategy(
+        privacy.wrap_strategy(family.load_server()(setup), exp),
+        recorder,
+        seed=exp.seed,
+    )
+    run_dir = recorder.run_dir
+    digest = checkpoint.config_digest(run_dir)
+    arrays = setup.initial if family.global_model else None
+    start = 1
+    if resume:
+        saved = checkpoint.check_resumable(run_dir)
+        checkpoint.restore_strategy(strategy, saved["strategy"])
+        arrays = checkpoint.arrays_record(saved["arrays"])
+        recorder.resume(saved["round"], saved["recorder"])
+        ClientStateStore(run_dir).prune_after(saved["round"])
+        checkpoint.restore_rng(saved["rng"])
+        start = saved["round"] + 1
+
+    def save(server_round: int, arrays: ArrayRecord | None) -> None:
+        checkpoint.write_checkpoint(
+            run_dir,
+            {
+                "round": server_round,
+                "config": digest,
+                "arrays": checkpoint.arrays_state(arrays),
+                "strategy": checkpoint.strategy_state(strategy),
+                "rng": checkpoint.rng_state(),
+                "recorder": recorder.resume_state(),
+            },
+        )
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         setup.model.load_state_dict(arrays.to_torch_state_dict())
         stats = evaluate(setup.model, setup.data.test, device=setup.device)
-        return {"loss": stats.loss, "accuracy": stats.accuracy}
+        robust = robust_metrics(
+            setup.model, setup.data.test, exp.robust, device=setup.device, seed=exp.seed
+        )
+        return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
 
     auditor = None
     if exp.audit.attack != "none":
@@ -90,17 +151,21 @@ def run(
         min_replies=exp.federation.min_replies,
         experiment=experiment,
         partitions=partitions,
+        assign=assign,
         observer=auditor.observe if auditor else None,
     )
+    crash = os.environ.get(CRASH_IN_ROUND)
     RoundDriver(
-        RecordingStrategy(strategy, recorder, seed=exp.seed),
+        strategy,
         recording,
         recorder,
         evaluate=evaluate_global if family.global_model else None,
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
+        checkpoint=save,
         after_round=auditor.after_round if auditor else None,
-    ).run(setup.initial if family.global_model else None)
+        crash_in_round=int(crash) if crash else None,
+    ).run(arrays, start=start)
     return recording
 
 
@@ -115,7 +180,9 @@ def recorder_for(exp: Experiment, run_dir: Path) -> RunRecorder:
     )
 
 
-def run_sweep(grid: Grid, entries: list[dict[str, Any]]) -> None:
+def run_sweep(
+    grid: Grid, entries: list[dict[str, Any]], *, assign: bool = False
+) -> None:
     """The experiments of a sweep, one after another, on the same nodes.
 
     Each entry holds an experiment's run-config and run directory. A failed
@@ -127,17 +194,32 @@ def run_sweep(grid: Grid, entries: list[dict[str, Any]]) -> None:
         exp = from_run_config(entry["config"])
         recorder = recorder_for(exp, Path(entry[RUN_DIR_KEY]))
         with suppress(Exception), recorder.recording():
-            used = run(grid, exp, recorder, experiment=index, partitions=partitions)
+            used = run(
+                grid,
+                exp,
+                recorder,
+                experiment=index,
+                partitions=partitions,
+                assign=assign,
+            )
             partitions = used.partitions()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's Grid and Context."""
+    assign = bool(context.run_config.get(ASSIGN_KEY, False))
     if SWEEP_KEY in context.run_config:
-        run_sweep(grid, json.loads(str(context.run_config[SWEEP_KEY])))
+        entries = json.loads(str(context.run_config[SWEEP_KEY]))
+        run_sweep(grid, entries, assign=assign)
         return
     exp = from_run_config(context.run_config)
     recorder = recorder_for(exp, run_dir_for(dict(context.run_config), exp))
     with recorder.recording():
-        run(grid, exp, recorder)
+        run(
+            grid,
+            exp,
+            recorder,
+            assign=assign,
+            resume=bool(context.run_config.get(RESUME_KEY)),
+        )

@@ -67,7 +67,10 @@ def load_digits(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    # reshape, not [:, None]: canonical strides, the same as the arrays read
+    # back from the disk cache (torch's kernels may round differently otherwise)
+    images = (bunch.images / 16.0).astype(np.float32)
+    x = images.reshape(len(images), 1, *images.shape[1:])
     return Arrays(x, bunch.target.astype(np.int64)), DatasetInfo((1, 8, 8), 10)
 
 
@@ -137,7 +140,7 @@ def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
 def _image_array(images: Sequence[Any]) -> np.ndarray:
     x = np.stack([np.asarray(img, dtype=np.float32) for img in images]) / 255.0
     if x.ndim == 3:
-        return x[:, None, :, :]
+        return x.reshape(len(x), 1, *x.shape[1:])
     return np.moveaxis(x, -1, 1)
 
 
@@ -235,29 +238,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
 
 
-def cached_partitions(
-    labels: np.ndarray, cfg: DataConfig, num_partitions: int, seed: int
-) -> list[np.ndarray]:
-    """:func:`partition_indices`, cached on disk.
+#: Bump when the cached layout or the splitting changes.
+_CACHE_FORMAT = 2
 
-    Every client process needs the same partitions; computing them once and
-    reading them back spares each Ray actor the partitioner and its imports. The
-    key covers the labels themselves, so a changed data file misses the cache.
-    """
-    key = hashlib.sha256()
-    key.update(labels.astype(np.int64).tobytes())
-    key.update(repr((cfg.partitioner, cfg.alpha, cfg.classes_per_client)).encode())
-    key.update(repr((cfg.min_partition_size, num_partitions, seed)).encode())
-    path = cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
-    with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
-        return [saved[f"p{i}"] for i in range(num_partitions)]
-    parts = partition_indices(labels, cfg, num_partitions, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})  # type: ignore[arg-type]
-    os.replace(tmp, path)
-    return parts
+
+def _source_fingerprint(cfg: DataConfig) -> str | None:
+    """What the loaded data depends on beyond ``cfg``: size and modification
+    time of every local file it reads; None when it reads something that cannot
+    be fingerprinted here (a dataset on the Hugging Face hub)."""
+    hub = cfg.dataset.removeprefix("hf:") if cfg.dataset.startswith("hf:") else ""
+    sources = [Path(p) for p in (cfg.path, hub) if p]
+    if hub and not Path(hub).exists():
+        return None
+    parts = []
+    for source in sources:
+        files = sorted(source.rglob("*")) if source.is_dir() else [source]
+        for file in files:
+            with suppress(OSError):
+                stat = file.stat()
+                parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _cache_path(cfg: DataConfig, num_clients: int, seed: int) -> Path | None:
+    fingerprint = _source_fingerprint(cfg)
+    if fingerprint is None:
+        return None
+    key = hashlib.sha256(
+        repr((_CACHE_FORMAT, cfg, num_clients, seed, fingerprint)).encode()
+    )
+    return cache_dir() / "data" / f"{key.hexdigest()[:32]}.npz"
 
 
 @dataclass(frozen=True)
@@ -288,7 +298,57 @@ class FederatedData:
 
 @lru_cache(maxsize=4)
 def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
-    """Split the dataset into a global test set and ``num_clients`` partitions."""
+    """Split the dataset into a global test set and ``num_clients`` partitions.
+
+    The result is cached on disk (:func:`cache_dir`), keyed by the data config,
+    the number of clients, the seed and the size and modification time of the
+    local files read: the CLI's pre-run check builds it once, and the ServerApp
+    and every Ray actor read it back without the loaders, the splitter and the
+    partitioner (nor their imports: scikit-learn, pandas, ``datasets``).
+    """
+    path = _cache_path(cfg, num_clients, seed)
+    if path is not None:
+        with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
+            info = DatasetInfo(
+                tuple(int(d) for d in saved["input_shape"]), int(saved["num_classes"])
+            )
+            parts = tuple(saved[f"p{i}"] for i in range(num_clients))
+            return FederatedData(
+                info,
+                Arrays(saved["pool_x"], saved["pool_y"]),
+                Arrays(saved["test_x"], saved["test_y"]),
+                parts,
+                cfg.client_test_fraction,
+                seed,
+            )
+    built = _split(cfg, num_clients, seed)
+    if path is not None:
+        _save(path, built)
+    return built
+
+
+def _save(path: Path, data: FederatedData) -> None:
+    """Write atomically: concurrent actors may build the same entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = {
+        "input_shape": np.asarray(data.info.input_shape, dtype=np.int64),
+        "num_classes": np.asarray(data.info.num_classes),
+        "pool_x": data.pool.x,
+        "pool_y": data.pool.y,
+        "test_x": data.test.x,
+        "test_y": data.test.y,
+        **{f"p{i}": p for i, p in enumerate(data.partitions)},
+    }
+    with suppress(OSError):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    with suppress(OSError):
+        tmp.unlink()
+
+
+def _split(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
     from sklearn.model_selection import train_test_split
 
     arrays, info = load_arrays(cfg, seed)
@@ -305,5 +365,5 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
             f"federation.clients: {num_clients} exceeds the {len(pool)} training "
             "examples"
         )
-    parts = cached_partitions(pool.y, cfg, num_clients, seed)
+    parts = partition_indices(pool.y, cfg, num_clients, seed)
     return FederatedData(info, pool, test, tuple(parts), cfg.client_test_fraction, seed)

@@ -19,6 +19,7 @@ from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import ModelConfig
 from fedsim.learn.data import DatasetInfo
+from fedsim.learn.prompts import insert_prompts
 
 
 class MLP(nn.Module):
@@ -111,6 +112,7 @@ class ViT(nn.Module):
     """ViT-style classifier; tabular inputs become one token per feature."""
 
     positions: torch.Tensor
+    prompts: nn.Parameter | None
 
     def __init__(
         self,
@@ -146,6 +148,8 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.register_buffer("positions", torch.arange(tokens + 1), persistent=False)
+        # Soft prompt tokens (SFPrompt), set by fedsim.learn.prompts.add_prompts.
+        self.register_parameter("prompts", None)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_size:
@@ -154,16 +158,27 @@ class ViT(nn.Module):
             return patches.transpose(1, 2)
         return x.flatten(1).unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token, class and positional embeddings: the blocks' input."""
         tokens = self.patch_embed(self.tokens(x))
         # Embeddings are looked up per example (not once for the batch) so that
         # Opacus sees a per-example input and can compute per-example gradients.
         positions = self.positions.expand(x.shape[0], -1)
         cls = self.cls_token(positions[:, :1] * 0)
         h = torch.cat([cls, tokens], dim=1) + self.pos_embed(positions)
+        if self.prompts is None:
+            return h
+        return insert_prompts(h, self.prompts)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalised class token of the last block's output."""
+        return self.norm(h[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h[:, 0]))
+        return self.head(self.pool(h))
 
 
 def build_mlp(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:

@@ -4,6 +4,7 @@ statistics are recorded, and the run stops cleanly once every budget is spent.""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
@@ -71,3 +72,11 @@ class PrivacyBudgetStrategy(DelegatingStrategy):
             out[EPSILON_MEAN] = sum(epsilons) / len(epsilons)
         out[CLIENTS_DECLINED] = len(declined)
         return arrays, out
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The clients that have declined so far (resume)."""
+        return {"declined": sorted(self.declined)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue with the checkpointed declined clients."""
+        self.declined = {int(pid) for pid in state["declined"]}

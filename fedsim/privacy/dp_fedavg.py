@@ -205,6 +205,14 @@ class DpFedAvgAccounting(DelegatingStrategy):
         out[CLIPPING_NORM] = norm
         return arrays, out
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The accountant's history of releases (resume)."""
+        return {"history": [list(step) for step in self.history]}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue with the checkpointed accountant history."""
+        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
 
 class DpFedAvg(NoPrivacy):
     """Client-level DP: plain local training, clipping and noise on the server."""

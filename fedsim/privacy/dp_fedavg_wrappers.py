@@ -14,8 +14,9 @@ messages, call it and pack the result.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -32,6 +33,19 @@ from fedsim.core.seeding import derive_seed
 from fedsim.privacy import accounting
 from fedsim.privacy import dp_fedavg_maths as maths
 from fedsim.protocol.wrapping import DelegatingStrategy
+
+
+def generator_state(rng: np.random.Generator) -> dict[str, Any]:
+    """A numpy ``Generator``'s bit-generator state (JSON values; resume)."""
+    return dict(rng.bit_generator.state)
+
+
+def restore_generator(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
+    """Put ``rng`` back in the state :func:`generator_state` captured."""
+    rng.bit_generator.state = {
+        k: dict(v) if isinstance(v, Mapping) else v for k, v in state.items()
+    }
+
 
 #: Above this ratio of update noise to accounted noise, adaptive clipping warns.
 SIGNIFICANT_NOISE_RATIO = 2.0
@@ -245,6 +259,14 @@ class FixedClipping(DifferentialPrivacyServerSideFixedClipping):
         )
         return _noised(aggregated_arrays, stddev, self.rng)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The noise generator's state (resume)."""
+        return {"rng": generator_state(self.rng)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue drawing noise where the checkpointed run stopped."""
+        restore_generator(self.rng, state["rng"])
+
 
 def log_noise_split(
     noise_multiplier: float, update_noise_multiplier: float, count_stddev: float
@@ -360,3 +382,14 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             self.noise_multiplier, self.clipping_norm, self.denominator
         )
         return _noised(aggregated, stddev, self.rng)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The clipping norm of the next round and the noise generator's state
+        (resume)."""
+        assert self._next_norm is None, "checkpoint between rounds only"
+        return {"clipping-norm": self.clipping_norm, "rng": generator_state(self.rng)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue with the checkpointed clipping norm and noise generator."""
+        self.clipping_norm = float(state["clipping-norm"])
+        restore_generator(self.rng, state["rng"])

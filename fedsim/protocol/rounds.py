@@ -21,13 +21,13 @@ bypasses the family's own round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.core.messages import CONFIG, SERVER_ROUND
+from fedsim.core.messages import CONFIG, METRICS, PARTITION_ID, SERVER_ROUND
 
 
 def run_round(
@@ -113,3 +113,32 @@ def exchange(
         messages.append(Message(content, dst_node_id=node, message_type=message_type))
     replies = grid.send_and_receive(messages, timeout=timeout)
     return {reply.metadata.src_node_id: reply for reply in replies}
+
+
+def node_partitions(
+    grid: Grid, nodes: Iterable[int], *, timeout: float = 60.0
+) -> dict[int, int]:
+    """Node id -> partition id, for a family whose content depends on the client
+    (e.g. its capacity).
+
+    The engine's recording grid already knows the map (``grid.partitions()``);
+    any other grid is asked with a ``query`` message per node (the ClientApp
+    answers with its partition id).
+    """
+    known = getattr(grid, "partitions", None)
+    if callable(known):
+        known = known()
+    if isinstance(known, Mapping):
+        return {int(n): int(p) for n, p in known.items()}
+    replies = exchange(
+        grid,
+        {node: RecordDict() for node in nodes},
+        server_round=0,
+        category=MessageType.QUERY,
+        timeout=timeout,
+    )
+    return {
+        node: int(reply.content[METRICS][PARTITION_ID])  # type: ignore[arg-type]
+        for node, reply in replies.items()
+        if not reply.has_error()
+    }

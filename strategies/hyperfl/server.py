@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -76,6 +77,17 @@ class HyperFL(FedAvg):
                     f"hypernetwork's (first difference: {extra[0]!r})"
                 )
         return super().aggregate_train(server_round, replies)
+
+    # -- resume (see fedsim.engine.checkpoint) ---------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The current hypernetwork (its arrays in order)."""
+        return {"shared": {k: a.numpy() for k, a in self.shared.items()}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpointed hypernetwork."""
+        self.shared = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in state["shared"].items()}
+        )
 
 
 def initial_hypernetwork(

@@ -1,0 +1,130 @@
+"""HeteroFL's server: each node gets the global model's slice at its width; each
+entry is averaged over the clients that hold it (see :mod:`strategies.heterofl`).
+
+Sampling and the round's shape are FedAvg's (Flower's ``FedAvg`` samples, the
+standard round runs); :meth:`HeteroFL.configure_train` and
+:meth:`HeteroFL.configure_evaluate` replace the one shared payload of Flower's
+messages with each node's own slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.core.capacity import capacity_of
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.learn.capacity import Plan, slice_arrays, width_plan
+from fedsim.protocol.rounds import node_partitions
+from fedsim.protocol.setup import ServerSetup
+from strategies.heterofl.maths import aggregate_nested
+
+
+def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord as numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Numpy arrays as an ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class HeteroFL(FedAvg):
+    """FedAvg's sampling and round with width-sliced payloads.
+
+    Parameters
+    ----------
+    plan_of : callable
+        Partition id -> that client's :data:`~fedsim.learn.capacity.Plan`.
+    **kwargs
+        Flower ``FedAvg`` options (sampling fractions, minimum nodes...).
+    """
+
+    def __init__(self, plan_of: Callable[[int], Plan], **kwargs: Any):
+        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
+        kwargs.setdefault("arrayrecord_key", ARRAYS)
+        kwargs.setdefault("configrecord_key", CONFIG)
+        super().__init__(**kwargs)
+        self.plan_of = plan_of
+        #: The global model the current round's slices were cut from.
+        self.current: dict[str, np.ndarray] = {}
+
+    def _sliced(
+        self, messages: Iterable[Message], arrays: ArrayRecord, grid: Grid
+    ) -> list[Message]:
+        messages = list(messages)
+        full = numpy_arrays(arrays)
+        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            own = slice_arrays(full, self.plan_of(partition_of[node]))
+            config = ConfigRecord(dict(msg.content[CONFIG]))  # type: ignore[arg-type]
+            content = RecordDict({ARRAYS: array_record(own), CONFIG: config})
+            out.append(
+                Message(
+                    content, dst_node_id=node, message_type=msg.metadata.message_type
+                )
+            )
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sample; each node gets its slice of ``arrays``."""
+        self.current = numpy_arrays(arrays)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._sliced(messages, arrays, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sample; each node evaluates its slice of ``arrays``."""
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._sliced(messages, arrays, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each entry of the global model: the mean over the replies holding it."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:
+            return None, None
+        uploads = [numpy_arrays(msg.content[ARRAYS]) for msg in valid]  # type: ignore[arg-type]
+        for msg, up in zip(valid, uploads):
+            unknown = set(up) - set(self.current)
+            if unknown:
+                raise ValueError(
+                    f"node {msg.metadata.src_node_id} uploaded arrays the global "
+                    f"model does not have: {sorted(unknown)[0]!r}"
+                )
+        new = aggregate_nested(self.current, uploads)
+        contents = [msg.content for msg in valid]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return array_record(new), metrics
+
+
+def plans(model: Any, capacities: Sequence[float]) -> Callable[[int], Plan]:
+    """Partition id -> plan, one plan computed per distinct width."""
+    table = {r: width_plan(model, r) for r in set(capacities)}
+    return lambda pid: table[capacity_of(capacities, pid)]
+
+
+def build(setup: ServerSetup) -> HeteroFL:
+    """HeteroFL over the experiment's model and ``strategy.capacities``."""
+    return HeteroFL(
+        plans(setup.model, setup.options.capacities), **setup.fedavg_options()
+    )

@@ -1,0 +1,256 @@
+"""Pa3dFL's server: general cores averaged, personal factors generated per
+client from attention-aggregated embeddings (see :mod:`strategies.pa3dfl`).
+
+The family has no global model: :meth:`Pa3dFL.run_round` runs FedAvg's round
+shape with empty arrays, and :meth:`Pa3dFL.configure_train` /
+:meth:`Pa3dFL.configure_evaluate` give each sampled node its own content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.seeding import derive_seed
+from fedsim.learn.capacity import Plan, block, chain
+from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
+from fedsim.learn.hypernet import HyperNetwork
+from fedsim.protocol.rounds import node_partitions, standard_round
+from fedsim.protocol.setup import ServerSetup
+from strategies.heterofl.server import plans
+from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
+
+
+class Generator(nn.Module):
+    """Client embeddings -> self-attention -> hypernetwork -> full-width ``U``
+    and ``V`` of every layer, per client.
+
+    Parameters
+    ----------
+    clients : int
+        Number of clients (one embedding each, N(0, 1) initialised).
+    shapes : mapping of str to shape
+        Full-width shapes of the personal factors.
+    embedding_dim, hidden_dim : int
+        Embedding size; hypernetwork hidden width.
+    """
+
+    def __init__(
+        self,
+        clients: int,
+        shapes: dict[str, torch.Size],
+        *,
+        embedding_dim: int,
+        hidden_dim: int,
+    ):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.randn(clients, embedding_dim))
+        self.query = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        self.key = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        self.value = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        self.hypernetwork = HyperNetwork(
+            shapes, embedding_dim=embedding_dim, hidden_dim=hidden_dim
+        )
+
+    def aggregated(self) -> torch.Tensor:
+        """Every client's embedding after self-attention over all of them."""
+        return attention_aggregate(
+            self.embeddings, self.query.weight, self.key.weight, self.value.weight
+        )
+
+    def personal(self, partitions: Iterable[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Full-width personal factors of the given clients."""
+        mixed = self.aggregated()
+        return {pid: self.hypernetwork(mixed[pid]) for pid in partitions}
+
+
+def sliced(factors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """The leading blocks of full-width factors a width keeps."""
+    return {k: factors[k][block(s)] for k, s in plan.items()}
+
+
+class Pa3dFL(FedAvg):
+    """FedAvg's sampling and round shape with per-client generated content.
+
+    Parameters
+    ----------
+    generator : Generator
+        Embeddings, attention and hypernetwork.
+    general : dict of str to ndarray
+        The initial general cores ``<layer>.G``.
+    plan_of : callable
+        Partition id -> the client's personal-factor plan.
+    hyper_lr, hyper_momentum : float
+        The generator's SGD settings.
+    **kwargs
+        Flower ``FedAvg`` options.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        general: dict[str, np.ndarray],
+        plan_of: Callable[[int], Plan],
+        *,
+        hyper_lr: float,
+        hyper_momentum: float,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
+        kwargs.setdefault("arrayrecord_key", ARRAYS)
+        kwargs.setdefault("configrecord_key", CONFIG)
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.general = general
+        self.plan_of = plan_of
+        self.optimizer = torch.optim.SGD(
+            generator.parameters(), lr=hyper_lr, momentum=hyper_momentum
+        )
+        #: Node id -> partition id of the nodes sent content this round.
+        self.sent_to: dict[int, int] = {}
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """FedAvg's round shape (through ``hooks``); no global model."""
+        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
+        return None
+
+    def content_for(self, partition_id: int) -> dict[str, torch.Tensor]:
+        """The general cores and the client's generated personal factors."""
+        with torch.no_grad():
+            full = self.generator.personal([partition_id])[partition_id]
+        own = sliced(full, self.plan_of(partition_id))
+        out = {k: torch.from_numpy(np.array(v)) for k, v in self.general.items()}
+        out.update({k: v.detach().clone() for k, v in own.items()})
+        return out
+
+    def _own(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
+        messages = list(messages)
+        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.sent_to[node] = partition_of[node]
+            config = ConfigRecord(dict(msg.content[CONFIG]))  # type: ignore[arg-type]
+            arrays = ArrayRecord(self.content_for(partition_of[node]))
+            out.append(
+                Message(
+                    RecordDict({ARRAYS: arrays, CONFIG: config}),
+                    dst_node_id=node,
+                    message_type=msg.metadata.message_type,
+                )
+            )
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent_to = {}
+        return self._own(
+            super().configure_train(server_round, arrays, config, grid), grid
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._own(
+            super().configure_evaluate(server_round, arrays, config, grid), grid
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Plain mean of the general cores; one pFedHN step of the generator."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:
+            return None, None
+        uploads = {
+            self.sent_to[m.metadata.src_node_id]: {
+                k: v.numpy()
+                for k, v in m.content[ARRAYS].items()  # type: ignore[union-attr]
+            }
+            for m in valid
+        }
+        self.general = plain_mean(
+            [{k: up[k] for k in self.general} for up in uploads.values()]
+        )
+        self.step_generator(uploads)
+        contents = [msg.content for msg in valid]
+        return None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def step_generator(self, uploads: dict[int, dict[str, np.ndarray]]) -> None:
+        """Move every client's generated factors toward its trained ones:
+        gradient ``J^T (sent - returned)``, averaged over the clients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        generated = self.generator.personal(uploads)
+        surrogate = torch.zeros(())
+        for pid, up in uploads.items():
+            own = sliced(generated[pid], self.plan_of(pid))
+            for name, value in own.items():
+                delta = value.detach() - torch.from_numpy(np.array(up[name]))
+                surrogate = surrogate + (value * delta).sum()
+        (surrogate / len(uploads)).backward()
+        self.optimizer.step()
+
+
+def factor_plans(
+    model: nn.Module, capacities: Sequence[float], rank: int
+) -> Callable[[int], Plan]:
+    """Partition id -> the leading blocks of ``U`` / ``V`` at its width."""
+    width_of = plans(model, capacities)
+    return lambda pid: personal_plan(width_of(pid), rank)
+
+
+def initial_general(model: nn.Module, generator: Generator) -> dict[str, np.ndarray]:
+    """Each layer's ``G`` closest to the initial model's weight, given the mean
+    generated full-width ``U`` and ``V`` (:func:`core_for`)."""
+    with torch.no_grad():
+        generated = generator.personal(range(generator.embeddings.shape[0]))
+        mean = {
+            k: torch.stack([g[k] for g in generated.values()]).mean(0)
+            for k in generator.hypernetwork.shapes
+        }
+        return {
+            f"{name}.G": core_for(
+                layer.weight.detach().cpu(),
+                mean[f"{name}.{LEFT}"],
+                mean[f"{name}.{RIGHT}"],
+            ).numpy()
+            for name, layer in chain(model)
+        }
+
+
+def build(setup: ServerSetup) -> Pa3dFL:
+    """Pa3dFL over the experiment's model, ``strategy.capacities`` and keys."""
+    opts, model = setup.options, setup.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(setup.experiment.seed, "pa3dfl-generator"))
+        generator = Generator(
+            setup.experiment.federation.clients,
+            personal_shapes(model, opts.rank),
+            embedding_dim=opts.embedding_dim,
+            hidden_dim=opts.hidden_dim,
+        )
+    return Pa3dFL(
+        generator,
+        initial_general(model, generator),
+        factor_plans(model, opts.capacities, opts.rank),
+        hyper_lr=opts.hyper_lr,
+        hyper_momentum=opts.hyper_momentum,
+        **setup.fedavg_options(),
+    )

@@ -1,0 +1,221 @@
+"""Split learning: SplitFed V1 and V2 (Thapa et al., "SplitFed: When Federated
+Learning Meets Split Learning", AAAI 2022) and U-shaped split learning
+(Vepakomma et al., "Split learning for health", 2018).
+
+The model is cut (:mod:`fedsim.learn.split`; ``split.cut`` names the last stage
+the client runs, empty for the model's default). The client runs the first
+segment, the server the rest; activations go up, gradients of the cut
+activations come down, every tensor in the messages (so the recorded bytes are
+what crosses the cut). ``split.quantization`` picks the codec of both
+(:data:`fedsim.learn.codecs.CODECS`: ``none``, ``int8``, ``int4``, ``amaq``:
+learned per-channel bit widths, :mod:`fedsim.learn.amaq`, whose gate the client
+learns and keeps in its ``context.state`` across rounds; the clients' last
+replies then carry ``mean-bits``, the mean bit width of the activations they
+sent that round). ``sfprompt`` (:mod:`strategies.split.sfprompt`) builds on
+U-shaped split learning.
+
+- ``sfl-v1``: the sampled clients run concurrently; the server keeps one copy of
+  the server segment per client (each starts the round from the global one and
+  takes an SGD step per batch of its client). End of round: example-weighted
+  FedAvg of the client segments, and of the server copies with the same weights.
+- ``sfl-v2``: one server segment; after every client's first forward (all at
+  once) the server serves the clients one after another, in a seeded random
+  order, so its weights change after every batch of every client; client
+  segments are FedAvg'd at the end of the round.
+- ``split-ushape``: the client holds the head (stages up to ``split.cut``) and
+  the tail (from ``split.tail``, default the ``head`` layer) with the loss; the
+  server holds the body, one copy per client as in V1. Labels and raw inputs
+  never leave the client: per batch, activations up, body output down, the
+  gradient of the body output up, the gradient of the head output down.
+
+Per batch (one round trip; two for U-shaped): the client cannot keep an autograd
+graph between messages (another process may serve the next one), so the reply
+that applies batch t's gradient recomputes batch t's forward (dropout masks
+from a seed of the run, round, partition and batch), steps, and carries batch
+t+1's activations. The client's segment weights, optimiser state and cursor
+live in its ``context.state`` between messages (:data:`clients.split.STATE`);
+batches come from :func:`fedsim.learn.split.batch_plan` (``train.epochs``
+passes, ``train.batch-size``, seeded by run, round and partition). Both sides
+use ``train.optimizer``, ``lr``, ``momentum`` and ``weight-decay``, fresh each
+round. The global model (client and server segments together) is evaluated by
+the server on the held-out test set after each round; there is no federated
+evaluation (``federation.fraction-evaluate`` is unused).
+
+Message contract (keys from :mod:`fedsim.core.messages`; ``cut`` holds arrays
+named ``<prefix>.<codec array>``, see :func:`fedsim.learn.codecs.encode`):
+
+- ``train`` down: ``arrays`` (the global client segment(s), the model's state-dict
+  names), ``config`` (``server-round``).
+- ``train`` up, and ``train.split_step`` up while batches remain: ``cut``
+  (``activations.*`` of the next batch; SplitFed also ``labels``), ``metrics``
+  (``batches``).
+- ``train.split_step`` down: ``cut`` (``gradient.*`` of the cut activations of
+  the client's last batch), ``config``.
+- ``train.split_tail`` down (U-shaped): ``cut`` (``activations.*``: the body's
+  output); up: ``cut`` (``gradient.*`` of the body's output).
+- ``train.split_step`` up after the last batch: ``arrays`` (the client
+  segment(s) after the round), ``metrics`` (``num-examples``, ``batches``;
+  U-shaped also ``loss``).
+
+Client/server segment API (for families built on this one, e.g. SFPrompt):
+
+- cutting: :func:`fedsim.learn.split.stages` names a packaged model's stages,
+  :func:`~fedsim.learn.split.cut_points` turns ``split.cut`` (and ``split.tail``)
+  into cut indices, :func:`~fedsim.learn.split.split_model` returns
+  :class:`~fedsim.learn.split.Segment` s sharing the model's modules (callable;
+  ``parameters()``, ``state()`` and ``load()`` under the model's state-dict
+  names).
+- codecs: :data:`fedsim.learn.codecs.CODECS` (name -> ``factory(options)``; add
+  one by registering it there), :func:`~fedsim.learn.codecs.encode` /
+  :func:`~fedsim.learn.codecs.decode` name the arrays ``<prefix>.<array>``. The
+  codecs live in ``fedsim/learn`` because both sides use them and
+  ``clients/`` may not import ``strategies/``.
+- server: :class:`strategies.split.server.SplitStrategy` runs a round as one
+  :class:`~strategies.split.server.Session` per client (``respond(reply) ->
+  (action, content) | None``); override ``sessions`` (who shares which server
+  segment), ``serve`` (together or one after another), ``client_segments`` /
+  ``server_segment`` (who holds which segment) and ``server_state``
+  (aggregation of the server side). :class:`~strategies.split.server.
+  ServerSegment` is the server's segment with its optimiser: ``step`` for a
+  segment ending in the loss, ``forward`` / ``backward`` for a body.
+- client: :class:`clients.split.SplitClient` (``own`` segments, ``plan`` of
+  batches, ``head_output``, ``upload``, ``final``; ``restore`` / ``save`` of
+  ``context.state``) and :class:`clients.split.UshapeClient` (``split_tail``).
+
+U-shaped training keeps one body copy per client, as V1 (the clients run
+concurrently).
+"""
+
+from dataclasses import dataclass
+
+from fedsim.core.family import Family
+from fedsim.core.messages import SPLIT_STEP, SPLIT_TAIL
+from fedsim.core.schema import at_least, fraction, option, positive
+from fedsim.learn.codecs import codec_name
+
+_NO_DP = (
+    "split learning shares activations and gradients per batch, which neither "
+    "DP-SGD's per-example clipping of the client segment nor client-level "
+    "DP-FedAvg covers; that pairing is not implemented"
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """``[split]``: where the model is cut and how the cut tensors are coded."""
+
+    cut: str = option(
+        "",
+        "last stage the client runs (name or index, see fedsim.learn.split); "
+        "empty: mlp body.2, cnn features.4, vit blocks.0",
+    )
+    quantization: str = option(
+        "none",
+        "codec of activations up and gradients down: none, int8, int4 "
+        "(per-channel scale and zero point), amaq (learned per-channel bits)",
+        codec_name,
+    )
+    min_bits: int = option(2, "fewest bits per value of an adaptive codec", at_least(1))
+    max_bits: int = option(8, "most bits per value of an adaptive codec", at_least(1))
+    amaq_start_bits: float = option(
+        8.0, "AMAQ: mean bit width the budget starts from", at_least(1)
+    )
+    amaq_end_bits: float = option(
+        4.0, "AMAQ: mean bit width the budget anneals to by the last round", at_least(1)
+    )
+    amaq_weight: float = option(10.0, "AMAQ: weight of the bit penalty", positive)
+    amaq_lr: float = option(0.2, "AMAQ: Adam learning rate of the gate", positive)
+
+
+@dataclass(frozen=True)
+class UshapeOptions(Options):
+    """U-shaped: the client also holds the tail."""
+
+    tail: str = option(
+        "head", "first stage of the client's tail (name or index); the body between"
+    )
+
+
+_REJECTS = {"dp-sgd": _NO_DP, "dp-fedavg": _NO_DP}
+_ACTIONS = (SPLIT_STEP, SPLIT_TAIL)
+
+V1 = Family(
+    name="sfl-v1",
+    summary="SplitFed V1 (Thapa et al., 2022): clients in parallel, a server "
+    "segment copy per client, FedAvg of both sides",
+    server="strategies.split.server:build_v1",
+    client="clients.split:SplitClient",
+    options=Options,
+    section="split",
+    rejects=_REJECTS,
+    check="strategies.split.server:check",
+    actions=_ACTIONS,
+)
+
+V2 = Family(
+    name="sfl-v2",
+    summary="SplitFed V2 (Thapa et al., 2022): one server segment serving the "
+    "clients one after another; FedAvg of the client segments",
+    server="strategies.split.server:build_v2",
+    client="clients.split:SplitClient",
+    options=Options,
+    section="split",
+    rejects=_REJECTS,
+    check="strategies.split.server:check",
+    actions=_ACTIONS,
+)
+
+USHAPE = Family(
+    name="split-ushape",
+    summary="U-shaped split learning: the client holds head and tail with the "
+    "labels, the server the body",
+    server="strategies.split.server:build_ushape",
+    client="clients.split:UshapeClient",
+    options=UshapeOptions,
+    section="split",
+    rejects=_REJECTS,
+    check="strategies.split.server:check",
+    actions=_ACTIONS,
+)
+
+#: The three families (the entry points ``sfl-v1``, ``sfl-v2`` and
+#: ``split-ushape`` load this).
+FAMILIES = (V1, V2, USHAPE)
+
+
+@dataclass(frozen=True)
+class SFPromptOptions(UshapeOptions):
+    """SFPrompt: prompts, pruning and the local-loss update."""
+
+    tail: str = option(
+        "pool",
+        "first stage of the client's tail (name or index; at most 'pool', so that "
+        "tail(head(x)) is defined)",
+    )
+    prompts: int = option(
+        4, "soft prompt tokens inserted after the class token", at_least(1)
+    )
+    keep_fraction: float = option(
+        0.5,
+        "fraction of local examples kept each round (the largest EL2N scores)",
+        fraction,
+    )
+    local_epochs: int = option(
+        1, "epochs of the local-loss update (tail(head(x)), no messages)", at_least(0)
+    )
+
+
+#: SFPrompt (Cao et al., 2024); the entry point ``sfprompt`` loads it.
+SFPROMPT = Family(
+    name="sfprompt",
+    summary="SFPrompt (Cao et al., 2024): frozen pre-trained ViT, client prompts "
+    "and tail, EL2N pruning, local-loss update, U-shaped split training",
+    server="strategies.split.sfprompt:build",
+    client="clients.sfprompt:SFPromptClient",
+    options=SFPromptOptions,
+    section="split",
+    rejects=_REJECTS,
+    check="strategies.split.sfprompt:check",
+    actions=_ACTIONS,
+    model="strategies.split.sfprompt:prompted",
+)

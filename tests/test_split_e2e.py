@@ -1,0 +1,84 @@
+"""U-shaped split learning end to end through Flower's simulation runtime:
+every message a client sends the server, inspected.
+
+The ``split-ushape-spy`` plug-in (``tests/spy``) is U-shaped split learning
+whose server writes every reply of every exchange to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsim.core.loading import load_experiment
+from fedsim.core.rundir import SUMMARY_FILE, read_metrics
+from fedsim.learn.data import federated_data
+from tests.conftest import fedsim, sets
+
+pytestmark = pytest.mark.slow
+
+SPY = Path(__file__).parent / "spy"
+RUN = (
+    "rounds=1",
+    "federation.clients=2",
+    "data.dataset=synthetic",
+    "data.size=200",
+    "model.name=mlp",
+    "model.hidden=16",
+    "train.epochs=1",
+    "train.batch-size=32",
+)
+
+
+def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
+    tmp_path: Path,
+) -> None:
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = fedsim(
+        "run",
+        *sets("strategy.name=split-ushape-spy", f"split.spy-dir={seen}", *RUN),
+        out=tmp_path / "runs",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((result.run_dir / SUMMARY_FILE).read_text())
+    assert summary["status"] == "completed"
+
+    exp = load_experiment(None, ["strategy.name=split-ushape", *RUN])
+    data = federated_data(exp.data, 2, exp.seed)
+    weights = {"body.0", "body.1", "body.2"}  # the default cut: body.2
+    replies = sorted(seen.glob("up-r1-*.npz"))
+    for pid in (0, 1):
+        train = data.client(pid).train
+        batches = -(-len(train) // 32)
+        mine = [dict(np.load(p)) for p in replies if f"-p{pid}-" in p.name]
+        assert len(mine) == 1 + 2 * batches  # start, then two per batch
+        for up in mine:
+            for name, array in up.items():
+                record, _, key = name.partition("|")
+                if record == "cut":
+                    assert key.startswith(("activations.", "gradient.")), key
+                    assert array.shape[0] <= 32 and array.dtype == np.float32
+                else:  # the last reply: the client's head and tail weights
+                    assert record == "arrays"
+                    assert key.rsplit(".", 1)[0] in {*weights, "head"}, key
+                assert not (array.dtype.kind in "iu" and array.ndim == 1), name
+                if array.ndim == 2 and array.shape[1] == train.x.shape[1]:
+                    for row in array:
+                        assert not np.isclose(train.x, row).all(axis=1).any()
+    labels_in = [n for p in replies for n in np.load(p).files if "label" in n]
+    assert labels_in == []
+
+    rows = read_metrics(result.run_dir)
+    clients = rows[rows["client"].notna() & (rows["phase"] == "train")]
+    assert (clients[clients["metric"] == "bytes-up"]["value"] > 0).all()
+    assert set(rows[rows["phase"] == "server"]["metric"]) >= {"accuracy", "loss"}

@@ -18,7 +18,8 @@ ALLOWED = {
     "protocol": {"core", "learn"},
     "privacy": {"core", "learn", "protocol"},
     "analysis": {"core"},
-    "engine": {"core", "learn", "protocol", "privacy", "analysis"},
+    "audit": {"core", "learn"},
+    "engine": {"core", "learn", "protocol", "privacy", "analysis", "audit"},
 }
 MAX_LINES = 450
 

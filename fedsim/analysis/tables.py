@@ -21,6 +21,7 @@ from fedsim.analysis.views import (
     round_metric,
     run_order,
 )
+from fedsim.core.rundir import ATTACK_PSNR
 
 #: Accuracy a run must reach for ``rounds_to_target`` unless told otherwise.
 DEFAULT_TARGET = 0.8
@@ -66,7 +67,9 @@ def comparison(
         if none), ``final_loss``,
         ``federated_accuracy`` (last aggregated client-side accuracy),
         ``bytes_up``, ``bytes_down`` (totals over all rounds and phases),
-        ``wall_seconds``, ``epsilon`` (largest epsilon recorded; NaN if none).
+        ``wall_seconds``, ``epsilon`` (largest epsilon recorded; NaN if none),
+        ``attack_psnr`` (the privacy audit's mean ``attack-psnr`` over every
+        attacked client and round, dB; NaN if the run was not audited).
         ``attrs`` hold ``target`` and ``phase`` (the phase of every row, or
         ``headline`` where runs' headline phases differ).
     """
@@ -80,6 +83,8 @@ def comparison(
         .sum()
     )
     eps = frame[frame["metric"] == "epsilon"].groupby(by, sort=False)["value"].max()
+    attacked = frame[(frame["metric"] == ATTACK_PSNR) & frame["client"].notna()]
+    psnr = attacked.groupby(by, sort=False)["value"].mean()
     phases = headline_phases(frame, by=by) if phase == HEADLINE else None
     info = frame.groupby(by, sort=False).agg(
         run=("run", "first"),
@@ -110,6 +115,7 @@ def comparison(
                 "bytes_up": float(comm.loc[name, "bytes_up"]),
                 "bytes_down": float(comm.loc[name, "bytes_down"]),
                 "epsilon": float(eps[name]) if name in eps.index else np.nan,
+                "attack_psnr": float(psnr[name]) if name in psnr.index else np.nan,
             }
         )
     columns = [
@@ -131,6 +137,7 @@ def comparison(
         "bytes_down",
         "wall_seconds",
         "epsilon",
+        "attack_psnr",
     ]
     if not rows:
         return pd.DataFrame(columns=columns, index=pd.Index([], name=by))
@@ -206,6 +213,7 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
     rich.table.Table
         One row per run; the caption says whose accuracy and loss are shown
         (the phase, or each phase's runs where runs' headline phases differ).
+        An ``attack PSNR`` column (dB) is added when a run was audited.
     """
     from rich.table import Table
 
@@ -228,12 +236,15 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
         "epsilon",
     ):
         out.add_column(name, justify="right", no_wrap=True)
+    audited = "attack_psnr" in table.columns and table["attack_psnr"].notna().any()
+    if audited:
+        out.add_column("attack PSNR", justify="right", no_wrap=True)
     for label, row in table.iterrows():
         style = _STATUS_STYLE.get(str(row["status"]), "")
         best = _num(row["best_accuracy"])
         if row["best_round"] is not pd.NA:
             best += f" ({row['best_round']})"
-        out.add_row(
+        cells = [
             str(label),
             f"[{style}]{row['status']}[/]" if style else str(row["status"]),
             f"{row['rounds']}/{_num(row['planned_rounds'], 'd')}",
@@ -247,5 +258,8 @@ def comparison_table(table: pd.DataFrame, title: str = "fedsim report") -> Any:
             human_bytes(row["bytes_down"]),
             f"{_num(row['wall_seconds'], '.1f')} s",
             _num(row["epsilon"], ".3f"),
-        )
+        ]
+        if audited:
+            cells.append(_num(row["attack_psnr"], ".2f") + " dB")
+        out.add_row(*cells)
     return out

@@ -330,6 +330,45 @@ class LoggingConfig:
     mlflow_experiment: str = option("", "MLflow experiment; empty: the experiment name")
 
 
+def _rounds_list(v: tuple[int, ...]) -> str | None:
+    if not v:
+        return "must name at least one round"
+    return None if all(r >= 1 for r in v) else "every round must be >= 1"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: a privacy audit inside the run (off by default).
+
+    After each round in ``rounds`` the server attacks what the first
+    ``clients`` training clients (lowest partition ids) uploaded, with the
+    family's view of the upload (``Family.audit``), and records ``attack-psnr``
+    (dB) per attacked client in the round's ``train`` rows; PNG grids go to
+    ``attacks/`` in the run directory. Training is not changed.
+    """
+
+    attack: str = option(
+        "none",
+        "'none' (off) or 'inverting-gradients' (Geiping et al. 2020)",
+        one_of("none", "inverting-gradients"),
+    )
+    rounds: tuple[int, ...] = option(
+        [1], "rounds whose uploads are attacked", _rounds_list
+    )
+    clients: int = option(
+        1, "training clients attacked per round (lowest partition ids)", at_least(1)
+    )
+    iterations: int = option(1000, "optimisation steps of the attack", at_least(1))
+    lr: float = option(0.1, "Adam learning rate of the dummy inputs", positive)
+    tv: float = option(1e-4, "weight of the total-variation image prior", non_negative)
+    labels: str = option(
+        "known",
+        "'known': the attacker is granted the labels; 'inferred': from the output "
+        "bias update, else optimised with the inputs",
+        one_of("known", "inferred"),
+    )
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A whole experiment, as read from its TOML file."""
@@ -349,6 +388,7 @@ class Experiment:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def expected_clients_per_round(experiment: Experiment) -> float:

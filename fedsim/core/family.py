@@ -84,6 +84,10 @@ class Family:
         to the engine's built model before the initial arrays are taken (e.g.
         parameters of the family's own, such as soft prompts); the client side
         applies the same to its own build.
+    audit : str
+        ``"module:callable"``: what an honest-but-curious server sees of a
+        client's train exchange, ``surface(sent, reply, public) -> Scene`` (see
+        :mod:`fedsim.audit.replay`); empty: the family cannot be audited.
     """
 
     name: str
@@ -99,6 +103,7 @@ class Family:
     check: str = ""
     actions: tuple[str, ...] = ()
     model: str = ""
+    audit: str = ""
 
     def load_server(self) -> Any:
         """The server-side factory."""

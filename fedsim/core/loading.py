@@ -130,6 +130,7 @@ def check_consistency(exp: Experiment, family: Family) -> None:
         raise ConfigError("peft.targets: LoRA needs at least one module name")
     _check_pretrain_split(exp)
     _check_family(exp, family)
+    _check_audit(exp, family)
     p = exp.privacy
     if p.mechanism != "none" and p.noise_multiplier == 0 and p.target_epsilon == 0:
         raise ConfigError(
@@ -170,6 +171,22 @@ def _check_family(exp: Experiment, family: Family) -> None:
         raise ConfigError(
             f"strategy.name: {name!r} cannot run under privacy.mechanism = "
             f"{mechanism!r}: {reason}; it supports privacy.mechanism = {allowed}"
+        )
+
+
+def _check_audit(exp: Experiment, family: Family) -> None:
+    audit = exp.audit
+    if audit.attack == "none":
+        return
+    if not family.audit:
+        raise ConfigError(
+            f"audit.attack: strategy.name = {family.name!r} declares no view of its "
+            "uploads to attack; set audit.attack = 'none'"
+        )
+    late = [r for r in audit.rounds if r > exp.rounds]
+    if late:
+        raise ConfigError(
+            f"audit.rounds: round {late[0]} is after the last round ({exp.rounds})"
         )
 
 

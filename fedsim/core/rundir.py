@@ -55,6 +55,15 @@ DTYPES: Mapping[str, str] = {
 #: Per-client metrics whose aggregate row is a sum rather than a weighted mean.
 SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
 
+#: The privacy audit's per-client metric: best-match PSNR (dB) of the
+#: reconstructions of what the client uploaded (``train`` rows).
+ATTACK_PSNR = "attack-psnr"
+#: The phase the privacy audit's seconds are recorded under.
+AUDIT_PHASE = "audit"
+#: Per-client metrics whose aggregate is the plain mean over the clients that
+#: report them, not weighted by examples.
+UNWEIGHTED = frozenset({ATTACK_PSNR})
+
 #: ``summary.json`` key naming the run's headline phase.
 HEADLINE_KEY = "headline"
 #: Phases a run's headline accuracy and loss can come from: ``server`` (the global

@@ -22,7 +22,7 @@ from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
-from fedsim.core.rundir import read_metrics
+from fedsim.core.rundir import ATTACK_PSNR, AUDIT_PHASE, read_metrics
 from fedsim.engine.recorder import headline_of
 
 
@@ -65,6 +65,20 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
     privacy.preflight(exp, model, data)
 
 
+def audit_note(frame: Any, server_round: int) -> str:
+    """The privacy audit's phase of a round, for its progress line: the mean
+    ``attack-psnr`` and the attack's seconds ('' when the round was not
+    audited)."""
+    rows = frame[(frame["round"] == server_round) & frame["client"].isna()]
+    psnr = rows[(rows["phase"] == "train") & (rows["metric"] == ATTACK_PSNR)]
+    if psnr.empty:
+        return ""
+    spent = rows[(rows["phase"] == AUDIT_PHASE) & (rows["metric"] == "seconds")]
+    seconds = float(spent["value"].iloc[0]) if len(spent) else float("nan")
+    value = float(psnr["value"].iloc[0])
+    return f"  audit: attack-psnr {value:.2f} dB ({seconds:.1f}s)"
+
+
 class Display(Protocol):
     """Shows one line per closed round."""
 
@@ -103,7 +117,7 @@ class Progress:
                 f"  accuracy {rows.get('accuracy', nan):.4f}"
                 f"  loss {rows.get('loss', nan):.4f}"
                 f"  elapsed {time.monotonic() - self.start:6.1f}s"
-            )
+            ) + audit_note(frame, rnd)
             self.done = rnd
             self.display.round(rnd, self.rounds, line)
 

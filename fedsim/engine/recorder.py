@@ -8,7 +8,8 @@ rounds before k readable. ``summary.json`` is written when the run starts
 
 Phases: ``train`` and ``evaluate`` (per-client rows and their aggregate), ``server``
 (server-side evaluation of the global model on the held-out test set, round 0 being
-the initial model).
+the initial model), ``audit`` (the privacy audit's seconds; its ``attack-psnr``
+goes in the ``train`` rows).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fedsim.core.rundir import (
     METRICS_FILE,
     SUMMARY_FILE,
     SUMMED,
+    UNWEIGHTED,
     RoundSink,
     metrics_frame,
     read_metrics,
@@ -406,9 +408,9 @@ def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, 
     """Aggregate rows of one phase: sums for counts, example-weighted means else.
 
     Sums include failed clients (bytes were sent to them all the same); means use
-    successful replies only. ``failed`` becomes ``failures`` (a count), ``clients``
-    counts successful replies, and per-client ``seconds`` is left out (the phase's
-    wall time is recorded instead).
+    successful replies only (plain means for ``UNWEIGHTED`` metrics). ``failed``
+    becomes ``failures`` (a count), ``clients`` counts successful replies, and
+    per-client ``seconds`` is left out (the phase's wall time is recorded instead).
     """
     ok = [values for _, values in replies if "failed" not in values]
     out: dict[str, float] = {
@@ -422,7 +424,8 @@ def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, 
     names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
     for name in names:
         have = [v for v in ok if name in v]
-        weights = [v.get("examples", 0.0) for v in have]
+        plain = name in UNWEIGHTED
+        weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
         total = sum(weights)
         if total > 0:
             out[name] = sum(w * v[name] for w, v in zip(weights, have)) / total

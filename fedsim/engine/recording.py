@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import (
@@ -40,6 +40,9 @@ from fedsim.engine.recorder import RunRecorder
 from fedsim.protocol.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
+
+#: ``observer(server_round, messages, replies, partition_of)``.
+Observer = Callable[[int, list[Message], list[Message], Mapping[int, int]], None]
 
 
 def array_bytes(content: RecordDict) -> int:
@@ -76,6 +79,9 @@ class RecordingGrid(Grid):
         and names it in every message's ``config`` (``partition-id``), which
         the ClientApp serves. A node always serves the same partition, so its
         ``context.state`` stays that client's.
+    observer : callable, optional
+        ``observer(server_round, messages, replies, partition_of)``, told of
+        every exchange once its replies are in (the privacy audit listens).
     """
 
     def __init__(
@@ -89,9 +95,11 @@ class RecordingGrid(Grid):
         experiment: int | None = None,
         partitions: Mapping[int, int] | None = None,
         assign: bool = False,
+        observer: Observer | None = None,
     ):
         self.grid = grid
         self.assign = assign
+        self.observer = observer
         self.experiment = experiment
         self.recorder = recorder
         self.num_clients = num_clients
@@ -278,6 +286,8 @@ class RecordingGrid(Grid):
                 f"no reply within federation.round-timeout = {timeout:g} s",
                 {"bytes-down": sent_bytes},
             )
+        if self.observer is not None:
+            self.observer(server_round, messages, replies, partition_of)
         # Only the round's opening train exchange: a family's own exchanges
         # (``train.<action>``) may address fewer nodes (e.g. one at a time) and
         # check what their round needs themselves.

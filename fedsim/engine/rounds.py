@@ -54,6 +54,9 @@ class RoundDriver:
     crash_in_round : int, optional
         Tests only: raise :class:`SimulatedCrash` when this round has run and
         before anything of it is recorded, as a crash would.
+    after_round : callable, optional
+        Called with the round number after the round's evaluation, before the
+        round is closed (the privacy audit).
     """
 
     def __init__(
@@ -67,7 +70,9 @@ class RoundDriver:
         timeout: float,
         checkpoint: Checkpoint | None = None,
         crash_in_round: int | None = None,
+        after_round: Callable[[int], None] | None = None,
     ):
+        self.after_round = after_round
         self.strategy = strategy
         self.grid = grid
         self.recorder = recorder
@@ -101,6 +106,8 @@ class RoundDriver:
             self.recorder.checkpoint(
                 server_round, {k: a.numpy() for k, a in arrays.items()}
             )
+        if self.after_round is not None:
+            self.after_round(server_round)
         self.recorder.end_round(server_round)
         if self.checkpoint is not None and server_round > 0:
             self.checkpoint(server_round, arrays)

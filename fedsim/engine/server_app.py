@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
+from fedsim.audit.auditor import Auditor
 from fedsim.core import registry
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import (
@@ -139,6 +140,9 @@ def run(
         )
         return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
 
+    auditor = None
+    if exp.audit.attack != "none":
+        auditor = Auditor(exp, setup.data, recorder, family.audit)
     recording = RecordingGrid(
         grid,
         recorder,
@@ -147,6 +151,7 @@ def run(
         experiment=experiment,
         partitions=partitions,
         assign=assign,
+        observer=auditor.observe if auditor else None,
     )
     crash = os.environ.get(CRASH_IN_ROUND)
     RoundDriver(
@@ -157,6 +162,7 @@ def run(
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
         checkpoint=save,
+        after_round=auditor.after_round if auditor else None,
         crash_in_round=int(crash) if crash else None,
     ).run(arrays, start=start)
     return recording

@@ -209,18 +209,29 @@ def inject_lora(
         bias="none",
     )
     wrapped = get_peft_model(model, config)
-    top = max_rank(peft)
     with torch.no_grad():
         for name in layout.adapted:
             layer: Any = model.get_submodule(name)
             weight = layer.lora_A[ADAPTER].weight
-            generator = torch.Generator().manual_seed(derive_seed(init_seed, name))
-            bound = 1.0 / math.sqrt(weight.shape[1])
-            full = torch.empty(top, weight.shape[1]).uniform_(
-                -bound, bound, generator=generator
-            )
-            weight.copy_(full[:rank])
+            weight.copy_(initial_a(peft, name, weight.shape[1], rank, init_seed))
     return wrapped
+
+
+def initial_a(
+    peft: PeftConfig, module: str, d_in: int, rank: int, init_seed: int
+) -> torch.Tensor:
+    """The A factor a rank-``rank`` client starts module ``module`` with:
+    Kaiming-uniform (bound ``1 / sqrt(d_in)``) from a generator seeded with
+    ``init_seed`` and the module name, the first ``rank`` rows of the
+    largest rank's draw (see :func:`inject_lora`)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(derive_seed(init_seed, module))
+    bound = 1.0 / math.sqrt(d_in)
+    full = torch.empty(max_rank(peft), d_in).uniform_(
+        -bound, bound, generator=generator
+    )
+    return full[:rank]
 
 
 def adapter_state(model: nn.Module, layout: LoraLayout) -> dict[str, torch.Tensor]:

@@ -18,4 +18,5 @@ FAMILY = Family(
     server="strategies.fedavg.server:build",
     client="clients.full:FullModelClient",
     privacy=("none", "dp-sgd", "dp-fedavg"),
+    audit="fedsim.audit.replay:full_model",
 )

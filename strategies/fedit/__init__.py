@@ -35,4 +35,5 @@ FAMILY = Family(
         "releases"
     },
     check="fedsim.learn.lora:check_layout",
+    audit="fedsim.audit.replay:lora_factors",
 )

@@ -79,4 +79,5 @@ FAMILY = Family(
     privacy=("none", "dp-sgd"),
     rejects={"dp-fedavg": DP_FEDAVG_REJECTED},
     check="fedsim.learn.lora:check_layout",
+    audit="fedsim.audit.replay:lora_factors",
 )

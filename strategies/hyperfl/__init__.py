@@ -119,6 +119,7 @@ FAMILY = Family(
     privacy=("none",),
     global_model=False,
     rejects=_REJECTS,
+    audit="fedsim.audit.replay:hypernetwork",
 )
 
 LPM_FAMILY = Family(

@@ -13,7 +13,8 @@ table: server accuracy of the global model after the last round, MB up and down
 per round over all clients, exchanges per round (the strategy's ``exchanges``;
 FedAvg: 1), seconds per round (the ServerApp's elapsed time from the end of
 round 1 to the last, divided by the rounds in between), seconds the server
-waited per exchange, and the clients' own compute per exchange (their
+waited per exchange and the clients' own compute per message (both from round 2
+on: round 1 includes the clients' start-up) (their
 ``seconds``, summed, divided by the messages they answered: one per exchange
 each, here every client is in every exchange of V1 and U-shaped; V2 addresses
 one client per exchange). For V2 (one message in flight at a time) the
@@ -70,8 +71,13 @@ def row(run_dir: Path) -> dict[str, str]:
     )
     exchanges = _rows(frame, "train", "exchanges", clients=False)["value"]
     per_round_exchanges = exchanges.mean() if len(exchanges) else 1.0
-    waited = _rows(frame, "train", "seconds", clients=False)["value"].mean()
+    # Round 1 includes the clients' start-up (actors, data, model): timings
+    # leave it out when there are later rounds.
+    first = 2 if last > 1 else 1
+    waited = _rows(frame, "train", "seconds", clients=False)
+    waited = waited[waited["round"] >= first]["value"].mean()
     compute = _rows(frame, "train", "seconds", clients=True)
+    compute = compute[compute["round"] >= first]
     sequential = str(frame["strategy"].iloc[0]) == "sfl-v2"
     clients = compute["client"].nunique()
     messages = per_round_exchanges * (1 if sequential else clients)

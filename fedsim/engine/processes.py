@@ -6,6 +6,7 @@ loopback ports for them."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
 from contextlib import suppress
 
@@ -37,16 +38,34 @@ def stop_tree(pid: int, timeout: float = 15.0) -> None:
     stop_processes(procs, timeout)
 
 
+def _living(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` still running; a zombie (exited, not yet reaped: its
+    parent is gone and PID 1 of a container may never reap it) counts as gone."""
+    out = []
+    for proc in procs:
+        with suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+    return out
+
+
+def _wait(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` seconds for ``procs`` to end; the survivors."""
+    deadline = time.monotonic() + timeout
+    while (alive := _living(procs)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
 def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> None:
     """Terminate ``procs``; kill (with their children) those still alive after
     ``timeout``. Each ``psutil.Process`` remembers its start time, so a reused
     PID is never signalled."""
-    procs = [p for p in procs if p.is_running()]
+    procs = _living(procs)
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
+    for proc in _wait(procs, timeout):
         try:
             stragglers = [proc, *proc.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -54,4 +73,4 @@ def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> No
         for p in stragglers:
             with suppress(psutil.NoSuchProcess):
                 p.kill()
-        psutil.wait_procs(stragglers, timeout=5)
+        _wait(stragglers, 5)

@@ -352,15 +352,16 @@ class RunRecorder:
         self._write_summary()
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """Write the final summary (``completed``, ``failed``, ``stopped``...)."""
-        self.summary.update(
-            status=status,
-            reason=reason,
-            finished_at=datetime.now(UTC).isoformat(),
-        )
+        """Write the final summary (``completed``, ``failed``, ``stopped``...).
+
+        The final status is written last, after the trackers closed: the CLI
+        ends the run's processes as soon as it reads it."""
+        self.summary.update(finished_at=datetime.now(UTC).isoformat())
         self.flush()
         for sink in self.sinks:
             sink.close(status)
+        self.summary.update(status=status, reason=reason)
+        self._write_summary()
 
     @contextmanager
     def recording(self) -> Iterator[RunRecorder]:

@@ -49,6 +49,7 @@ from fedsim.engine.processes import (
 from fedsim.engine.recorder import summary_base
 
 LOGS_DIR = "logs"
+ENDED = ("completed", "failed", "stopped")  # final statuses of summary.json
 STARTUP_TIMEOUT = 60.0
 T = TypeVar("T")
 
@@ -130,8 +131,6 @@ def federation_config(exp: Experiment) -> str:
     )
 
 
-
-
 @dataclass
 class Outcome:
     """How a run ended."""
@@ -162,11 +161,9 @@ def first_exception(path: Path) -> str | None:
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text("utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
+    with suppress(OSError):
+        return "\n".join(path.read_text("utf-8", "replace").splitlines()[-lines:])
+    return ""
 
 
 def spawn(
@@ -262,10 +259,11 @@ def launch(
     finish: Callable[[str | None, str | None], T],
     on_poll: Callable[[], None] = lambda: None,
     poll_interval: float = 0.5,
+    ended: Callable[[], bool] = lambda: False,
 ) -> T:
     """Start a private SuperLink, submit the app with run-config ``config`` and
-    wait for it; stop every process started, whatever happens, then return
-    ``finish(status, reason)``.
+    wait for it (or for ``ended()``, seconds earlier); stop every process
+    started, whatever happens, then return ``finish(status, reason)``.
 
     ``(status, reason)`` is ``(None, None)`` when the app ended by itself (the
     run directories say how), else how it ended (``failed`` with the reason,
@@ -296,7 +294,7 @@ def launch(
                 submit_command(home / "app", federation), env, logs / "flower.log"
             )
             lifeline.watch(submit.pid)
-            while submit.poll() is None:
+            while submit.poll() is None and not ended():
                 seen.update((p.pid, p) for p in descendants(superlink.pid))
                 on_poll()
                 if superlink.poll() is not None:
@@ -318,9 +316,11 @@ def launch(
             signals.stop()
             if superlink is not None:
                 seen.update((p.pid, p) for p in descendants(superlink.pid))
+            # a run over by itself has nothing left to save: 1 s to go, not 15
+            grace = 1.0 if status is None else 15.0
             for proc in (submit, superlink):
                 if proc is not None:
-                    stop_tree(proc.pid)
+                    stop_tree(proc.pid, grace)
             # what was started under the SuperLink but left its tree (re-parented)
             stop_processes(seen.values())
             if lifeline is not None:
@@ -383,6 +383,7 @@ def simulate(
         description=f"fedsim run {exp.name}",
         finish=lambda status, reason: settle(run_dir, status, reason, logs, exp),
         on_poll=on_poll,
+        ended=lambda: read_summary(run_dir).get("status") in ENDED,
         poll_interval=poll_interval,
     )
 

@@ -189,3 +189,21 @@ def headline_phase(summary: Mapping[str, Any]) -> str:
         allowed = ", ".join(HEADLINE_PHASES)
         raise ValueError(f"{HEADLINE_KEY} {value!r} is not one of {allowed}")
     return str(value)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json`` of a run directory ({} when missing or unreadable)."""
+    try:
+        return dict(json.loads((run_dir / SUMMARY_FILE).read_text("utf-8")))
+    except (OSError, ValueError):
+        return {}
+
+
+#: Final statuses the ServerApp writes into ``summary.json``.
+ENDED = ("completed", "failed", "stopped")
+
+
+def ended(summary: dict[str, Any], before: str | None) -> bool:
+    """Whether the ServerApp wrote a final status since ``before`` (the
+    ``finished_at`` the run directory held when the run was submitted)."""
+    return summary.get("status") in ENDED and summary.get("finished_at") != before

@@ -38,7 +38,7 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     to_run_config,
 )
-from fedsim.core.rundir import SUMMARY_FILE, write_json
+from fedsim.core.rundir import SUMMARY_FILE, ended, read_summary, write_json
 from fedsim.engine.lifeline import Lifeline, die_with_parent, stop_signals
 from fedsim.engine.processes import (
     descendants,
@@ -49,7 +49,6 @@ from fedsim.engine.processes import (
 from fedsim.engine.recorder import summary_base
 
 LOGS_DIR = "logs"
-ENDED = ("completed", "failed", "stopped")  # final statuses of summary.json
 STARTUP_TIMEOUT = 60.0
 T = TypeVar("T")
 
@@ -137,14 +136,6 @@ class Outcome:
 
     status: str
     summary: dict[str, Any]
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / SUMMARY_FILE
-    try:
-        return dict(json.loads(path.read_text("utf-8")))
-    except (OSError, ValueError):
-        return {}
 
 
 #: A Python exception line in a log (``RuntimeError: ...``, ``Exception: ...``).
@@ -376,6 +367,7 @@ def simulate(
     run in ``run_dir`` from its checkpoint (:mod:`fedsim.engine.checkpoint`).
     """
     logs = run_dir / LOGS_DIR
+    before = read_summary(run_dir).get("finished_at")  # a resumed run's last end
     return launch(
         {**run_config_of(exp, run_dir, resume=resume), ASSIGN_KEY: True},
         federation_config(exp),
@@ -383,7 +375,7 @@ def simulate(
         description=f"fedsim run {exp.name}",
         finish=lambda status, reason: settle(run_dir, status, reason, logs, exp),
         on_poll=on_poll,
-        ended=lambda: read_summary(run_dir).get("status") in ENDED,
+        ended=lambda: ended(read_summary(run_dir), before),
         poll_interval=poll_interval,
     )
 

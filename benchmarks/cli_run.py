@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,28 @@ def fedsim_run(
     if len(made) != 1:
         raise RuntimeError(f"fedsim run made no run directory:\n{proc.stderr}")
     return proc, made[0]
+
+
+def run(experiment: Path, overrides: Sequence[str], out: Path) -> Path:
+    """``fedsim run EXPERIMENT``; the new run directory (a failed run raises,
+    with its output)."""
+    proc, run_dir = fedsim_run(experiment, overrides, out)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
+    return run_dir
+
+
+def table_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The table scripts' options: ``--out`` (default ``out``), ``--set KEY=VALUE``
+    (repeatable) and ``--read RUN_DIR ...`` (tabulate these, run nothing);
+    described by the first line of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--read", nargs="*", type=Path, help="tabulate these run directories only"
+    )
+    return parser
 
 
 def markdown(rows: list[dict[str, str]], text_columns: tuple[str, ...]) -> str:

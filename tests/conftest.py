@@ -1,4 +1,5 @@
-"""Shared fixtures: real CLI runs through Flower's simulation runtime."""
+"""Shared fixtures: real CLI runs through Flower's simulation runtime, scripted
+grids without one, and in-process split-learning rounds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -122,6 +124,21 @@ def task_identity() -> Iterable[None]:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
 
 
+def reply_metadata(src: int, reply_to: str, message_type: str) -> Metadata:
+    """The metadata of a reply from node ``src`` to message ``reply_to``."""
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=message_type,
+    )
+
+
 def reply(
     arrays: dict[str, np.ndarray] | None,
     metrics: dict[str, float],
@@ -136,17 +153,7 @@ def reply(
         content[ARRAYS] = ArrayRecord(
             array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
+    metadata = reply_metadata(src, reply_to, MessageType.TRAIN)
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
@@ -203,3 +210,104 @@ class ScriptedGrid(Grid):
         return reply(
             None, {PARTITION_ID: self.partitions[node]}, src=node, reply_to=message_id
         )
+
+
+# -- split learning in-process (tests/test_split*.py, AMAQ, SFPrompt) ------------
+
+#: Tiny runs: 300 synthetic examples, the mlp (hidden 16), batches of 32.
+TINY = (
+    "data.dataset=synthetic",
+    "data.size=300",
+    "model.name=mlp",
+    "model.hidden=16",
+    "train.batch-size=32",
+    "seed=3",
+)
+
+
+class InProcessGrid(ScriptedGrid):
+    """Answers every message with a client algorithm, in-process, with a
+    per-node ``state`` as Flower's ``context.state``; two client instances take
+    turns, as two actors could, so nothing may live in the client process
+    between messages. Keeps what was sent and replied (``log``: (message, reply)
+    pairs)."""
+
+    def __init__(self, partitions: dict[int, int], exp: Any, data: Any):
+        from fedsim.core import registry
+
+        super().__init__(partitions)
+        family = registry.family(exp.strategy.name)
+        make = family.load_client()
+        self.clients = [make(exp, data.info, torch.device("cpu")) for _ in range(2)]
+        self.data = data
+        self.states = {node: RecordDict() for node in partitions}
+        self.log: list[tuple[Message, Message]] = []
+
+    def answer(self, msg: Message, message_id: str) -> Message:
+        node = msg.metadata.dst_node_id
+        kind = msg.metadata.message_type
+        if kind == MessageType.QUERY:
+            return super().answer(msg, message_id)
+        category, _, action = kind.partition(".")
+        server_round = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+        client = self.clients[len(self.log) % 2]
+        content = getattr(client, action or category)(
+            msg.content,
+            self.data.client(self.partitions[node]),
+            server_round=server_round,
+            state=self.states[node],
+        )
+        if METRICS not in content:
+            content[METRICS] = MetricRecord()
+        content[METRICS][PARTITION_ID] = self.partitions[node]
+        reply = Message(
+            content=content, metadata=reply_metadata(node, message_id, kind)
+        )
+        self.log.append((msg, reply))
+        return reply
+
+
+def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGrid, Any]:
+    """Drive ``rounds`` rounds of the experiment's split family in-process;
+    returns the final global arrays, the grid and the recorder."""
+    from fedsim.core import registry
+    from fedsim.engine.recorder import RunRecorder
+    from fedsim.engine.recording import RecordingGrid, RecordingStrategy
+    from fedsim.engine.rounds import RoundDriver
+    from fedsim.engine.server_app import build
+
+    setup = build(exp)
+    family = registry.family(exp.strategy.name)
+    strategy = family.load_server()(setup)
+    recorder = RunRecorder(tmp_path, exp)
+    partitions = {100 + i: i for i in range(exp.federation.clients)}
+    fake = InProcessGrid(partitions, exp, setup.data)
+    grid = RecordingGrid(
+        fake, recorder, num_clients=exp.federation.clients, min_replies=1
+    )
+    driver = RoundDriver(
+        RecordingStrategy(strategy, recorder, seed=exp.seed),
+        grid,
+        recorder,
+        evaluate=None,
+        rounds=rounds,
+        timeout=5,
+    )
+    final = driver.run(setup.initial)
+    return final, fake, recorder
+
+
+def experiment(strategy: str, *overrides: str) -> Any:
+    """A :data:`TINY` split experiment of family ``strategy``."""
+    from fedsim.core.loading import load_experiment
+
+    return load_experiment(None, [f"strategy.name={strategy}", *TINY, *overrides])
+
+
+@pytest.fixture
+def one_thread() -> Iterable[None]:
+    """Tiny tensors: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,9 @@ A family's server side is a Flower message-API ``Strategy``. The round driver
 - a strategy with ``run_round(server_round, arrays, grid, *, timeout, hooks)``
   runs its own shape: several exchanges, custom message actions
   (``train.<action>``, routed on the client to the client algorithm's method of
-  that name), each node its own content (:func:`exchange`).
+  that name), each node its own content (:func:`exchange`);
+- a strategy without a global model takes :class:`WithoutGlobalModel`'s
+  ``run_round``: FedAvg's shape over empty arrays.
 
 ``hooks`` is the outermost strategy (a wrapper when recording or privacy wrap
 the family): a round calls ``hooks.configure_train`` / ``hooks.aggregate_train``
@@ -65,6 +67,26 @@ def standard_round(
     replies = grid.send_and_receive(messages, timeout=timeout)
     hooks.aggregate_evaluate(server_round, replies)
     return arrays
+
+
+class WithoutGlobalModel:
+    """Mixin for a FedAvg-shaped strategy whose server holds no global model
+    (local-only, personalised content per client): :func:`standard_round` over
+    empty arrays; the round returns None. Put it before the Flower strategy in
+    the bases."""
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """FedAvg's round shape (through ``hooks``) with empty arrays."""
+        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
+        return None
 
 
 def exchange(

@@ -23,7 +23,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.capacity import Plan, block, chain
 from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
 from fedsim.learn.hypernet import HyperNetwork
-from fedsim.protocol.rounds import node_partitions, standard_round
+from fedsim.protocol.rounds import WithoutGlobalModel, node_partitions
 from fedsim.protocol.setup import ServerSetup
 from strategies.heterofl.server import plans
 from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
@@ -77,8 +77,9 @@ def sliced(factors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tens
     return {k: factors[k][block(s)] for k, s in plan.items()}
 
 
-class Pa3dFL(FedAvg):
-    """FedAvg's sampling and round shape with per-client generated content.
+class Pa3dFL(WithoutGlobalModel, FedAvg):
+    """FedAvg's sampling and round shape with per-client generated content; no
+    global model.
 
     Parameters
     ----------
@@ -116,19 +117,6 @@ class Pa3dFL(FedAvg):
         )
         #: Node id -> partition id of the nodes sent content this round.
         self.sent_to: dict[int, int] = {}
-
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        """FedAvg's round shape (through ``hooks``); no global model."""
-        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
-        return None
 
     def content_for(self, partition_id: int) -> dict[str, torch.Tensor]:
         """The general cores and the client's generated personal factors."""

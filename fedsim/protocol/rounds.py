@@ -23,7 +23,7 @@ bypasses the family's own round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -164,3 +164,23 @@ def node_partitions(
         for node, reply in replies.items()
         if not reply.has_error()
     }
+
+
+def per_node(
+    messages: Iterable[Message],
+    grid: Grid,
+    content: Callable[[Message, int], RecordDict],
+) -> list[Message]:
+    """``messages`` (one per sampled node, as FedAvg's ``configure_*`` makes
+    them), each re-addressed with its node's own content: ``content(message,
+    partition_id)``; the message type is kept."""
+    messages = list(messages)
+    partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
+    return [
+        Message(
+            content(msg, partition_of[msg.metadata.dst_node_id]),
+            dst_node_id=msg.metadata.dst_node_id,
+            message_type=msg.metadata.message_type,
+        )
+        for msg in messages
+    ]

@@ -23,7 +23,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.capacity import Plan, block, chain
 from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
 from fedsim.learn.hypernet import HyperNetwork
-from fedsim.protocol.rounds import WithoutGlobalModel, node_partitions
+from fedsim.protocol.rounds import WithoutGlobalModel, per_node
 from fedsim.protocol.setup import ServerSetup
 from strategies.heterofl.server import plans
 from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
@@ -128,22 +128,13 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         return out
 
     def _own(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
-        messages = list(messages)
-        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            self.sent_to[node] = partition_of[node]
+        def content(msg: Message, partition_id: int) -> RecordDict:
+            self.sent_to[msg.metadata.dst_node_id] = partition_id
             config = ConfigRecord(dict(msg.content[CONFIG]))  # type: ignore[arg-type]
-            arrays = ArrayRecord(self.content_for(partition_of[node]))
-            out.append(
-                Message(
-                    RecordDict({ARRAYS: arrays, CONFIG: config}),
-                    dst_node_id=node,
-                    message_type=msg.metadata.message_type,
-                )
-            )
-        return out
+            arrays = ArrayRecord(self.content_for(partition_id))
+            return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+        return per_node(messages, grid, content)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

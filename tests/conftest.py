@@ -3,6 +3,7 @@ grids without one, and in-process split-learning rounds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -88,6 +89,34 @@ def fedsim(
 def sets(*pairs: str) -> list[str]:
     """``--set`` arguments for KEY=VALUE pairs."""
     return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+#: The spy plug-ins (``hyperfl-spy``, ``split-ushape-spy``): on PYTHONPATH, their
+#: dist-info registers them.
+SPY = Path(__file__).parent / "spy"
+
+
+def spy_run(
+    tmp_path: Path, strategy: str, spy_dir: str, *overrides: str
+) -> tuple[CliRun, Path]:
+    """``fedsim run`` of the spy family ``strategy`` with the spy plug-ins
+    importable; the spy writes what it sees to ``tmp_path/seen`` (the key
+    ``spy_dir`` says where). Asserts the run succeeded; returns it and that
+    folder."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = fedsim(
+        "run",
+        *sets(f"strategy.name={strategy}", f"{spy_dir}={seen}", *overrides),
+        out=tmp_path / "runs",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, seen
 
 
 @pytest.fixture(scope="session")

@@ -234,11 +234,19 @@ class ScriptedGrid(Grid):
         raise AssertionError("RecordingGrid pushes and polls itself")
 
     def answer(self, msg: Message, message_id: str) -> Message:
-        """The reply of ``msg``'s node; the partition-id query is answered here."""
+        """The reply of ``msg``'s node: the partition-id query is answered here,
+        any other message by :meth:`respond`."""
         node = msg.metadata.dst_node_id
-        return reply(
-            None, {PARTITION_ID: self.partitions[node]}, src=node, reply_to=message_id
-        )
+        if msg.metadata.message_type == MessageType.QUERY:
+            return ScriptedGrid.respond(
+                self, msg, message_id, node, self.partitions[node]
+            )
+        return self.respond(msg, message_id, node, self.partitions[node])
+
+    def respond(self, msg: Message, message_id: str, node: int, pid: int) -> Message:
+        """The reply of node ``node`` (partition ``pid``) to ``msg``; subclasses
+        script it (by default: its partition id, as to the query)."""
+        return reply(None, {PARTITION_ID: pid}, src=node, reply_to=message_id)
 
 
 # -- split learning in-process (tests/test_split*.py, AMAQ, SFPrompt) ------------
@@ -272,23 +280,20 @@ class InProcessGrid(ScriptedGrid):
         self.states = {node: RecordDict() for node in partitions}
         self.log: list[tuple[Message, Message]] = []
 
-    def answer(self, msg: Message, message_id: str) -> Message:
-        node = msg.metadata.dst_node_id
+    def respond(self, msg: Message, message_id: str, node: int, pid: int) -> Message:
         kind = msg.metadata.message_type
-        if kind == MessageType.QUERY:
-            return super().answer(msg, message_id)
         category, _, action = kind.partition(".")
         server_round = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
         client = self.clients[len(self.log) % 2]
         content = getattr(client, action or category)(
             msg.content,
-            self.data.client(self.partitions[node]),
+            self.data.client(pid),
             server_round=server_round,
             state=self.states[node],
         )
         if METRICS not in content:
             content[METRICS] = MetricRecord()
-        content[METRICS][PARTITION_ID] = self.partitions[node]
+        content[METRICS][PARTITION_ID] = pid
         reply = Message(
             content=content, metadata=reply_metadata(node, message_id, kind)
         )

@@ -32,7 +32,7 @@ from fedsim.learn.cascade import (
     cascade_for,
 )
 from fedsim.protocol.rounds import exchange, per_node
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.fedprophet.maths import (
     adjust_alpha,
     feature_epsilon,
@@ -75,10 +75,7 @@ class FedProphet(FedAvg):
         rounds: int,
         **kwargs: Any,
     ):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.arrays, self.part, self.names, self.options = arrays, part, names, options
         self.rounds_per_stage = math.ceil(rounds / len(part.modules))
         self.stage, self.stage_start = 0, 1

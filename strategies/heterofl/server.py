@@ -25,10 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.capacity import capacity_of
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.learn.capacity import Plan, slice_arrays, width_plan
 from fedsim.protocol.rounds import per_node
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.heterofl.maths import aggregate_nested
 
 
@@ -54,10 +54,7 @@ class HeteroFL(FedAvg):
     """
 
     def __init__(self, plan_of: Callable[[int], Plan], **kwargs: Any):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.plan_of = plan_of
         #: The global model the current round's slices were cut from.
         self.current: dict[str, np.ndarray] = {}

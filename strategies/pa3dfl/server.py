@@ -18,13 +18,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.capacity import Plan, block, chain
 from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
 from fedsim.learn.hypernet import HyperNetwork
 from fedsim.protocol.rounds import WithoutGlobalModel, per_node
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.heterofl.server import plans
 from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
 
@@ -105,10 +105,7 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         hyper_momentum: float,
         **kwargs: Any,
     ):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.generator = generator
         self.general = general
         self.plan_of = plan_of

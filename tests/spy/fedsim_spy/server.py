@@ -47,7 +47,11 @@ class SpyGrid:
         return replies
 
 
-class SpyHyperFL(HyperFL):
+class Spying:
+    """Mixin (before the strategy in the bases): the strategy's own round, run
+    through a :attr:`spy_grid` writing to :attr:`spy_dir`."""
+
+    spy_grid: type[SpyGrid] = SpyGrid
     spy_dir = ""
 
     def run_round(
@@ -59,10 +63,14 @@ class SpyHyperFL(HyperFL):
         timeout: float,
         hooks: Any,
     ) -> ArrayRecord | None:
-        spy = SpyGrid(grid, Path(self.spy_dir), server_round)
-        return super().run_round(
+        spy = self.spy_grid(grid, Path(self.spy_dir), server_round)
+        return super().run_round(  # type: ignore[misc,no-any-return]
             server_round, arrays, spy, timeout=timeout, hooks=hooks
-        )  # type: ignore[arg-type]
+        )
+
+
+class SpyHyperFL(Spying, HyperFL):
+    pass
 
 
 def build(setup: ServerSetup) -> SpyHyperFL:

@@ -4,16 +4,13 @@ partition and a counter. Messages are untouched: the run is a real U-shaped run.
 """
 
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp import Grid
+from flwr.app import Message
 
 from fedsim.core.messages import METRICS, PARTITION_ID
 from fedsim.core.schema import option
 from fedsim.protocol.setup import ServerSetup
-from fedsim_spy.server import SpyGrid
+from fedsim_spy.server import SpyGrid, Spying
 from strategies.split import USHAPE, UshapeOptions
 from strategies.split.server import UshapeStrategy
 
@@ -35,22 +32,12 @@ class PartitionSpyGrid(SpyGrid):
         return f"up-r{self.server_round}-p{pid}-{self.count:04d}.npz"
 
 
-class SpyUshape(UshapeStrategy):
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        spy = PartitionSpyGrid(
-            grid, Path(self.experiment.strategy.options.spy_dir), server_round
-        )
-        return super().run_round(
-            server_round, arrays, spy, timeout=timeout, hooks=hooks
-        )  # type: ignore[arg-type]
+class SpyUshape(Spying, UshapeStrategy):
+    spy_grid = PartitionSpyGrid
+
+    @property  # type: ignore[override]
+    def spy_dir(self) -> str:
+        return str(self.experiment.strategy.options.spy_dir)
 
 
 def build(setup: ServerSetup) -> SpyUshape:

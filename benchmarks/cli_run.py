@@ -9,6 +9,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def fedsim_command(
+    experiment: Path | None, overrides: Sequence[str], out: Path
+) -> list[str]:
+    """The ``fedsim run`` command line: ``experiment`` (if any), one ``--set`` per
+    override, ``--out``."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsim",
+        "run",
+        *([str(experiment)] if experiment else []),
+        *[arg for pair in overrides for arg in ("--set", pair)],
+        "--out",
+        str(out),
+    ]
+
+
 def fedsim_run(
     experiment: Path | None, overrides: Sequence[str], out: Path
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -16,18 +33,7 @@ def fedsim_run(
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.iterdir())
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim",
-            "run",
-            *([str(experiment)] if experiment else []),
-            *[arg for pair in overrides for arg in ("--set", pair)],
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+        fedsim_command(experiment, overrides, out), capture_output=True, text=True
     )
     made = [p for p in set(out.iterdir()) - before if p.is_dir()]
     if len(made) != 1:

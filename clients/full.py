@@ -1,4 +1,6 @@
-"""Full-model local training: the client side of FedAvg."""
+"""Full-model local training: the client side of FedAvg; and the pieces of a
+client round that the other client algorithms share (:func:`fit_round`,
+:func:`train_metrics`, :func:`evaluation_reply`)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ def fit_round(
 ) -> tuple[TrainStats, dict[str, float]]:
     """One round of :func:`fedsim.learn.training.local_fit` on the client's train
     split, seeded by round and partition, through the experiment's privacy
-    mechanism: the local training of every client algorithm that trains a whole
-    (sub-)model with cross-entropy."""
+    mechanism: the local training of every client algorithm that trains its
+    model's trainable parameters with cross-entropy."""
     return local_fit(
         model,
         data.train,

@@ -21,12 +21,11 @@ audit.iterations=100`` for a quick check). Run directories go to ``DIR``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tomllib
 from pathlib import Path
 
-from cli_run import fedsim_run, markdown
+from cli_run import markdown, run, table_parser
 
 from fedsim import analysis
 
@@ -40,14 +39,6 @@ SEES = {
     "audit-flora": "LoRA factors + head",
     "audit-hyperfl": "hypernetwork only",
 }
-
-
-def run(experiment: Path, overrides: list[str], out: Path) -> Path:
-    """``fedsim run EXPERIMENT``; the new run directory."""
-    proc, run_dir = fedsim_run(experiment, overrides, out)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
-    return run_dir
 
 
 def _config(run_dir: Path) -> dict:  # type: ignore[type-arg]
@@ -124,13 +115,8 @@ def figure(dirs: list[Path], path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/audit-table"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser = table_parser(__doc__, "runs/audit-table")
     parser.add_argument("--figure", type=Path, help="write the reconstructions here")
-    parser.add_argument(
-        "--read", nargs="*", type=Path, help="tabulate these run directories only"
-    )
     args = parser.parse_args()
     if args.read:
         dirs = list(args.read)

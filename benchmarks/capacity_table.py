@@ -20,13 +20,12 @@ HeteroFL and Pa3dFL count).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
-from cli_run import fedsim_run, markdown
+from cli_run import markdown, run, table_parser
 
 from fedsim import analysis
 from fedsim.core.loading import load_experiment
@@ -106,23 +105,14 @@ def row(run_dir: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/capacity-table"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument(
-        "--read", nargs="*", type=Path, help="tabulate these run directories only"
-    )
+    parser = table_parser(__doc__, "runs/capacity-table")
     args = parser.parse_args()
     if args.read:
         dirs = list(args.read)
     else:
         dirs = []
         for name, overrides in RUNS:
-            proc, run_dir = fedsim_run(
-                ROOT / name, [*overrides, *args.overrides], args.out
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
+            run_dir = run(ROOT / name, [*overrides, *args.overrides], args.out)
             dirs.append(run_dir)
             print(run_dir, file=sys.stderr, flush=True)
     print(markdown([row(d) for d in dirs], ("experiment", "strategy")))

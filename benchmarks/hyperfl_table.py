@@ -21,11 +21,10 @@ check). Run directories go to ``DIR`` (default ``runs/hyperfl-table``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from cli_run import fedsim_run, markdown
+from cli_run import markdown, run, table_parser
 
 from fedsim import analysis
 
@@ -36,14 +35,6 @@ EXPERIMENTS = (
     "experiments/local_digits_skew.toml",
     "experiments/hyperfl_lpm_vit.toml",
 )
-
-
-def run(experiment: Path, overrides: list[str], out: Path) -> Path:
-    """``fedsim run EXPERIMENT``; the new run directory."""
-    proc, run_dir = fedsim_run(experiment, overrides, out)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
-    return run_dir
 
 
 def row(run_dir: Path) -> dict[str, str]:
@@ -79,13 +70,8 @@ def row(run_dir: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = table_parser(__doc__, "runs/hyperfl-table")
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
-    parser.add_argument("--out", type=Path, default=Path("runs/hyperfl-table"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument(
-        "--read", nargs="*", type=Path, help="tabulate these run directories only"
-    )
     args = parser.parse_args()
     if args.read:
         dirs = list(args.read)

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from cli_run import fedsim_run, markdown
+from cli_run import markdown, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = (
@@ -46,14 +46,6 @@ def warm_cache(experiment: Path, overrides: list[str]) -> None:
     exp = load_experiment(experiment, overrides)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     build_model(exp.model, data.info, exp.seed)
-
-
-def run(experiment: Path, overrides: list[str], out: Path) -> Path:
-    """``fedsim run EXPERIMENT``; the new run directory."""
-    proc, run_dir = fedsim_run(experiment, overrides, out)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
-    return run_dir
 
 
 def row(run_dir: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 import psutil
-from cli_run import markdown
+from cli_run import fedsim_command, markdown
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = ["train.batch-size=32", "train.optimizer=adam", "train.lr=0.01"]
@@ -221,17 +221,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
 def fedsim(overrides: list[str]) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
     stamp0 = time.time()
-    wall, memory, _ = timed(
-        [
-            sys.executable,
-            "-m",
-            "fedsim",
-            "run",
-            *[a for pair in overrides for a in ("--set", pair)],
-            "--out",
-            str(out),
-        ]
-    )
+    wall, memory, _ = timed(fedsim_command(None, overrides, out))
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
     started = datetime.fromisoformat(summary["started_at"]).timestamp()

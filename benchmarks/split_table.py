@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli_run import fedsim_run, markdown
+from cli_run import markdown, run
 
 from fedsim import analysis
 
@@ -42,14 +42,6 @@ RUNS: tuple[tuple[Path, tuple[str, ...]], ...] = (
     (ROOT / "experiments/split_ushape_digits.toml", ()),
     (ROOT / "experiments/split_ushape_digits_int8.toml", ()),
 )
-
-
-def run(experiment: Path, overrides: list[str], out: Path) -> Path:
-    """``fedsim run EXPERIMENT``; the new run directory."""
-    proc, run_dir = fedsim_run(experiment, overrides, out)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment} failed:\n{proc.stdout}\n{proc.stderr}")
-    return run_dir
 
 
 def _rows(frame, phase: str, metric: str, *, clients: bool):  # type: ignore[no-untyped-def]

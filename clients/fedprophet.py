@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
+from clients.full import evaluation_reply
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
@@ -30,10 +31,8 @@ from fedsim.learn.cascade import (
     cascade_for,
 )
 from fedsim.learn.data import Arrays, ClientData, DatasetInfo
-from fedsim.learn.robust import pgd, robust_metrics
+from fedsim.learn.robust import pgd
 from fedsim.learn.training import (
-    evaluate,
-    evaluation_metrics,
     make_loader,
     make_optimizer,
     train_epochs,
@@ -224,17 +223,15 @@ class FedProphetClient:
         state: RecordDict,
     ) -> RecordDict:
         """Clean and PGD accuracy of the model up to the stage, with its head."""
-        exp = self.experiment
         self.load(content)
         model = self.predictor(int(content["config"][STAGE]))  # type: ignore[arg-type,index]
-        metrics = evaluation_metrics(evaluate(model, data.test, device=self.device))
-        seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
-        robust = robust_metrics(
-            model, data.test, exp.robust, device=self.device, seed=seed
+        return evaluation_reply(
+            model,
+            data,
+            self.experiment,
+            server_round=server_round,
+            device=self.device,
         )
-        for key, value in robust.items():
-            metrics[key] = value
-        return RecordDict({METRICS: metrics})
 
     def perturbation(
         self,

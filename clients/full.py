@@ -1,4 +1,6 @@
-"""Full-model local training: the client side of FedAvg."""
+"""Full-model local training: the client side of FedAvg; and the pieces of a
+client round that the other client algorithms share (:func:`fit_round`,
+:func:`train_metrics`, :func:`evaluation_reply`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
 
 from fedsim import privacy
 from fedsim.core.experiment import Experiment
@@ -15,11 +18,69 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import (
+    TrainStats,
     evaluate,
     evaluation_metrics,
     local_fit,
     num_examples,
 )
+
+
+def fit_round(
+    model: nn.Module,
+    data: ClientData,
+    exp: Experiment,
+    *,
+    server_round: int,
+    device: torch.device,
+    state: RecordDict,
+) -> tuple[TrainStats, dict[str, float]]:
+    """One round of :func:`fedsim.learn.training.local_fit` on the client's train
+    split, seeded by round and partition, through the experiment's privacy
+    mechanism: the local training of every client algorithm that trains its
+    model's trainable parameters with cross-entropy."""
+    return local_fit(
+        model,
+        data.train,
+        exp,
+        seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+        device=device,
+        state=state,
+        mechanism=privacy.client_mechanism(exp),
+    )
+
+
+def train_metrics(
+    stats: TrainStats, data: ClientData, extra: dict[str, float], **more: Any
+) -> dict[str, Any]:
+    """The metrics of a train reply: ``loss``, ``num-examples``, then ``more``
+    (the algorithm's own keys), then ``extra`` (the privacy mechanism's)."""
+    return {
+        "loss": stats.loss,
+        NUM_EXAMPLES: num_examples(stats, data.train),
+        **more,
+        **extra,
+    }
+
+
+def evaluation_reply(
+    model: nn.Module,
+    data: ClientData,
+    exp: Experiment,
+    *,
+    server_round: int,
+    device: torch.device,
+    **more: Any,
+) -> RecordDict:
+    """The evaluate reply of ``model`` on the client's test split: clean loss and
+    accuracy, with ``robust.epsilon`` > 0 the PGD ones (seeded by round and
+    partition), then ``more`` (the algorithm's own keys)."""
+    metrics = evaluation_metrics(evaluate(model, data.test, device=device))
+    seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
+    robust = robust_metrics(model, data.test, exp.robust, device=device, seed=seed)
+    for key, value in {**robust, **more}.items():
+        metrics[key] = value
+    return RecordDict({METRICS: metrics})
 
 
 class FullModelClient:
@@ -55,24 +116,17 @@ class FullModelClient:
         state: RecordDict,
     ) -> RecordDict:
         """One round of local training from the received global model."""
-        exp = self.experiment
         self.load(content, state)
-        stats, extra = local_fit(
+        stats, extra = fit_round(
             self.model,
-            data.train,
-            exp,
-            seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+            data,
+            self.experiment,
+            server_round=server_round,
             device=self.device,
             state=state,
-            mechanism=privacy.client_mechanism(exp),
         )
-        metrics: dict[str, Any] = {
-            "loss": stats.loss,
-            NUM_EXAMPLES: num_examples(stats, data.train),
-            **extra,
-        }
         reply = self.keep(state)
-        reply[METRICS] = MetricRecord(metrics)
+        reply[METRICS] = MetricRecord(train_metrics(stats, data, extra))
         return reply
 
     def evaluate(
@@ -86,15 +140,11 @@ class FullModelClient:
         """Loss and accuracy of the model this client evaluates (the received
         global model) on its local test split; with ``robust.epsilon`` > 0 also
         its PGD loss and accuracy."""
-        exp = self.experiment
         self.load(content, state)
-        metrics = evaluation_metrics(
-            evaluate(self.model, data.test, device=self.device)
+        return evaluation_reply(
+            self.model,
+            data,
+            self.experiment,
+            server_round=server_round,
+            device=self.device,
         )
-        seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
-        robust = robust_metrics(
-            self.model, data.test, exp.robust, device=self.device, seed=seed
-        )
-        for key, value in robust.items():
-            metrics[key] = value
-        return RecordDict({METRICS: metrics})

@@ -6,22 +6,17 @@ contract.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedsim import privacy
+from clients.full import evaluation_reply, fit_round, train_metrics
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
-from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.core.seeding import derive_seed
+from fedsim.core.messages import ARRAYS, METRICS
 from fedsim.learn.base import build_model
 from fedsim.learn.capacity import parameter_count, sub_model, training_memory_bytes
 from fedsim.learn.data import ClientData, DatasetInfo
-from fedsim.learn.robust import robust_metrics
-from fedsim.learn.training import evaluate, evaluation_metrics, local_fit, num_examples
 
 #: Bytes in a megabyte (powers of 1000, as the report's byte columns).
 MB = 1e6
@@ -87,22 +82,21 @@ class HeteroFLClient:
         """One round of local training of the received sub-model."""
         exp = self.experiment
         model = self.load(content, data.partition_id)
-        stats, extra = local_fit(
+        stats, extra = fit_round(
             model,
-            data.train,
+            data,
             exp,
-            seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+            server_round=server_round,
             device=self.device,
             state=state,
-            mechanism=privacy.client_mechanism(exp),
         )
-        metrics: dict[str, Any] = {
-            "loss": stats.loss,
-            NUM_EXAMPLES: num_examples(stats, data.train),
-            "width": self.width(data.partition_id),
+        metrics = train_metrics(
+            stats,
+            data,
+            extra,
+            width=self.width(data.partition_id),
             **self.cost(model),
-            **extra,
-        }
+        )
         local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
 
@@ -116,13 +110,11 @@ class HeteroFLClient:
     ) -> RecordDict:
         """Clean (and, with ``robust.epsilon`` > 0, PGD) loss and accuracy of the
         client's slice of the global model on its local test split."""
-        exp = self.experiment
-        model = self.load(content, data.partition_id)
-        metrics = evaluation_metrics(evaluate(model, data.test, device=self.device))
-        seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
-        extra = robust_metrics(
-            model, data.test, exp.robust, device=self.device, seed=seed
+        return evaluation_reply(
+            self.load(content, data.partition_id),
+            data,
+            self.experiment,
+            server_round=server_round,
+            device=self.device,
+            width=self.width(data.partition_id),
         )
-        for key, value in {**extra, "width": self.width(data.partition_id)}.items():
-            metrics[key] = value
-        return RecordDict({METRICS: metrics})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim import privacy
+from clients.full import fit_round, train_metrics
 from fedsim.core.experiment import Experiment
-from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
@@ -21,8 +21,6 @@ from fedsim.learn.lora import (
 from fedsim.learn.training import (
     evaluate,
     evaluation_metrics,
-    local_fit,
-    num_examples,
 )
 
 
@@ -94,14 +92,13 @@ class LoraClient:
         try:
             for p in trained.values():
                 p.requires_grad_(True)
-            stats, extra = local_fit(
+            stats, extra = fit_round(
                 model,
-                data.train,
+                data,
                 exp,
-                seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+                server_round=server_round,
                 device=self.device,
                 state=state,
-                mechanism=privacy.client_mechanism(exp),
             )
             arrays = adapter_state(self.base, self.layout)
             arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})
@@ -111,13 +108,12 @@ class LoraClient:
                 for k, p in trained.items():
                     p.requires_grad_(False)
                     p.copy_(received[k])
-        metrics: dict[str, int | float | list[int] | list[float]] = {
-            "loss": stats.loss,
-            NUM_EXAMPLES: num_examples(stats, data.train),
-            LORA_RANK: rank,
-            LORA_SCALING: scaling_for(exp.peft, rank),
-            **extra,
-        }
+        metrics = train_metrics(
+            stats,
+            data,
+            extra,
+            **{LORA_RANK: rank, LORA_SCALING: scaling_for(exp.peft, rank)},
+        )
         return RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
 
     def evaluate(

@@ -7,22 +7,17 @@ contract.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedsim import privacy
+from clients.full import evaluation_reply, fit_round, train_metrics
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
-from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.core.seeding import derive_seed
+from fedsim.core.messages import ARRAYS, METRICS
 from fedsim.learn.base import build_model
 from fedsim.learn.capacity import training_memory_bytes
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.decomposed import DecomposedModel
-from fedsim.learn.robust import robust_metrics
-from fedsim.learn.training import evaluate, evaluation_metrics, local_fit, num_examples
 
 #: ``context.state`` key of a client's private biases.
 PRIVATE = "pa3dfl.private"
@@ -85,14 +80,13 @@ class Pa3dFLClient:
         """Local training of ``G``, ``U``, ``V`` and the private biases."""
         exp = self.experiment
         model = self.load(content, state, data.partition_id)
-        stats, extra = local_fit(
+        stats, extra = fit_round(
             model,
-            data.train,
+            data,
             exp,
-            seed=derive_seed(exp.seed, "train", server_round, data.partition_id),
+            server_round=server_round,
             device=self.device,
             state=state,
-            mechanism=privacy.client_mechanism(exp),
         )
         state[PRIVATE] = ArrayRecord(model.biases())
         factors = {k: v.detach().cpu() for k, v in model.factors().items()}
@@ -103,14 +97,14 @@ class Pa3dFLClient:
             exp.train.batch_size,
             optimizer_slots=int(exp.train.momentum > 0),
         )
-        metrics: dict[str, Any] = {
-            "loss": stats.loss,
-            NUM_EXAMPLES: num_examples(stats, data.train),
-            "width": self.width(data.partition_id),
-            "params": float(sum(p.numel() for p in trainable)),
-            "memory-mb": memory / MB,
-            **extra,
-        }
+        metrics = train_metrics(
+            stats,
+            data,
+            extra,
+            width=self.width(data.partition_id),
+            params=float(sum(p.numel() for p in trainable)),
+            **{"memory-mb": memory / MB},
+        )
         return RecordDict(
             {ARRAYS: ArrayRecord(factors), METRICS: MetricRecord(metrics)}
         )
@@ -124,13 +118,11 @@ class Pa3dFLClient:
         state: RecordDict,
     ) -> RecordDict:
         """Personalised clean (and PGD) accuracy on the local test split."""
-        exp = self.experiment
-        model = self.load(content, state, data.partition_id)
-        metrics = evaluation_metrics(evaluate(model, data.test, device=self.device))
-        seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
-        robust = robust_metrics(
-            model, data.test, exp.robust, device=self.device, seed=seed
+        return evaluation_reply(
+            self.load(content, state, data.partition_id),
+            data,
+            self.experiment,
+            server_round=server_round,
+            device=self.device,
+            width=self.width(data.partition_id),
         )
-        for key, value in {**robust, "width": self.width(data.partition_id)}.items():
-            metrics[key] = value
-        return RecordDict({METRICS: metrics})

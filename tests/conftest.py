@@ -1,7 +1,9 @@
-"""Shared fixtures: real CLI runs through Flower's simulation runtime."""
+"""Shared fixtures: real CLI runs through Flower's simulation runtime, scripted
+grids without one, and in-process split-learning rounds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -88,6 +91,34 @@ def sets(*pairs: str) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
 
+#: The spy plug-ins (``hyperfl-spy``, ``split-ushape-spy``): on PYTHONPATH, their
+#: dist-info registers them.
+SPY = Path(__file__).parent / "spy"
+
+
+def spy_run(
+    tmp_path: Path, strategy: str, spy_dir: str, *overrides: str
+) -> tuple[CliRun, Path]:
+    """``fedsim run`` of the spy family ``strategy`` with the spy plug-ins
+    importable; the spy writes what it sees to ``tmp_path/seen`` (the key
+    ``spy_dir`` says where). Asserts the run succeeded; returns it and that
+    folder."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = fedsim(
+        "run",
+        *sets(f"strategy.name={strategy}", f"{spy_dir}={seen}", *overrides),
+        out=tmp_path / "runs",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, seen
+
+
 @pytest.fixture(scope="session")
 def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliRun]:
     """``run_cli(experiment=None, overrides=(...))`` -> a finished CLI run."""
@@ -122,6 +153,21 @@ def task_identity() -> Iterable[None]:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
 
 
+def reply_metadata(src: int, reply_to: str, message_type: str) -> Metadata:
+    """The metadata of a reply from node ``src`` to message ``reply_to``."""
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=message_type,
+    )
+
+
 def reply(
     arrays: dict[str, np.ndarray] | None,
     metrics: dict[str, float],
@@ -136,17 +182,7 @@ def reply(
         content[ARRAYS] = ArrayRecord(
             array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
+    metadata = reply_metadata(src, reply_to, MessageType.TRAIN)
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
@@ -198,8 +234,114 @@ class ScriptedGrid(Grid):
         raise AssertionError("RecordingGrid pushes and polls itself")
 
     def answer(self, msg: Message, message_id: str) -> Message:
-        """The reply of ``msg``'s node; the partition-id query is answered here."""
+        """The reply of ``msg``'s node: the partition-id query is answered here,
+        any other message by :meth:`respond`."""
         node = msg.metadata.dst_node_id
-        return reply(
-            None, {PARTITION_ID: self.partitions[node]}, src=node, reply_to=message_id
+        if msg.metadata.message_type == MessageType.QUERY:
+            return ScriptedGrid.respond(
+                self, msg, message_id, node, self.partitions[node]
+            )
+        return self.respond(msg, message_id, node, self.partitions[node])
+
+    def respond(self, msg: Message, message_id: str, node: int, pid: int) -> Message:
+        """The reply of node ``node`` (partition ``pid``) to ``msg``; subclasses
+        script it (by default: its partition id, as to the query)."""
+        return reply(None, {PARTITION_ID: pid}, src=node, reply_to=message_id)
+
+
+# -- split learning in-process (tests/test_split*.py, AMAQ, SFPrompt) ------------
+
+#: Tiny runs: 300 synthetic examples, the mlp (hidden 16), batches of 32.
+TINY = (
+    "data.dataset=synthetic",
+    "data.size=300",
+    "model.name=mlp",
+    "model.hidden=16",
+    "train.batch-size=32",
+    "seed=3",
+)
+
+
+class InProcessGrid(ScriptedGrid):
+    """Answers every message with a client algorithm, in-process, with a
+    per-node ``state`` as Flower's ``context.state``; two client instances take
+    turns, as two actors could, so nothing may live in the client process
+    between messages. Keeps what was sent and replied (``log``: (message, reply)
+    pairs)."""
+
+    def __init__(self, partitions: dict[int, int], exp: Any, data: Any):
+        from fedsim.core import registry
+
+        super().__init__(partitions)
+        family = registry.family(exp.strategy.name)
+        make = family.load_client()
+        self.clients = [make(exp, data.info, torch.device("cpu")) for _ in range(2)]
+        self.data = data
+        self.states = {node: RecordDict() for node in partitions}
+        self.log: list[tuple[Message, Message]] = []
+
+    def respond(self, msg: Message, message_id: str, node: int, pid: int) -> Message:
+        kind = msg.metadata.message_type
+        category, _, action = kind.partition(".")
+        server_round = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+        client = self.clients[len(self.log) % 2]
+        content = getattr(client, action or category)(
+            msg.content,
+            self.data.client(pid),
+            server_round=server_round,
+            state=self.states[node],
         )
+        if METRICS not in content:
+            content[METRICS] = MetricRecord()
+        content[METRICS][PARTITION_ID] = pid
+        reply = Message(
+            content=content, metadata=reply_metadata(node, message_id, kind)
+        )
+        self.log.append((msg, reply))
+        return reply
+
+
+def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGrid, Any]:
+    """Drive ``rounds`` rounds of the experiment's split family in-process;
+    returns the final global arrays, the grid and the recorder."""
+    from fedsim.core import registry
+    from fedsim.engine.recorder import RunRecorder
+    from fedsim.engine.recording import RecordingGrid, RecordingStrategy
+    from fedsim.engine.rounds import RoundDriver
+    from fedsim.engine.server_app import build
+
+    setup = build(exp)
+    family = registry.family(exp.strategy.name)
+    strategy = family.load_server()(setup)
+    recorder = RunRecorder(tmp_path, exp)
+    partitions = {100 + i: i for i in range(exp.federation.clients)}
+    fake = InProcessGrid(partitions, exp, setup.data)
+    grid = RecordingGrid(
+        fake, recorder, num_clients=exp.federation.clients, min_replies=1
+    )
+    driver = RoundDriver(
+        RecordingStrategy(strategy, recorder, seed=exp.seed),
+        grid,
+        recorder,
+        evaluate=None,
+        rounds=rounds,
+        timeout=5,
+    )
+    final = driver.run(setup.initial)
+    return final, fake, recorder
+
+
+def experiment(strategy: str, *overrides: str) -> Any:
+    """A :data:`TINY` split experiment of family ``strategy``."""
+    from fedsim.core.loading import load_experiment
+
+    return load_experiment(None, [f"strategy.name={strategy}", *TINY, *overrides])
+
+
+@pytest.fixture
+def one_thread() -> Iterable[None]:
+    """Tiny tensors: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,16 +23,10 @@ from fedsim.learn.amaq import (
     packed_nbytes,
     unpack_channels,
 )
-from tests.test_split import experiment, run_rounds
+from tests.conftest import experiment, run_rounds
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Tiny tensors: one torch thread (a second only adds contention).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numpy_channels(x: np.ndarray) -> np.ndarray:

@@ -117,13 +117,8 @@ class ProphetGrid(ScriptedGrid):
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         return list(self.pull_messages(self.push_messages(messages)))
 
-    def answer(self, msg, message_id):  # type: ignore[no-untyped-def]
-        node = msg.metadata.dst_node_id
-        kind = msg.metadata.message_type
-        if kind == MessageType.QUERY:
-            return super().answer(msg, message_id)
-        pid = self.partitions[node]
-        if kind == MessageType.TRAIN:
+    def respond(self, msg, message_id, node, pid):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == MessageType.TRAIN:
             up = {k: a.numpy() + 1 for k, a in msg.content[ARRAYS].items()}
             return reply(up, {NUM_EXAMPLES: 1}, src=node, reply_to=message_id)
         metrics = {

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from clients.heterofl import HeteroFLClient
@@ -139,11 +139,7 @@ def message_content(arrays: dict[str, np.ndarray]) -> RecordDict:
 class SlicingGrid(ScriptedGrid):
     """Train replies: the received slice plus the partition id + 1."""
 
-    def answer(self, msg, message_id):  # type: ignore[no-untyped-def]
-        node = msg.metadata.dst_node_id
-        if msg.metadata.message_type == MessageType.QUERY:
-            return super().answer(msg, message_id)
-        pid = self.partitions[node]
+    def respond(self, msg, message_id, node, pid):  # type: ignore[no-untyped-def]
         up = {k: a.numpy() + pid + 1 for k, a in msg.content[ARRAYS].items()}
         return reply(up, {NUM_EXAMPLES: 1 + pid}, src=node, reply_to=message_id)
 

@@ -153,13 +153,8 @@ def test_server_aggregation_is_the_example_weighted_mean(task_identity: None) ->
 class HyperGrid(ScriptedGrid):
     """Train replies: the hypernetwork plus the partition id; evaluate: metrics."""
 
-    def answer(self, msg, message_id):  # type: ignore[no-untyped-def]
-        node = msg.metadata.dst_node_id
-        kind = msg.metadata.message_type
-        if kind == MessageType.QUERY:
-            return super().answer(msg, message_id)
-        pid = self.partitions[node]
-        if kind == MessageType.TRAIN:
+    def respond(self, msg, message_id, node, pid):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == MessageType.TRAIN:
             up = {k: a.numpy() + pid for k, a in msg.content[ARRAYS].items()}
             return reply(up, {NUM_EXAMPLES: 1}, src=node, reply_to=message_id)
         self.evaluated = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}

@@ -7,7 +7,6 @@ private embedding, head and generated weights after each round.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,37 +17,24 @@ import torch
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.hypernet import HyperNetwork, extractor_shapes
 from fedsim.learn.models import MLP
-from tests.conftest import fedsim, sets
+from tests.conftest import spy_run
 
 pytestmark = pytest.mark.slow
-
-SPY = Path(__file__).parent / "spy"
 
 
 def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
     tmp_path: Path,
 ) -> None:
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = fedsim(
-        "run",
-        *sets(
-            "strategy.name=hyperfl-spy",
-            f"strategy.spy-dir={seen}",
-            "rounds=2",
-            "federation.clients=3",
-            "model.name=mlp",
-            "model.hidden=16",
-            "train.epochs=1",
-        ),
-        out=tmp_path / "runs",
-        env=env,
+    result, seen = spy_run(
+        tmp_path,
+        "hyperfl-spy",
+        "strategy.spy-dir",
+        "rounds=2",
+        "federation.clients=3",
+        "model.name=mlp",
+        "model.hidden=16",
+        "train.epochs=1",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
 
     # What the hypernetwork of this model is, built independently here.
     target = MLP(64, 16, 10, 0.0)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.pa3dfl import PRIVATE, Pa3dFLClient
 from fedsim.core.capacity import capacity_of
@@ -97,11 +97,7 @@ def strategy(clients: int = 3) -> tuple[Pa3dFL, MLP]:
 class FactorGrid(ScriptedGrid):
     """Train replies: G + pid + 1, U and V scaled by 0.5."""
 
-    def answer(self, msg, message_id):  # type: ignore[no-untyped-def]
-        node = msg.metadata.dst_node_id
-        if msg.metadata.message_type == MessageType.QUERY:
-            return super().answer(msg, message_id)
-        pid = self.partitions[node]
+    def respond(self, msg, message_id, node, pid):  # type: ignore[no-untyped-def]
         up = {
             k: a.numpy() + pid + 1 if k.endswith(".G") else a.numpy() * 0.5
             for k, a in msg.content[ARRAYS].items()

@@ -42,16 +42,10 @@ from fedsim.learn.prompts import (
 from fedsim.learn.split import cut_points, split_model
 from strategies.split.sfprompt import check as sfprompt_check
 from strategies.split.sfprompt import prompted
-from tests.test_split import run_rounds
+from tests.conftest import run_rounds
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Tiny tensors: one torch thread (a second only adds contention).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numpy_el2n(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

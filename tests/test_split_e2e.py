@@ -8,7 +8,6 @@ whose server writes every reply of every exchange to disk.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,10 @@ import pytest
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.data import federated_data
-from tests.conftest import fedsim, sets
+from tests.conftest import spy_run
 
 pytestmark = pytest.mark.slow
 
-SPY = Path(__file__).parent / "spy"
 RUN = (
     "rounds=1",
     "federation.clients=2",
@@ -37,19 +35,7 @@ RUN = (
 def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     tmp_path: Path,
 ) -> None:
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = fedsim(
-        "run",
-        *sets("strategy.name=split-ushape-spy", f"split.spy-dir={seen}", *RUN),
-        out=tmp_path / "runs",
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result, seen = spy_run(tmp_path, "split-ushape-spy", "split.spy-dir", *RUN)
     summary = json.loads((result.run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == "completed"
 

@@ -16,7 +16,7 @@ from fedsim.core.messages import ACTIVATIONS, CUT, LABELS
 from fedsim.learn.codecs import CODECS, FixedBits, Identity, pack4, unpack4
 from fedsim.learn.models import CNN, MLP, ViT
 from fedsim.learn.split import cut_points, from_record, split_model, stage_names
-from tests.test_split import experiment, run_rounds
+from tests.conftest import experiment, run_rounds
 
 MODELS = {
     "mlp": (lambda: MLP(20, 8, 3, 0.0), (5, 20)),

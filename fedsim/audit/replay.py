@@ -137,9 +137,26 @@ def _examples(reply: RecordDict) -> int:
     return int(reply.metric_records[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
 
 
-def _train_optimizer(exp: Experiment) -> LocalOptimizer:
+def _local_training(
+    start: Callable[[Tensors], Tensors],
+    forward: Forward,
+    observed: Tensors,
+    exp: Experiment,
+    reply: RecordDict,
+) -> Scene:
+    """A scene whose client ran the experiment's own local training: ``[train]``'s
+    optimizer, epochs and batch size."""
     t = exp.train
-    return LocalOptimizer(t.optimizer, t.lr, t.momentum, t.weight_decay)
+    return Scene(
+        start=start,
+        forward=forward,
+        observed=observed,
+        optimizer=LocalOptimizer(t.optimizer, t.lr, t.momentum, t.weight_decay),
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        examples=_examples(reply),
+        bias=_bias(observed),
+    )
 
 
 def _target(public: Public) -> nn.Module:
@@ -164,16 +181,12 @@ def full_model(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
     def forward(params: Tensors, unknowns: Tensors, x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, {**fixed, **params}, (x,))  # type: ignore[no-any-return]
 
-    exp = public.experiment
-    return Scene(
-        start=lambda unknowns: {k: down[k] for k in names},
-        forward=forward,
-        observed=observed,
-        optimizer=_train_optimizer(exp),
-        epochs=exp.train.epochs,
-        batch_size=exp.train.batch_size,
-        examples=_examples(reply),
-        bias=_bias(observed),
+    return _local_training(
+        lambda unknowns: {k: down[k] for k in names},
+        forward,
+        observed,
+        public.experiment,
+        reply,
     )
 
 
@@ -215,16 +228,7 @@ def lora_factors(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
             weights[f"{module}.weight"] = w + scaling * params[b_key] @ params[a_key]
         return functional_call(model, {**base, **weights}, (x,))  # type: ignore[no-any-return]
 
-    return Scene(
-        start=lambda unknowns: dict(start),
-        forward=forward,
-        observed=observed,
-        optimizer=_train_optimizer(exp),
-        epochs=exp.train.epochs,
-        batch_size=exp.train.batch_size,
-        examples=_examples(reply),
-        bias=_bias(observed),
-    )
+    return _local_training(lambda unknowns: dict(start), forward, observed, exp, reply)
 
 
 #: HyperFL's private tensors, as the attacker names its guesses.

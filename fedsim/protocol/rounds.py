@@ -9,7 +9,9 @@ A family's server side is a Flower message-API ``Strategy``. The round driver
 - a strategy with ``run_round(server_round, arrays, grid, *, timeout, hooks)``
   runs its own shape: several exchanges, custom message actions
   (``train.<action>``, routed on the client to the client algorithm's method of
-  that name), each node its own content (:func:`exchange`).
+  that name), each node its own content (:func:`exchange`);
+- a strategy without a global model takes :class:`WithoutGlobalModel`'s
+  ``run_round``: FedAvg's shape over empty arrays.
 
 ``hooks`` is the outermost strategy (a wrapper when recording or privacy wrap
 the family): a round calls ``hooks.configure_train`` / ``hooks.aggregate_train``
@@ -21,7 +23,7 @@ bypasses the family's own round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -65,6 +67,26 @@ def standard_round(
     replies = grid.send_and_receive(messages, timeout=timeout)
     hooks.aggregate_evaluate(server_round, replies)
     return arrays
+
+
+class WithoutGlobalModel:
+    """Mixin for a FedAvg-shaped strategy whose server holds no global model
+    (local-only, personalised content per client): :func:`standard_round` over
+    empty arrays; the round returns None. Put it before the Flower strategy in
+    the bases."""
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """FedAvg's round shape (through ``hooks``) with empty arrays."""
+        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
+        return None
 
 
 def exchange(
@@ -142,3 +164,23 @@ def node_partitions(
         for node, reply in replies.items()
         if not reply.has_error()
     }
+
+
+def per_node(
+    messages: Iterable[Message],
+    grid: Grid,
+    content: Callable[[Message, int], RecordDict],
+) -> list[Message]:
+    """``messages`` (one per sampled node, as FedAvg's ``configure_*`` makes
+    them), each re-addressed with its node's own content: ``content(message,
+    partition_id)``; the message type is kept."""
+    messages = list(messages)
+    partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
+    return [
+        Message(
+            content(msg, partition_of[msg.metadata.dst_node_id]),
+            dst_node_id=msg.metadata.dst_node_id,
+            message_type=msg.metadata.message_type,
+        )
+        for msg in messages
+    ]

@@ -13,6 +13,20 @@ from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsim.learn.data import FederatedData
 
+#: Flower ``FedAvg``'s keyword arguments naming fedsim's message keys: weights
+#: under ``num-examples``, arrays under ``arrays``, config under ``config``.
+MESSAGE_KEYS = {
+    "weighted_by_key": NUM_EXAMPLES,
+    "arrayrecord_key": ARRAYS,
+    "configrecord_key": CONFIG,
+}
+
+
+def with_message_keys(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of a ``FedAvg`` subclass, with :data:`MESSAGE_KEYS` where they
+    do not say otherwise."""
+    return {**MESSAGE_KEYS, **kwargs}
+
 
 @dataclass(frozen=True)
 class ServerSetup:
@@ -55,7 +69,5 @@ class ServerSetup:
             "min_train_nodes": 1,
             "min_evaluate_nodes": 1,
             "min_available_nodes": fed.clients,
-            "weighted_by_key": NUM_EXAMPLES,
-            "arrayrecord_key": ARRAYS,
-            "configrecord_key": CONFIG,
+            **MESSAGE_KEYS,
         }

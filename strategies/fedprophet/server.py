@@ -31,8 +31,8 @@ from fedsim.learn.cascade import (
     aux_key,
     cascade_for,
 )
-from fedsim.protocol.rounds import exchange, node_partitions
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.rounds import exchange, per_node
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.fedprophet.maths import (
     adjust_alpha,
     feature_epsilon,
@@ -75,10 +75,7 @@ class FedProphet(FedAvg):
         rounds: int,
         **kwargs: Any,
     ):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.arrays, self.part, self.names, self.options = arrays, part, names, options
         self.rounds_per_stage = math.ceil(rounds / len(part.modules))
         self.stage, self.stage_start = 0, 1
@@ -108,12 +105,8 @@ class FedProphet(FedAvg):
     def _own(
         self, messages: Iterable[Message], grid: Grid, *, train: bool
     ) -> list[Message]:
-        messages = list(messages)
-        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            prophets = self.prophets_of(partition_of[node]) if train else 0
+        def content(msg: Message, partition_id: int) -> RecordDict:
+            prophets = self.prophets_of(partition_id) if train else 0
             last = self.stage + prophets
             config = {
                 **dict(msg.content[CONFIG]),  # type: ignore[arg-type]
@@ -122,13 +115,9 @@ class FedProphet(FedAvg):
                 EPSILON: self.epsilon * self.alpha,
                 BOUNDED: int(self.bounded),
             }
-            content = self.content(last, {self.stage, last}, config)
-            out.append(
-                Message(
-                    content, dst_node_id=node, message_type=msg.metadata.message_type
-                )
-            )
-        return out
+            return self.content(last, {self.stage, last}, config)
+
+        return per_node(messages, grid, content)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

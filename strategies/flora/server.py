@@ -14,14 +14,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.messages import (
     ARRAYS,
-    CONFIG,
     LORA_SCALING,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
 )
 from fedsim.learn.lora import LoraLayout, lora_layout, lora_pairs
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.flora.maths import (
     AGGREGATION_ERROR,
     Adapters,
@@ -54,10 +53,7 @@ class FLoRA(FedAvg):
     def __init__(
         self, *, adapted: Sequence[str], trained: Sequence[str], **kwargs: Any
     ):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         if not adapted:
             raise ValueError("adapted: at least one adapted module is required")
         self.adapted = tuple(adapted)

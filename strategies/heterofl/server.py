@@ -25,10 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.capacity import capacity_of
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.learn.capacity import Plan, slice_arrays, width_plan
-from fedsim.protocol.rounds import node_partitions
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.rounds import per_node
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.heterofl.maths import aggregate_nested
 
 
@@ -54,10 +54,7 @@ class HeteroFL(FedAvg):
     """
 
     def __init__(self, plan_of: Callable[[int], Plan], **kwargs: Any):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.plan_of = plan_of
         #: The global model the current round's slices were cut from.
         self.current: dict[str, np.ndarray] = {}
@@ -65,21 +62,14 @@ class HeteroFL(FedAvg):
     def _sliced(
         self, messages: Iterable[Message], arrays: ArrayRecord, grid: Grid
     ) -> list[Message]:
-        messages = list(messages)
         full = numpy_arrays(arrays)
-        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            own = slice_arrays(full, self.plan_of(partition_of[node]))
+
+        def content(msg: Message, partition_id: int) -> RecordDict:
+            own = slice_arrays(full, self.plan_of(partition_id))
             config = ConfigRecord(dict(msg.content[CONFIG]))  # type: ignore[arg-type]
-            content = RecordDict({ARRAYS: array_record(own), CONFIG: config})
-            out.append(
-                Message(
-                    content, dst_node_id=node, message_type=msg.metadata.message_type
-                )
-            )
-        return out
+            return RecordDict({ARRAYS: array_record(own), CONFIG: config})
+
+        return per_node(messages, grid, content)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -17,11 +17,11 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.hypernet import HyperNetwork, extractor_shapes, lora_shapes
 from fedsim.protocol.rounds import standard_round
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 
 
 class HyperFL(FedAvg):
@@ -36,10 +36,7 @@ class HyperFL(FedAvg):
     """
 
     def __init__(self, initial: ArrayRecord, **kwargs: Any):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         #: The current shared hypernetwork.
         self.shared = initial
 

@@ -4,31 +4,17 @@ averages the clients' metrics (see :mod:`strategies.local`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.protocol.rounds import standard_round
+from fedsim.protocol.rounds import WithoutGlobalModel
 from fedsim.protocol.setup import ServerSetup
 
 
-class LocalOnly(FedAvg):
-    """FedAvg's round shape with nothing to aggregate."""
-
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        """One train and one evaluate exchange with empty arrays."""
-        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
-        return None
+class LocalOnly(WithoutGlobalModel, FedAvg):
+    """FedAvg's round shape with nothing to aggregate: one train and one evaluate
+    exchange with empty arrays."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

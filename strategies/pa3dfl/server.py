@@ -18,13 +18,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.capacity import Plan, block, chain
 from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
 from fedsim.learn.hypernet import HyperNetwork
-from fedsim.protocol.rounds import node_partitions, standard_round
-from fedsim.protocol.setup import ServerSetup
+from fedsim.protocol.rounds import WithoutGlobalModel, per_node
+from fedsim.protocol.setup import ServerSetup, with_message_keys
 from strategies.heterofl.server import plans
 from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
 
@@ -77,8 +77,9 @@ def sliced(factors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tens
     return {k: factors[k][block(s)] for k, s in plan.items()}
 
 
-class Pa3dFL(FedAvg):
-    """FedAvg's sampling and round shape with per-client generated content.
+class Pa3dFL(WithoutGlobalModel, FedAvg):
+    """FedAvg's sampling and round shape with per-client generated content; no
+    global model.
 
     Parameters
     ----------
@@ -104,10 +105,7 @@ class Pa3dFL(FedAvg):
         hyper_momentum: float,
         **kwargs: Any,
     ):
-        kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
-        kwargs.setdefault("arrayrecord_key", ARRAYS)
-        kwargs.setdefault("configrecord_key", CONFIG)
-        super().__init__(**kwargs)
+        super().__init__(**with_message_keys(kwargs))
         self.generator = generator
         self.general = general
         self.plan_of = plan_of
@@ -116,19 +114,6 @@ class Pa3dFL(FedAvg):
         )
         #: Node id -> partition id of the nodes sent content this round.
         self.sent_to: dict[int, int] = {}
-
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        """FedAvg's round shape (through ``hooks``); no global model."""
-        standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
-        return None
 
     def content_for(self, partition_id: int) -> dict[str, torch.Tensor]:
         """The general cores and the client's generated personal factors."""
@@ -140,22 +125,13 @@ class Pa3dFL(FedAvg):
         return out
 
     def _own(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
-        messages = list(messages)
-        partition_of = node_partitions(grid, [m.metadata.dst_node_id for m in messages])
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            self.sent_to[node] = partition_of[node]
+        def content(msg: Message, partition_id: int) -> RecordDict:
+            self.sent_to[msg.metadata.dst_node_id] = partition_id
             config = ConfigRecord(dict(msg.content[CONFIG]))  # type: ignore[arg-type]
-            arrays = ArrayRecord(self.content_for(partition_of[node]))
-            out.append(
-                Message(
-                    RecordDict({ARRAYS: arrays, CONFIG: config}),
-                    dst_node_id=node,
-                    message_type=msg.metadata.message_type,
-                )
-            )
-        return out
+            arrays = ArrayRecord(self.content_for(partition_id))
+            return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+        return per_node(messages, grid, content)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

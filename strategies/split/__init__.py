@@ -139,43 +139,49 @@ class UshapeOptions(Options):
 _REJECTS = {"dp-sgd": _NO_DP, "dp-fedavg": _NO_DP}
 _ACTIONS = (SPLIT_STEP, SPLIT_TAIL)
 
-V1 = Family(
-    name="sfl-v1",
-    summary="SplitFed V1 (Thapa et al., 2022): clients in parallel, a server "
-    "segment copy per client, FedAvg of both sides",
-    server="strategies.split.server:build_v1",
-    client="clients.split:SplitClient",
-    options=Options,
-    section="split",
-    rejects=_REJECTS,
-    check="strategies.split.server:check",
-    actions=_ACTIONS,
-)
 
-V2 = Family(
-    name="sfl-v2",
-    summary="SplitFed V2 (Thapa et al., 2022): one server segment serving the "
-    "clients one after another; FedAvg of the client segments",
-    server="strategies.split.server:build_v2",
-    client="clients.split:SplitClient",
-    options=Options,
-    section="split",
-    rejects=_REJECTS,
-    check="strategies.split.server:check",
-    actions=_ACTIONS,
-)
+def _family(
+    name: str,
+    summary: str,
+    server: str,
+    client: str = "clients.split:SplitClient",
+    options: type[Options] = Options,
+) -> Family:
+    """A split family: keys in ``[split]``, no DP, the split actions and the
+    one :func:`strategies.split.server.check`; ``server`` names its builder in
+    :mod:`strategies.split.server`."""
+    return Family(
+        name=name,
+        summary=summary,
+        server=f"strategies.split.server:{server}",
+        client=client,
+        options=options,
+        section="split",
+        rejects=_REJECTS,
+        check="strategies.split.server:check",
+        actions=_ACTIONS,
+    )
 
-USHAPE = Family(
-    name="split-ushape",
-    summary="U-shaped split learning: the client holds head and tail with the "
-    "labels, the server the body",
-    server="strategies.split.server:build_ushape",
+
+V1 = _family(
+    "sfl-v1",
+    "SplitFed V1 (Thapa et al., 2022): clients in parallel, a server segment copy "
+    "per client, FedAvg of both sides",
+    "build_v1",
+)
+V2 = _family(
+    "sfl-v2",
+    "SplitFed V2 (Thapa et al., 2022): one server segment serving the clients one "
+    "after another; FedAvg of the client segments",
+    "build_v2",
+)
+USHAPE = _family(
+    "split-ushape",
+    "U-shaped split learning: the client holds head and tail with the labels, the "
+    "server the body",
+    "build_ushape",
     client="clients.split:UshapeClient",
     options=UshapeOptions,
-    section="split",
-    rejects=_REJECTS,
-    check="strategies.split.server:check",
-    actions=_ACTIONS,
 )
 
 #: The three families (the entry points ``sfl-v1``, ``sfl-v2`` and

@@ -209,15 +209,18 @@ class SplitStrategy(FedAvg):
         """The server's segment (SplitFed: the last)."""
         return segments[-1]
 
+    def server_of(self, segments: list[Segment]) -> ServerSegment:
+        """The server segment of ``segments``, with a fresh optimiser."""
+        return ServerSegment(
+            self.server_segment(segments), self.experiment.train, self.device
+        )
+
     def sessions(self, nodes: list[int], server_round: int) -> dict[int, Session]:
         """V1: each client gets a copy of the global server segment."""
         out = {}
         for node in nodes:
             segments = split_model(copy.deepcopy(self.model), self.cuts)
-            server = ServerSegment(
-                self.server_segment(segments), self.experiment.train, self.device
-            )
-            out[node] = self.session_type(server, self.codec)
+            out[node] = self.session_type(self.server_of(segments), self.codec)
         return out
 
     def serve(
@@ -323,9 +326,7 @@ class SplitFedV2(SplitStrategy):
     served one after another in a seeded order."""
 
     def sessions(self, nodes: list[int], server_round: int) -> dict[int, Session]:
-        server = ServerSegment(
-            self.server_segment(self.segments), self.experiment.train, self.device
-        )
+        server = self.server_of(self.segments)
         return {node: self.session_type(server, self.codec) for node in nodes}
 
     def serve(

@@ -48,7 +48,6 @@ from fedsim.learn.prompts import add_prompts
 from fedsim.learn.split import Segment, cut_index, stage_names
 from fedsim.protocol.setup import ServerSetup
 from strategies.split.server import (
-    ServerSegment,
     Session,
     UshapeSession,
     UshapeStrategy,
@@ -108,11 +107,8 @@ class SFPrompt(UshapeStrategy):
     def sessions(self, nodes: list[int], server_round: int) -> dict[int, Session]:
         """One frozen body for every client (a session each for its pending
         graph)."""
-        body = self.server_segment(self.segments)
         return {
-            node: self.session_type(
-                ServerSegment(body, self.experiment.train, self.device), self.codec
-            )
+            node: self.session_type(self.server_of(self.segments), self.codec)
             for node in nodes
         }
 

@@ -4,16 +4,13 @@ partition and a counter. Messages are untouched: the run is a real U-shaped run.
 """
 
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord
-from flwr.serverapp import Grid
+from flwr.app import Message
 
 from fedsim.core.messages import METRICS, PARTITION_ID
 from fedsim.core.schema import option
 from fedsim.protocol.setup import ServerSetup
+from fedsim_spy.server import SpyGrid, Spying
 from strategies.split import USHAPE, UshapeOptions
 from strategies.split.server import UshapeStrategy
 
@@ -23,49 +20,24 @@ class SpyOptions(UshapeOptions):
     spy_dir: str = option("", "where the spy writes what it sees")
 
 
-class SpyGrid:
-    """Delegates to ``grid``; writes each reply's arrays to ``out``."""
+class PartitionSpyGrid(SpyGrid):
+    """The spy grid naming files by round, partition and a counter; error
+    replies are not written."""
 
-    def __init__(self, grid: Grid, out: Path, server_round: int):
-        self.grid, self.out, self.server_round = grid, out, server_round
-        self.count = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def send_and_receive(self, messages: Any, *, timeout: Any = None) -> Any:
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
-        for reply in replies:
-            if reply.has_error():
-                continue
-            arrays = {
-                f"{record}|{key}": array.numpy()
-                for record, rec in reply.content.array_records.items()
-                for key, array in rec.items()
-            }
-            pid = int(reply.content[METRICS][PARTITION_ID])
-            self.count += 1
-            name = f"up-r{self.server_round}-p{pid}-{self.count:04d}.npz"
-            np.savez(self.out / name, **arrays)
-        return replies
+    def name(self, reply: Message) -> str | None:
+        if reply.has_error():
+            return None
+        pid = int(reply.content[METRICS][PARTITION_ID])
+        self.count += 1
+        return f"up-r{self.server_round}-p{pid}-{self.count:04d}.npz"
 
 
-class SpyUshape(UshapeStrategy):
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        spy = SpyGrid(
-            grid, Path(self.experiment.strategy.options.spy_dir), server_round
-        )
-        return super().run_round(
-            server_round, arrays, spy, timeout=timeout, hooks=hooks
-        )  # type: ignore[arg-type]
+class SpyUshape(Spying, UshapeStrategy):
+    spy_grid = PartitionSpyGrid
+
+    @property  # type: ignore[override]
+    def spy_dir(self) -> str:
+        return str(self.experiment.strategy.options.spy_dir)
 
 
 def build(setup: ServerSetup) -> SpyUshape:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,8 @@ class Sampler:
             except psutil.NoSuchProcess:
                 break
             for proc in procs:
-                try:
+                with suppress(psutil.Error):
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             self._stop.wait(0.2)
 

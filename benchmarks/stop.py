@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 from cli_run import markdown
 
+from fedsim.engine.processes import living
+
 ARGS = ("rounds=500", "federation.clients=2", "model.name=mlp")
 
 
@@ -30,17 +32,6 @@ def _name(proc: psutil.Process) -> str:
         return str(proc.name())
     except psutil.Error:
         return ""
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.Error:
-            pass
-    return out
 
 
 def measure(how: str, out: Path) -> dict[str, str]:
@@ -68,11 +59,11 @@ def measure(how: str, out: Path) -> dict[str, str]:
         for _ in range(3):
             cli.send_signal(signal.SIGINT)
             time.sleep(0.5)
-    while _alive(procs) and time.monotonic() - start < 120:
+    while living(procs) and time.monotonic() - start < 120:
         time.sleep(0.1)
     gone = time.monotonic() - start
     _, err = cli.communicate()
-    left = _alive(procs)
+    left = living(procs)
     for proc in left:
         proc.kill()
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]

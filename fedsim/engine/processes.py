@@ -38,7 +38,7 @@ def stop_tree(pid: int, timeout: float = 15.0) -> None:
     stop_processes(procs, timeout)
 
 
-def _living(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+def living(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     """Those of ``procs`` still running; a zombie (exited, not yet reaped: its
     parent is gone and PID 1 of a container may never reap it) counts as gone."""
     out = []
@@ -52,7 +52,7 @@ def _living(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
 def _wait(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait up to ``timeout`` seconds for ``procs`` to end; the survivors."""
     deadline = time.monotonic() + timeout
-    while (alive := _living(procs)) and time.monotonic() < deadline:
+    while (alive := living(procs)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive
 
@@ -61,7 +61,7 @@ def stop_processes(procs: Iterable[psutil.Process], timeout: float = 15.0) -> No
     """Terminate ``procs``; kill (with their children) those still alive after
     ``timeout``. Each ``psutil.Process`` remembers its start time, so a reused
     PID is never signalled."""
-    procs = _living(procs)
+    procs = living(procs)
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()

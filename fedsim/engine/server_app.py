@@ -13,6 +13,9 @@ global arrays, the random generators and the recorder are restored, the
 clients' saved states of later rounds are dropped, and the rounds after the
 checkpoint run.
 
+Importing this module indexes Flower's in-memory LinkState by destination node
+(:mod:`fedsim.engine.linkstate`): in simulation the runtime shares this process.
+
 ``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
 makes round ``r`` fail once it has run, before anything of it is recorded.
 """
@@ -43,7 +46,7 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine import checkpoint
+from fedsim.engine import checkpoint, linkstate
 from fedsim.engine.client_state import ClientStateStore
 from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -55,6 +58,7 @@ from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import evaluate
 from fedsim.protocol.setup import ServerSetup
 
+linkstate.install()
 app = ServerApp()
 
 #: Environment variable (tests only): the round that crashes.

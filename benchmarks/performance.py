@@ -171,23 +171,23 @@ def raw(rounds: int) -> dict[str, Any]:
 
 # -- plain Flower ----------------------------------------------------------------
 def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
-    from fedsim.engine import runner
+    from fedsim.engine import processes, superlink
 
     work = Path(tempfile.mkdtemp(prefix="plain-flower-"))
     app = work / "app"
     shutil.copytree(HERE / "plain_flower", app)
     timings = work / "timings.json"
-    port = runner.free_port()
-    home, env = runner.flower_home(runner.loopback(port))
+    port = processes.free_port()
+    home, env = superlink.flower_home(superlink.loopback(port))
     start = time.perf_counter()
     stamp0 = time.time()
-    command = runner.superlink_command(port, simulation=True)
-    link = runner.spawn(command, env, work / "superlink.log")
+    command = superlink.superlink_command(port, simulation=True)
+    link = superlink.spawn(command, env, work / "superlink.log")
     try:
         sampler = Sampler(link.pid)
-        runner.wait_healthy(link, port, work / "superlink.log")
+        superlink.wait_healthy(link, port, work / "superlink.log")
         command = [
-            runner._executable("flwr"),  # noqa: SLF001
+            superlink._executable("flwr"),  # noqa: SLF001
             "run",
             str(app),
             "fedsim",
@@ -200,7 +200,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
         subprocess.run(command, env=env, capture_output=True, check=True)
         wall = time.perf_counter() - start
     finally:
-        runner.stop_tree(link.pid)
+        processes.stop_tree(link.pid)
         memory = sampler.stop()
         shutil.rmtree(home, ignore_errors=True)
     got = json.loads(timings.read_text())

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import read_metrics
+from fedsim.engine.processes import free_port
 from fedsim.engine.remote import Connection, supernodes
-from fedsim.engine.runner import free_port
 from tests.conftest import fedsim, sets
 
 pytestmark = pytest.mark.compose

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import read_metrics
+from fedsim.engine.processes import free_port, stop_tree
 from fedsim.engine.remote import Connection, register_supernode, supernodes
-from fedsim.engine.runner import (
+from fedsim.engine.superlink import (
     Tls,
     _executable,
     flower_home,
-    free_port,
     loopback,
     spawn,
-    stop_tree,
     superlink_command,
     wait_healthy,
 )

@@ -232,6 +232,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
+    from fedsim.engine.superlink import start_during
 
     remote = args.superlink is not None
     if not remote and (args.root_certificates or args.insecure or args.remote_out):
@@ -241,15 +242,22 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if remote and args.resume:
         raise ConfigError("--resume: not with --superlink (private simulations only)")
     connection = _connection(args) if remote else None
+    out: Path | None = None
     if args.resume:
-        exp, run_dir, done = resumed_experiment(args)
-        preflight(exp)
+        exp, resumed, done = resumed_experiment(args)
+    else:
+        exp, done = load_experiment(args.experiment, args.overrides), -1
+        out = check_out(args.out)
+
+    def prepare() -> Path:
+        preflight(exp, local=not remote)
+        return resumed if out is None else create_run_dir(out, exp)
+
+    # a local run's SuperLink starts while the experiment is checked
+    superlink, run_dir = (None, prepare()) if remote else start_during(prepare)
+    if out is None:
         console.print(f"resuming after round {done}: {run_dir}", highlight=False)
     else:
-        exp = load_experiment(args.experiment, args.overrides)
-        out = check_out(args.out)
-        preflight(exp, local=not remote)
-        run_dir, done = create_run_dir(out, exp), -1
         console.print(f"run directory: {run_dir}")
     remote_dir = Path(args.remote_out) / run_dir.name if args.remote_out else None
     progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
@@ -260,7 +268,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             )
         else:
             outcome = simulate(
-                exp, run_dir, on_poll=progress.poll, resume=bool(args.resume)
+                exp,
+                run_dir,
+                on_poll=progress.poll,
+                resume=bool(args.resume),
+                superlink=superlink,
             )
     finally:
         progress.close()
@@ -280,7 +292,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
     """Register the given public keys, then list the SuperNodes and their status."""
     from fedsim.engine.remote import register_supernode, supernodes
-    from fedsim.engine.runner import SimulationError
+    from fedsim.engine.superlink import SimulationError
 
     connection = _connection(args)
     try:

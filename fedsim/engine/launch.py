@@ -224,15 +224,20 @@ def run(
     from fedsim.analysis import load_run
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
+    from fedsim.engine.superlink import start_during
 
     exp = load_experiment(experiment, overrides)
     where = check_out(out, "out")
-    preflight(exp)
-    run_dir = create_run_dir(where, exp, "out")
+
+    def prepare() -> Path:
+        preflight(exp)
+        return create_run_dir(where, exp, "out")
+
+    superlink, run_dir = start_during(prepare)  # it starts during the checks
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:
-        outcome = simulate(exp, run_dir, on_poll=watch.poll)
+        outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
     finally:
         watch.close()
     if outcome.status == "interrupted":

@@ -31,17 +31,13 @@ from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY
 from fedsim.core.rundir import SUMMARY_FILE
 from fedsim.engine.lifeline import stop_signals
-from fedsim.engine.runner import (
-    LOGS_DIR,
-    Outcome,
+from fedsim.engine.processes import stop_tree
+from fedsim.engine.runner import LOGS_DIR, Outcome, run_config_of, settle, write_app
+from fedsim.engine.superlink import (
     SimulationError,
     _executable,
     flower_home,
-    run_config_of,
-    settle,
     spawn,
-    stop_tree,
-    write_app,
 )
 
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")

@@ -124,8 +124,8 @@ def test_int4_activations_blur_the_reconstruction() -> None:
     assert scores["none"] >= ONE_IMAGE_BAR
     assert scores["int4"] < scores["none"] - 20
     row = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
-    codec = FixedBits(4)
-    np.testing.assert_array_equal(codec.decode(codec.encode(row)), row)
+    int4 = FixedBits(4)
+    np.testing.assert_array_equal(int4.decode(int4.encode(row)), row)
 
 
 @pytest.mark.parametrize("name", ["sfl-v1", "sfl-v2", "split-ushape"])

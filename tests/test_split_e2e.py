@@ -74,6 +74,7 @@ def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     assert labels_in == []
 
     rows = read_metrics(result.run_dir)
+    assert rows is not None
     clients = rows[rows["client"].notna() & (rows["phase"] == "train")]
     assert (clients[clients["metric"] == "bytes-up"]["value"] > 0).all()
     assert set(rows[rows["phase"] == "server"]["metric"]) >= {"accuracy", "loss"}

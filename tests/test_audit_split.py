@@ -152,6 +152,23 @@ def test_the_scene_is_the_sent_head_on_the_decoded_first_batch(name: str) -> Non
         assert scene.labels.tolist() == data.train.y[batch].tolist()
 
 
+def test_a_reply_without_activations_gives_no_reconstruction() -> None:
+    """A client with no training examples answers ``train`` with its segment
+    only: nothing to invert, no row (the auditor records none)."""
+    exp = load_experiment(AUDIT_SFL, [])
+    setup, family, sent, answer, _, _ = _first_upload(exp)
+    segment = RecordDict({ARRAYS: sent[ARRAYS]})
+    rec = invert(
+        sent,
+        segment,
+        Public(exp, setup.data.info, 1),
+        surface=load(family.audit),
+        settings=exp.audit,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert rec.images.shape == (0, 1, 8, 8) and rec.labels.shape == (0,)
+
+
 def test_a_coded_upload_is_seen_decoded() -> None:
     """int8: the attacker matches the values the server decodes (oracle: the
     codec's decode of the reply), off the client's float activations by at most

@@ -125,7 +125,10 @@ def received(
     reply: RecordDict, public: Public
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """The activations of ``reply`` as the server decodes them, and the labels
-    that came with them (None if none)."""
+    that came with them (None if none); no rows when the reply carries none (a
+    client without training examples answers ``train`` with its segment)."""
+    if CUT not in reply:
+        return torch.empty(0), None
     options = public.experiment.strategy.options
     codec = CODECS[options.quantization](options)
     cut = from_record(reply.array_records[CUT])
@@ -186,6 +189,8 @@ def invert_activations(
     """
     n = len(scene.observed)
     shape = public.info.input_shape
+    if n == 0:
+        return Reconstruction(np.empty((0, *shape), np.float32), np.empty(0), 0.0)
     x = torch.rand((n, *shape), generator=generator).requires_grad_(True)
     unknowns = {k: v.clone().requires_grad_(True) for k, v in scene.unknowns.items()}
 

@@ -105,6 +105,8 @@ class Auditor:
         for pid in sorted(seen)[: self.settings.clients]:
             sent, reply = seen[pid]
             value = self.attack(server_round, pid, sent, reply, public)
+            if value is None:  # nothing uploaded to attack (no training examples)
+                continue
             self.recorder.client(
                 server_round, MessageType.TRAIN, pid, {ATTACK_PSNR: value}
             )
@@ -119,8 +121,9 @@ class Auditor:
         sent: RecordDict,
         reply: RecordDict,
         public: Public,
-    ) -> float:
-        """One client's reconstruction, its mean best PSNR, and its grid."""
+    ) -> float | None:
+        """One client's reconstruction, its mean best PSNR, and its grid (None
+        when the upload held no example)."""
         exp = self.experiment
         labels = None
         if self.settings.labels == "known":
@@ -138,6 +141,8 @@ class Auditor:
                 generator=generator,
                 labels=labels,
             )
+        if not len(rec.images):
+            return None
         images = self.data.pool.x[self.data.partitions[pid]]
         index, scores = best_matches(rec.images, images)
         scores = np.minimum(scores, PSNR_CAP)

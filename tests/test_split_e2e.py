@@ -1,5 +1,6 @@
 """U-shaped split learning end to end through Flower's simulation runtime:
-every message a client sends the server, inspected.
+every message a client sends the server, inspected; the same run audited
+(activation inversion of the first batch, a few iterations).
 
 The ``split-ushape-spy`` plug-in (``tests/spy``) is U-shaped split learning
 whose server writes every reply of every exchange to disk.
@@ -35,7 +36,15 @@ RUN = (
 def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     tmp_path: Path,
 ) -> None:
-    result, seen = spy_run(tmp_path, "split-ushape-spy", "split.spy-dir", *RUN)
+    audit = ("audit.attack=inverting-activations", "audit.clients=2")
+    result, seen = spy_run(
+        tmp_path,
+        "split-ushape-spy",
+        "split.spy-dir",
+        *RUN,
+        *audit,
+        "audit.iterations=5",
+    )
     summary = json.loads((result.run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == "completed"
 
@@ -65,6 +74,11 @@ def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     assert labels_in == []
 
     rows = read_metrics(result.run_dir)
+    assert rows is not None
     clients = rows[rows["client"].notna() & (rows["phase"] == "train")]
     assert (clients[clients["metric"] == "bytes-up"]["value"] > 0).all()
     assert set(rows[rows["phase"] == "server"]["metric"]) >= {"accuracy", "loss"}
+    # the audit heard the train exchange (activations up) through Flower's runtime
+    psnr = rows[(rows["metric"] == "attack-psnr") & rows["client"].notna()]
+    assert sorted(psnr["client"]) == [0, 1] and np.isfinite(psnr["value"]).all()
+    assert ((rows["phase"] == "audit") & (rows["metric"] == "seconds")).sum() == 1

@@ -19,15 +19,13 @@ The pieces, each replaceable:
   round from the recording grid (``observe(server_round, messages, replies,
   partition_of)``), attacks after the round (``after_round``), scores against
   the seeded partitions and records.
+- :mod:`fedsim.audit.activations`, split learning's surfaces and attack:
+  the cut-layer activations of the client's first batch (the reply to the
+  round's ``train`` message) inverted against the head the server sent
+  (``audit.attack = "inverting-activations"``): ``sfl-v1``, ``sfl-v2``,
+  ``split-ushape`` and ``sfprompt`` (prompts optimised with the inputs).
+- :mod:`fedsim.audit.loop`, the dummy-input loop both attacks share.
 
-How split learning's activation inversion plugs in: its family declares a
-surface whose :class:`~fedsim.audit.replay.Scene` ``observed`` holds the
-cut-layer activations the server received (instead of an update) and whose
-``forward`` is the client segment the server knows after aggregation; the
-attack then matches ``forward(x)`` to ``observed`` (an L2 or cosine distance,
-same TV prior, same dummy-input loop and scoring). The auditor's ``observe``
-already receives every ``train.<action>`` exchange of a round, so the
-activation exchange reaches it without engine changes; only the choice of
-exchange (today: the client's latest one carrying ``arrays`` both ways) and a
-matching loss per scene kind are to add.
+A surface names the attack it feeds in its ``attack`` attribute (none:
+Inverting Gradients); the experiment's ``audit.attack`` must match it.
 """

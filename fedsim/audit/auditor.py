@@ -9,9 +9,11 @@ the same seeded split (nothing comes from the client), records
 ``attack-psnr`` in the round's ``train`` rows (their mean in the aggregated
 row), the attack's wall time as the ``audit`` phase's ``seconds``, and writes
 ``attacks/round-<r>-client-<id>.png`` (top: best-matching originals; bottom:
-reconstructions). The attack draws from its own ``torch.Generator`` and runs
-under ``torch.random.fork_rng``, and uses its own copy of the model, so
-training is the same with or without the audit.
+reconstructions). The attack (:func:`fedsim.audit.inverting.invert`, which
+hands split learning's activation scenes to
+:func:`fedsim.audit.activations.invert_activations`) draws from its own
+``torch.Generator``, runs under ``torch.random.fork_rng`` and uses its own copy
+of the model, so training is the same with or without the audit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fedsim.audit.maths import best_matches, image_grid
 from fedsim.audit.replay import Public
 from fedsim.core.experiment import Experiment
 from fedsim.core.family import load
-from fedsim.core.messages import ARRAYS
+from fedsim.core.messages import ARRAYS, CUT
 from fedsim.core.rundir import ATTACK_PSNR, AUDIT_PHASE
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import FederatedData
@@ -76,7 +78,10 @@ class Auditor:
         partition_of: Mapping[int, int],
     ) -> None:
         """Keep, per client, the latest training exchange of an audited round
-        whose message and reply both carry ``arrays`` (references only)."""
+        whose message carries ``arrays`` and whose reply carries ``arrays`` (an
+        upload of weights) or ``cut`` (split learning's activations: only the
+        round's ``train`` exchange, the client's first batch, qualifies; see
+        :mod:`fedsim.audit.activations`). References only."""
         if server_round not in self.settings.rounds or not messages:
             return
         if messages[0].metadata.message_type.split(".")[0] != MessageType.TRAIN:
@@ -86,7 +91,8 @@ class Auditor:
             node = reply.metadata.src_node_id
             if reply.has_error() or node not in sent:
                 continue
-            if ARRAYS in sent[node] and ARRAYS in reply.content:
+            up = reply.content
+            if ARRAYS in sent[node] and (ARRAYS in up or CUT in up):
                 self._seen[partition_of[node]] = (sent[node], reply.content)
 
     def after_round(self, server_round: int) -> None:
@@ -99,6 +105,8 @@ class Auditor:
         for pid in sorted(seen)[: self.settings.clients]:
             sent, reply = seen[pid]
             value = self.attack(server_round, pid, sent, reply, public)
+            if value is None:  # nothing uploaded to attack (no training examples)
+                continue
             self.recorder.client(
                 server_round, MessageType.TRAIN, pid, {ATTACK_PSNR: value}
             )
@@ -113,8 +121,9 @@ class Auditor:
         sent: RecordDict,
         reply: RecordDict,
         public: Public,
-    ) -> float:
-        """One client's reconstruction, its mean best PSNR, and its grid."""
+    ) -> float | None:
+        """One client's reconstruction, its mean best PSNR, and its grid (None
+        when the upload held no example)."""
         exp = self.experiment
         labels = None
         if self.settings.labels == "known":
@@ -132,6 +141,8 @@ class Auditor:
                 generator=generator,
                 labels=labels,
             )
+        if not len(rec.images):
+            return None
         images = self.data.pool.x[self.data.partitions[pid]]
         index, scores = best_matches(rec.images, images)
         scores = np.minimum(scores, PSNR_CAP)

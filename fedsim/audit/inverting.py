@@ -20,18 +20,23 @@ the upload carries it (:func:`fedsim.audit.maths.infer_label_counts`), else
 optimised with the inputs as soft labels (DLG, Zhu et al. 2019).
 
 The attack is a function of the sent content, the reply content and the public
-hyper-parameters only (:func:`invert`); it never sees the client's data.
+hyper-parameters only (:func:`invert`); it never sees the client's data. A
+surface that returns an :class:`~fedsim.audit.activations.ActivationScene`
+(split learning's cut-layer activations) is attacked by
+:func:`fedsim.audit.activations.invert_activations` instead, in the same loop
+(:func:`fedsim.audit.loop.descend`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
 
+from fedsim.audit.activations import ActivationScene, invert_activations
+from fedsim.audit.loop import Reconstruction, descend
 from fedsim.audit.maths import (
     cosine_distance,
     infer_label_counts,
@@ -41,32 +46,11 @@ from fedsim.audit.maths import (
 from fedsim.audit.replay import Public, Scene, simulate
 from fedsim.core.experiment import AuditConfig
 
-#: ``surface(sent, reply, public) -> Scene`` (a family's ``Family.audit``).
-Surface = Callable[[RecordDict, RecordDict, Public], Scene]
+__all__ = ["Reconstruction", "Surface", "invert"]
 
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """What the attack recovered from one client's upload.
-
-    Attributes
-    ----------
-    images : numpy.ndarray
-        ``(examples, *input_shape)``: one reconstruction per example trained on.
-    labels : numpy.ndarray
-        The labels the attack used (granted, inferred, or the optimised soft
-        labels' argmax).
-    loss : float
-        The lowest matching loss reached.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    loss: float
-
-
-def _milestones(iterations: int) -> list[int]:
-    return [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+#: ``surface(sent, reply, public) -> Scene`` (a family's ``Family.audit``); a
+#: split family's surface returns an :class:`ActivationScene`.
+Surface = Callable[[RecordDict, RecordDict, Public], Scene | ActivationScene]
 
 
 def invert(
@@ -88,16 +72,20 @@ def invert(
     public : Public
         The public hyper-parameters (experiment, data shape, round).
     surface : callable
-        The family's view of the exchange (:mod:`fedsim.audit.replay`).
+        The family's view of the exchange (:mod:`fedsim.audit.replay`,
+        :mod:`fedsim.audit.activations`).
     settings : AuditConfig
         Iterations, learning rate, TV weight.
     generator : torch.Generator
         The attack's own randomness (dummy inputs, soft labels); the global
         RNG streams are not drawn from.
     labels : numpy.ndarray, optional
-        Granted labels (``audit.labels = "known"``); None infers them.
+        Granted labels (``audit.labels = "known"``); None infers them. Unused
+        by activation inversion (the head's output does not depend on them).
     """
     scene = surface(sent, reply, public)
+    if isinstance(scene, ActivationScene):
+        return invert_activations(scene, public, settings=settings, generator=generator)
     n = scene.examples
     shape = public.info.input_shape
     x = torch.rand((n, *shape), generator=generator).requires_grad_(True)
@@ -111,32 +99,18 @@ def invert(
         y_fixed = None
         classes = public.info.num_classes
         soft = torch.randn((n, classes), generator=generator).requires_grad_(True)
-    optimised = [x, *unknowns.values(), *([soft] if soft is not None else [])]
-    optimizer = torch.optim.Adam(optimised, lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=_milestones(settings.iterations), gamma=0.1
-    )
-    image = len(shape) == 3
-    best, best_x, best_y = float("inf"), x.detach().clone(), y_fixed
-    for _ in range(settings.iterations):
-        optimizer.zero_grad(set_to_none=True)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
         y = y_fixed if soft is None else soft.softmax(dim=1)
         assert y is not None
         update = simulate(scene, x, y, unknowns)
-        match = cosine_distance(update, scene.observed)
-        loss = match + settings.tv * total_variation(x)
-        value = float(loss.detach())
-        if value < best:
-            best, best_x = value, x.detach().clone()
-            best_y = y_fixed if soft is None else soft.detach().argmax(dim=1)
-        loss.backward()
-        for p in optimised:
-            if p.grad is not None:
-                p.grad.sign_()
-        optimizer.step()
-        schedule.step()
-        if image:
-            with torch.no_grad():
-                x.clamp_(0.0, 1.0)
-    assert best_y is not None
+        loss = cosine_distance(update, scene.observed) + settings.tv * (
+            total_variation(x)
+        )
+        seen = y_fixed if soft is None else soft.detach().argmax(dim=1)
+        assert seen is not None
+        return loss, seen
+
+    others = [*unknowns.values(), *([soft] if soft is not None else [])]
+    best, best_x, best_y = descend(x, others, objective, settings)
     return Reconstruction(best_x.numpy(), np.asarray(best_y), best)

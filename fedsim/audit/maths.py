@@ -65,6 +65,13 @@ def cosine_distance(
     return 1.0 - dot / (torch.sqrt(norm_s) * torch.sqrt(norm_o) + 1e-12)  # type: ignore[operator, arg-type]
 
 
+def relative_distance(simulated: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """``||simulated - observed||^2 / ||observed||^2``: the activation-matching
+    loss, free of the activations' scale (so one TV weight fits every cut)."""
+    diff = (simulated - observed).pow(2).sum()
+    return diff / (observed.pow(2).sum() + 1e-12)
+
+
 def infer_label_counts(bias_update: np.ndarray, n: int) -> np.ndarray:
     """How many of ``n`` examples carry each label, from the update of the output
     layer's bias.

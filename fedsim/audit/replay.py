@@ -16,6 +16,8 @@ Surfaces here: :func:`full_model` (FedAvg, and DP-SGD-noised FedAvg: the
 attacker replays plain SGD, the noise is unknown), :func:`lora_factors` (FLoRA,
 FedIT: only the LoRA factors and the fully trained head), :func:`hypernetwork`
 (HyperFL: only the hypernetwork; the private embedding and head are unknowns).
+Split learning's surfaces, whose scenes hold activations instead of an update,
+are in :mod:`fedsim.audit.activations`.
 """
 
 from __future__ import annotations

@@ -344,13 +344,17 @@ class AuditConfig:
     ``clients`` training clients (lowest partition ids) uploaded, with the
     family's view of the upload (``Family.audit``), and records ``attack-psnr``
     (dB) per attacked client in the round's ``train`` rows; PNG grids go to
-    ``attacks/`` in the run directory. Training is not changed.
+    ``attacks/`` in the run directory. Training is not changed. ``attack``
+    must fit the family's upload: ``inverting-gradients`` for weights,
+    ``inverting-activations`` for split learning's cut activations (which
+    ignores ``labels``: the head's output does not depend on them).
     """
 
     attack: str = option(
         "none",
-        "'none' (off) or 'inverting-gradients' (Geiping et al. 2020)",
-        one_of("none", "inverting-gradients"),
+        "'none' (off), 'inverting-gradients' (Geiping et al. 2020; uploads of "
+        "weights) or 'inverting-activations' (split learning's cut activations)",
+        one_of("none", "inverting-gradients", "inverting-activations"),
     )
     rounds: tuple[int, ...] = option(
         [1], "rounds whose uploads are attacked", _rounds_list

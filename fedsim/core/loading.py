@@ -29,7 +29,7 @@ from fedsim.core.experiment import (
     StrategyConfig,
     expected_clients_per_round,
 )
-from fedsim.core.family import Family
+from fedsim.core.family import Family, load
 from fedsim.core.schema import (
     Schema,
     as_table,
@@ -182,6 +182,13 @@ def _check_audit(exp: Experiment, family: Family) -> None:
         raise ConfigError(
             f"audit.attack: strategy.name = {family.name!r} declares no view of its "
             "uploads to attack; set audit.attack = 'none'"
+        )
+    # the surface names the attack it feeds (the gradient surfaces: none)
+    fits = getattr(load(family.audit), "attack", "inverting-gradients")
+    if audit.attack != fits:
+        raise ConfigError(
+            f"audit.attack: {audit.attack!r} does not fit what strategy.name = "
+            f"{family.name!r} uploads; use audit.attack = {fits!r}"
         )
     late = [r for r in audit.rounds if r > exp.rounds]
     if late:

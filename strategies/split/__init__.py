@@ -140,6 +140,11 @@ _REJECTS = {"dp-sgd": _NO_DP, "dp-fedavg": _NO_DP}
 _ACTIONS = (SPLIT_STEP, SPLIT_TAIL)
 
 
+#: What the server sees of a client's round: its first batch's cut activations,
+#: against the head it sent (:mod:`fedsim.audit.activations`).
+_AUDIT = "fedsim.audit.activations:cut_activations"
+
+
 def _family(
     name: str,
     summary: str,
@@ -160,6 +165,7 @@ def _family(
         rejects=_REJECTS,
         check="strategies.split.server:check",
         actions=_ACTIONS,
+        audit=_AUDIT,
     )
 
 
@@ -224,4 +230,5 @@ SFPROMPT = Family(
     check="strategies.split.sfprompt:check",
     actions=_ACTIONS,
     model="strategies.split.sfprompt:prompted",
+    audit="fedsim.audit.activations:prompted_head",
 )

@@ -331,6 +331,17 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     return final, fake, recorder
 
 
+def training_rows(frame: Any) -> Any:
+    """A run's metrics without what may differ between identical trainings: the
+    timings (``seconds``, ``elapsed``) and the audit's ``attack-psnr``; sorted."""
+    timing = frame["metric"].isin(["seconds", "elapsed", "attack-psnr"])
+    return (
+        frame[~timing]
+        .sort_values(["round", "phase", "metric", "client"])
+        .reset_index(drop=True)
+    )
+
+
 def experiment(strategy: str, *overrides: str) -> Any:
     """A :data:`TINY` split experiment of family ``strategy``."""
     from fedsim.core.loading import load_experiment

@@ -30,7 +30,7 @@ from fedsim.core.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, SERVER_R
 from fedsim.core.seeding import derive_seed
 from fedsim.engine.server_app import build
 from fedsim.learn.training import make_loader
-from tests.conftest import ScriptedGrid, reply
+from tests.conftest import ScriptedGrid, reply, training_rows
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -297,14 +297,7 @@ def test_the_audited_run_trains_exactly_as_the_run_without(
     plain = _run(load_experiment(None, base), tmp_path / "plain")
     audited = _run(load_experiment(None, [*base, *audit]), tmp_path / "audited")
 
-    def training(frame: pd.DataFrame) -> pd.DataFrame:
-        timing = frame["metric"].isin(["seconds", "elapsed"])
-        kept = frame[~timing & (frame["metric"] != "attack-psnr")]
-        return kept.sort_values(["round", "phase", "metric", "client"]).reset_index(
-            drop=True
-        )
-
-    pd.testing.assert_frame_equal(training(plain), training(audited))
+    pd.testing.assert_frame_equal(training_rows(plain), training_rows(audited))
     psnr_rows = audited[audited["metric"] == "attack-psnr"]
     assert set(psnr_rows["round"]) == {2}
     assert (psnr_rows["phase"] == "train").all()

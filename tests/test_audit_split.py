@@ -26,7 +26,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.engine.server_app import build
 from fedsim.learn.codecs import FixedBits, decode
 from fedsim.learn.split import batch_plan, from_record
-from tests.conftest import InProcessGrid
+from tests.conftest import InProcessGrid, training_rows
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 AUDIT_SFL = EXPERIMENTS / "audit_sfl.toml"
@@ -276,14 +276,7 @@ def test_the_audited_split_run_trains_exactly_as_the_run_without(
     )
     audited = _run(load_experiment(AUDIT_SFL, [*base, *audit]), tmp_path / "a")
 
-    def training(frame: pd.DataFrame) -> pd.DataFrame:
-        timing = frame["metric"].isin(["seconds", "elapsed"])
-        kept = frame[~timing & (frame["metric"] != "attack-psnr")]
-        return kept.sort_values(["round", "phase", "metric", "client"]).reset_index(
-            drop=True
-        )
-
-    pd.testing.assert_frame_equal(training(plain), training(audited))
+    pd.testing.assert_frame_equal(training_rows(plain), training_rows(audited))
     rows = audited[audited["metric"] == "attack-psnr"]
     assert set(rows["round"]) == {2}
     assert sorted(rows[rows["client"].notna()]["client"]) == [0, 1]

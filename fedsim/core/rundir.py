@@ -30,9 +30,10 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where frames are made (not by clients)
+    import pandas as pd
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.parquet"
@@ -135,6 +136,8 @@ def metrics_frame(rows: list[Row]) -> pd.DataFrame:
     pandas.DataFrame
         Columns :data:`COLUMNS` with their :data:`DTYPES`.
     """
+    import pandas as pd
+
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.astype(dict(DTYPES))
 
@@ -160,6 +163,8 @@ def read_metrics(run_dir: Path) -> pd.DataFrame | None:
         data = (run_dir / METRICS_FILE).read_bytes()
     except FileNotFoundError:
         return None
+    import pandas as pd
+
     return pd.read_parquet(io.BytesIO(data))
 
 

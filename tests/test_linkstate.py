@@ -68,6 +68,7 @@ def simulation_state(nodes: int) -> tuple[InMemoryLinkState, InMemoryGrid, list[
 def test_installed_where_the_server_app_runs():
     import fedsim.engine.server_app  # noqa: F401
 
+    assert linkstate.install()
     assert linkstate.supported()
     assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
     assert InMemoryLinkState.store_message_ins is linkstate.store_message_ins
@@ -84,7 +85,8 @@ def test_same_messages_as_flowers_query(seed):
     pushed: tuple[list[str], list[str]] = ([], [])
 
     def get(which: int, state: InMemoryLinkState, node: int, limit, run_id):
-        query = linkstate.get_message_ins if which == 0 else linkstate._ORIGINAL_GET
+        flowers_query = linkstate.original["get_message_ins"]
+        query = linkstate.get_message_ins if which == 0 else flowers_query
         got = query(state, node, limit, run_id=run_id)
         return [pushed[which].index(m.metadata.message_id) for m in got], got
 
@@ -126,8 +128,9 @@ def test_same_messages_as_flowers_query(seed):
 
 
 def test_index_built_from_messages_stored_before_install(monkeypatch):
+    linkstate.install()
     monkeypatch.setattr(
-        InMemoryLinkState, "store_message_ins", linkstate._ORIGINAL_STORE
+        InMemoryLinkState, "store_message_ins", linkstate.original["store_message_ins"]
     )
     state, grid, nodes = simulation_state(3)
     ids = list(

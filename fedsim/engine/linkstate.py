@@ -20,24 +20,32 @@ The one difference: Flower's query also deleted *other* nodes' expired messages
 as a side effect; here they are deleted when their own node asks, or when the
 server pulls their replies (``get_message_res`` checks them too). The SQL
 LinkState and every other method are untouched. The replacement is installed
-only on the Flower version it was written against (1.41).
+only on the Flower version it was written against (1.41), and only in a process
+that already holds Flower's in-memory LinkState (the simulation runtime's): the
+module that defines it pulls in the SuperLink's database stack (about 1 s of
+imports) that a deployed ServerApp does not need.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flwr
 from flwr.app import Message
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
 
+if TYPE_CHECKING:
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+#: The module defining Flower's in-memory LinkState.
+MODULE = "flwr.server.superlink.linkstate.in_memory_linkstate"
 #: Attribute of a LinkState holding ``{node_id: {message_id: None}}`` (ordered).
 _INDEX = "_fedsim_pending"
-_ORIGINAL_STORE = InMemoryLinkState.store_message_ins
-_ORIGINAL_GET = InMemoryLinkState.get_message_ins
 _install_lock = threading.Lock()
+#: Flower's own methods, kept by :func:`install`.
+original: dict[str, Any] = {}
 
 
 def _pending(state: InMemoryLinkState) -> dict[int, dict[str, None]]:
@@ -54,7 +62,7 @@ def _pending(state: InMemoryLinkState) -> dict[int, dict[str, None]]:
 
 def store_message_ins(self: InMemoryLinkState, message: Message) -> str | None:
     """Flower's ``store_message_ins``, also indexing the stored message."""
-    message_id = _ORIGINAL_STORE(self, message)
+    message_id = original["store_message_ins"](self, message)
     if message_id is not None:
         with self.lock:
             if message_id in self.message_ins_store:
@@ -102,12 +110,19 @@ def supported(version: str | None = None) -> bool:
 
 
 def install() -> bool:
-    """Replace the two methods (once, idempotently); False where Flower's
-    version is not the one this module was written against."""
-    if not supported():
+    """Replace the two methods (once; idempotent). False, and nothing changed,
+    where Flower's version is not the one this module was written against or
+    this process holds no in-memory LinkState."""
+    module = sys.modules.get(MODULE)
+    if not supported() or module is None:
         return False
     with _install_lock:
-        cls: Any = InMemoryLinkState
-        cls.store_message_ins = store_message_ins
-        cls.get_message_ins = get_message_ins
+        cls: Any = module.InMemoryLinkState
+        for name, replacement in (
+            ("store_message_ins", store_message_ins),
+            ("get_message_ins", get_message_ins),
+        ):
+            if getattr(cls, name) is not replacement:
+                original[name] = getattr(cls, name)
+                setattr(cls, name, replacement)
     return True

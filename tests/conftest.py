@@ -58,6 +58,9 @@ class CliRun:
     stdout: str
     stderr: str
     out: Path
+    #: the command line and environment, where a test checks how it ran
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -135,10 +138,33 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliRun]:
     return run
 
 
+def console_script_env() -> tuple[Path, dict[str, str]]:
+    """The ``fedsim`` console script of this environment, and this process's
+    environment as a shell where that environment is not activated has it: its
+    ``bin/`` not on ``PATH``, no ``VIRTUAL_ENV``."""
+    script = Path(sys.executable).with_name("fedsim")
+    here = str(script.parent)
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here
+    )
+    env = {**os.environ, "PATH": path or "/usr/bin:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    return script, env
+
+
 @pytest.fixture(scope="session")
-def small_run(run_cli: Callable[..., CliRun]) -> CliRun:
-    """One small FedAvg run on digits, shared by every test that only reads it."""
-    result = run_cli(overrides=SMALL)
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """One small FedAvg run on digits, shared by every test that only reads it.
+
+    Started as ``/path/to/venv/bin/fedsim run`` from a shell where the venv is
+    not activated (:func:`console_script_env`), so that this one run also shows
+    that the SuperLink finds Flower's executables without ``PATH``
+    (``tests/test_api.py``)."""
+    script, env = console_script_env()
+    out = tmp_path_factory.mktemp("runs")
+    argv = (str(script), "run", *sets(*SMALL), "--out", str(out))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    result = CliRun(proc.returncode, proc.stdout, proc.stderr, out, argv, env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

@@ -3,11 +3,12 @@ grids without one, and in-process split-learning rounds."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,51 @@ def spy_run(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result, seen
+
+
+def sweep_cli(
+    out: Path,
+    experiments: Sequence[Sequence[str]],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> tuple[CliRun, list[Path]]:
+    """``fedsim sweep`` of ``experiments``, each the ``KEY=VALUE`` overrides a
+    ``fedsim run --set ...`` of it would take: the quickstart as the sweep's base,
+    one variant per experiment. Experiments that share ``federation.clients`` and
+    ``[resources]`` share one Flower run (start-up paid once). Returns the CLI
+    run and each experiment's run directory, in order; asserts that each run
+    directory holds the experiment that ``fedsim run`` would have run (its name
+    aside), so a test computes its oracle from its overrides as before."""
+    import tomli_w
+
+    from fedsim.core.loading import load_experiment, parse_override, to_toml
+
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / "experiments.toml"
+    variants = [dict(map(parse_override, overrides)) for overrides in experiments]
+    file.write_text(
+        to_toml(load_experiment(None)) + "\n" + tomli_w.dumps({"variants": variants})
+    )
+    result = fedsim(
+        "sweep",
+        str(file),
+        "--out",
+        str(out / "runs"),
+        out=out,
+        env=env,
+        timeout=timeout,
+    )
+    index = out / "runs" / file.stem / "sweep.json"
+    assert index.is_file(), result.stdout + result.stderr
+    entries = json.loads(index.read_text())["experiments"]
+    run_dirs = [index.parent / entry["run_dir"] for entry in entries]
+    assert len(run_dirs) == len(experiments)
+    for run_dir, overrides in zip(run_dirs, experiments, strict=True):
+        alone = load_experiment(None, overrides)
+        swept = load_experiment(run_dir / "config.toml")
+        assert replace(swept, name=alone.name) == alone, run_dir
+    return result, run_dirs
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ through the CLI and Flower's simulation runtime."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +17,7 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import lora_layout, rank_for
 from strategies.flora import AGGREGATION_ERROR
-from tests.conftest import CliRun
+from tests.conftest import sweep_cli
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,41 @@ def expected_bytes(overrides: tuple[str, ...]) -> tuple[int, int, dict[int, int]
     return full, down, up
 
 
-def check_run(result: CliRun, overrides: tuple[str, ...]) -> pd.Series:
-    """Shared checks; returns the per-round aggregation error."""
+FLORA = (
+    *HETERO,
+    "strategy.name=flora",
+    "model.pretrain=digits",
+    "model.pretrain-classes=[0, 1, 2, 3, 4]",
+    "model.pretrain-epochs=2",
+)
+FEDIT = (*HETERO, "strategy.name=fedit")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """Both experiments through the CLI and Flower's simulation, as one ``fedsim
+    sweep``: one Flower run on their four SuperNodes, one after the other (each
+    equals it run alone: tests/test_sweep.py), with a pretraining cache of their
+    own (the run's processes inherit ``FEDSIM_CACHE``). Returns the cache and
+    each experiment's run directory."""
+    root = tmp_path_factory.mktemp("lora")
+    cache = root / "cache"
+    experiments = {"flora": FLORA, "fedit": FEDIT}
+    result, run_dirs = sweep_cli(
+        root,
+        list(experiments.values()),
+        env={**os.environ, "FEDSIM_CACHE": str(cache)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+    return cache, dict(zip(experiments, run_dirs, strict=True))
+
+
+def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
+    """Shared checks; returns the per-round aggregation error."""
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary["reason"]
     assert summary["rounds_completed"] == 2 and summary["failures"] == 0
-    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
     train = frame[(frame["phase"] == "train") & frame["client"].notna()]
     rows = train.pivot_table(
         index=["round", "client"], columns="metric", values="value"
@@ -85,25 +113,17 @@ def check_run(result: CliRun, overrides: tuple[str, ...]) -> pd.Series:
 
 
 def test_flora_end_to_end_from_a_pretrained_base(
-    run_cli: Callable[..., CliRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runs: tuple[Path, dict[str, Path]],
 ) -> None:
-    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))  # the run's processes inherit it
-    overrides = (
-        *HETERO,
-        "strategy.name=flora",
-        "model.pretrain=digits",
-        "model.pretrain-classes=[0, 1, 2, 3, 4]",
-        "model.pretrain-epochs=2",
-    )
-    result = run_cli(overrides=overrides)
-    errors = check_run(result, overrides)
+    cache, run_dirs = runs
+    errors = check_run(run_dirs["flora"], FLORA)
     assert (errors < 1e-9).all()
-    assert len(list((tmp_path / "pretrain").glob("vit-*.pt"))) == 1  # built once
+    assert len(list((cache / "pretrain").glob("vit-*.pt"))) == 1  # built once
 
 
 def test_fedit_end_to_end_reports_its_aggregation_noise(
-    run_cli: Callable[..., CliRun],
+    runs: tuple[Path, dict[str, Path]],
 ) -> None:
-    overrides = (*HETERO, "strategy.name=fedit")
-    errors = check_run(run_cli(overrides=overrides), overrides)
+    _, run_dirs = runs
+    errors = check_run(run_dirs["fedit"], FEDIT)
     assert (errors > 1e-3).all()

@@ -95,34 +95,6 @@ def sets(*pairs: str) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
 
-#: The spy plug-ins (``hyperfl-spy``, ``split-ushape-spy``): on PYTHONPATH, their
-#: dist-info registers them.
-SPY = Path(__file__).parent / "spy"
-
-
-def spy_run(
-    tmp_path: Path, strategy: str, spy_dir: str, *overrides: str
-) -> tuple[CliRun, Path]:
-    """``fedsim run`` of the spy family ``strategy`` with the spy plug-ins
-    importable; the spy writes what it sees to ``tmp_path/seen`` (the key
-    ``spy_dir`` says where). Asserts the run succeeded; returns it and that
-    folder."""
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = fedsim(
-        "run",
-        *sets(f"strategy.name={strategy}", f"{spy_dir}={seen}", *overrides),
-        out=tmp_path / "runs",
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result, seen
-
-
 def sweep_cli(
     out: Path,
     experiments: Sequence[Sequence[str]],
@@ -166,6 +138,58 @@ def sweep_cli(
         swept = load_experiment(run_dir / "config.toml")
         assert replace(swept, name=alone.name) == alone, run_dir
     return result, run_dirs
+
+
+#: The spy plug-ins (``hyperfl-spy``, ``split-ushape-spy``): on PYTHONPATH, their
+#: dist-info registers them.
+SPY = Path(__file__).parent / "spy"
+#: The ``ping`` plug-in family, registered the same way.
+PLUGIN = Path(__file__).parent / "plugin"
+
+#: The plug-in families' runs through the CLI and Flower: the spies of HyperFL
+#: (tests/test_hyperfl_e2e.py) and of U-shaped split learning
+#: (tests/test_split_e2e.py), and ping (tests/test_families.py), all on two
+#: clients so that one Flower run serves the three (:func:`plugin_runs`).
+PLUGIN_RUNS: dict[str, tuple[str, ...]] = {
+    "hyperfl-spy": (
+        "strategy.name=hyperfl-spy",
+        "rounds=2",
+        "federation.clients=2",
+        "model.name=mlp",
+        "model.hidden=16",
+        "train.epochs=1",
+    ),
+    "ping": (
+        "strategy.name=ping",
+        "strategy.factor=3",
+        "rounds=2",
+        "federation.clients=2",
+        "federation.fraction-evaluate=0",
+        "model.name=mlp",
+    ),
+    "split-ushape-spy": (
+        "strategy.name=split-ushape-spy",
+        "rounds=1",
+        "federation.clients=2",
+        "data.dataset=synthetic",
+        "data.size=200",
+        "model.name=mlp",
+        "model.hidden=16",
+        "train.epochs=1",
+        "train.batch-size=32",
+    ),
+}
+#: The key that tells each spy where to write what it sees.
+SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir"}
+
+
+@dataclass(frozen=True)
+class PluginRun:
+    """One experiment of :func:`plugin_runs`."""
+
+    run_dir: Path
+    #: what the spy saw (spies only)
+    seen: Path | None
 
 
 @pytest.fixture(scope="session")
@@ -213,6 +237,42 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
     result = CliRun(proc.returncode, proc.stdout, proc.stderr, out, argv, env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+@pytest.fixture(scope="session")
+def plugin_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PluginRun]:
+    """The :data:`PLUGIN_RUNS` through the CLI and Flower's simulation with the
+    plug-ins importable, as one ``fedsim sweep``: one Flower run on their two
+    SuperNodes, one experiment after the other (each equals it run alone:
+    tests/test_sweep.py). Asserts the sweep succeeded."""
+    from fedsim.core import registry
+
+    root = tmp_path_factory.mktemp("plugins")
+    path = [str(SPY), str(PLUGIN)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]),
+    }
+    experiments, seen = {}, {}
+    for name, overrides in PLUGIN_RUNS.items():
+        if name in SPY_DIR:
+            seen[name] = root / "seen" / name
+            seen[name].mkdir(parents=True)
+            overrides = (*overrides, f"{SPY_DIR[name]}={seen[name]}")
+        experiments[name] = overrides
+    with pytest.MonkeyPatch.context() as patch:  # sweep_cli reads the configs
+        for folder in path:
+            patch.syspath_prepend(folder)
+        registry.families.cache_clear()
+        try:
+            result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
+        finally:
+            registry.families.cache_clear()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: PluginRun(run_dir, seen.get(name))
+        for name, run_dir in zip(experiments, run_dirs, strict=True)
+    }
 
 
 @pytest.fixture

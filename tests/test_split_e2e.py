@@ -8,7 +8,6 @@ whose server writes every reply of every exchange to disk.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,30 +15,23 @@ import pytest
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.data import federated_data
-from tests.conftest import spy_run
+from tests.conftest import PLUGIN_RUNS, PluginRun
 
 pytestmark = pytest.mark.slow
 
-RUN = (
-    "rounds=1",
-    "federation.clients=2",
-    "data.dataset=synthetic",
-    "data.size=200",
-    "model.name=mlp",
-    "model.hidden=16",
-    "train.epochs=1",
-    "train.batch-size=32",
-)
-
 
 def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
-    tmp_path: Path,
+    plugin_runs: dict[str, PluginRun],
 ) -> None:
-    result, seen = spy_run(tmp_path, "split-ushape-spy", "split.spy-dir", *RUN)
-    summary = json.loads((result.run_dir / SUMMARY_FILE).read_text())
+    run = plugin_runs["split-ushape-spy"]  # 1 round, 2 clients (tests/conftest.py)
+    seen = run.seen
+    assert seen is not None
+    summary = json.loads((run.run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == "completed"
 
-    exp = load_experiment(None, ["strategy.name=split-ushape", *RUN])
+    spy, *overrides = PLUGIN_RUNS["split-ushape-spy"]
+    assert spy == "strategy.name=split-ushape-spy"
+    exp = load_experiment(None, ["strategy.name=split-ushape", *overrides])
     data = federated_data(exp.data, 2, exp.seed)
     weights = {"body.0", "body.1", "body.2"}  # the default cut: body.2
     replies = sorted(seen.glob("up-r1-*.npz"))
@@ -64,7 +56,7 @@ def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     labels_in = [n for p in replies for n in np.load(p).files if "label" in n]
     assert labels_in == []
 
-    rows = read_metrics(result.run_dir)
+    rows = read_metrics(run.run_dir)
     clients = rows[rows["client"].notna() & (rows["phase"] == "train")]
     assert (clients[clients["metric"] == "bytes-up"]["value"] > 0).all()
     assert set(rows[rows["phase"] == "server"]["metric"]) >= {"accuracy", "loss"}

@@ -146,11 +146,22 @@ SPY = Path(__file__).parent / "spy"
 #: The ``ping`` plug-in family, registered the same way.
 PLUGIN = Path(__file__).parent / "plugin"
 
-#: The plug-in families' runs through the CLI and Flower: the spies of HyperFL
-#: (tests/test_hyperfl_e2e.py) and of U-shaped split learning
-#: (tests/test_split_e2e.py), and ping (tests/test_families.py), all on two
-#: clients so that one Flower run serves the three (:func:`plugin_runs`).
-PLUGIN_RUNS: dict[str, tuple[str, ...]] = {
+#: Runs through the CLI and Flower on two clients, one Flower run for all
+#: (:func:`two_client_runs`): the spies of HyperFL (tests/test_hyperfl_e2e.py) and
+#: of U-shaped split learning (tests/test_split_e2e.py), the ping plug-in
+#: (tests/test_families.py), and HeteroFL, Pa3dFL and FedProphet on clients of
+#: different capacity with PGD robust evaluation (tests/test_capacity_e2e.py).
+CAPACITY = (
+    "rounds=2",
+    "federation.clients=2",
+    "model.name=mlp",
+    "model.hidden=8",
+    "train.epochs=1",
+    "train.batch-size=32",
+    "robust.epsilon=0.1",
+    "robust.steps=2",
+)
+TWO_CLIENTS: dict[str, tuple[str, ...]] = {
     "hyperfl-spy": (
         "strategy.name=hyperfl-spy",
         "rounds=2",
@@ -178,14 +189,32 @@ PLUGIN_RUNS: dict[str, tuple[str, ...]] = {
         "train.epochs=1",
         "train.batch-size=32",
     ),
+    "heterofl": (
+        *CAPACITY,
+        "strategy.name=heterofl",
+        "strategy.capacities=[1.0, 0.5]",
+    ),
+    "pa3dfl": (
+        *CAPACITY,
+        "strategy.name=pa3dfl",
+        "strategy.capacities=[1.0, 0.5]",
+        "strategy.rank=4",
+    ),
+    "fedprophet": (
+        *CAPACITY,
+        "strategy.name=fedprophet",
+        "strategy.memory-mb=[0.05, 0.02]",
+        "strategy.local-iterations=2",
+        "strategy.steps=2",
+    ),
 }
 #: The key that tells each spy where to write what it sees.
 SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir"}
 
 
 @dataclass(frozen=True)
-class PluginRun:
-    """One experiment of :func:`plugin_runs`."""
+class SharedRun:
+    """One experiment of :func:`two_client_runs`."""
 
     run_dir: Path
     #: what the spy saw (spies only)
@@ -240,21 +269,21 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
 
 
 @pytest.fixture(scope="session")
-def plugin_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PluginRun]:
-    """The :data:`PLUGIN_RUNS` through the CLI and Flower's simulation with the
+def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SharedRun]:
+    """The :data:`TWO_CLIENTS` through the CLI and Flower's simulation with the
     plug-ins importable, as one ``fedsim sweep``: one Flower run on their two
     SuperNodes, one experiment after the other (each equals it run alone:
     tests/test_sweep.py). Asserts the sweep succeeded."""
     from fedsim.core import registry
 
-    root = tmp_path_factory.mktemp("plugins")
+    root = tmp_path_factory.mktemp("two-clients")
     path = [str(SPY), str(PLUGIN)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]),
     }
     experiments, seen = {}, {}
-    for name, overrides in PLUGIN_RUNS.items():
+    for name, overrides in TWO_CLIENTS.items():
         if name in SPY_DIR:
             seen[name] = root / "seen" / name
             seen[name].mkdir(parents=True)
@@ -270,7 +299,7 @@ def plugin_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PluginRun
             registry.families.cache_clear()
     assert result.returncode == 0, result.stdout + result.stderr
     return {
-        name: PluginRun(run_dir, seen.get(name))
+        name: SharedRun(run_dir, seen.get(name))
         for name, run_dir in zip(experiments, run_dirs, strict=True)
     }
 

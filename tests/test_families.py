@@ -29,9 +29,9 @@ from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy
 from tests.conftest import (
     PLUGIN,
-    PLUGIN_RUNS,
-    PluginRun,
+    TWO_CLIENTS,
     ScriptedGrid,
+    SharedRun,
     fedsim,
     reply,
     sets,
@@ -216,18 +216,18 @@ def test_bad_lora_targets_exit_2_before_any_run_directory(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_plug_in_family_lists_and_runs_two_exchanges_per_round(
-    tmp_path: Path, plugin_runs: dict[str, PluginRun]
+    tmp_path: Path, two_client_runs: dict[str, SharedRun]
 ) -> None:
     """Through the simulation runtime: ``fedsim list`` shows the plug-in; a run
     with a ping exchange before FedAvg's train completes (the server checks
     every doubled number), one row per (round, client, phase, metric), bytes
     summed over both exchanges; ``fraction-evaluate = 0``: no evaluate rows.
-    The run: ``plugin_runs["ping"]``, 2 rounds of 2 clients (tests/conftest.py)."""
+    The run: ``two_client_runs["ping"]``, 2 rounds of 2 clients (tests/conftest.py)."""
     env = plugin_env()
     listed = fedsim("list", out=tmp_path, env=env)
     assert listed.returncode == 0 and "ping" in listed.stdout
-    assert "strategy.factor=3" in PLUGIN_RUNS["ping"]
-    run_dir = plugin_runs["ping"].run_dir
+    assert "strategy.factor=3" in TWO_CLIENTS["ping"]
+    run_dir = two_client_runs["ping"].run_dir
     rows = pd.read_parquet(run_dir / METRICS_FILE)
     assert not (rows["phase"] == "evaluate").any()
     clients = rows[rows["client"].notna()]

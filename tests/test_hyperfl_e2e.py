@@ -15,15 +15,15 @@ import torch
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.hypernet import HyperNetwork, extractor_shapes
 from fedsim.learn.models import MLP
-from tests.conftest import PluginRun
+from tests.conftest import SharedRun
 
 pytestmark = pytest.mark.slow
 
 
 def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
-    plugin_runs: dict[str, PluginRun],
+    two_client_runs: dict[str, SharedRun],
 ) -> None:
-    run = plugin_runs["hyperfl-spy"]  # 2 rounds, 2 clients (tests/conftest.py)
+    run = two_client_runs["hyperfl-spy"]  # 2 rounds, 2 clients (tests/conftest.py)
     seen = run.seen
     assert seen is not None
 

@@ -15,21 +15,21 @@ import pytest
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.data import federated_data
-from tests.conftest import PLUGIN_RUNS, PluginRun
+from tests.conftest import TWO_CLIENTS, SharedRun
 
 pytestmark = pytest.mark.slow
 
 
 def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
-    plugin_runs: dict[str, PluginRun],
+    two_client_runs: dict[str, SharedRun],
 ) -> None:
-    run = plugin_runs["split-ushape-spy"]  # 1 round, 2 clients (tests/conftest.py)
+    run = two_client_runs["split-ushape-spy"]  # 1 round, 2 clients (tests/conftest.py)
     seen = run.seen
     assert seen is not None
     summary = json.loads((run.run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == "completed"
 
-    spy, *overrides = PLUGIN_RUNS["split-ushape-spy"]
+    spy, *overrides = TWO_CLIENTS["split-ushape-spy"]
     assert spy == "strategy.name=split-ushape-spy"
     exp = load_experiment(None, ["strategy.name=split-ushape", *overrides])
     data = federated_data(exp.data, 2, exp.seed)

@@ -7,12 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from flwr.app import (
@@ -62,6 +65,10 @@ class CliRun:
     #: the command line and environment, where a test checks how it ran
     argv: tuple[str, ...] = ()
     env: dict[str, str] | None = None
+    #: every process seen under the CLI, and those still alive once it exited
+    #: (:func:`sweep_cli` only)
+    processes: frozenset[int] = frozenset()
+    left_behind: frozenset[int] = frozenset()
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -95,6 +102,26 @@ def sets(*pairs: str) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
 
+def descendants(pid: int) -> set[int]:
+    """The processes under ``pid`` now."""
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` that still run (zombies count as gone)."""
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def sweep_cli(
     out: Path,
     experiments: Sequence[Sequence[str]],
@@ -119,14 +146,38 @@ def sweep_cli(
     file.write_text(
         to_toml(load_experiment(None)) + "\n" + tomli_w.dumps({"variants": variants})
     )
-    result = fedsim(
+    argv = (
+        sys.executable,
+        "-m",
+        "fedsim",
         "sweep",
         str(file),
         "--out",
         str(out / "runs"),
-        out=out,
-        env=env,
-        timeout=timeout,
+    )
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    with ThreadPoolExecutor(1) as pool:  # drain the pipes while watching
+        streams = pool.submit(proc.communicate, timeout=timeout)
+        seen: set[int] = set()
+        while not streams.done():
+            seen |= descendants(proc.pid)
+            time.sleep(0.2)
+        try:
+            stdout, stderr = streams.result()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    result = CliRun(
+        proc.returncode,
+        stdout,
+        stderr,
+        out,
+        argv,
+        env,
+        processes=frozenset(seen),
+        left_behind=frozenset(alive(seen)),  # as soon as the CLI exited
     )
     index = out / "runs" / file.stem / "sweep.json"
     assert index.is_file(), result.stdout + result.stderr
@@ -214,11 +265,15 @@ SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir
 
 @dataclass(frozen=True)
 class SharedRun:
-    """One experiment of :func:`two_client_runs`."""
+    """One experiment of :func:`two_client_runs` or :func:`four_client_runs`."""
 
     run_dir: Path
+    #: the sweep that ran it (processes, exit status)
+    sweep: CliRun
     #: what the spy saw (spies only)
-    seen: Path | None
+    seen: Path | None = None
+    #: the run's FEDSIM_CACHE (four_client_runs)
+    cache: Path | None = None
 
 
 @pytest.fixture(scope="session")
@@ -299,7 +354,37 @@ def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Share
             registry.families.cache_clear()
     assert result.returncode == 0, result.stdout + result.stderr
     return {
-        name: SharedRun(run_dir, seen.get(name))
+        name: SharedRun(run_dir, result, seen=seen.get(name))
+        for name, run_dir in zip(experiments, run_dirs, strict=True)
+    }
+
+
+@pytest.fixture(scope="session")
+def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SharedRun]:
+    """Runs through the CLI and Flower on four clients, as one ``fedsim sweep``
+    (one Flower run, one experiment after the other; each equals it run alone:
+    tests/test_sweep.py): the DP experiments of tests/test_dp_e2e.py, FLoRA and
+    FedIT of tests/test_lora_e2e.py (a ``FEDSIM_CACHE`` of their own for the
+    pretrained base), and the run with failing clients of tests/test_e2e.py.
+    Each module defines its experiments. Asserts the sweep succeeded."""
+    from tests.test_dp_e2e import dp_experiments
+    from tests.test_e2e import failing_experiment
+    from tests.test_lora_e2e import FEDIT, FLORA
+
+    root = tmp_path_factory.mktemp("four-clients")
+    cache = root / "cache"
+    experiments = {
+        "failing": failing_experiment()[0],
+        **dp_experiments(),
+        "flora": FLORA,
+        "fedit": FEDIT,
+    }
+    result, run_dirs = sweep_cli(
+        root, list(experiments.values()), env={**os.environ, "FEDSIM_CACHE": str(cache)}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: SharedRun(run_dir, result, cache=cache)
         for name, run_dir in zip(experiments, run_dirs, strict=True)
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import federated_data
 from fedsim.privacy import accounting
-from tests.conftest import SMALL, sweep_cli
+from tests.conftest import SMALL, SharedRun
 
 pytestmark = pytest.mark.slow
 
@@ -88,27 +87,19 @@ POISSON = (
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three experiments of this module through the CLI and Flower's
-    simulation, as one ``fedsim sweep``: one Flower run on their four
-    SuperNodes, the experiments one after another (each equals it run alone:
-    tests/test_sweep.py). The sweep exits 0 only if each completed or stopped."""
+def dp_experiments() -> dict[str, tuple[str, ...]]:
+    """This module's three experiments; they run in the session's four-client
+    sweep (``tests/conftest.py``: ``four_client_runs``)."""
     _, target = dp_sgd_epsilons()
-    experiments = {
+    return {
         "dp-fedavg": DP_FEDAVG,
         "poisson": POISSON,
         "dp-sgd": (*DP_SGD, f"privacy.target-epsilon={target}"),
     }
-    result, run_dirs = sweep_cli(
-        tmp_path_factory.mktemp("dp"), list(experiments.values())
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return dict(zip(experiments, run_dirs, strict=True))
 
 
 def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
-    runs: dict[str, Path],
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
     """DP-SGD around FLoRA's LoRA clients: every client reports its cumulative
     epsilon (Opacus' RDP accountant over its whole history); with a budget that
@@ -116,7 +107,7 @@ def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
     stops cleanly."""
     exp = load_experiment(None, DP_SGD)
     after, target = dp_sgd_epsilons()
-    run_dir = runs["dp-sgd"]
+    run_dir = four_client_runs["dp-sgd"].run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert "privacy budget spent" in summary["reason"]
@@ -137,12 +128,14 @@ def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
         assert got["clients-declined"] == 0
 
 
-def test_dp_fedavg_records_epsilon_per_round(runs: dict[str, Path]) -> None:
+def test_dp_fedavg_records_epsilon_per_round(
+    four_client_runs: dict[str, SharedRun],
+) -> None:
     """Client-level DP with half the clients sampled per round and the noise
     calibrated for a budget: the server's epsilon per round is the RDP epsilon
     of r sampled Gaussian releases, and the last one lands just under target."""
     target = DP_FEDAVG_TARGET
-    run_dir = runs["dp-fedavg"]
+    run_dir = four_client_runs["dp-fedavg"].run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["accounting"] == "poisson-approximation"
@@ -162,7 +155,9 @@ def test_dp_fedavg_records_epsilon_per_round(runs: dict[str, Path]) -> None:
     assert train_rows(frame, "epsilon")["client"].isna().all()
 
 
-def test_dp_fedavg_poisson_sampling_with_failures(runs: dict[str, Path]) -> None:
+def test_dp_fedavg_poisson_sampling_with_failures(
+    four_client_runs: dict[str, SharedRun],
+) -> None:
     """Poisson client sampling through Flower's simulation, with clients
     dropping out: each round trains the partitions the seeded draw picks (one
     uniform per partition), rounds with failed clients are released all the
@@ -189,7 +184,7 @@ def test_dp_fedavg_poisson_sampling_with_failures(runs: dict[str, Path]) -> None
     assert [len(chosen[r]) for r in (1, 2, 3)] == [2, 4, 3]
     assert [len(failed[r]) for r in (1, 2, 3)] == [0, 1, 1]
 
-    run_dir = runs["poisson"]
+    run_dir = four_client_runs["poisson"].run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["accounting"] == "poisson"
     assert summary["failures"] == 2

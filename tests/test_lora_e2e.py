@@ -4,7 +4,6 @@ through the CLI and Flower's simulation runtime."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,7 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import lora_layout, rank_for
 from strategies.flora import AGGREGATION_ERROR
-from tests.conftest import sweep_cli
+from tests.conftest import SharedRun
 
 pytestmark = pytest.mark.slow
 
@@ -68,25 +67,6 @@ FLORA = (
 FEDIT = (*HETERO, "strategy.name=fedit")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    """Both experiments through the CLI and Flower's simulation, as one ``fedsim
-    sweep``: one Flower run on their four SuperNodes, one after the other (each
-    equals it run alone: tests/test_sweep.py), with a pretraining cache of their
-    own (the run's processes inherit ``FEDSIM_CACHE``). Returns the cache and
-    each experiment's run directory."""
-    root = tmp_path_factory.mktemp("lora")
-    cache = root / "cache"
-    experiments = {"flora": FLORA, "fedit": FEDIT}
-    result, run_dirs = sweep_cli(
-        root,
-        list(experiments.values()),
-        env={**os.environ, "FEDSIM_CACHE": str(cache)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return cache, dict(zip(experiments, run_dirs, strict=True))
-
-
 def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
     """Shared checks; returns the per-round aggregation error."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -113,17 +93,19 @@ def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
 
 
 def test_flora_end_to_end_from_a_pretrained_base(
-    runs: tuple[Path, dict[str, Path]],
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
-    cache, run_dirs = runs
-    errors = check_run(run_dirs["flora"], FLORA)
+    """In the session's four-client sweep (``tests/conftest.py``), with a
+    ``FEDSIM_CACHE`` of its own: the pretrained base is built there once."""
+    run = four_client_runs["flora"]
+    errors = check_run(run.run_dir, FLORA)
     assert (errors < 1e-9).all()
-    assert len(list((cache / "pretrain").glob("vit-*.pt"))) == 1  # built once
+    assert run.cache is not None
+    assert len(list((run.cache / "pretrain").glob("vit-*.pt"))) == 1  # built once
 
 
 def test_fedit_end_to_end_reports_its_aggregation_noise(
-    runs: tuple[Path, dict[str, Path]],
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
-    _, run_dirs = runs
-    errors = check_run(run_dirs["fedit"], FEDIT)
+    errors = check_run(four_client_runs["fedit"].run_dir, FEDIT)
     assert (errors > 1e-3).all()

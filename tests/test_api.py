@@ -12,7 +12,7 @@ import fedsim
 from fedsim.core.errors import ConfigError
 from fedsim.core.rundir import METRICS_FILE
 from fedsim.engine.launch import NotebookDisplay, PlainDisplay
-from tests.conftest import SMALL, CliRun, console_script_env
+from tests.runs import SMALL, CliRun, console_script_env
 
 TIMING = ("seconds", "elapsed")
 

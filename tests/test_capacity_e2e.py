@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
-from tests.conftest import TWO_CLIENTS, SharedRun, fedsim
+from tests.runs import TWO_CLIENTS, SharedRun, fedsim
 
 pytestmark = pytest.mark.slow
 

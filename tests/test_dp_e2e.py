@@ -13,7 +13,7 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import federated_data
 from fedsim.privacy import accounting
-from tests.conftest import SMALL, SharedRun
+from tests.runs import SMALL, SharedRun
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import evaluate
-from tests.conftest import SMALL, CliRun, SharedRun, alive, descendants, sets
+from tests.runs import SMALL, CliRun, SharedRun, alive, descendants, sets
 
 pytestmark = pytest.mark.slow
 

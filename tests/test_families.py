@@ -27,15 +27,8 @@ from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy
-from tests.conftest import (
-    PLUGIN,
-    TWO_CLIENTS,
-    ScriptedGrid,
-    SharedRun,
-    fedsim,
-    reply,
-    sets,
-)
+from tests.conftest import ScriptedGrid, reply
+from tests.runs import PLUGIN, TWO_CLIENTS, SharedRun, fedsim, sets
 
 
 @pytest.fixture

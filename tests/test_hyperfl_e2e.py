@@ -15,7 +15,7 @@ import torch
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.hypernet import HyperNetwork, extractor_shapes
 from fedsim.learn.models import MLP
-from tests.conftest import SharedRun
+from tests.runs import SharedRun
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.data import federated_data
-from tests.conftest import TWO_CLIENTS, SharedRun
+from tests.runs import TWO_CLIENTS, SharedRun
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,21 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedsim.core.messages import ARRAYS, METRICS, PARTITION_ID
+from tests.runs import (
+    PLUGIN,
+    SMALL,
+    SPY,
+    SPY_DIR,
+    TWO_CLIENTS,
+    CliRun,
+    SharedRun,
+    console_script_env,
+    fedsim,
+    sets,
+    sweep_cli,
+)
+
+__all__ = ["SMALL", "CliRun", "fedsim", "sets"]  # imported from here by tests
 
 
 def pytest_collection_modifyitems(
@@ -40,83 +53,6 @@ def pytest_collection_modifyitems(
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
-
-
-#: A small, fast federation used by the end-to-end tests.
-SMALL = (
-    "rounds=3",
-    "federation.clients=4",
-    "model.name=mlp",
-    "train.batch-size=32",
-    "federation.fraction-evaluate=0.5",  # seeded sampling in every run
-)
-
-
-@dataclass
-class CliRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    out: Path
-
-    @property
-    def run_dirs(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_dir())
-
-    @property
-    def run_dir(self) -> Path:
-        (only,) = self.run_dirs
-        return only
-
-
-def fedsim(
-    *args: str, out: Path, timeout: float = 300, env: dict[str, str] | None = None
-) -> CliRun:
-    """Run the ``fedsim`` CLI in a subprocess, as a user would (``env``: the
-    environment, default this process's)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedsim", *args, "--out", str(out)]
-        if args and args[0] == "run"
-        else [sys.executable, "-m", "fedsim", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    return CliRun(proc.returncode, proc.stdout, proc.stderr, out)
-
-
-def sets(*pairs: str) -> list[str]:
-    """``--set`` arguments for KEY=VALUE pairs."""
-    return [arg for pair in pairs for arg in ("--set", pair)]
-
-
-#: The spy plug-ins (``hyperfl-spy``, ``split-ushape-spy``): on PYTHONPATH, their
-#: dist-info registers them.
-SPY = Path(__file__).parent / "spy"
-
-
-def spy_run(
-    tmp_path: Path, strategy: str, spy_dir: str, *overrides: str
-) -> tuple[CliRun, Path]:
-    """``fedsim run`` of the spy family ``strategy`` with the spy plug-ins
-    importable; the spy writes what it sees to ``tmp_path/seen`` (the key
-    ``spy_dir`` says where). Asserts the run succeeded; returns it and that
-    folder."""
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = fedsim(
-        "run",
-        *sets(f"strategy.name={strategy}", f"{spy_dir}={seen}", *overrides),
-        out=tmp_path / "runs",
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result, seen
 
 
 @pytest.fixture(scope="session")
@@ -136,11 +72,86 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CliRun]:
 
 
 @pytest.fixture(scope="session")
-def small_run(run_cli: Callable[..., CliRun]) -> CliRun:
-    """One small FedAvg run on digits, shared by every test that only reads it."""
-    result = run_cli(overrides=SMALL)
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """One small FedAvg run on digits, shared by every test that only reads it.
+
+    Started as ``/path/to/venv/bin/fedsim run`` from a shell where the venv is
+    not activated (:func:`console_script_env`), so that this one run also shows
+    that the SuperLink finds Flower's executables without ``PATH``
+    (``tests/test_api.py``)."""
+    script, env = console_script_env()
+    out = tmp_path_factory.mktemp("runs")
+    argv = (str(script), "run", *sets(*SMALL), "--out", str(out))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    result = CliRun(proc.returncode, proc.stdout, proc.stderr, out, argv, env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+@pytest.fixture(scope="session")
+def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SharedRun]:
+    """The :data:`TWO_CLIENTS` through the CLI and Flower's simulation with the
+    plug-ins importable, as one ``fedsim sweep``: one Flower run on their two
+    SuperNodes, one experiment after the other (each equals it run alone:
+    tests/test_sweep.py). Asserts the sweep succeeded."""
+    from fedsim.core import registry
+
+    root = tmp_path_factory.mktemp("two-clients")
+    path = [str(SPY), str(PLUGIN)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]),
+    }
+    experiments, seen = {}, {}
+    for name, overrides in TWO_CLIENTS.items():
+        if name in SPY_DIR:
+            seen[name] = root / "seen" / name
+            seen[name].mkdir(parents=True)
+            overrides = (*overrides, f"{SPY_DIR[name]}={seen[name]}")
+        experiments[name] = overrides
+    with pytest.MonkeyPatch.context() as patch:  # sweep_cli reads the configs
+        for folder in path:
+            patch.syspath_prepend(folder)
+        registry.families.cache_clear()
+        try:
+            result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
+        finally:
+            registry.families.cache_clear()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: SharedRun(run_dir, result, seen=seen.get(name))
+        for name, run_dir in zip(experiments, run_dirs, strict=True)
+    }
+
+
+@pytest.fixture(scope="session")
+def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SharedRun]:
+    """Runs through the CLI and Flower on four clients, as one ``fedsim sweep``
+    (one Flower run, one experiment after the other; each equals it run alone:
+    tests/test_sweep.py): the DP experiments of tests/test_dp_e2e.py, FLoRA and
+    FedIT of tests/test_lora_e2e.py (a ``FEDSIM_CACHE`` of their own for the
+    pretrained base), and the run with failing clients of tests/test_e2e.py.
+    Each module defines its experiments. Asserts the sweep succeeded."""
+    from tests.test_dp_e2e import dp_experiments
+    from tests.test_e2e import failing_experiment
+    from tests.test_lora_e2e import FEDIT, FLORA
+
+    root = tmp_path_factory.mktemp("four-clients")
+    cache = root / "cache"
+    experiments = {
+        "failing": failing_experiment()[0],
+        **dp_experiments(),
+        "flora": FLORA,
+        "fedit": FEDIT,
+    }
+    result, run_dirs = sweep_cli(
+        root, list(experiments.values()), env={**os.environ, "FEDSIM_CACHE": str(cache)}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: SharedRun(run_dir, result, cache=cache)
+        for name, run_dir in zip(experiments, run_dirs, strict=True)
+    }
 
 
 @pytest.fixture

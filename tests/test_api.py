@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +12,7 @@ import fedsim
 from fedsim.core.errors import ConfigError
 from fedsim.core.rundir import METRICS_FILE
 from fedsim.engine.launch import NotebookDisplay, PlainDisplay
-from tests.conftest import SMALL, CliRun, sets
+from tests.runs import SMALL, CliRun, console_script_env
 
 TIMING = ("seconds", "elapsed")
 
@@ -54,26 +52,17 @@ def test_run_returns_the_run_the_cli_writes(
 
 
 @pytest.mark.slow
-def test_console_script_runs_without_its_environment_on_path(tmp_path: Path) -> None:
+def test_console_script_runs_without_its_environment_on_path(small_run: CliRun) -> None:
     """``/path/to/venv/bin/fedsim run`` from a shell where the venv is not
-    activated: the SuperLink must still find Flower's executables."""
-    script = Path(sys.executable).with_name("fedsim")
-    here = str(Path(sys.executable).parent)
-    path = os.pathsep.join(
-        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here
-    )
-    env = {**os.environ, "PATH": path or "/usr/bin:/bin"}
-    env.pop("VIRTUAL_ENV", None)
-    args = sets("rounds=1", "federation.clients=2", "model.name=mlp")
-    proc = subprocess.run(
-        [str(script), "run", *args, "--out", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "completed" in proc.stdout
+    activated: the SuperLink must still find Flower's executables. The shared
+    small run is started that way (``tests/conftest.py``); here: that it was,
+    and that it completed."""
+    script, _ = console_script_env()
+    assert small_run.argv[:2] == (str(script), "run") and small_run.env is not None
+    assert str(script.parent) not in small_run.env["PATH"].split(os.pathsep)
+    assert "VIRTUAL_ENV" not in small_run.env
+    assert small_run.returncode == 0, small_run.stdout + small_run.stderr
+    assert "completed" in small_run.stdout
 
 
 def test_plain_display_prints_a_line_per_round(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import federated_data
 from fedsim.privacy import accounting
-from tests.conftest import SMALL, CliRun
+from tests.runs import SMALL, SharedRun
 
 pytestmark = pytest.mark.slow
 
@@ -40,20 +39,19 @@ def train_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return frame[(frame["phase"] == "train") & (frame["metric"] == metric)]
 
 
-def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
-    run_cli: Callable[..., CliRun],
-) -> None:
-    """DP-SGD around FLoRA's LoRA clients: every client reports its cumulative
-    epsilon (Opacus' RDP accountant over its whole history); with a budget that
-    fits two rounds but not three, every client declines round 3 and the run
-    stops cleanly."""
-    overrides = (
-        *SMALL,
-        *LORA,
-        "privacy.mechanism=dp-sgd",
-        "privacy.noise-multiplier=1.0",
-    )
-    exp = load_experiment(None, overrides)
+DP_SGD = (
+    *SMALL,
+    *LORA,
+    "privacy.mechanism=dp-sgd",
+    "privacy.noise-multiplier=1.0",
+)
+
+
+def dp_sgd_epsilons() -> tuple[dict[int, dict[int, float]], float]:
+    """The oracle of the DP-SGD run: each client's epsilon after rounds 1-3
+    (Opacus' RDP accountant over its planned steps), and a target that fits
+    two rounds but not three."""
+    exp = load_experiment(None, DP_SGD)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     schedule = {
         pid: accounting.planned_steps(
@@ -67,23 +65,62 @@ def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
         for r in (1, 2, 3)
     }
     assert max(after[2].values()) < min(after[3].values())
-    target = (max(after[2].values()) + min(after[3].values())) / 2
+    return after, (max(after[2].values()) + min(after[3].values())) / 2
 
-    result = run_cli(overrides=(*overrides, f"privacy.target-epsilon={target}"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+
+DP_FEDAVG_TARGET = 5.0
+DP_FEDAVG = (
+    *SMALL,
+    "privacy.mechanism=dp-fedavg",
+    f"privacy.target-epsilon={DP_FEDAVG_TARGET}",
+    "privacy.clipping-norm=0.5",
+    "federation.fraction-train=0.5",
+)
+POISSON = (
+    *SMALL,
+    "privacy.mechanism=dp-fedavg",
+    "privacy.noise-multiplier=1.0",
+    "privacy.clipping-norm=0.5",
+    "privacy.client-sampling='poisson'",
+    "federation.fraction-train=0.5",
+    "federation.failure-rate=0.25",
+)
+
+
+def dp_experiments() -> dict[str, tuple[str, ...]]:
+    """This module's three experiments; they run in the session's four-client
+    sweep (``tests/conftest.py``: ``four_client_runs``)."""
+    _, target = dp_sgd_epsilons()
+    return {
+        "dp-fedavg": DP_FEDAVG,
+        "poisson": POISSON,
+        "dp-sgd": (*DP_SGD, f"privacy.target-epsilon={target}"),
+    }
+
+
+def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
+    four_client_runs: dict[str, SharedRun],
+) -> None:
+    """DP-SGD around FLoRA's LoRA clients: every client reports its cumulative
+    epsilon (Opacus' RDP accountant over its whole history); with a budget that
+    fits two rounds but not three, every client declines round 3 and the run
+    stops cleanly."""
+    exp = load_experiment(None, DP_SGD)
+    after, target = dp_sgd_epsilons()
+    run_dir = four_client_runs["dp-sgd"].run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert "privacy budget spent" in summary["reason"]
     assert summary["rounds_completed"] == 2
 
-    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
     per_client = train_rows(frame, "epsilon").dropna(subset=["client"])
     assert len(per_client) == 2 * exp.federation.clients
     for row in per_client.itertuples():
         assert row.value == pytest.approx(after[row.round][row.client], abs=1e-6)
         assert row.value <= target
     for rnd in (1, 2):
-        values = [after[rnd][pid] for pid in schedule]
+        values = [after[rnd][pid] for pid in range(exp.federation.clients)]
         rows = frame[(frame["round"] == rnd) & frame["client"].isna()]
         got = rows.set_index("metric")["value"]
         assert got["epsilon-max"] == pytest.approx(max(values), abs=1e-6)
@@ -91,25 +128,19 @@ def test_dp_sgd_with_lora_accounts_per_round_and_stops_on_budget(
         assert got["clients-declined"] == 0
 
 
-def test_dp_fedavg_records_epsilon_per_round(run_cli: Callable[..., CliRun]) -> None:
+def test_dp_fedavg_records_epsilon_per_round(
+    four_client_runs: dict[str, SharedRun],
+) -> None:
     """Client-level DP with half the clients sampled per round and the noise
     calibrated for a budget: the server's epsilon per round is the RDP epsilon
     of r sampled Gaussian releases, and the last one lands just under target."""
-    target = 5.0
-    overrides = (
-        *SMALL,
-        "privacy.mechanism=dp-fedavg",
-        f"privacy.target-epsilon={target}",
-        "privacy.clipping-norm=0.5",
-        "federation.fraction-train=0.5",
-    )
-    result = run_cli(overrides=overrides)
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+    target = DP_FEDAVG_TARGET
+    run_dir = four_client_runs["dp-fedavg"].run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["accounting"] == "poisson-approximation"
 
-    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
     server = frame[frame["client"].isna() & (frame["phase"] == "train")]
     by_round = server.pivot(index="round", columns="metric", values="value")
     sigma = float(by_round["noise-multiplier"].iloc[0])
@@ -125,22 +156,13 @@ def test_dp_fedavg_records_epsilon_per_round(run_cli: Callable[..., CliRun]) -> 
 
 
 def test_dp_fedavg_poisson_sampling_with_failures(
-    run_cli: Callable[..., CliRun],
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
     """Poisson client sampling through Flower's simulation, with clients
     dropping out: each round trains the partitions the seeded draw picks (one
     uniform per partition), rounds with failed clients are released all the
     same, and every round is accounted at q = fraction-train exactly."""
-    overrides = (
-        *SMALL,
-        "privacy.mechanism=dp-fedavg",
-        "privacy.noise-multiplier=1.0",
-        "privacy.clipping-norm=0.5",
-        "privacy.client-sampling='poisson'",
-        "federation.fraction-train=0.5",
-        "federation.failure-rate=0.25",
-    )
-    exp = load_experiment(None, overrides)
+    exp = load_experiment(None, POISSON)
     chosen = {
         r: set(
             np.flatnonzero(
@@ -162,13 +184,12 @@ def test_dp_fedavg_poisson_sampling_with_failures(
     assert [len(chosen[r]) for r in (1, 2, 3)] == [2, 4, 3]
     assert [len(failed[r]) for r in (1, 2, 3)] == [0, 1, 1]
 
-    result = run_cli(overrides=overrides)
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+    run_dir = four_client_runs["poisson"].run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["accounting"] == "poisson"
     assert summary["failures"] == 2
 
-    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
     train = frame[frame["phase"] == "train"]
     for rnd in (1, 2, 3):
         rows = train[train["round"] == rnd]

@@ -24,7 +24,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import evaluate
-from tests.conftest import SMALL, CliRun, sets
+from tests.runs import SMALL, CliRun, SharedRun, alive, descendants, sets
 
 pytestmark = pytest.mark.slow
 
@@ -119,24 +119,6 @@ def failing_setup(
     raise AssertionError("no suitable seed")
 
 
-def descendants(pid: int) -> set[int]:
-    try:
-        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return set()
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.add(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def watch(
     args: list[str], out: Path, interrupt: Callable[[Path], bool] | None = None
 ) -> tuple[int, set[int], str]:
@@ -166,13 +148,20 @@ def watch(
     return proc.returncode, seen, stdout
 
 
-def test_failing_clients_are_recorded_and_the_run_completes(tmp_path: Path) -> None:
+def failing_experiment() -> tuple[tuple[str, ...], set[tuple[int, int]]]:
+    """:data:`SMALL` with clients failing at rate 0.3 (a seed where every round
+    keeps a survivor), and the (round, partition) pairs that fail. It runs in
+    the session's four-client sweep (``tests/conftest.py``)."""
     seed, failed = failing_setup(0.3, 4, 3)
-    code, seen, stdout = watch(
-        ["run", *sets(*SMALL, f"seed={seed}", "federation.failure-rate=0.3")], tmp_path
-    )
-    assert code == 0, stdout
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return (*SMALL, f"seed={seed}", "federation.failure-rate=0.3"), failed
+
+
+def test_failing_clients_are_recorded_and_the_run_completes(
+    four_client_runs: dict[str, SharedRun],
+) -> None:
+    _, failed = failing_experiment()
+    run = four_client_runs["failing"]
+    run_dir = run.run_dir
     frame = metrics(run_dir)
     rows = frame[(frame["phase"] == "train") & (frame["metric"] == "failed")]
     assert {(int(r), int(c)) for r, c in zip(rows["round"], rows["client"])} == failed
@@ -183,7 +172,8 @@ def test_failing_clients_are_recorded_and_the_run_completes(tmp_path: Path) -> N
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["failures"] == len(failed)
     assert "dropped out" in summary["failure_details"][0]["reason"]
-    assert seen and not alive(seen), "processes left behind after a completed run"
+    seen, left = run.sweep.processes, run.sweep.left_behind
+    assert seen and not left, "processes left behind after a completed run"
 
 
 def test_too_few_replies_end_the_run_as_failed(run_cli: Callable[..., CliRun]) -> None:

@@ -27,9 +27,8 @@ from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy
-from tests.conftest import ScriptedGrid, fedsim, reply, sets
-
-PLUGIN = Path(__file__).parent / "plugin"
+from tests.conftest import ScriptedGrid, reply
+from tests.runs import PLUGIN, TWO_CLIENTS, SharedRun, fedsim, sets
 
 
 @pytest.fixture
@@ -209,29 +208,19 @@ def test_bad_lora_targets_exit_2_before_any_run_directory(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_plug_in_family_lists_and_runs_two_exchanges_per_round(tmp_path: Path) -> None:
+def test_plug_in_family_lists_and_runs_two_exchanges_per_round(
+    tmp_path: Path, two_client_runs: dict[str, SharedRun]
+) -> None:
     """Through the simulation runtime: ``fedsim list`` shows the plug-in; a run
     with a ping exchange before FedAvg's train completes (the server checks
     every doubled number), one row per (round, client, phase, metric), bytes
-    summed over both exchanges; ``fraction-evaluate = 0``: no evaluate rows."""
+    summed over both exchanges; ``fraction-evaluate = 0``: no evaluate rows.
+    The run: ``two_client_runs["ping"]``, 2 rounds of 2 clients (tests/conftest.py)."""
     env = plugin_env()
     listed = fedsim("list", out=tmp_path, env=env)
     assert listed.returncode == 0 and "ping" in listed.stdout
-    result = fedsim(
-        "run",
-        *sets(
-            "strategy.name=ping",
-            "strategy.factor=3",
-            "rounds=2",
-            "federation.clients=3",
-            "federation.fraction-evaluate=0",
-            "model.name=mlp",
-        ),
-        out=tmp_path / "runs",
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "strategy.factor=3" in TWO_CLIENTS["ping"]
+    run_dir = two_client_runs["ping"].run_dir
     rows = pd.read_parquet(run_dir / METRICS_FILE)
     assert not (rows["phase"] == "evaluate").any()
     clients = rows[rows["client"].notna()]
@@ -239,9 +228,9 @@ def test_plug_in_family_lists_and_runs_two_exchanges_per_round(tmp_path: Path) -
     train = clients.pivot_table(
         index=["round", "client"], columns="metric", values="value"
     )
-    assert len(train) == 6 and set(train["pings"]) == {1.0}
-    exp = load_experiment(None, ["model.name=mlp", "federation.clients=3"])
-    data = federated_data(exp.data, 3, exp.seed)
+    assert len(train) == 4 and set(train["pings"]) == {1.0}  # 2 rounds x 2
+    exp = load_experiment(None, ["model.name=mlp", "federation.clients=2"])
+    data = federated_data(exp.data, 2, exp.seed)
     model = build_model(exp.model, data.info, exp.seed)
     weights = array_bytes(RecordDict({ARRAYS: ArrayRecord(model.state_dict())}))
     number = ArrayRecord({"n": Array(np.array([3.0]))})

@@ -7,8 +7,6 @@ private embedding, head and generated weights after each round.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,24 +15,17 @@ import torch
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.hypernet import HyperNetwork, extractor_shapes
 from fedsim.learn.models import MLP
-from tests.conftest import spy_run
+from tests.runs import SharedRun
 
 pytestmark = pytest.mark.slow
 
 
 def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
-    tmp_path: Path,
+    two_client_runs: dict[str, SharedRun],
 ) -> None:
-    result, seen = spy_run(
-        tmp_path,
-        "hyperfl-spy",
-        "strategy.spy-dir",
-        "rounds=2",
-        "federation.clients=3",
-        "model.name=mlp",
-        "model.hidden=16",
-        "train.epochs=1",
-    )
+    run = two_client_runs["hyperfl-spy"]  # 2 rounds, 2 clients (tests/conftest.py)
+    seen = run.seen
+    assert seen is not None
 
     # What the hypernetwork of this model is, built independently here.
     target = MLP(64, 16, 10, 0.0)
@@ -46,7 +37,7 @@ def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
     train = [dict(np.load(p)) for p in sorted(seen.glob("up-train-*.npz"))]
     evaluate = [dict(np.load(p)) for p in sorted(seen.glob("up-evaluate-*.npz"))]
     private = [dict(np.load(p)) for p in sorted(seen.glob("private-*.npz"))]
-    assert len(train) == len(private) == 6 and len(evaluate) == 6
+    assert len(train) == len(private) == 4 and len(evaluate) == 4  # 2 x 2
     assert all(up == {} for up in evaluate)  # evaluation replies carry no arrays
     for up in train:
         assert {k: v.shape for k, v in up.items()} == expected
@@ -59,7 +50,7 @@ def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
                 assert array.shape != secret.shape or not np.allclose(array, secret)
                 assert not np.isin(secret.ravel()[:8], array.ravel()).all()
 
-    rows = read_metrics(result.run_dir)
+    rows = read_metrics(run.run_dir)
     clients = rows[rows["client"].notna()]
     up_bytes = clients[
         (clients["metric"] == "bytes-up") & (clients["phase"] == "train")
@@ -70,6 +61,6 @@ def test_uploads_hold_exactly_the_hypernetwork_and_nothing_private(
     assert not (rows["phase"] == "server").any() or set(
         rows.loc[rows["phase"] == "server", "metric"]
     ) <= {"elapsed"}
-    summary = pd.read_json(result.run_dir / SUMMARY_FILE, typ="series")
+    summary = pd.read_json(run.run_dir / SUMMARY_FILE, typ="series")
     assert summary["headline"] == "evaluate" and summary["rounds_completed"] == 2
     assert torch.tensor(summary["final"]["accuracy"]).item() > 0.1

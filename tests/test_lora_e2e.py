@@ -4,7 +4,6 @@ through the CLI and Flower's simulation runtime."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,7 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import lora_layout, rank_for
 from strategies.flora import AGGREGATION_ERROR
-from tests.conftest import CliRun
+from tests.runs import SharedRun
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +57,22 @@ def expected_bytes(overrides: tuple[str, ...]) -> tuple[int, int, dict[int, int]
     return full, down, up
 
 
-def check_run(result: CliRun, overrides: tuple[str, ...]) -> pd.Series:
+FLORA = (
+    *HETERO,
+    "strategy.name=flora",
+    "model.pretrain=digits",
+    "model.pretrain-classes=[0, 1, 2, 3, 4]",
+    "model.pretrain-epochs=2",
+)
+FEDIT = (*HETERO, "strategy.name=fedit")
+
+
+def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
     """Shared checks; returns the per-round aggregation error."""
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary["reason"]
     assert summary["rounds_completed"] == 2 and summary["failures"] == 0
-    frame = pd.read_parquet(result.run_dir / "metrics.parquet")
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
     train = frame[(frame["phase"] == "train") & frame["client"].notna()]
     rows = train.pivot_table(
         index=["round", "client"], columns="metric", values="value"
@@ -85,25 +93,19 @@ def check_run(result: CliRun, overrides: tuple[str, ...]) -> pd.Series:
 
 
 def test_flora_end_to_end_from_a_pretrained_base(
-    run_cli: Callable[..., CliRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
-    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))  # the run's processes inherit it
-    overrides = (
-        *HETERO,
-        "strategy.name=flora",
-        "model.pretrain=digits",
-        "model.pretrain-classes=[0, 1, 2, 3, 4]",
-        "model.pretrain-epochs=2",
-    )
-    result = run_cli(overrides=overrides)
-    errors = check_run(result, overrides)
+    """In the session's four-client sweep (``tests/conftest.py``), with a
+    ``FEDSIM_CACHE`` of its own: the pretrained base is built there once."""
+    run = four_client_runs["flora"]
+    errors = check_run(run.run_dir, FLORA)
     assert (errors < 1e-9).all()
-    assert len(list((tmp_path / "pretrain").glob("vit-*.pt"))) == 1  # built once
+    assert run.cache is not None
+    assert len(list((run.cache / "pretrain").glob("vit-*.pt"))) == 1  # built once
 
 
 def test_fedit_end_to_end_reports_its_aggregation_noise(
-    run_cli: Callable[..., CliRun],
+    four_client_runs: dict[str, SharedRun],
 ) -> None:
-    overrides = (*HETERO, "strategy.name=fedit")
-    errors = check_run(run_cli(overrides=overrides), overrides)
+    errors = check_run(four_client_runs["fedit"].run_dir, FEDIT)
     assert (errors > 1e-3).all()

@@ -9,7 +9,6 @@ whose server writes every reply of every exchange to disk.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,38 +16,23 @@ import pytest
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.learn.data import federated_data
-from tests.conftest import spy_run
+from tests.runs import TWO_CLIENTS, SharedRun
 
 pytestmark = pytest.mark.slow
 
-RUN = (
-    "rounds=1",
-    "federation.clients=2",
-    "data.dataset=synthetic",
-    "data.size=200",
-    "model.name=mlp",
-    "model.hidden=16",
-    "train.epochs=1",
-    "train.batch-size=32",
-)
-
 
 def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
-    tmp_path: Path,
+    two_client_runs: dict[str, SharedRun],
 ) -> None:
-    audit = ("audit.attack=inverting-activations", "audit.clients=2")
-    result, seen = spy_run(
-        tmp_path,
-        "split-ushape-spy",
-        "split.spy-dir",
-        *RUN,
-        *audit,
-        "audit.iterations=5",
-    )
-    summary = json.loads((result.run_dir / SUMMARY_FILE).read_text())
+    run = two_client_runs["split-ushape-spy"]  # 1 round, 2 clients (tests/conftest.py)
+    seen = run.seen
+    assert seen is not None
+    summary = json.loads((run.run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == "completed"
 
-    exp = load_experiment(None, ["strategy.name=split-ushape", *RUN])
+    spy, *overrides = TWO_CLIENTS["split-ushape-spy"]
+    assert spy == "strategy.name=split-ushape-spy"
+    exp = load_experiment(None, ["strategy.name=split-ushape", *overrides])
     data = federated_data(exp.data, 2, exp.seed)
     weights = {"body.0", "body.1", "body.2"}  # the default cut: body.2
     replies = sorted(seen.glob("up-r1-*.npz"))
@@ -73,7 +57,7 @@ def test_ushape_messages_to_the_server_carry_no_labels_and_no_inputs(
     labels_in = [n for p in replies for n in np.load(p).files if "label" in n]
     assert labels_in == []
 
-    rows = read_metrics(result.run_dir)
+    rows = read_metrics(run.run_dir)
     assert rows is not None
     clients = rows[rows["client"].notna() & (rows["phase"] == "train")]
     assert (clients[clients["metric"] == "bytes-up"]["value"] > 0).all()

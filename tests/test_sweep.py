@@ -5,27 +5,35 @@ alone, and a re-run that finishes only what is missing."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from fedsim.core.errors import ConfigError
-from fedsim.core.rundir import METRICS_FILE, SUMMARY_FILE
+from fedsim.core.loading import load_experiment
+from fedsim.core.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedsim.core.sweeps import sweep_points
 from fedsim.engine.sweep import SWEEP_INDEX, plan
-from tests.conftest import fedsim, sets
+from tests.conftest import CliRun, fedsim
 
+#: The settings of the shared small run (``tests.conftest.SMALL``) on a 2x2 grid
+#: whose last experiment is that run's experiment (seed 0, alpha 0.5: defaults).
 SWEEP = """
 name = "mini"
-rounds = 2
+rounds = 3
 [federation]
-clients = 3
+clients = 4
+fraction-evaluate = 0.5
 [model]
 name = "mlp"
+[train]
+batch-size = 32
+epochs = 2
 [grid]
-seed = [0, 1]
-"data.alpha" = [0.5, 1.0]
+seed = [1, 0]
+"data.alpha" = [1.0, 0.5]
 """
 TIMING = ("seconds", "elapsed")
 
@@ -63,12 +71,12 @@ def test_the_first_bad_experiment_is_named_and_nothing_is_written(
     with pytest.raises(ConfigError) as err:
         plan(file, out=tmp_path / "runs")
     assert str(err.value) == (
-        "sweep experiment 1 (seed=0, data.alpha=0.5, data.alhpa=1.0): "
+        "sweep experiment 1 (seed=1, data.alpha=1.0, data.alhpa=1.0): "
         "data.alhpa: unknown key; "
         "did you mean 'data.alpha'?"
     )
-    file.write_text(SWEEP.replace("[0.5, 1.0]", "[0.5, -1.0]"))
-    with pytest.raises(ConfigError, match=r"^sweep experiment 1 \(seed=0, data"):
+    file.write_text(SWEEP.replace("[1.0, 0.5]", "[1.0, -0.5]"))
+    with pytest.raises(ConfigError, match=r"^sweep experiment 1 \(seed=1, data"):
         plan(file, out=tmp_path / "runs")
     result = fedsim("sweep", str(file), out=tmp_path / "runs")
     assert result.returncode == 2 and result.stderr.startswith("fedsim: error: sweep")
@@ -87,25 +95,20 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_sweep_runs_equal_the_same_experiments_run_alone(swept: Path) -> None:
+def test_sweep_runs_equal_the_same_experiments_run_alone(
+    swept: Path, small_run: CliRun
+) -> None:
     sweep_dir = swept / "runs" / "mini"
     index = json.loads((sweep_dir / SWEEP_INDEX).read_text())
     assert [e["status"] for e in index["experiments"]] == ["completed"] * 4
     # the last experiment (it follows three others on the same nodes and
-    # actors) against the same experiment run alone
-    base = swept / "base.toml"
-    base.write_text(SWEEP.split("[grid]")[0])
-    for entry in index["experiments"][3:]:
-        alone = fedsim(
-            "run",
-            str(base),
-            *sets(*(f"{k}={v}" for k, v in entry["settings"].items())),
-            out=swept / "alone" / entry["run_dir"],
-        )
-        assert alone.returncode == 0, alone.stdout + alone.stderr
-        pd.testing.assert_frame_equal(
-            untimed(sweep_dir / entry["run_dir"]), untimed(alone.run_dir)
-        )
+    # actors) is the shared small run's experiment, run alone by `fedsim run`
+    last = index["experiments"][-1]
+    assert last["settings"] == {"seed": 0, "data.alpha": 0.5}
+    run_dir = sweep_dir / last["run_dir"]
+    alone = load_experiment(small_run.run_dir / CONFIG_FILE)
+    assert replace(load_experiment(run_dir / CONFIG_FILE), name=alone.name) == alone
+    pd.testing.assert_frame_equal(untimed(run_dir), untimed(small_run.run_dir))
 
 
 @pytest.mark.slow

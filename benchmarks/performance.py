@@ -51,7 +51,7 @@ SCALE = [
     "federation.fraction-evaluate=0",
     "train.epochs=1",
     "train.batch-size=64",
-    "rounds=6",
+    "rounds=12",
 ]
 
 

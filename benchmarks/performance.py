@@ -187,7 +187,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
         sampler = Sampler(link.pid)
         superlink.wait_healthy(link, port, work / "superlink.log")
         command = [
-            superlink._executable("flwr"),  # noqa: SLF001
+            superlink.executable("flwr"),
             "run",
             str(app),
             "fedsim",

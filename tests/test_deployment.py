@@ -17,7 +17,7 @@ from fedsim.engine.processes import free_port, stop_tree
 from fedsim.engine.remote import Connection, register_supernode, supernodes
 from fedsim.engine.superlink import (
     Tls,
-    _executable,
+    executable,
     flower_home,
     loopback,
     spawn,
@@ -34,7 +34,7 @@ def supernode_command(
 ) -> list[str]:
     """A SuperNode of a TLS SuperLink, authenticated with ``key`` when given."""
     return [
-        _executable("flower-supernode"),
+        executable("flower-supernode"),
         "--root-certificates",
         str(ca),
         "--superlink",

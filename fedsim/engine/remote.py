@@ -35,7 +35,7 @@ from fedsim.engine.processes import stop_tree
 from fedsim.engine.runner import LOGS_DIR, Outcome, run_config_of, settle, write_app
 from fedsim.engine.superlink import (
     SimulationError,
-    _executable,
+    executable,
     flower_home,
     spawn,
 )
@@ -88,7 +88,7 @@ def flwr(connection: Connection, *args: str) -> subprocess.CompletedProcess[str]
     home, env = flower_home(connection.toml())
     try:
         return subprocess.run(
-            [_executable("flwr"), *args, "fedsim"],
+            [executable("flwr"), *args, "fedsim"],
             env=env,
             capture_output=True,
             text=True,
@@ -179,7 +179,7 @@ def submit(
     reason: str | None = None
     with stop_signals():
         try:
-            command = [_executable("flwr"), "run", str(home / "app"), "fedsim"]
+            command = [executable("flwr"), "run", str(home / "app"), "fedsim"]
             proc = spawn([*command, "--stream"], env, log)
             while proc.poll() is None:
                 on_poll()
@@ -197,7 +197,7 @@ def submit(
             run_id = _run_id(log)
             if run_id is not None:
                 subprocess.run(
-                    [_executable("flwr"), "stop", str(run_id), "fedsim"],
+                    [executable("flwr"), "stop", str(run_id), "fedsim"],
                     env=env,
                     capture_output=True,
                     timeout=FLWR_TIMEOUT,

@@ -38,7 +38,7 @@ from fedsim.engine.recorder import summary_base
 from fedsim.engine.superlink import (
     PrivateSuperLink,
     SimulationError,
-    _executable,
+    executable,
     log_tail,
     spawn,
 )
@@ -120,7 +120,7 @@ def first_exception(path: Path) -> str | None:
 def submit_command(app_dir: Path, federation: str | None = None) -> list[str]:
     """``flwr run`` of the app on the ``fedsim`` connection, streaming its logs."""
     extra = ["--federation-config", federation] if federation else []
-    return [_executable("flwr"), "run", str(app_dir), "fedsim", "--stream", *extra]
+    return [executable("flwr"), "run", str(app_dir), "fedsim", "--stream", *extra]
 
 
 def launch(

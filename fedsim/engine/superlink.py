@@ -37,7 +37,7 @@ class SimulationError(RuntimeError):
     """The simulation runtime could not be started."""
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     """A console script of this environment (next to the running Python)."""
     local = Path(sys.executable).with_name(name)
     if local.exists():
@@ -134,7 +134,7 @@ def superlink_command(
     if tls:
         security = [f"--ssl-{k}={getattr(tls, k.replace('-', '_'))}" for k in files]
     return [
-        _executable("flower-superlink"),
+        executable("flower-superlink"),
         *security,
         *(["--enable-supernode-auth"] if supernode_auth else []),
         *(["--simulation"] if simulation else []),

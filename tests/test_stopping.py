@@ -31,10 +31,14 @@ from fedsim.engine.runner import settle
 #: session: no signal of the kernel or the terminal reaches either of them.
 PARENT = textwrap.dedent(
     """
-    import subprocess, sys, time
+    import subprocess, sys, tempfile, time
+    from pathlib import Path
     from fedsim.engine.lifeline import TICK, Lifeline
 
     lifeline = Lifeline()
+    home = Path(tempfile.mkdtemp(prefix="fedsim-test-home-"))
+    (home / "superlink.log").write_text("log")
+    lifeline.remove(home)
     child = subprocess.Popen(
         [sys.executable, "-c",
          "import subprocess, time; "
@@ -49,6 +53,7 @@ PARENT = textwrap.dedent(
     lifeline.watch(sleeper.pid)
     time.sleep(4 * TICK)  # the watchdog has seen the grandchild by now
     print(grandchild, sleeper.pid, lifeline.process.pid, flush=True)
+    print(home, flush=True)
     time.sleep(300)
     """
 )
@@ -78,15 +83,22 @@ def test_sigkill_of_the_parent_stops_what_it_started() -> None:
     try:
         assert parent.stdout is not None
         started = [int(pid) for pid in parent.stdout.readline().split()]
+        home = Path(parent.stdout.readline().strip())
         grandchild, sleeper, watchdog = started
         # re-parented: no longer a descendant of the parent
         assert grandchild not in {
             p.pid for p in psutil.Process(parent.pid).children(True)
         }
         assert _gone(started, within=0) == started  # all running
+        assert home.is_dir()
         parent.kill()
         parent.wait()
         assert _gone(started, within=GRACE + 5) == []
+        # the folder it was told to remove (a SuperLink's FLWR_HOME) is gone too
+        deadline = time.monotonic() + 5
+        while home.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not home.exists()
     finally:
         parent.kill()
         for pid in started:  # only if the test failed

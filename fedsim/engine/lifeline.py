@@ -19,8 +19,9 @@ Two layers:
   :data:`TICK` seconds, remembering those re-parented since), and when the pipe
   closes (fedsim ended, however: the kernel closes a dead process's files) it
   terminates every one still alive, kills those left after :data:`GRACE`
-  seconds, and exits. After a normal end the runner has stopped them already
-  and the watchdog just exits.
+  seconds, deletes the folders it was told to (:meth:`Lifeline.remove`: the
+  SuperLink's private ``FLWR_HOME``), and exits. After a normal end the runner
+  has stopped them already and the watchdog just exits.
 
 :func:`stop_signals` makes SIGINT/SIGTERM stop a run once: later ones, while
 the runner stops everything and finalises the summary, are ignored.
@@ -34,12 +35,14 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from types import FrameType, TracebackType
 
 import psutil
@@ -96,10 +99,18 @@ class Lifeline:
 
     def watch(self, pid: int) -> None:
         """Stop ``pid`` and all its descendants if this process dies."""
+        self._send(f"{pid}\n")
+
+    def remove(self, folder: Path) -> None:
+        """Delete ``folder`` (absolute) once the watched processes are stopped,
+        whether this process ends normally or dies."""
+        self._send(f"{folder.resolve()}\n")
+
+    def _send(self, line: str) -> None:
         stdin = self.process.stdin
         assert stdin is not None
         with suppress(OSError):
-            stdin.write(f"{pid}\n".encode())
+            stdin.write(line.encode())
             stdin.flush()
 
     def close(self, timeout: float = 2 * GRACE + 5) -> None:
@@ -246,8 +257,10 @@ def stop_all(tracked: dict[tuple[int, float], psutil.Process]) -> None:
 
 def watchdog(fd: int) -> None:
     """Follow the PIDs written to ``fd`` (one per line) and their descendants;
-    at end of file, stop every one still alive."""
+    at end of file, stop every one still alive, then delete the folders
+    written to ``fd`` (lines starting with ``/``)."""
     tracked: dict[tuple[int, float], psutil.Process] = {}
+    folders: list[str] = []
     pending = b""
     while True:
         ready, _, _ = select.select([fd], [], [], TICK)
@@ -258,10 +271,15 @@ def watchdog(fd: int) -> None:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
+                if line.startswith(b"/"):
+                    folders.append(os.fsdecode(line))
+                    continue
                 with suppress(ValueError, psutil.Error):
                     _track(tracked, [psutil.Process(int(line))])
         _track(tracked, _descendants(tracked))
     stop_all(tracked)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:

@@ -186,6 +186,7 @@ class PrivateSuperLink:
         self.home, self.env = flower_home(loopback(self.port))
         self.log = self.home / "superlink.log"
         self.lifeline = Lifeline()
+        self.lifeline.remove(self.home)  # also when the starting process dies
         try:
             self.process = spawn(
                 superlink_command(self.port, simulation=True), self.env, self.log

@@ -8,7 +8,7 @@ round's 100 messages in flight the sweep never rests: py-spy put 88 % of the
 simulation process's samples there, a whole core taken from the clients.
 
 :func:`install` (called when the ServerApp is imported, i.e. in the process
-that runs the simulation runtime) replaces two methods of that class:
+that runs the simulation runtime) replaces methods of that class:
 
 - ``store_message_ins`` stores as before and also records the message id under
   its destination node;
@@ -24,6 +24,13 @@ only on the Flower version it was written against (1.41), and only in a process
 that already holds Flower's in-memory LinkState (the simulation runtime's): the
 module that defines it pulls in the SuperLink's database stack (about 1 s of
 imports) that a deployed ServerApp does not need.
+
+Two more replacements make the runtime's hand-offs wake their reader instead of
+waiting for its next poll: ``store_message_ins`` and ``store_message_res`` also
+notify the state's :class:`Signals`. :func:`wait_for_messages` is what
+``fedsim.engine.vce``'s pick-up waits on (a message for some node was stored),
+:func:`wait_for_replies` what the ServerApp's grid waits on (a reply to one of
+its messages was stored).
 """
 
 from __future__ import annotations
@@ -44,8 +51,86 @@ MODULE = "flwr.server.superlink.linkstate.in_memory_linkstate"
 #: Attribute of a LinkState holding ``{node_id: {message_id: None}}`` (ordered).
 _INDEX = "_fedsim_pending"
 _install_lock = threading.Lock()
+_SIGNALS = "_fedsim_signals"
 #: Flower's own methods, kept by :func:`install`.
 original: dict[str, Any] = {}
+
+
+class Signals:
+    """What a LinkState tells the threads that wait on it.
+
+    ``stored`` counts the messages stored for nodes; ``awaited`` holds the ids
+    of messages whose replies a waiter expects, ``replied`` those of them whose
+    reply was stored and not yet collected.
+    """
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.stored = 0
+        self.awaited: set[str] = set()
+        self.replied: set[str] = set()
+
+
+def signals(state: Any) -> Signals:
+    """The state's :class:`Signals` (created the first time)."""
+    found: Signals | None = state.__dict__.get(_SIGNALS)
+    if found is None:
+        with _install_lock:
+            found = state.__dict__.setdefault(_SIGNALS, Signals())
+    return found
+
+
+def watched(state: Any) -> bool:
+    """Whether ``state`` notifies its waiters (an in-memory LinkState whose class
+    has this module's methods installed)."""
+    method = getattr(type(state), "store_message_res", None)
+    return method is store_message_res
+
+
+def wait_for_messages(state: Any, seen: int, timeout: float) -> int:
+    """Wait until more than ``seen`` messages were stored for nodes, or
+    ``timeout`` seconds passed; return the count now."""
+    signal = signals(state)
+    with signal.changed:
+        if signal.stored == seen:
+            signal.changed.wait(timeout)
+        return signal.stored
+
+
+def await_replies(state: Any, ids: set[str]) -> None:
+    """Track the replies to ``ids`` from now on (a reply stored earlier is not
+    seen: pull once after this call)."""
+    signal = signals(state)
+    with signal.changed:
+        signal.awaited |= ids
+
+
+def wait_for_replies(state: Any, ids: set[str], timeout: float) -> set[str]:
+    """Those of ``ids`` (awaited) whose reply was stored since they were last
+    returned; waits up to ``timeout`` seconds for one (an empty set when none
+    came)."""
+    signal = signals(state)
+    with signal.changed:
+        found = signal.replied & ids
+        if not found:
+            signal.changed.wait(timeout)
+            found = signal.replied & ids
+        signal.replied -= found
+    return found
+
+
+def forget_replies(state: Any, ids: set[str]) -> None:
+    """Stop tracking the replies to ``ids``."""
+    signal = signals(state)
+    with signal.changed:
+        signal.awaited -= ids
+        signal.replied -= ids
+
+
+def pending_nodes(state: Any) -> set[int]:
+    """Nodes with a message stored and not yet delivered."""
+    with state.lock:
+        return {node for node, ids in _pending(state).items() if ids}
 
 
 def _pending(state: InMemoryLinkState) -> dict[int, dict[str, None]]:
@@ -68,6 +153,23 @@ def store_message_ins(self: InMemoryLinkState, message: Message) -> str | None:
             if message_id in self.message_ins_store:
                 node = message.metadata.dst_node_id
                 _pending(self).setdefault(node, {})[message_id] = None
+        signal = signals(self)
+        with signal.changed:
+            signal.stored += 1
+            signal.changed.notify_all()
+    return message_id
+
+
+def store_message_res(self: InMemoryLinkState, message: Message) -> str | None:
+    """Flower's ``store_message_res``, also waking whoever waits for the reply."""
+    message_id = original["store_message_res"](self, message)
+    if message_id is not None:
+        signal = signals(self)
+        replied = message.metadata.reply_to_message_id
+        with signal.changed:
+            if replied in signal.awaited:
+                signal.replied.add(replied)
+                signal.changed.notify_all()
     return message_id
 
 
@@ -110,7 +212,7 @@ def supported(version: str | None = None) -> bool:
 
 
 def install() -> bool:
-    """Replace the two methods (once; idempotent). False, and nothing changed,
+    """Replace the three methods (once; idempotent). False, and nothing changed,
     where Flower's version is not the one this module was written against or
     this process holds no in-memory LinkState."""
     module = sys.modules.get(MODULE)
@@ -121,6 +223,7 @@ def install() -> bool:
         for name, replacement in (
             ("store_message_ins", store_message_ins),
             ("get_message_ins", get_message_ins),
+            ("store_message_res", store_message_res),
         ):
             if getattr(cls, name) is not replacement:
                 original[name] = getattr(cls, name)

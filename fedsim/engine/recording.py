@@ -36,6 +36,7 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
+from fedsim.engine import linkstate
 from fedsim.engine.recorder import RunRecorder
 from fedsim.protocol.wrapping import DelegatingStrategy
 
@@ -186,30 +187,54 @@ class RecordingGrid(Grid):
     def _send_and_wait(
         self, messages: list[Message], *, timeout: float | None
     ) -> list[Message]:
-        """Push ``messages`` and poll for their replies until all arrived or
+        """Push ``messages`` and collect their replies until all arrived or
         ``timeout`` passed.
 
-        Flower's grids pause 0.1 s (simulation) to 3 s between polls; an exchange
-        here costs what the runtime needs: the pause starts at 1 ms and grows
-        1.5x per empty poll up to 50 ms, back to 1 ms whenever a reply arrives.
+        Flower's grids pause 0.1 s (simulation) to 3 s between polls. In
+        simulation (a LinkState that signals its waiters, see
+        :mod:`fedsim.engine.linkstate`) this waits for a reply to be stored and
+        pulls the replies that came; everywhere else it polls, the pause
+        starting at 1 ms and growing 1.5x per empty poll up to 50 ms, back to
+        1 ms whenever a reply arrives. Either way every pending message is
+        pulled at least every 50 ms, so expired messages come back as errors as
+        they do from Flower's own loop.
         """
-        pending = {i for i in self.grid.push_messages(messages) if i is not None}
+        state = getattr(self.grid, "state", None)
+        watched = state is not None and linkstate.watched(state)
+        sent = {i for i in self.grid.push_messages(messages) if i is not None}
+        pending = set(sent)
+        if watched:
+            linkstate.await_replies(state, sent)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         pause = self.POLL_FIRST
-        while pending:
-            arrived = list(self.grid.pull_messages(pending))
-            if arrived:
-                replies.extend(arrived)
-                pending.difference_update(
-                    m.metadata.reply_to_message_id for m in arrived
-                )
-                pause = self.POLL_FIRST
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            time.sleep(pause)
-            pause = min(pause * 1.5, self.POLL_MAX)
+        ready = pending
+        try:
+            while pending:
+                arrived = list(self.grid.pull_messages(ready & pending))
+                if arrived:
+                    replies.extend(arrived)
+                    pending.difference_update(
+                        m.metadata.reply_to_message_id for m in arrived
+                    )
+                    pause = self.POLL_FIRST
+                    if not watched:
+                        continue
+                if not pending or (
+                    deadline is not None and time.monotonic() >= deadline
+                ):
+                    break
+                wait = self.POLL_MAX
+                if deadline is not None:
+                    wait = min(wait, max(deadline - time.monotonic(), 0.0))
+                if watched:
+                    ready = linkstate.wait_for_replies(state, pending, wait) or pending
+                else:
+                    time.sleep(min(pause, wait))
+                    pause = min(pause * 1.5, self.POLL_MAX)
+        finally:
+            if watched:
+                linkstate.forget_replies(state, sent)
         return replies
 
     def _stamp(self, messages: list[Message], partition_of: Mapping[int, int]) -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import psutil
 import tomli_w
 
+from fedsim.engine import vce
 from fedsim.engine.lifeline import Lifeline, die_with_parent
 from fedsim.engine.processes import free_port, stop_processes, stop_tree
 
@@ -89,10 +90,11 @@ def flower_home(connection: dict[str, Any]) -> tuple[Path, dict[str, str]]:
     ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
     ``root-certificates``), and the environment for Flower's commands."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
+    launcher = vce.write_launcher(home / "bin")
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
-        "PATH": environment_path(),
+        "PATH": os.pathsep.join([str(launcher.parent), environment_path()]),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -497,3 +497,35 @@ def test_unknown_headline_is_a_one_line_error(tmp_path: Path) -> None:
         match=r"summary.json: headline 'global' is not one of server, evaluate",
     ):
         analysis.load_run(path)
+
+
+def test_incremental_metrics_file_equals_the_whole_frame(tmp_path: Path) -> None:
+    """Each write converts only new rows; the file read back (pandas and the
+    analysis API) equals ``metrics_frame(rows).to_parquet`` of all rows, across
+    chunk merges and rows with and without a client."""
+    from fedsim.core.rundir import MetricsWriter, read_metrics
+
+    rng = np.random.default_rng(0)
+    writer = MetricsWriter()
+    writer.MERGE_AFTER = 3
+    rows: list[tuple[int, int | None, str, str, float]] = []
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for rnd in range(9):
+        for client in [None, *rng.choice(50, size=int(rng.integers(0, 4)))]:
+            who = None if client is None else int(client)
+            rows.append((rnd, who, "train", "loss", float(rng.random())))
+        writer.write(rows, tmp_path / "metrics.parquet")
+        metrics_frame(rows).to_parquet(whole / "metrics.parquet", index=False)
+        got, want = read_metrics(tmp_path), read_metrics(whole)
+        assert got is not None and want is not None
+        pd.testing.assert_frame_equal(got, want)
+        assert got.dtypes.astype(str).to_dict() == {
+            "round": "int64",
+            "client": "Int64",
+            "phase": "string",
+            "metric": "string",
+            "value": "float64",
+        }
+    with pytest.raises(ValueError, match="rows were removed"):
+        writer.write(rows[:-1], tmp_path / "metrics.parquet")

@@ -40,8 +40,8 @@ from fedsim.core.rundir import (
     SUMMARY_FILE,
     SUMMED,
     UNWEIGHTED,
+    MetricsWriter,
     RoundSink,
-    metrics_frame,
     read_metrics,
     write_json,
 )
@@ -174,6 +174,9 @@ class RunRecorder:
         self.sinks = list(sinks)
         self._sent = 0  # rows already given to the sinks
         self.rows: list[tuple[int, int | None, str, str, float]] = []
+        self._writer = MetricsWriter()
+        self._finals: dict[str, float] = {}
+        self._scanned = 0  # rows already read by ``_final``
         self.headline = headline
         self._pending: dict[tuple[int, str], dict[int, dict[str, float]]] = defaultdict(
             dict
@@ -285,6 +288,7 @@ class RunRecorder:
                 who = None if pd.isna(client) else int(client)
                 rows.append((int(rnd), who, str(phase), str(name), float(value)))
         self.rows = rows
+        self._writer, self._finals, self._scanned = MetricsWriter(), {}, 0
         self._sent = len(rows)  # the sinks had them before the run died
         self.failures = [dict(f) for f in state["failures"]]
         self.rounds_completed = server_round
@@ -345,10 +349,7 @@ class RunRecorder:
 
     def flush(self) -> None:
         """Rewrite metrics and summary atomically."""
-        frame = metrics_frame(self.rows)
-        _atomic_write(
-            self.run_dir / METRICS_FILE, lambda p: frame.to_parquet(p, index=False)
-        )
+        self._writer.write(self.rows, self.run_dir / METRICS_FILE)
         self._write_summary()
 
     def finish(self, status: str, reason: str | None = None) -> None:
@@ -385,14 +386,15 @@ class RunRecorder:
         global model on the held-out test set; ``evaluate``: the clients' local
         evaluation, for families without a global model) and the latest
         ``evaluate_accuracy``/``evaluate_loss``."""
-        final: dict[str, float] = {}
-        for _, client, phase, name, value in self.rows:
+        final = self._finals
+        for _, client, phase, name, value in self.rows[self._scanned :]:
             if client is None and name in ("accuracy", "loss"):
                 if phase == self.headline:
                     final[name] = value
                 if phase == "evaluate":
                     final[f"evaluate_{name}"] = value
-        return final
+        self._scanned = len(self.rows)
+        return dict(final)
 
     def _write_summary(self) -> None:
         self.summary.update(

@@ -55,12 +55,31 @@ SCALE = [
 ]
 
 
+#: Process roles by command line, first match wins.
+ROLES = (
+    ("ClientAppActor", "clients"),
+    ("flwr-simulation", "runtime"),
+    ("flwr-serverapp", "runtime"),
+    ("flower-superlink", "superlink"),
+    ("ray", "ray"),
+)
+
+
+def role(proc: psutil.Process) -> str:
+    """``clients`` (Ray actors), ``runtime`` (the ServerApp and the simulation
+    engine), ``superlink``, ``ray`` (Ray's own daemons) or ``cli``."""
+    command = " ".join(proc.cmdline())
+    return next((name for key, name in ROLES if key in command), "cli")
+
+
 class Sampler:
-    """Peak summed RSS of a process and all its descendants."""
+    """Peak summed RSS of a process and all its descendants, and the CPU
+    seconds each role used (the last sample of each process, every 0.2 s)."""
 
     def __init__(self, pid: int):
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.cpu: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -75,6 +94,9 @@ class Sampler:
             for proc in procs:
                 with suppress(psutil.Error):
                     total += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    name = self.cpu[proc.pid][0] if proc.pid in self.cpu else role(proc)
+                    self.cpu[proc.pid] = (name, times.user + times.system)
             self.peak = max(self.peak, total)
             self._stop.wait(0.2)
 
@@ -83,9 +105,19 @@ class Sampler:
         self._thread.join()
         return self.peak / 2**20
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per role."""
+        out: dict[str, float] = {}
+        for name, seconds in self.cpu.values():
+            out[name] = out.get(name, 0.0) + seconds
+        return out
 
-def timed(command: list[str], **kwargs: Any) -> tuple[float, float, str]:
-    """Run ``command``; wall seconds, peak tree memory (MiB), stdout."""
+
+def timed(
+    command: list[str], **kwargs: Any
+) -> tuple[float, float, str, dict[str, float]]:
+    """Run ``command``; wall seconds, peak tree memory (MiB), stdout, CPU
+    seconds per process role."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
@@ -96,7 +128,7 @@ def timed(command: list[str], **kwargs: Any) -> tuple[float, float, str]:
     memory = sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{command[:3]} exited {proc.returncode}:\n{err[-3000:]}")
-    return wall, memory, out
+    return wall, memory, out, sampler.cpu_by_role()
 
 
 # -- raw loop ------------------------------------------------------------------
@@ -154,7 +186,7 @@ def raw_part(rounds: int) -> None:
 
 
 def raw(rounds: int) -> dict[str, Any]:
-    wall, memory, out = timed(
+    wall, memory, out, cpu = timed(
         [sys.executable, __file__, "--part", "raw", "--rounds", str(rounds)]
     )
     got = json.loads(out.strip().splitlines()[-1])
@@ -166,6 +198,7 @@ def raw(rounds: int) -> dict[str, Any]:
         "first_round": ends[1] - ends[0],
         "steady_round": (ends[-1] - ends[1]) / max(len(ends) - 2, 1),
         "accuracy": got["accuracy"],
+        **{f"cpu_{name}": seconds for name, seconds in cpu.items()},
     }
 
 
@@ -179,6 +212,8 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
     timings = work / "timings.json"
     port = processes.free_port()
     home, env = superlink.flower_home(superlink.loopback(port))
+    # Flower's own flwr-simulation, not the launcher fedsim's SuperLinks use
+    env["PATH"] = superlink.environment_path()
     start = time.perf_counter()
     stamp0 = time.time()
     command = superlink.superlink_command(port, simulation=True)
@@ -213,6 +248,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
         "first_round": ends[1] - ends[0],
         "steady_round": (ends[-1] - ends[1]) / max(len(ends) - 2, 1),
         "accuracy": got["accuracy"][-1],
+        **{f"cpu_{name}": seconds for name, seconds in sampler.cpu_by_role().items()},
     }
 
 
@@ -220,7 +256,7 @@ def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
 def fedsim(overrides: list[str]) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="fedsim-bench-"))
     stamp0 = time.time()
-    wall, memory, _ = timed(fedsim_command(None, overrides, out))
+    wall, memory, _, cpu = timed(fedsim_command(None, overrides, out))
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
     started = datetime.fromisoformat(summary["started_at"]).timestamp()
@@ -243,7 +279,18 @@ def fedsim(overrides: list[str]) -> dict[str, Any]:
         "client_seconds": steady["value"].sum() / max(last - 1, 1),
         "after_last_round": wall - (started - stamp0) - elapsed[last],
         "accuracy": float(server.loc[last, "accuracy"]),
+        **{f"cpu_{name}": seconds for name, seconds in cpu.items()},
     }
+
+
+def cpu_split(got: dict[str, Any]) -> str:
+    """CPU seconds of the run: Ray's client actors, the runtime (ServerApp and
+    simulation engine), everything else."""
+    cpu = {k[4:]: v for k, v in got.items() if k.startswith("cpu_")}
+    clients, runtime = cpu.pop("clients", 0.0), cpu.pop("runtime", 0.0)
+    if not clients and not runtime:
+        return f"{sum(cpu.values()):.0f}"
+    return f"{clients:.0f} / {runtime:.0f} / {sum(cpu.values()):.0f}"
 
 
 def row(name: str, got: dict[str, Any], base: dict[str, Any] | None) -> dict[str, str]:
@@ -263,6 +310,7 @@ def row(name: str, got: dict[str, Any], base: dict[str, Any] | None) -> dict[str
             else ""
         ),
         "peak memory MiB": f"{got['memory']:.0f}",
+        "CPU s clients / runtime / rest": cpu_split(got),
         "accuracy": f"{got['accuracy']:.4f}",
     }
 

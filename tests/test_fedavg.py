@@ -317,3 +317,39 @@ def test_metrics_read_while_the_recorder_rewrites_them(tmp_path: Path) -> None:
         stop.set()
         writer.join()
     assert reads > 50
+
+
+def test_slowest_clients_of_the_last_round_are_pushed_first(tmp_path: Path) -> None:
+    """Longest processing time first: the simulation runtime starts clients in
+    push order, so the grid pushes last round's slowest clients of the phase
+    first (clients it has not seen yet before them); replies come back in
+    partition order all the same."""
+    took = {0: 0.2, 1: 0.9, 2: 0.5, 3: 0.7}
+
+    class TimedGrid(FakeGrid):
+        def answer(self, msg: Message, message_id: str) -> Message:
+            out = super().answer(msg, message_id)
+            out.content[METRICS]["seconds"] = took[
+                self.partitions[msg.metadata.dst_node_id]
+            ]
+            return out
+
+    exp = load_experiment(None, ["federation.clients=4"])
+    recorder = RunRecorder(tmp_path, exp)
+    fake = TimedGrid({40: 3, 10: 0, 30: 2, 20: 1})
+    grid = RecordingGrid(fake, recorder, num_clients=4, min_replies=1, assign=True)
+    down = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    order = [10, 20, 30, 40]
+    first = grid.send_and_receive(train_messages(order[:3], down))
+    assert [m.metadata.dst_node_id for m in fake.sent] == [10, 20, 30]
+    fake.sent.clear()
+    took[0] = 1.5  # partition 0 got slower
+    again = grid.send_and_receive(train_messages(order, down))
+    # 40 unseen, then 20 (0.9 s), 30 (0.5 s), 10 (0.2 s)
+    assert [m.metadata.dst_node_id for m in fake.sent] == [40, 20, 30, 10]
+    fake.sent.clear()
+    grid.send_and_receive(train_messages(order, down))
+    assert [m.metadata.dst_node_id for m in fake.sent] == [10, 20, 40, 30]
+    for replies in (first, again):
+        pids = [grid.partitions()[r.metadata.src_node_id] for r in replies]
+        assert pids == sorted(pids)

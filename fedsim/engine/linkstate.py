@@ -127,10 +127,11 @@ def forget_replies(state: Any, ids: set[str]) -> None:
         signal.replied -= ids
 
 
-def pending_nodes(state: Any) -> set[int]:
-    """Nodes with a message stored and not yet delivered."""
+def pending_nodes(state: Any) -> list[int]:
+    """Nodes with a message stored and not yet delivered (in the index's order:
+    their first pending message's)."""
     with state.lock:
-        return {node for node, ids in _pending(state).items() if ids}
+        return [node for node, ids in _pending(state).items() if ids]
 
 
 def _pending(state: InMemoryLinkState) -> dict[int, dict[str, None]]:
@@ -203,6 +204,8 @@ def get_message_ins(
         for message in found:
             message.metadata.delivered_at = delivered_at
             pending.pop(message.metadata.message_id, None)
+        if not pending:
+            del _pending(self)[node_id]
     return found
 
 

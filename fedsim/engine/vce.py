@@ -19,10 +19,14 @@ runtime is Flower's, with these replacements made before it starts:
 - the LinkState methods of :mod:`fedsim.engine.linkstate` (indexed pick-up,
   stores that wake their waiters);
 - ``vce_api.add_messages_to_queue`` (:func:`add_messages_to_queue`): the same
-  loop (every node with a message gets its next one, in Flower's node order,
-  one per node per sweep, the stop event checked at least every 0.1 s) that
-  sweeps again as soon as a message is stored instead of after 0.1 s, and asks
-  only the nodes that have one.
+  loop (every node with a message gets its next one, one per node per sweep,
+  the stop event checked at least every 0.1 s) that sweeps again as soon as a
+  message is stored instead of after 0.1 s, asks only the nodes that have one,
+  and queues them in the order the server pushed them (Flower's loop follows
+  node registration order). The actors take queued messages first come first
+  served, so the server decides which clients start first: fedsim's grid
+  pushes the slowest clients of the previous round first (longest processing
+  time first), which shortens the round's tail on a few actors.
 
 Nothing is replaced on another Flower version than 1.41 (the launcher then
 runs Flower's runtime unchanged), nor in a SuperLink fedsim did not start.
@@ -55,12 +59,10 @@ def add_messages_to_queue(
     """Flower's pick-up loop, woken by every stored message (see module doc)."""
     while not f_stop.is_set():
         stored = linkstate.signals(state).stored
-        waiting = linkstate.pending_nodes(state)
-        if waiting:
-            for node_id in nodes_mapping:
-                if node_id in waiting:
-                    for message in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(message)
+        for node_id in linkstate.pending_nodes(state):
+            if node_id in nodes_mapping:
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
         linkstate.wait_for_messages(state, stored, SWEEP)
 
 

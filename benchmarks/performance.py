@@ -95,7 +95,9 @@ class Sampler:
                 with suppress(psutil.Error):
                     total += proc.memory_info().rss
                     times = proc.cpu_times()
-                    name = self.cpu[proc.pid][0] if proc.pid in self.cpu else role(proc)
+                    # a Ray worker is ``ray::IDLE`` until it becomes an actor
+                    seen = self.cpu.get(proc.pid, ("", 0.0))[0]
+                    name = "clients" if seen == "clients" else role(proc)
                     self.cpu[proc.pid] = (name, times.user + times.system)
             self.peak = max(self.peak, total)
             self._stop.wait(0.2)

@@ -18,8 +18,9 @@ on: round 1 includes the clients' start-up) (their
 ``seconds``, summed, divided by the messages they answered: one per exchange
 each, here every client is in every exchange of V1 and U-shaped; V2 addresses
 one client per exchange). For V2 (one message in flight at a time) the
-difference of the last two is what the runtime adds per exchange: Flower's
-simulation engine picks messages up every 0.1 s.
+difference of the last two is what the runtime adds per exchange (Flower's
+own simulation engine picked messages up every 0.1 s; fedsim's launcher wakes
+it when a message is stored, see ``fedsim.engine.vce``).
 """
 
 from __future__ import annotations

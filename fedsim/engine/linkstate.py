@@ -7,8 +7,10 @@ node it is asked about: O(nodes x messages) per sweep. With 1,000 nodes and a
 round's 100 messages in flight the sweep never rests: py-spy put 88 % of the
 simulation process's samples there, a whole core taken from the clients.
 
-:func:`install` (called when the ServerApp is imported, i.e. in the process
-that runs the simulation runtime) replaces methods of that class:
+:func:`install` replaces methods of that class. fedsim's simulation launcher
+(:mod:`fedsim.engine.vce`) calls it before Flower's runtime starts; the
+ServerApp calls it too when imported (a simulation on a SuperLink fedsim did not
+start, where the class is already loaded):
 
 - ``store_message_ins`` stores as before and also records the message id under
   its destination node;
@@ -27,7 +29,8 @@ imports) that a deployed ServerApp does not need.
 
 Two more replacements make the runtime's hand-offs wake their reader instead of
 waiting for its next poll: ``store_message_ins`` and ``store_message_res`` also
-notify the state's :class:`Signals`. :func:`wait_for_messages` is what
+notify the state's :class:`Signals` (the pick-up then lists the nodes with a
+message in the order their messages were pushed, :func:`pending_nodes`). :func:`wait_for_messages` is what
 ``fedsim.engine.vce``'s pick-up waits on (a message for some node was stored),
 :func:`wait_for_replies` what the ServerApp's grid waits on (a reply to one of
 its messages was stored).

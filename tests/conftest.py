@@ -272,6 +272,18 @@ TINY = (
     "seed=3",
 )
 
+#: A tiny SFPrompt ViT (no pre-training): 16 wide, 2 heads, 2 blocks of 4x4
+#: patches, cut after block 0 (head: the embedding and ``blocks.0``).
+TINY_SFPROMPT = (
+    "strategy.name=sfprompt",
+    "model.name=vit",
+    "model.hidden=16",
+    "model.heads=2",
+    "model.depth=2",
+    "model.patch-size=4",
+    "split.cut=blocks.0",
+)
+
 
 class InProcessGrid(ScriptedGrid):
     """Answers every message with a client algorithm, in-process, with a

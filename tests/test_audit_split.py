@@ -26,7 +26,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.engine.server_app import build
 from fedsim.learn.codecs import FixedBits, decode
 from fedsim.learn.split import batch_plan, from_record
-from tests.conftest import InProcessGrid, training_rows
+from tests.conftest import TINY_SFPROMPT, InProcessGrid, training_rows
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 AUDIT_SFL = EXPERIMENTS / "audit_sfl.toml"
@@ -189,13 +189,7 @@ def test_a_coded_upload_is_seen_decoded() -> None:
 #: head the embedding and block 0. Measured (200 iterations): 36.2 dB mean over the
 #: 5 kept images (24.0 to 49.0), the prompts optimised.
 SFPROMPT = (
-    "strategy.name=sfprompt",
-    "model.name=vit",
-    "model.hidden=16",
-    "model.heads=2",
-    "model.depth=2",
-    "model.patch-size=4",
-    "split.cut=blocks.0",
+    *TINY_SFPROMPT,
     "federation.clients=20",
     "data.client-test-fraction=0.89",
     "train.batch-size=8",

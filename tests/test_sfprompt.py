@@ -42,7 +42,7 @@ from fedsim.learn.prompts import (
 from fedsim.learn.split import cut_points, split_model
 from strategies.split.sfprompt import check as sfprompt_check
 from strategies.split.sfprompt import prompted
-from tests.conftest import run_rounds
+from tests.conftest import TINY_SFPROMPT, run_rounds
 
 #: Tiny tensors: one torch thread (a second only adds contention).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,18 +113,7 @@ def test_prompts_go_after_the_class_token() -> None:
 #: A tiny SFPrompt run: the packaged vit (no pre-training: the maths does not
 #: depend on the base), 2 blocks cut into head (embed + blocks.0), body
 #: (blocks.1) and tail (pool + head).
-TINY = (
-    "strategy.name=sfprompt",
-    "model.name=vit",
-    "model.hidden=16",
-    "model.heads=2",
-    "model.depth=2",
-    "model.patch-size=4",
-    "train.batch-size=16",
-    "federation.clients=3",
-    "split.cut=blocks.0",
-    "seed=5",
-)
+TINY = (*TINY_SFPROMPT, "train.batch-size=16", "federation.clients=3", "seed=5")
 
 
 def experiment(*overrides: str) -> Any:

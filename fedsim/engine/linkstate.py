@@ -30,10 +30,10 @@ imports) that a deployed ServerApp does not need.
 Two more replacements make the runtime's hand-offs wake their reader instead of
 waiting for its next poll: ``store_message_ins`` and ``store_message_res`` also
 notify the state's :class:`Signals` (the pick-up then lists the nodes with a
-message in the order their messages were pushed, :func:`pending_nodes`). :func:`wait_for_messages` is what
-``fedsim.engine.vce``'s pick-up waits on (a message for some node was stored),
-:func:`wait_for_replies` what the ServerApp's grid waits on (a reply to one of
-its messages was stored).
+message in the order their messages were pushed, :func:`pending_nodes`).
+:func:`wait_for_messages` is what ``fedsim.engine.vce``'s pick-up waits on (a
+message for some node was stored), :func:`wait_for_replies` what the
+ServerApp's grid waits on (a reply to one of its messages was stored).
 """
 
 from __future__ import annotations
@@ -90,14 +90,13 @@ def watched(state: Any) -> bool:
     return method is store_message_res
 
 
-def wait_for_messages(state: Any, seen: int, timeout: float) -> int:
-    """Wait until more than ``seen`` messages were stored for nodes, or
-    ``timeout`` seconds passed; return the count now."""
+def wait_for_messages(state: Any, seen: int, timeout: float) -> None:
+    """Wait until more than ``seen`` messages were stored for nodes (see
+    :attr:`Signals.stored`), or ``timeout`` seconds passed."""
     signal = signals(state)
     with signal.changed:
         if signal.stored == seen:
             signal.changed.wait(timeout)
-        return signal.stored
 
 
 def await_replies(state: Any, ids: set[str]) -> None:

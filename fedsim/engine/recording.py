@@ -199,8 +199,8 @@ class RecordingGrid(Grid):
         pulls the replies that came; everywhere else it polls, the pause
         starting at 1 ms and growing 1.5x per empty poll up to 50 ms, back to
         1 ms whenever a reply arrives. Either way every pending message is
-        pulled at least every 50 ms, so expired messages come back as errors as
-        they do from Flower's own loop.
+        pulled whenever 50 ms pass without a reply, so expired messages come
+        back as errors as they do from Flower's own loop.
         """
         state = getattr(self.grid, "state", None)
         watched = state is not None and linkstate.watched(state)

@@ -4,6 +4,7 @@ waiting for a poll (proved with polls made minutes long), and the launcher."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,47 @@ def test_launcher_installs_before_flowers_runtime_starts():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_ray_defaults_keep_a_value_the_user_set(monkeypatch):
+    monkeypatch.delenv(vce.INLINE_VARIABLE, raising=False)
+    vce.ray_defaults()
+    assert os.environ[vce.INLINE_VARIABLE] == str(vce.INLINE_BYTES)
+    monkeypatch.setenv(vce.INLINE_VARIABLE, "12345")
+    vce.ray_defaults()
+    assert os.environ[vce.INLINE_VARIABLE] == "12345"
+
+
+def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
+    """An actor's reply of 0.5 MB comes back inside the call (it is on no node's
+    object store), one of 2 MB through the object store; without the setting
+    Ray puts the 0.5 MB one in the store too."""
+    code = (
+        "import sys\n"
+        "from fedsim.engine import vce\n"
+        "if sys.argv[1] == 'tuned':\n"
+        "    vce.ray_defaults()\n"
+        "import ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def reply(n):\n"
+        "    return b'x' * n\n"
+        "refs = [reply.remote(n) for n in (500_000, 2_000_000)]\n"
+        "ray.get(refs)\n"
+        "where = ray.experimental.get_object_locations(refs)\n"
+        "print([bool(where[r]['node_ids']) for r in refs])\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != vce.INLINE_VARIABLE}
+    stored = {}
+    for mode in ("tuned", "ray"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        stored[mode] = out.stdout.strip().splitlines()[-1]
+    assert stored == {"tuned": "[False, True]", "ray": "[True, True]"}

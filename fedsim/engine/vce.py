@@ -30,10 +30,21 @@ runtime is Flower's, with these replacements made before it starts:
 
 Nothing is replaced on another Flower version than 1.41 (the launcher then
 runs Flower's runtime unchanged), nor in a SuperLink fedsim did not start.
+
+The launcher also sets one Ray default before Ray starts (:func:`ray_defaults`):
+messages and replies up to 1 MiB travel inside Ray's task calls instead of
+through its shared-memory object store (Ray's threshold is 100 KiB). A message
+is read once, by one actor on the same machine, so the store's set-up per
+object (create, seal, pin, release through the raylet) is pure cost: with the
+quickstart's 154 KB CNN it took 17% of a round (0.43 -> 0.36 s) and 0.16 of
+the 2 cores in Ray's daemons. Above about 1 MiB the copies of an inlined
+object cost as much as the store. A value the user set in the environment
+(``RAY_max_direct_call_object_size``) wins.
 """
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 import threading
@@ -46,6 +57,11 @@ from fedsim.engine import linkstate
 #: Longest pause between two sweeps (Flower's fixed pause): the stop event is
 #: checked at least this often.
 SWEEP = 0.1
+#: Ray's largest object passed inside a task call (bytes), see module doc.
+INLINE_BYTES = 2**20
+#: Ray reads its system settings from ``RAY_<name>`` variables in every process
+#: it starts (they inherit the simulation process's environment).
+INLINE_VARIABLE = "RAY_max_direct_call_object_size"
 #: The launcher's file name: the command Flower's SuperExec starts.
 COMMAND = "flwr-simulation"
 
@@ -64,6 +80,12 @@ def add_messages_to_queue(
                 for message in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(message)
         linkstate.wait_for_messages(state, stored, SWEEP)
+
+
+def ray_defaults() -> None:
+    """Ray's settings for a simulation on one machine (see module doc); call
+    before Ray starts. Settings the environment already has are kept."""
+    os.environ.setdefault(INLINE_VARIABLE, str(INLINE_BYTES))
 
 
 def install() -> bool:
@@ -103,7 +125,9 @@ def write_launcher(folder: Path) -> Path:
 
 
 def main() -> None:
-    """The launcher's entry: Flower's ``flwr-simulation`` after :func:`install`."""
+    """The launcher's entry: Flower's ``flwr-simulation`` after
+    :func:`ray_defaults` and :func:`install`."""
+    ray_defaults()
     install()
     from flwr.simulation.app import flwr_simulation
 

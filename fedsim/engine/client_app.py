@@ -5,7 +5,8 @@ family's custom action ``train.<action>`` (declared in ``Family.actions``) to
 its method ``<action>``. Everything heavy (experiment parsing, the dataset and
 its partitions, the client algorithm with its model) is built once per client
 process and cached, so a Ray actor that simulates many clients over many rounds
-builds it once.
+builds it once. Importing the module makes Flower's ``Array.numpy`` skip
+``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
 loaded back once in a resumed run (:mod:`fedsim.engine.client_state`).
@@ -45,6 +46,7 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
+from fedsim.engine import arrays
 from fedsim.engine.client_state import ClientStateStore
 from fedsim.learn.data import FederatedData, federated_data
 from fedsim.learn.device import resolve_device
@@ -142,6 +144,7 @@ def maybe_fail(exp: Experiment, server_round: int, pid: int) -> None:
             )
 
 
+arrays.install()
 app = ClientApp()
 
 

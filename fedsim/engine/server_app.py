@@ -14,7 +14,8 @@ clients' saved states of later rounds are dropped, and the rounds after the
 checkpoint run.
 
 Importing this module indexes Flower's in-memory LinkState by destination node
-(:mod:`fedsim.engine.linkstate`): in simulation the runtime shares this process.
+(:mod:`fedsim.engine.linkstate`): in simulation the runtime shares this process;
+and reads arrays without ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
 
 ``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
 makes round ``r`` fail once it has run, before anything of it is recorded.
@@ -46,7 +47,7 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine import checkpoint, linkstate
+from fedsim.engine import arrays, checkpoint, linkstate
 from fedsim.engine.client_state import ClientStateStore
 from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
@@ -59,6 +60,7 @@ from fedsim.learn.training import evaluate
 from fedsim.protocol.setup import ServerSetup
 
 linkstate.install()
+arrays.install()
 app = ServerApp()
 
 #: Environment variable (tests only): the round that crashes.

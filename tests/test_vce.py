@@ -266,6 +266,10 @@ def test_launcher_installs_before_flowers_runtime_starts():
         "assert vce_api.add_messages_to_queue is vce.add_messages_to_queue\n"
         "assert S.get_message_ins is linkstate.get_message_ins\n"
         "assert S.store_message_res is linkstate.store_message_res\n"
+        "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
+        "assert RayBackend.build.pipelined\n"
+        "build = RayBackend.build\n"
+        "assert vce.install() and RayBackend.build is build\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
@@ -315,3 +319,24 @@ def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
         assert out.returncode == 0, out.stderr
         stored[mode] = out.stdout.strip().splitlines()[-1]
     assert stored == {"tuned": "[False, True]", "ray": "[True, True]"}
+
+
+def test_pipeline_gives_each_actor_two_messages_at_once():
+    """Flower's own pool methods on a pipelined pool: two messages go to each
+    actor before any reply, a reply frees its actor for the next message."""
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    pool = BasicActorPool.__new__(BasicActorPool)
+    pool.pool, pool.num_actors, pool._future_to_actor = ["a", "b"], 2, {}
+    vce.pipeline(pool)
+    assert pool.num_actors == 4 and sorted(pool.pool) == ["a", "a", "b", "b"]
+    futures = [
+        pool.submit(lambda actor, *job: (actor, job[2]), (None, None, str(i), None))
+        for i in range(4)
+    ]
+    busy = [pool._future_to_actor[f] for f in futures]
+    assert sorted(busy) == ["a", "a", "b", "b"] and not pool.is_actor_available()
+    pool.add_actor_back_to_pool(futures[0])
+    assert pool.pool == [busy[0]]
+    vce.pipeline(pool, tasks=3)  # from the actors listed now
+    assert pool.pool == [busy[0]] * 3 and pool.num_actors == 3

@@ -26,7 +26,14 @@ runtime is Flower's, with these replacements made before it starts:
   node registration order). The actors take queued messages first come first
   served, so the server decides which clients start first: fedsim's grid
   pushes the slowest clients of the previous round first (longest processing
-  time first), which shortens the round's tail on a few actors.
+  time first), which shortens the round's tail on a few actors;
+- ``RayBackend.build`` and ``terminate`` (:func:`pipeline`): each actor holds
+  two messages at once, one running and one queued in Ray, so it starts the
+  next client as soon as one ends instead of idling while the reply travels
+  back and the next message travels out (1.8 ms a message here). With 1,000
+  clients x 100 a round the actors were idle 41% of the time; pipelining
+  took the round from 0.62 to 0.54 s. An actor still runs one client at a
+  time, so an actor's memory (and a GPU share) is unchanged.
 
 Nothing is replaced on another Flower version than 1.41 (the launcher then
 runs Flower's runtime unchanged), nor in a SuperLink fedsim did not start.
@@ -57,6 +64,8 @@ from fedsim.engine import linkstate
 #: Longest pause between two sweeps (Flower's fixed pause): the stop event is
 #: checked at least this often.
 SWEEP = 0.1
+#: Messages each Ray actor holds at once (one running, the others queued).
+TASKS_PER_ACTOR = 2
 #: Ray's largest object passed inside a task call (bytes), see module doc.
 INLINE_BYTES = 2**20
 #: Ray reads its system settings from ``RAY_<name>`` variables in every process
@@ -99,7 +108,40 @@ def install() -> bool:
 
     linkstate.install()
     vce_api.add_messages_to_queue = add_messages_to_queue
+    _pipeline_ray_backend()
     return True
+
+
+def pipeline(pool: Any, tasks: int = TASKS_PER_ACTOR) -> None:
+    """List every actor of Flower's ``BasicActorPool`` ``tasks`` times: the
+    pool hands an actor to each message it submits and takes it back with the
+    reply, and the runtime runs one worker thread per listed actor, so each
+    actor gets up to ``tasks`` messages at once (Ray runs an actor's calls one
+    after another, in order)."""
+    actors = list(dict.fromkeys(pool.pool))
+    pool.pool = actors * tasks
+    pool.num_actors = len(pool.pool)
+
+
+def _pipeline_ray_backend() -> None:
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    if getattr(RayBackend.build, "pipelined", False):
+        return
+    build, terminate = RayBackend.build, RayBackend.terminate
+
+    def pipelined_build(self: Any, app_fn: Any) -> None:
+        build(self, app_fn)
+        pipeline(self.pool)
+
+    def terminate_once(self: Any) -> None:
+        if self.pool:  # each actor once, however often it is listed
+            self.pool.pool = list(dict.fromkeys(self.pool.pool))
+        terminate(self)
+
+    pipelined_build.pipelined = True  # type: ignore[attr-defined]
+    RayBackend.build = pipelined_build
+    RayBackend.terminate = terminate_once
 
 
 def write_launcher(folder: Path) -> Path:

@@ -245,10 +245,10 @@ class RecordingGrid(Grid):
     ) -> list[Message]:
         """``messages`` ordered by the seconds their clients took in this phase
         last time, slowest first; clients not seen yet first of all, in the
-        given order. The simulation runtime starts clients in push order on
-        whichever actor is free (:mod:`fedsim.engine.vce`): longest processing
-        time first shortens the round's tail. Replies are sorted by partition
-        whatever the order, so results do not depend on it."""
+        given order. The simulation runtime hands clients out in push order to
+        whichever actor has room (two messages each, :mod:`fedsim.engine.vce`):
+        longest processing time first shortens the round's tail. Replies are
+        sorted by partition whatever the order, so results do not depend on it."""
 
         def took(message: Message) -> float:
             key = (phase, partition_of[message.metadata.dst_node_id])

@@ -136,7 +136,7 @@ def _pipeline_ray_backend() -> None:
 
     def terminate_once(self: Any) -> None:
         if self.pool:  # each actor once, however often it is listed
-            self.pool.pool = list(dict.fromkeys(self.pool.pool))
+            pipeline(self.pool, tasks=1)
         terminate(self)
 
     pipelined_build.pipelined = True  # type: ignore[attr-defined]

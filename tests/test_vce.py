@@ -15,9 +15,19 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.server.superlink.fleet.vce import vce_api
-from simulation_state import identity, simulation_state  # noqa: F401
+from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+from simulation_state import RUN, identity, simulation_state  # noqa: F401
 
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
@@ -26,8 +36,27 @@ from fedsim.engine import linkstate, superlink, vce
 from fedsim.engine.recorder import RunRecorder
 from fedsim.engine.recording import RecordingGrid
 
-#: Flower's own loop, whatever the tests install.
+#: Flower's own loop and worker, whatever the tests install.
 FLOWERS_PICK_UP = vce_api.add_messages_to_queue
+FLOWERS_WORKER = vce_api.worker
+
+#: A ClientApp for the actors of the worker tests (they import this module):
+#: counts its calls per node in ``context.state``, fails on partition 3.
+COUNTING = ClientApp()
+
+
+@COUNTING.train()
+def _count(message: Message, context: Context) -> Message:
+    partition = int(context.node_config["partition-id"])
+    if partition == 3:
+        raise ValueError("partition 3 always fails")
+    calls = int(context.state.get("calls", MetricRecord({"n": 0}))["n"]) + 1
+    context.state["calls"] = MetricRecord({"n": calls})
+    x = float(message.content["config"]["x"])
+    return Message(
+        RecordDict({"metrics": MetricRecord({"y": 2 * x + partition, "n": calls})}),
+        reply_to=message,
+    )
 
 
 class Sweeps(threading.Event):
@@ -264,6 +293,7 @@ def test_launcher_installs_before_flowers_runtime_starts():
         "InMemoryLinkState as S\n"
         "from fedsim.engine import linkstate\n"
         "assert vce_api.add_messages_to_queue is vce.add_messages_to_queue\n"
+        "assert vce_api.worker is vce.worker\n"
         "assert S.get_message_ins is linkstate.get_message_ins\n"
         "assert S.store_message_res is linkstate.store_message_res\n"
         "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
@@ -340,3 +370,152 @@ def test_pipeline_gives_each_actor_two_messages_at_once():
     assert pool.pool == [busy[0]]
     vce.pipeline(pool, tasks=3)  # from the actors listed now
     assert pool.pool == [busy[0]] * 3 and pool.num_actors == 3
+
+
+def _drain(worker, backend, stores, messages):
+    """Run ``worker`` (one thread) until it replied to ``messages``."""
+    inbox, outbox = Queue(), Queue()
+    for message in messages:
+        inbox.put(message)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=worker, args=(inbox, outbox, stores, backend, stop, VceMetrics())
+    )
+    thread.start()
+    replies = [outbox.get(timeout=120) for _ in messages]
+    stop.set()
+    thread.join()
+    return {r.metadata.reply_to_message_id: r for r in replies}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0.001, [8, 6, 3, 2, 1]),
+        (0.02, [2] * 9 + [1, 1]),
+        (0.2, [1] * 20),
+        (None, [1] * 20),
+    ],
+)
+def test_worker_takes_even_shares_of_short_messages(monkeypatch, seconds, expected):
+    """Guided self-scheduling: 20 queued messages, 2 workers, at most 8 a
+    call: 8, then half of the rest each time, then single messages; fewer
+    when the messages' type took long enough to fill a call (0.05 s), one a
+    call while their time is not known."""
+    batches = []
+
+    def process(backend, stores, messages):
+        batches.append(len(messages))
+        return [Message(RecordDict(), reply_to=m) for m in messages]
+
+    monkeypatch.setattr(vce, "process_messages", process)
+    backend = type("Backend", (), {"num_workers": 2})()
+    if seconds is not None:
+        vce.message_seconds(backend)["train"] = seconds
+    messages = [
+        Message(RecordDict(), dst_node_id=n + 1, message_type="train")
+        for n in range(20)
+    ]
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+    replies = _drain(vce.worker, backend, {}, messages)
+    assert batches == expected
+    assert set(replies) == {m.metadata.message_id for m in messages}
+    assert len({r.metadata.message_id for r in replies.values()}) == 20  # fresh ids
+    sizes = [vce.batch_size(q, 4, 0.001) for q in (1, 4, 5, 30, 100)]
+    assert sizes == [1, 1, 2, 8, 8]
+
+
+def test_batched_worker_replies_as_flowers_worker():
+    """Flower's worker and fedsim's on twin node stores and one Ray actor:
+    the same replies (the ClientApp's, or the error reply for a raising one),
+    the same contexts afterwards, in one Ray call instead of one a message."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.supercore.run import Run
+
+    backend = RayBackend(
+        {
+            "client_resources": {"num_cpus": 1},
+            "init_args": {"num_cpus": 1, "logging_level": "ERROR"},
+        }
+    )
+    try:
+        backend.build(lambda: COUNTING)
+        submits = []
+        submit = backend.pool.submit
+        backend.pool.submit = lambda *a: submits.append(1) or submit(*a)
+        run = Run.create_empty(run_id=RUN)
+        mapping = {100 + p: p for p in range(5)}
+        got = {}
+        for name, worker in (("flower", FLOWERS_WORKER), ("fedsim", vce.worker)):
+            stores = vce_api._register_node_info_stores(mapping, run)
+            replies, submits[:] = [], []
+            for step in range(2):  # the second round sees the first's context
+                messages = [
+                    Message(
+                        RecordDict({"config": ConfigRecord({"x": 1.5 * n + step})}),
+                        dst_node_id=node,
+                        message_type="train",
+                    )
+                    for n, node in enumerate(mapping)
+                ]
+                for message in messages:
+                    message.metadata.__dict__["_message_id"] = str(uuid4())
+                by_id = _drain(worker, backend, stores, messages)
+                replies += [by_id[m.metadata.message_id] for m in messages]
+            got[name] = (
+                [
+                    (r.error.code, r.error.reason)
+                    if r.has_error()
+                    else dict(r.content["metrics"])
+                    for r in replies
+                ],
+                {
+                    n: {k: dict(v) for k, v in s.retrieve_context(RUN).state.items()}
+                    for n, s in stores.items()
+                },
+                len(submits),
+            )
+        flower, fedsim = got["flower"], got["fedsim"]
+        assert fedsim[1] == flower[1]  # contexts
+        for ours, theirs in zip(fedsim[0], flower[0], strict=True):
+            if isinstance(theirs, dict):
+                assert ours == theirs
+                continue
+            # Ray's error names the remote traceback; fedsim quotes it whole
+            assert ours[0] == theirs[0] == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            assert ours[1].startswith("<class 'flwr.clientapp.client_app.ClientAppE")
+            for reason in (ours[1], theirs[1]):
+                assert "ValueError: partition 3 always fails" in reason
+                assert 'test_vce.py", line' in reason
+        assert flower[0][5] == {"y": 2.0, "n": 2}
+        # a call per message; the first alone (its time unknown), then batches
+        assert (flower[2], fedsim[2]) == (10, 3)
+    finally:
+        backend.terminate()
+        ray.shutdown()
+
+
+def test_a_batch_that_cannot_run_gets_error_replies():
+    """A node without a context and a pool that cannot take the call: each
+    message gets the error reply Flower's worker sends for what was raised."""
+    from flwr.supercore.run import Run
+
+    class Pool:
+        def submit(self, *_):
+            raise RuntimeError("no actor left")
+
+    backend = type("Backend", (), {"pool": Pool(), "app_fn": None})()
+    stores = vce_api._register_node_info_stores({1: 0}, Run.create_empty(run_id=RUN))
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)
+    ]
+    replies = vce.process_messages(backend, stores, messages)
+    assert [r.metadata.reply_to_message_id for r in replies] == [
+        m.metadata.message_id for m in messages
+    ]
+    assert [(r.error.code, r.error.reason) for r in replies] == [
+        (ErrorCode.UNKNOWN, "<class 'RuntimeError'>:<'no actor left'>"),
+        (ErrorCode.UNKNOWN, "<class 'KeyError'>:<'2'>"),
+    ]

@@ -225,20 +225,22 @@ def test_generators_continue_where_they_were_captured() -> None:
     assert torch.equal(got[2], expected[2])
 
 
-def test_client_store_keeps_two_rounds_and_a_resume_drops_later_ones(
+def test_client_store_keeps_three_rounds_and_a_resume_drops_later_ones(
     tmp_path: Path,
 ) -> None:
     from flwr.app import ConfigRecord
 
     store = ClientStateStore(tmp_path)
-    for rnd in (1, 2, 4):
+    for rnd in (1, 2, 4, 5):
         store.save(0, rnd, RecordDict({"acct": ConfigRecord({"steps": [rnd]})}))
-    store.save(0, 4, RecordDict({"acct": ConfigRecord({"steps": [44]})}))  # same round
+    store.save(0, 5, RecordDict({"acct": ConfigRecord({"steps": [55]})}))  # same round
     folder = tmp_path / CHECKPOINTS_DIR / CLIENT_STATE_DIR / "0"
-    assert sorted(p.name for p in folder.iterdir()) == ["000002.pb", "000004.pb"]
+    kept = ["000002.pb", "000004.pb", "000005.pb"]
+    assert sorted(p.name for p in folder.iterdir()) == kept
     rnd, state = store.load(0)  # type: ignore[misc]
-    assert rnd == 4 and state["acct"]["steps"] == [44]
-    store.prune_after(3)  # the checkpoint is round 3: round 4 never completed
+    assert rnd == 5 and state["acct"]["steps"] == [55]
+    # the run died in round 5 while closing round 4: the checkpoint is round 3
+    store.prune_after(3)
     rnd, state = store.load(0)  # type: ignore[misc]
     assert rnd == 2 and state["acct"]["steps"] == [2]
     assert store.load(1) is None

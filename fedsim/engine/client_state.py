@@ -10,11 +10,14 @@ writes a client's state to ``checkpoints/clients/<partition-id>/<round>.pb``
 after each reply, and a resumed run's client loads the newest one once, before
 its first message.
 
-A client writes at round ``r`` only while round ``r`` runs, and the newest two
-files of each partition are kept: whatever the moment a run dies, one file is
-from a round the resume checkpoint covers. A resume first deletes the files of
-rounds after its checkpoint (:meth:`ClientStateStore.prune_after`), so the
-newest remaining file is the client's state at the checkpoint.
+A client writes at round ``r`` only while round ``r`` runs, and the newest
+three files of each partition are kept: the server closes round ``r - 1``
+(and writes its resume checkpoint) while round ``r`` runs
+(:mod:`fedsim.engine.rounds`), so the checkpoint covers round ``r - 2`` at
+least, and whatever the moment a run dies, one file is from a round it
+covers. A resume first deletes the files of rounds after its checkpoint
+(:meth:`ClientStateStore.prune_after`), so the newest remaining file is the
+client's state at the checkpoint.
 
 Deployment caveat: the store is written only where the client process sees the
 run directory (one machine, or a filesystem shared by the SuperLink and the
@@ -40,7 +43,7 @@ ENGINE_PREFIX = "fedsim-"
 #: Marker set in ``context.state`` once a resumed client has loaded its state.
 RESTORED = "fedsim-restored"
 #: Files kept per partition (see the module docstring).
-KEEP = 2
+KEEP = 3
 _NAME = re.compile(r"^(\d+)\.pb$")
 
 

@@ -113,6 +113,8 @@ class RecordingGrid(Grid):
         #: ``server-round`` in their config are recorded under it.
         self.server_round = 0
         self._partition_of: dict[int, int] = dict(partitions or {})
+        #: Work to run once the next messages are out (:meth:`defer`).
+        self._deferred: Callable[[], None] | None = None
 
     # -- delegation ------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -135,10 +137,27 @@ class RecordingGrid(Grid):
         )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
+        ids = list(self.grid.push_messages(messages))
+        self.run_deferred()
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    # -- work done while clients work -------------------------------------------
+    def defer(self, job: Callable[[], None]) -> None:
+        """Run ``job`` as soon as the next messages are pushed, while their
+        clients work, or at :meth:`run_deferred`, whichever comes first (the
+        round driver closes a round this way)."""
+        if self._deferred is not None:
+            raise RuntimeError("the grid holds a deferred job already")
+        self._deferred = job
+
+    def run_deferred(self) -> None:
+        """Run the deferred job now, if one waits (once)."""
+        job, self._deferred = self._deferred, None
+        if job is not None:
+            job()
 
     # -- partition-aware node list ---------------------------------------------
     def partitions(self) -> dict[int, int]:
@@ -201,6 +220,9 @@ class RecordingGrid(Grid):
         1 ms whenever a reply arrives. Either way every pending message is
         pulled whenever 50 ms pass without a reply, so expired messages come
         back as errors as they do from Flower's own loop.
+
+        A deferred job (:meth:`defer`) runs once the messages are out; the
+        timeout counts from its end.
         """
         state = getattr(self.grid, "state", None)
         watched = state is not None and linkstate.watched(state)
@@ -208,6 +230,7 @@ class RecordingGrid(Grid):
         pending = set(sent)
         if watched:
             linkstate.await_replies(state, sent)
+        self.run_deferred()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         pause = self.POLL_FIRST

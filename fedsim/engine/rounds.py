@@ -2,11 +2,26 @@
 
 Closing a round is one job, done here whether or not the family has a global
 model: server-side evaluation of the global model on the held-out test set when
-the family declares one (``Family.global_model``), the checkpoint, then
-:meth:`fedsim.engine.recorder.RunRecorder.end_round` (rows, ``metrics.parquet``,
-trackers; the CLI's progress reads the file), then the resume checkpoint
-(:mod:`fedsim.engine.checkpoint`), written once the round's rows are in the file.
-A resumed run starts at the round after its checkpoint.
+the family declares one (``Family.global_model``), the checkpoint, the audit,
+then :meth:`fedsim.engine.recorder.RunRecorder.end_round` (rows,
+``metrics.parquet``, trackers; the CLI's progress reads the file), then the
+resume checkpoint (:mod:`fedsim.engine.checkpoint`), written once the round's
+rows are in the file. A resumed run starts at the round after its checkpoint.
+
+A round is closed while the next one runs: the next round starts from the new
+global arrays as soon as they are aggregated, and the closing job runs in the
+server's thread once the next round's first messages are out
+(:meth:`fedsim.engine.recording.RecordingGrid.defer`), while its clients train,
+instead of while every client waits. What the resume checkpoint keeps of the
+server (global arrays, strategy states, random generators) is taken when the
+round ends, before the next round draws from it; the closing job touches none
+of it (the audit and robust evaluation draw from their own generators). The
+last round, and a round the next one fails before sending anything, are closed
+before the run ends. With 1,000 clients x 100 a round (MLP, evaluated on
+25,000 test examples) the round went from 0.40-0.42 to 0.37-0.39 s (1.53-1.56x
+to 1.37-1.39x the clients' compute on two cores); the quickstart's from 0.30
+to 0.29 s. A closing job slower than the next round's clients (a long audit)
+still holds the round up: the replies are collected after it.
 """
 
 from __future__ import annotations
@@ -22,8 +37,9 @@ from fedsim.protocol.rounds import run_round
 
 #: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).
 Evaluate = Callable[[ArrayRecord], dict[str, float]]
-#: Saves what the rounds after a completed round depend on: (round, arrays).
-Checkpoint = Callable[[int, ArrayRecord | None], None]
+#: Takes what the rounds after a completed round depend on, (round, arrays),
+#: when the round ends; returns what writes it, once the round's rows are in.
+Checkpoint = Callable[[int, ArrayRecord | None], Callable[[], None]]
 
 
 class SimulatedCrash(RuntimeError):
@@ -49,8 +65,8 @@ class RoundDriver:
     timeout : float
         Seconds to wait for the replies of one exchange.
     checkpoint : callable, optional
-        Called with each completed round and its global arrays, after the
-        round's rows are written.
+        Called with each completed round and its global arrays when the round
+        ends; what it returns is called once the round's rows are written.
     crash_in_round : int, optional
         Tests only: raise :class:`SimulatedCrash` when this round has run and
         before anything of it is recorded, as a crash would.
@@ -87,27 +103,55 @@ class RoundDriver:
         after round ``start - 1``); return the last global arrays."""
         arrays = initial
         if start == 1 and self.evaluate is not None and arrays is not None:
-            self.close_round(0, arrays)
+            self._close(0, arrays)
         for server_round in range(start, self.rounds + 1):
             self.grid.server_round = server_round
-            arrays = run_round(
-                self.strategy, server_round, arrays, self.grid, timeout=self.timeout
-            )
-            self.close_round(server_round, arrays)
+            try:
+                arrays = run_round(
+                    self.strategy, server_round, arrays, self.grid, timeout=self.timeout
+                )
+            finally:  # the previous round, if no message went out
+                self._run_deferred()
+            self._close(server_round, arrays)
         return arrays
 
-    def close_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
-        """Evaluate and checkpoint the global model (if any), end the round, then
-        write the resume checkpoint."""
-        if server_round == self.crash_in_round:
-            raise SimulatedCrash(f"simulated crash in round {server_round}")
-        if self.evaluate is not None and arrays is not None:
-            self.recorder.server(server_round, self.evaluate(arrays))
-            self.recorder.checkpoint(
-                server_round, {k: a.numpy() for k, a in arrays.items()}
-            )
-        if self.after_round is not None:
-            self.after_round(server_round)
-        self.recorder.end_round(server_round)
+    def closing(
+        self, server_round: int, arrays: ArrayRecord | None
+    ) -> Callable[[], None]:
+        """The job that closes ``server_round``: the checkpoint's state is taken
+        now; the job evaluates and checkpoints the global model (if any), runs
+        the audit, ends the round, then writes the resume checkpoint."""
+        save = None
         if self.checkpoint is not None and server_round > 0:
-            self.checkpoint(server_round, arrays)
+            save = self.checkpoint(server_round, arrays)
+
+        def close() -> None:
+            if server_round == self.crash_in_round:
+                raise SimulatedCrash(f"simulated crash in round {server_round}")
+            if self.evaluate is not None and arrays is not None:
+                self.recorder.server(server_round, self.evaluate(arrays))
+                self.recorder.checkpoint(
+                    server_round, {k: a.numpy() for k, a in arrays.items()}
+                )
+            if self.after_round is not None:
+                self.after_round(server_round)
+            self.recorder.end_round(server_round)
+            if save is not None:
+                save()
+
+        return close
+
+    def _close(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        """Close ``server_round`` while the next round runs, if there is one
+        and the grid can defer work; now otherwise."""
+        job = self.closing(server_round, arrays)
+        defer = getattr(self.grid, "defer", None)
+        if server_round < self.rounds and defer is not None:
+            defer(job)
+        else:
+            job()
+
+    def _run_deferred(self) -> None:
+        run = getattr(self.grid, "run_deferred", None)
+        if run is not None:
+            run()

@@ -23,9 +23,11 @@ makes round ``r`` fail once it has run, before anything of it is recorded.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -125,18 +127,20 @@ def run(
         checkpoint.restore_rng(saved["rng"])
         start = saved["round"] + 1
 
-    def save(server_round: int, arrays: ArrayRecord | None) -> None:
-        checkpoint.write_checkpoint(
-            run_dir,
-            {
-                "round": server_round,
-                "config": digest,
-                "arrays": checkpoint.arrays_state(arrays),
-                "strategy": checkpoint.strategy_state(strategy),
-                "rng": checkpoint.rng_state(),
-                "recorder": recorder.resume_state(),
-            },
-        )
+    def save(server_round: int, arrays: ArrayRecord | None) -> Callable[[], None]:
+        taken = {
+            "round": server_round,
+            "config": digest,
+            "arrays": checkpoint.arrays_state(arrays),
+            "strategy": copy.deepcopy(checkpoint.strategy_state(strategy)),
+            "rng": checkpoint.rng_state(),
+        }
+
+        def write() -> None:
+            tree = {**taken, "recorder": recorder.resume_state()}
+            checkpoint.write_checkpoint(run_dir, tree)
+
+        return write
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         setup.model.load_state_dict(arrays.to_torch_state_dict())

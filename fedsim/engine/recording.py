@@ -269,8 +269,9 @@ class RecordingGrid(Grid):
         """``messages`` ordered by the seconds their clients took in this phase
         last time, slowest first; clients not seen yet first of all, in the
         given order. The simulation runtime hands clients out in push order to
-        whichever actor has room (two messages each, :mod:`fedsim.engine.vce`):
-        longest processing time first shortens the round's tail. Replies are
+        whichever actor has room (two calls each, short clients several to a
+        call, :mod:`fedsim.engine.vce`): longest processing time first shortens
+        the round's tail. Replies are
         sorted by partition whatever the order, so results do not depend on it."""
 
         def took(message: Message) -> float:

@@ -519,3 +519,27 @@ def test_a_batch_that_cannot_run_gets_error_replies():
         (ErrorCode.UNKNOWN, "<class 'RuntimeError'>:<'no actor left'>"),
         (ErrorCode.UNKNOWN, "<class 'KeyError'>:<'2'>"),
     ]
+
+
+def test_a_worker_survives_a_batch_that_raises(monkeypatch):
+    """Whatever goes wrong with a call, its messages get error replies and the
+    worker goes on with the next ones."""
+    calls = []
+
+    def process(backend, stores, messages):
+        calls.append(len(messages))
+        if len(calls) == 1:
+            raise RuntimeError("lost")
+        return [Message(RecordDict(), reply_to=m) for m in messages]
+
+    monkeypatch.setattr(vce, "process_messages", process)
+    backend = type("Backend", (), {"num_workers": 1})()
+    messages = [
+        Message(RecordDict(), dst_node_id=n + 1, message_type="train") for n in range(2)
+    ]
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+    replies = _drain(vce.worker, backend, {}, messages)
+    first, second = (replies[m.metadata.message_id] for m in messages)
+    assert first.error.reason == "<class 'RuntimeError'>:<'lost'>"
+    assert not second.has_error() and calls == [1, 1]

@@ -159,7 +159,10 @@ def worker(
             except Empty:
                 break
         started = time.perf_counter()
-        replies = process_messages(backend, node_info_store, messages)
+        try:
+            replies = process_messages(backend, node_info_store, messages)
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            replies = error_replies(messages, Failed.of(ex))
         metrics.add_clientapp_runtime(time.perf_counter() - started)
         for reply in replies:
             reply.metadata.__dict__["_message_id"] = str(uuid4())
@@ -202,10 +205,7 @@ def process_messages(
     ``RayBackend``); one reply each, in order: the ClientApp's, or an error
     reply as Flower's worker sends one when the run raised."""
     import ray
-    from flwr.app import Message
-    from flwr.app.error import Error
     from flwr.common.constant import PARTITION_ID_KEY
-    from flwr.supercore import log
 
     outcomes: list[Any] = []
     jobs = []
@@ -243,9 +243,7 @@ def process_messages(
     replies = []
     for message, outcome in zip(messages, outcomes, strict=True):
         if isinstance(outcome, Failed):
-            log(ERROR, outcome.reason)
-            error = Error(code=outcome.code, reason=outcome.reason)
-            replies.append(Message(error, reply_to=message))
+            replies += error_replies([message], outcome)
             continue
         reply, context = outcome
         node_info_store[message.metadata.dst_node_id].update_context(
@@ -253,6 +251,17 @@ def process_messages(
         )
         replies.append(reply)
     return replies
+
+
+def error_replies(messages: Sequence[Any], failed: Failed) -> list[Any]:
+    """Flower's error reply to each of ``messages``, logged as Flower logs it."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.supercore import log
+
+    log(ERROR, failed.reason)
+    error = Error(code=failed.code, reason=failed.reason)
+    return [Message(error, reply_to=message) for message in messages]
 
 
 def run_jobs(

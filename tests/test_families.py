@@ -166,7 +166,7 @@ def test_a_round_closes_without_a_global_model(tmp_path: Path) -> None:
 
     driver = RoundDriver(
         Private(),
-        grid=_NoGrid(),
+        grid=RecordingGrid(ScriptedGrid({}), recorder, num_clients=2, min_replies=1),
         recorder=recorder,
         evaluate=None,
         rounds=3,
@@ -181,10 +181,6 @@ def test_a_round_closes_without_a_global_model(tmp_path: Path) -> None:
     summary = pd.read_json(tmp_path / SUMMARY_FILE, typ="series")
     assert summary["rounds_completed"] == 3 and summary["headline"] == "evaluate"
     assert summary["final"]["accuracy"] == pytest.approx(0.8)
-
-
-class _NoGrid:
-    server_round = 0
 
 
 def test_bad_lora_targets_exit_2_before_any_run_directory(tmp_path: Path) -> None:

@@ -271,8 +271,8 @@ class RecordingGrid(Grid):
         given order. The simulation runtime hands clients out in push order to
         whichever actor has room (two calls each, short clients several to a
         call, :mod:`fedsim.engine.vce`): longest processing time first shortens
-        the round's tail. Replies are
-        sorted by partition whatever the order, so results do not depend on it."""
+        the round's tail. Replies are sorted by partition whatever the order, so
+        results do not depend on it."""
 
         def took(message: Message) -> float:
             key = (phase, partition_of[message.metadata.dst_node_id])

@@ -220,7 +220,7 @@ def process_messages(
             outcomes.append(Failed.of(ex))
     if jobs:
         results: list[Any]
-        future = None
+        future, took = None, None
         try:
             future = backend.pool.submit(
                 lambda actor, app_fn, jobs, *_: actor.__ray_call__.remote(
@@ -229,15 +229,15 @@ def process_messages(
                 (backend.app_fn, jobs, "", None),
             )
             took, results = ray.get(future)
-            kind = messages[0].metadata.message_type
-            seconds = message_seconds(backend)
-            each = took / len(jobs)
-            seconds[kind] = (seconds[kind] + each) / 2 if kind in seconds else each
         except Exception as ex:  # pylint: disable=broad-exception-caught
             results = [Failed.of(ex)] * len(jobs)
         finally:
             if future is not None:
                 backend.pool.add_actor_back_to_pool(future)
+        if took is not None:
+            seconds = message_seconds(backend)
+            kind, each = messages[0].metadata.message_type, took / len(jobs)
+            seconds[kind] = (seconds[kind] + each) / 2 if kind in seconds else each
         given = iter(results)
         outcomes = [next(given) if o is None else o for o in outcomes]
     replies = []

@@ -1,7 +1,7 @@
 """FedProphet's client side: PGD training of the stage's (and prophet) modules
 on cached stage inputs.
 
-See :mod:`strategies.fedprophet` for the paper, the deviations and the message
+See :mod:`fedsim.strategies.fedprophet` for the paper, the deviations and the message
 contract.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from clients.full import evaluation_reply
+from fedsim.clients.full import evaluation_reply
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES

@@ -86,7 +86,7 @@ def evaluation_reply(
 class FullModelClient:
     """Loads the global model, trains every parameter, returns the whole model.
 
-    Message contract (see :mod:`strategies.fedavg`): receives ``arrays`` (global
+    Message contract (see :mod:`fedsim.strategies.fedavg`): receives ``arrays`` (global
     state dict); replies ``arrays`` (local state dict) and ``metrics`` with
     ``loss`` and ``num-examples``.
     """

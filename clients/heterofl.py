@@ -1,6 +1,6 @@
 """HeteroFL's client side: trains the width-sliced sub-model it is sent.
 
-See :mod:`strategies.heterofl` for the paper, the deviations and the message
+See :mod:`fedsim.strategies.heterofl` for the paper, the deviations and the message
 contract.
 """
 
@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from clients.full import evaluation_reply, fit_round, train_metrics
+from fedsim.clients.full import evaluation_reply, fit_round, train_metrics
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS

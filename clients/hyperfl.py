@@ -1,6 +1,6 @@
 """HyperFL's client side: private embedding and head, shared hypernetwork.
 
-See :mod:`strategies.hyperfl` for the paper, the deviations from the reference
+See :mod:`fedsim.strategies.hyperfl` for the paper, the deviations from the reference
 code and the message contract.
 """
 
@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from clients.full import evaluation_reply
+from fedsim.clients.full import evaluation_reply
 from fedsim import privacy
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
@@ -48,7 +48,7 @@ class HyperFLClient:
     embedding and head from its ``context.state`` (a seeded initialisation the
     first time), and training stores them back there.
 
-    Message contract (see :mod:`strategies.hyperfl`): receives ``arrays`` (the
+    Message contract (see :mod:`fedsim.strategies.hyperfl`): receives ``arrays`` (the
     hypernetwork); ``train`` replies ``arrays`` (the hypernetwork after local
     training) and ``metrics`` with ``loss``, ``head-loss``, ``num-examples``;
     ``evaluate`` replies ``metrics`` with ``loss``, ``accuracy``,

@@ -1,12 +1,12 @@
 """Local-only training: the client side of the ``local`` baseline (see
-:mod:`strategies.local`)."""
+:mod:`fedsim.strategies.local`)."""
 
 from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients.full import FullModelClient
+from fedsim.clients.full import FullModelClient
 from fedsim.core.experiment import Experiment
 from fedsim.learn.data import DatasetInfo
 
@@ -21,7 +21,7 @@ class LocalClient(FullModelClient):
     from is the client's own (the run's initial model before its first round),
     and it goes back to the client's state instead of into the reply.
 
-    Message contract (see :mod:`strategies.local`): ignores the (empty)
+    Message contract (see :mod:`fedsim.strategies.local`): ignores the (empty)
     ``arrays``; ``train`` replies ``metrics`` with ``loss`` and
     ``num-examples``; ``evaluate`` replies ``loss``, ``accuracy``,
     ``num-examples``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from clients.full import fit_round, train_metrics
+from fedsim.clients.full import fit_round, train_metrics
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS
 from fedsim.core.seeding import derive_seed
@@ -35,7 +35,7 @@ class LoraClient:
     and the modules in ``peft.modules-to-save``, replies, and unwraps the base,
     restoring the weights it received.
 
-    Message contract (see :mod:`strategies.flora`): receives ``arrays`` (the
+    Message contract (see :mod:`fedsim.strategies.flora`): receives ``arrays`` (the
     changing part of the global model); replies ``arrays`` (adapters under
     ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` and the fully trained
     parameters) and ``metrics`` with ``loss``, ``num-examples``, ``lora-rank``,

@@ -1,7 +1,7 @@
 """Pa3dFL's client side: trains ``U @ G @ V`` layers at its width; the biases
 are private.
 
-See :mod:`strategies.pa3dfl` for the paper, the choices and the message
+See :mod:`fedsim.strategies.pa3dfl` for the paper, the choices and the message
 contract.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from clients.full import evaluation_reply, fit_round, train_metrics
+from fedsim.clients.full import evaluation_reply, fit_round, train_metrics
 from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS

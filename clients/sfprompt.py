@@ -1,4 +1,4 @@
-"""SFPrompt's client side (see :mod:`strategies.split.sfprompt` for the
+"""SFPrompt's client side (see :mod:`fedsim.strategies.split.sfprompt` for the
 protocol and the message contract).
 
 The client holds the frozen pre-trained head (embedding, prompts, first blocks)
@@ -9,7 +9,7 @@ skipped) under the received prompts and tail, and keeps the hardest
 ``split.keep-fraction``; (2) the local-loss update: ``split.local-epochs`` passes
 of cross-entropy of ``tail(head(x))`` over the kept examples, prompts and tail
 trained, no message; (3) U-shaped split training of the kept examples through
-the server's frozen body (:class:`clients.split.UshapeClient`'s exchanges). The
+the server's frozen body (:class:`fedsim.clients.split.UshapeClient`'s exchanges). The
 kept indices live in the round's cursor in ``context.state``.
 """
 
@@ -22,7 +22,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from clients.split import UshapeClient
+from fedsim.clients.split import UshapeClient
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.core.seeding import derive_seed

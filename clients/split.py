@@ -1,6 +1,6 @@
 """Split learning's client side: SplitFed (V1 and V2) and U-shaped.
 
-See :mod:`strategies.split` for the protocols and the message contract. Between
+See :mod:`fedsim.strategies.split` for the protocols and the message contract. Between
 messages the client keeps no autograd graph and nothing in the process: its
 segment weights, optimiser state and cursor (round, batch, loss so far) live in
 ``context.state``; the reply that applies batch t's gradient recomputes batch

@@ -246,7 +246,7 @@ def test_bit_bounds_out_of_order_are_a_config_error() -> None:
     from fedsim.core.errors import ConfigError
     from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
-    from strategies.split.server import check
+    from fedsim.strategies.split.server import check
 
     exp = experiment("sfl-v1", "split.min-bits=8", "split.max-bits=4")
     data = federated_data(exp.data, exp.federation.clients, exp.seed)

@@ -129,7 +129,7 @@ def test_the_replay_on_the_true_data_is_the_uploaded_update(name: str) -> None:
     unknowns: dict[str, torch.Tensor] = {}
     passes = 1
     if name == "hyperfl":
-        from clients.hyperfl import PRIVATE
+        from fedsim.clients.hyperfl import PRIVATE
 
         private = state[PRIVATE].to_torch_state_dict()
         first = client.initial_private(data.partition_id)

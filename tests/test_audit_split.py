@@ -204,7 +204,7 @@ def test_sfprompt_prompts_are_optimised_from_the_sent_ones() -> None:
     ``context.state``, unknown to the server) the head maps the true batch onto
     the observed activations exactly, with the sent ones it does not; the attack
     gives the kept images back."""
-    from clients.split import CURSOR, WEIGHTS
+    from fedsim.clients.split import CURSOR, WEIGHTS
 
     exp = load_experiment(None, list(SFPROMPT))
     setup, family, sent, answer, state, data = _first_upload(exp)

@@ -8,10 +8,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedsim.core.messages import ARRAYS, LORA_SCALING, METRICS, NUM_EXAMPLES
-from strategies.fedit import average_lora
-from strategies.fedit.server import FedIT
-from strategies.flora import aggregation_error, exact_update, lora_update
-from strategies.flora.server import FLoRA
+from fedsim.strategies.fedit import average_lora
+from fedsim.strategies.fedit.server import FedIT
+from fedsim.strategies.flora import aggregation_error, exact_update, lora_update
+from fedsim.strategies.flora.server import FLoRA
 
 A, B = "layer.lora_A.weight", "layer.lora_B.weight"
 

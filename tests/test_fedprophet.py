@@ -10,21 +10,21 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
-from clients.fedprophet import FedProphetClient
+from fedsim.clients.fedprophet import FedProphetClient
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.learn.cascade import atoms, aux_head, build_cascade, partition
 from fedsim.learn.models import CNN, MLP
 from fedsim.learn.robust import pgd
-from strategies.fedprophet.maths import (
+from fedsim.strategies.fedprophet.maths import (
     adjust_alpha,
     feature_epsilon,
     masked_average,
     prophet_modules,
     should_advance,
 )
-from strategies.fedprophet.server import FedProphet
+from fedsim.strategies.fedprophet.server import FedProphet
 from tests.conftest import ScriptedGrid, reply
 from tests.test_heterofl import INFO, fake_client
 

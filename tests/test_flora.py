@@ -14,19 +14,19 @@ from flwr.supercore.task_identity import TaskIdentity
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from clients.lora import LoraClient
+from fedsim.clients.lora import LoraClient
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import LORA_A, LORA_B
-from strategies.flora import (
+from fedsim.strategies.flora import (
     AGGREGATION_ERROR,
     aggregation_error,
     exact_update,
     stack_lora,
 )
-from strategies.flora.server import FLoRA
+from fedsim.strategies.flora.server import FLoRA
 from tests.conftest import strategy_for
 
 MODULES = ("base_model.model.blocks.0.q_proj", "base_model.model.blocks.0.v_proj")

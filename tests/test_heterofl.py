@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from clients.heterofl import HeteroFLClient
+from fedsim.clients.heterofl import HeteroFLClient
 from fedsim.core.capacity import capacity_of
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
@@ -24,8 +24,8 @@ from fedsim.learn.capacity import (
 )
 from fedsim.learn.data import Arrays, ClientData, DatasetInfo
 from fedsim.learn.models import CNN, MLP, ViT
-from strategies.heterofl.maths import aggregate_nested
-from strategies.heterofl.server import HeteroFL, plans
+from fedsim.strategies.heterofl.maths import aggregate_nested
+from fedsim.strategies.heterofl.server import HeteroFL, plans
 from tests.conftest import ScriptedGrid, reply
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 from torch import nn
 
-from clients.hyperfl import EMBEDDING, PRIVATE, HyperFLClient
-from clients.local import MODEL, LocalClient
+from fedsim.clients.hyperfl import EMBEDDING, PRIVATE, HyperFLClient
+from fedsim.clients.local import MODEL, LocalClient
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, SERVER_ROUND
@@ -29,7 +29,7 @@ from fedsim.learn.hypernet import (
     extractor_shapes,
 )
 from fedsim.learn.models import CNN, MLP
-from strategies.hyperfl.server import HyperFL, initial_hypernetwork
+from fedsim.strategies.hyperfl.server import HyperFL, initial_hypernetwork
 from tests.conftest import ScriptedGrid, fedsim, reply, sets
 
 SMALL = ("federation.clients=3", "model.name=mlp", "model.hidden=8")
@@ -297,7 +297,7 @@ LPM = (
 def test_lpm_generated_lora_equals_the_merged_plain_model() -> None:
     """The frozen base with generated LoRA factors gives the logits of a plain
     copy of the base whose adapted weights are W + (alpha / r) B A."""
-    from clients.hyperfl import LpmClient
+    from fedsim.clients.hyperfl import LpmClient
     from fedsim.learn.base import build_model
     from fedsim.learn.hypernet import lora_shapes
 
@@ -324,7 +324,7 @@ def test_lpm_generated_lora_equals_the_merged_plain_model() -> None:
 
 
 def test_lpm_trains_only_the_hypernetwork_embedding_and_head() -> None:
-    from clients.hyperfl import LpmClient
+    from fedsim.clients.hyperfl import LpmClient
 
     exp = load_experiment(None, [*LPM, "train.epochs=1"])
     data = federated_data(exp.data, exp.federation.clients, exp.seed)

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedsim", "strategies", "clients")
+#: Folders of the checkout installed under another import name (pyproject's
+#: ``[tool.setuptools.package-dir]``).
+INSTALLED_AS = {"strategies": "fedsim.strategies", "clients": "fedsim.clients"}
 #: Which fedsim layers each layer may import (besides itself).
 ALLOWED = {
     "core": set(),
@@ -30,6 +33,8 @@ def modules() -> dict[str, Path]:
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if package in INSTALLED_AS:
+                name = INSTALLED_AS[package] + name[len(package) :]
             out[name] = path
     return out
 
@@ -102,9 +107,10 @@ def test_layers_import_only_downwards() -> None:
     for module, targets in graph().items():
         own = layer(module)
         for target in targets:
-            if module.startswith("strategies") and target.startswith("clients"):
+            strategies, clients = INSTALLED_AS["strategies"], INSTALLED_AS["clients"]
+            if module.startswith(strategies) and target.startswith(clients):
                 bad.append(f"{module} -> {target}")
-            if module.startswith("clients") and target.startswith("strategies"):
+            if module.startswith(clients) and target.startswith(strategies):
                 bad.append(f"{module} -> {target}")
             other = layer(target)
             if own in ALLOWED and other in ALLOWED and other != own:
@@ -146,3 +152,51 @@ def test_nothing_outside_a_family_compares_strategy_names() -> None:
         if pattern.search(line) or re.search(rf"\bin\s*\(\s*[\"']({names})", line)
     ]
     assert not hits, hits
+
+
+def test_nothing_imports_the_checkout_folders_by_their_folder_names() -> None:
+    """``strategies`` / ``clients`` are importable only as ``fedsim.strategies`` /
+    ``fedsim.clients`` once installed: a bare import works in the checkout only."""
+    bare = re.compile(r"^\s*(from|import)\s+(strategies|clients)\b", re.M)
+    text = re.compile(r"[\"'](strategies|clients)\.[a-z_]+[.:]")
+    hits = [
+        str(path.relative_to(ROOT))
+        for folder in (*PACKAGES, "tests", "benchmarks")
+        for path in (ROOT / folder).rglob("*.py")
+        if bare.search(src := path.read_text(encoding="utf-8")) or text.search(src)
+    ]
+    assert not hits, hits
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject lists packages by hand (package-dir maps two folders): a new
+    family's folder must be in that list or an installed fedsim lacks it."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    found = {
+        name
+        for name, path in modules().items()
+        if path.name == "__init__.py"
+    }
+    assert found == listed, (found - listed, listed - found)
+
+
+def test_installed_fedsim_adds_no_top_level_strategies_or_clients(tmp_path) -> None:
+    """Outside the checkout, the installed names are fedsim's own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util as u, fedsim.strategies.fedavg, fedsim.clients.full;"
+        "print(u.find_spec('strategies'), u.find_spec('clients'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert out == ["None", "None"], out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clients.lora import LoraClient
+from fedsim.clients.lora import LoraClient
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
 from fedsim.core.loading import load_experiment
@@ -27,7 +27,7 @@ from fedsim.learn import pretrain
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import inject_lora, lora_layout, rank_for
-from strategies.flora.server import FLoRA
+from fedsim.strategies.flora.server import FLoRA
 
 VIT = (
     "model.name=vit",

@@ -15,7 +15,7 @@ from fedsim.core.loading import load_experiment
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.lora import lora_layout, rank_for
-from strategies.flora import AGGREGATION_ERROR
+from fedsim.strategies.flora import AGGREGATION_ERROR
 from tests.runs import SharedRun
 
 pytestmark = pytest.mark.slow

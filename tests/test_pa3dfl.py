@@ -11,15 +11,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clients.pa3dfl import PRIVATE, Pa3dFLClient
+from fedsim.clients.pa3dfl import PRIVATE, Pa3dFLClient
 from fedsim.core.capacity import capacity_of
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, SERVER_ROUND
 from fedsim.learn.capacity import sub_model, width_plan
 from fedsim.learn.decomposed import DecomposedModel, personal_shapes
 from fedsim.learn.models import CNN, MLP
-from strategies.pa3dfl.maths import attention_aggregate, plain_mean
-from strategies.pa3dfl.server import Generator, Pa3dFL, factor_plans, initial_general
+from fedsim.strategies.pa3dfl.maths import attention_aggregate, plain_mean
+from fedsim.strategies.pa3dfl.server import Generator, Pa3dFL, factor_plans, initial_general
 from tests.conftest import ScriptedGrid, reply
 from tests.test_heterofl import INFO, fake_client
 

@@ -83,8 +83,8 @@ def test_robust_keys_are_validated() -> None:
 def test_fedavg_and_hyperfl_clients_report_robust_accuracy() -> None:
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from clients.full import FullModelClient
-    from clients.hyperfl import HyperFLClient
+    from fedsim.clients.full import FullModelClient
+    from fedsim.clients.hyperfl import HyperFLClient
     from fedsim.core.messages import ARRAYS, CONFIG, SERVER_ROUND
     from tests.test_heterofl import INFO, fake_client
 

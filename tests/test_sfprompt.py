@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients.sfprompt import SFPromptClient
-from clients.split import CURSOR
+from fedsim.clients.sfprompt import SFPromptClient
+from fedsim.clients.split import CURSOR
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import (
@@ -40,8 +40,8 @@ from fedsim.learn.prompts import (
     keep_count,
 )
 from fedsim.learn.split import cut_points, split_model
-from strategies.split.sfprompt import check as sfprompt_check
-from strategies.split.sfprompt import prompted
+from fedsim.strategies.split.sfprompt import check as sfprompt_check
+from fedsim.strategies.split.sfprompt import prompted
 from tests.conftest import TINY_SFPROMPT, run_rounds
 
 #: Tiny tensors: one torch thread (a second only adds contention).

@@ -26,7 +26,7 @@ from fedsim.core.seeding import derive_seed
 from fedsim.engine.server_app import build
 from fedsim.learn.codecs import decode
 from fedsim.learn.split import batch_plan, from_record
-from strategies.split.maths import serving_order
+from fedsim.strategies.split.maths import serving_order
 from tests.conftest import experiment, run_rounds
 
 # -- SplitFed V1 against centralised training --------------------------------------

@@ -225,7 +225,7 @@ def test_a_family_section_may_not_be_an_experiment_section() -> None:
     from dataclasses import replace
 
     from fedsim.core.loading import option_keys
-    from strategies.split import V1
+    from fedsim.strategies.split import V1
 
     assert set(option_keys(V1)) == {
         "split.cut",

@@ -15,8 +15,8 @@ from fedsim.core.family import Family
 FAMILY = Family(
     name="fedavg",
     summary="FedAvg (McMahan et al., 2017): example-weighted average of full models",
-    server="strategies.fedavg.server:build",
-    client="clients.full:FullModelClient",
+    server="fedsim.strategies.fedavg.server:build",
+    client="fedsim.clients.full:FullModelClient",
     privacy=("none", "dp-sgd", "dp-fedavg"),
     audit="fedsim.audit.replay:full_model",
 )

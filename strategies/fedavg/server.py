@@ -1,4 +1,4 @@
-"""FedAvg's server: Flower's message-API ``FedAvg`` (see :mod:`strategies.fedavg`)."""
+"""FedAvg's server: Flower's message-API ``FedAvg`` (see :mod:`fedsim.strategies.fedavg`)."""
 
 from __future__ import annotations
 

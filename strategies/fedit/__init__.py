@@ -6,18 +6,18 @@ FedIT averages LoRA's A and B separately. The applied update is then
 carries cross terms B_j A_k (j != k) and wrong weights ("aggregation noise"), and
 clients of different ranks only combine after zero-padding to the largest rank
 (HetLoRA-style), which makes it worse. The round is otherwise FLoRA's
-(:class:`strategies.flora.server.FLoRA`): the averaged update is merged into the global
+(:class:`fedsim.strategies.flora.server.FLoRA`): the averaged update is merged into the global
 model, fully trained modules are averaged by example counts, clients start fresh
 adapters on the merged model; only :meth:`FedIT.combine` differs. As every client
 of a round draws the same initial A (:func:`fedsim.learn.lora.inject_lora`), its rows
 line up across clients, as they do when FedIT clients receive a common adapter.
 
-Message contract: exactly FLoRA's (see :mod:`strategies.flora`), including the
+Message contract: exactly FLoRA's (see :mod:`fedsim.strategies.flora`), including the
 server-side ``aggregation-error`` (here > 0: the noise the averaging adds).
 """
 
 from fedsim.core.family import Family
-from strategies.fedit.maths import average_lora
+from fedsim.strategies.fedit.maths import average_lora
 
 __all__ = ["FAMILY", "average_lora"]
 
@@ -25,8 +25,8 @@ FAMILY = Family(
     name="fedit",
     summary="FedIT (Zhang et al., 2024): averages LoRA A and B separately "
     "(zero-padded ranks)",
-    server="strategies.fedit.server:build",
-    client="clients.lora:LoraClient",
+    server="fedsim.strategies.fedit.server:build",
+    client="fedsim.clients.lora:LoraClient",
     peft=("lora",),
     privacy=("none", "dp-sgd"),
     rejects={

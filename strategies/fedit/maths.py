@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.flora.maths import Adapters, adapter_pairs, client_weights
+from fedsim.strategies.flora.maths import Adapters, adapter_pairs, client_weights
 
 
 def average_lora(adapters: Adapters, weights: Sequence[float]) -> dict[str, np.ndarray]:

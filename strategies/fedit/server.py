@@ -1,5 +1,5 @@
 """FedIT's server: FLoRA's round with separately averaged A and B (see
-:mod:`strategies.fedit`)."""
+:mod:`fedsim.strategies.fedit`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 
 from fedsim.learn.lora import lora_layout
 from fedsim.protocol.setup import ServerSetup
-from strategies.fedit.maths import average_lora
-from strategies.flora.maths import Adapters, adapter_pairs, lora_update
-from strategies.flora.server import FLoRA
+from fedsim.strategies.fedit.maths import average_lora
+from fedsim.strategies.flora.maths import Adapters, adapter_pairs, lora_update
+from fedsim.strategies.flora.server import FLoRA
 
 
 class FedIT(FLoRA):
@@ -20,7 +20,7 @@ class FedIT(FLoRA):
     The scaling s_k is folded into B_k before averaging, so that clients of
     equal rank get FedIT's ``s (sum_k p_k B_k)(sum_k p_k A_k)`` and clients of
     different ranks keep their own scale. Parameters as for
-    :class:`strategies.flora.FLoRA`.
+    :class:`fedsim.strategies.flora.FLoRA`.
     """
 
     def combine(

@@ -24,7 +24,7 @@ module per stage:
   the last one's auxiliary head; its loss is ``(1 - psi) * stage loss + psi *
   prophet loss`` (``strategy.psi``).
 - The server averages each array over the clients that trained it (masked,
-  example-weighted, :func:`strategies.fedprophet.maths.masked_average`),
+  example-weighted, :func:`fedsim.strategies.fedprophet.maths.masked_average`),
   auxiliary heads included.
 - Stage coordination: each stage gets ``ceil(rounds / modules)`` rounds and
   ends early when its score (clean accuracy + the previous stage's clean/robust
@@ -115,8 +115,8 @@ FAMILY = Family(
     name="fedprophet",
     summary="FedProphet (Tang et al., 2025): memory-bounded cascaded modules, "
     "PGD stage training, APA and DMA, masked averaging",
-    server="strategies.fedprophet.server:build",
-    client="clients.fedprophet:FedProphetClient",
+    server="fedsim.strategies.fedprophet.server:build",
+    client="fedsim.clients.fedprophet:FedProphetClient",
     options=Options,
     global_model=False,
     actions=("perturbation",),

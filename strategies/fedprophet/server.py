@@ -1,5 +1,5 @@
 """FedProphet's server: stage coordination, APA, DMA and masked averaging (see
-:mod:`strategies.fedprophet`)."""
+:mod:`fedsim.strategies.fedprophet`)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from fedsim.learn.cascade import (
 )
 from fedsim.protocol.rounds import exchange, per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
-from strategies.fedprophet.maths import (
+from fedsim.strategies.fedprophet.maths import (
     adjust_alpha,
     feature_epsilon,
     masked_average,

@@ -41,7 +41,7 @@ sum_k p_k s_k B_k A_k (zero up to rounding for FLoRA).
 """
 
 from fedsim.core.family import Family
-from strategies.flora.maths import (
+from fedsim.strategies.flora.maths import (
     AGGREGATION_ERROR,
     adapter_pairs,
     aggregation_error,
@@ -73,8 +73,8 @@ FAMILY = Family(
     name="flora",
     summary="FLoRA (Wang et al., 2024): stacks heterogeneous-rank LoRA adapters, "
     "merges them into the base",
-    server="strategies.flora.server:build",
-    client="clients.lora:LoraClient",
+    server="fedsim.strategies.flora.server:build",
+    client="fedsim.clients.lora:LoraClient",
     peft=("lora",),
     privacy=("none", "dp-sgd"),
     rejects={"dp-fedavg": DP_FEDAVG_REJECTED},

@@ -1,6 +1,6 @@
 """FLoRA's server: a Flower ``FedAvg`` that stacks the replies' adapters and merges
-them into the global model (see :mod:`strategies.flora` for the paper and the
-message contract, :mod:`strategies.flora.maths` for the maths)."""
+them into the global model (see :mod:`fedsim.strategies.flora` for the paper and the
+message contract, :mod:`fedsim.strategies.flora.maths` for the maths)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedsim.core.messages import (
 )
 from fedsim.learn.lora import LoraLayout, lora_layout, lora_pairs
 from fedsim.protocol.setup import ServerSetup, with_message_keys
-from strategies.flora.maths import (
+from fedsim.strategies.flora.maths import (
     AGGREGATION_ERROR,
     Adapters,
     adapter_pairs,

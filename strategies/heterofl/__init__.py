@@ -9,7 +9,7 @@ global parameter at that width (:func:`fedsim.learn.capacity.width_plan`: the
 first ``ceil(r * n)`` channels / hidden units of every hidden layer, the full
 input of the first layer and the full output of ``head``); the client trains
 that sub-model and returns it; the server averages every entry over the clients
-that hold it (:func:`strategies.heterofl.maths.aggregate_nested`); entries no
+that hold it (:func:`fedsim.strategies.heterofl.maths.aggregate_nested`); entries no
 sampled client holds keep their value. The global model is evaluated at full
 width on the held-out test set; in the evaluate phase each client evaluates its
 own slice of the global model on its local test split (so per-client rows show
@@ -63,8 +63,8 @@ FAMILY = Family(
     name="heterofl",
     summary="HeteroFL (Diao et al., 2021): width-sliced sub-models per client "
     "capacity; each entry averaged over the clients that hold it",
-    server="strategies.heterofl.server:build",
-    client="clients.heterofl:HeteroFLClient",
+    server="fedsim.strategies.heterofl.server:build",
+    client="fedsim.clients.heterofl:HeteroFLClient",
     options=Options,
     check="fedsim.learn.capacity:check_sliceable",
 )

@@ -1,5 +1,5 @@
 """HeteroFL's server: each node gets the global model's slice at its width; each
-entry is averaged over the clients that hold it (see :mod:`strategies.heterofl`).
+entry is averaged over the clients that hold it (see :mod:`fedsim.strategies.heterofl`).
 
 Sampling and the round's shape are FedAvg's (Flower's ``FedAvg`` samples, the
 standard round runs); :meth:`HeteroFL.configure_train` and
@@ -29,7 +29,7 @@ from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.learn.capacity import Plan, slice_arrays, width_plan
 from fedsim.protocol.rounds import per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
-from strategies.heterofl.maths import aggregate_nested
+from fedsim.strategies.heterofl.maths import aggregate_nested
 
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

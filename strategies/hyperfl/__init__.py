@@ -113,8 +113,8 @@ FAMILY = Family(
     name="hyperfl",
     summary="HyperFL (Guo et al., 2025): a shared hypernetwork generates each "
     "client's feature extractor from a private embedding; private heads",
-    server="strategies.hyperfl.server:build",
-    client="clients.hyperfl:HyperFLClient",
+    server="fedsim.strategies.hyperfl.server:build",
+    client="fedsim.clients.hyperfl:HyperFLClient",
     options=Options,
     privacy=("none",),
     global_model=False,
@@ -126,8 +126,8 @@ LPM_FAMILY = Family(
     name="hyperfl-lpm",
     summary="HyperFL-LPM (Guo et al., 2025): a shared hypernetwork generates LoRA "
     "adapters of a frozen pre-trained base; private embeddings and heads",
-    server="strategies.hyperfl.server:build_lpm",
-    client="clients.hyperfl:LpmClient",
+    server="fedsim.strategies.hyperfl.server:build_lpm",
+    client="fedsim.clients.hyperfl:LpmClient",
     options=LpmOptions,
     peft=("lora",),
     privacy=("none",),

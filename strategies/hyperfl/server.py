@@ -1,5 +1,5 @@
 """HyperFL's server: Flower's ``FedAvg`` over the shared hypernetwork only (see
-:mod:`strategies.hyperfl` for the paper and the message contract).
+:mod:`fedsim.strategies.hyperfl` for the paper and the message contract).
 
 The family has no global model: the round driver passes no arrays into
 :meth:`HyperFL.run_round`, and the strategy keeps the hypernetwork itself

@@ -22,7 +22,7 @@ from fedsim.core.family import Family
 FAMILY = Family(
     name="local",
     summary="local-only baseline: each client trains its own model, nothing is shared",
-    server="strategies.local.server:build",
-    client="clients.local:LocalClient",
+    server="fedsim.strategies.local.server:build",
+    client="fedsim.clients.local:LocalClient",
     global_model=False,
 )

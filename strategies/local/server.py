@@ -1,5 +1,5 @@
 """The local-only baseline's server: samples, sends empty instructions and
-averages the clients' metrics (see :mod:`strategies.local`)."""
+averages the clients' metrics (see :mod:`fedsim.strategies.local`)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ and are aggregated by plain (unweighted) averaging; the personal parameters
 ``U`` (``out_i x rank``) and ``V`` (``rank x in_i``) are sized to the client's
 width. The server holds one learnable embedding per client
 (``strategy.embedding-dim``), aggregates them through a self-attention module
-(:func:`strategies.pa3dfl.maths.attention_aggregate`:
+(:func:`fedsim.strategies.pa3dfl.maths.attention_aggregate`:
 ``E' = E + softmax(Q K^T / sqrt(d)) V``, learnable ``Wq, Wk, Wv``) and feeds
 each aggregated embedding to a hypernetwork
 (:class:`fedsim.learn.hypernet.HyperNetwork`, hidden width
@@ -85,8 +85,8 @@ FAMILY = Family(
     name="pa3dfl",
     summary="Pa3dFL (Wang et al., 2024): layers as U G V; general G averaged; "
     "personal U, V generated per capacity from attention-aggregated embeddings",
-    server="strategies.pa3dfl.server:build",
-    client="clients.pa3dfl:Pa3dFLClient",
+    server="fedsim.strategies.pa3dfl.server:build",
+    client="fedsim.clients.pa3dfl:Pa3dFLClient",
     options=Options,
     global_model=False,
     check="fedsim.learn.capacity:check_sliceable",

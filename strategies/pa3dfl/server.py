@@ -1,5 +1,5 @@
 """Pa3dFL's server: general cores averaged, personal factors generated per
-client from attention-aggregated embeddings (see :mod:`strategies.pa3dfl`).
+client from attention-aggregated embeddings (see :mod:`fedsim.strategies.pa3dfl`).
 
 The family has no global model: :meth:`Pa3dFL.run_round` runs FedAvg's round
 shape with empty arrays, and :meth:`Pa3dFL.configure_train` /
@@ -25,8 +25,8 @@ from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
 from fedsim.learn.hypernet import HyperNetwork
 from fedsim.protocol.rounds import WithoutGlobalModel, per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
-from strategies.heterofl.server import plans
-from strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
+from fedsim.strategies.heterofl.server import plans
+from fedsim.strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
 
 
 class Generator(nn.Module):

@@ -11,7 +11,7 @@ what crosses the cut). ``split.quantization`` picks the codec of both
 learned per-channel bit widths, :mod:`fedsim.learn.amaq`, whose gate the client
 learns and keeps in its ``context.state`` across rounds; the clients' last
 replies then carry ``mean-bits``, the mean bit width of the activations they
-sent that round). ``sfprompt`` (:mod:`strategies.split.sfprompt`) builds on
+sent that round). ``sfprompt`` (:mod:`fedsim.strategies.split.sfprompt`) builds on
 U-shaped split learning.
 
 - ``sfl-v1``: the sampled clients run concurrently; the server keeps one copy of
@@ -33,7 +33,7 @@ graph between messages (another process may serve the next one), so the reply
 that applies batch t's gradient recomputes batch t's forward (dropout masks
 from a seed of the run, round, partition and batch), steps, and carries batch
 t+1's activations. The client's segment weights, optimiser state and cursor
-live in its ``context.state`` between messages (:data:`clients.split.STATE`);
+live in its ``context.state`` between messages (:data:`fedsim.clients.split.STATE`);
 batches come from :func:`fedsim.learn.split.batch_plan` (``train.epochs``
 passes, ``train.batch-size``, seeded by run, round and partition). Both sides
 use ``train.optimizer``, ``lr``, ``momentum`` and ``weight-decay``, fresh each
@@ -70,17 +70,17 @@ Client/server segment API (for families built on this one, e.g. SFPrompt):
   :func:`~fedsim.learn.codecs.decode` name the arrays ``<prefix>.<array>``. The
   codecs live in ``fedsim/learn`` because both sides use them and
   ``clients/`` may not import ``strategies/``.
-- server: :class:`strategies.split.server.SplitStrategy` runs a round as one
-  :class:`~strategies.split.server.Session` per client (``respond(reply) ->
+- server: :class:`fedsim.strategies.split.server.SplitStrategy` runs a round as one
+  :class:`~fedsim.strategies.split.server.Session` per client (``respond(reply) ->
   (action, content) | None``); override ``sessions`` (who shares which server
   segment), ``serve`` (together or one after another), ``client_segments`` /
   ``server_segment`` (who holds which segment) and ``server_state``
-  (aggregation of the server side). :class:`~strategies.split.server.
+  (aggregation of the server side). :class:`~fedsim.strategies.split.server.
   ServerSegment` is the server's segment with its optimiser: ``step`` for a
   segment ending in the loss, ``forward`` / ``backward`` for a body.
-- client: :class:`clients.split.SplitClient` (``own`` segments, ``plan`` of
+- client: :class:`fedsim.clients.split.SplitClient` (``own`` segments, ``plan`` of
   batches, ``head_output``, ``upload``, ``final``; ``restore`` / ``save`` of
-  ``context.state``) and :class:`clients.split.UshapeClient` (``split_tail``).
+  ``context.state``) and :class:`fedsim.clients.split.UshapeClient` (``split_tail``).
 
 U-shaped training keeps one body copy per client, as V1 (the clients run
 concurrently).
@@ -149,21 +149,21 @@ def _family(
     name: str,
     summary: str,
     server: str,
-    client: str = "clients.split:SplitClient",
+    client: str = "fedsim.clients.split:SplitClient",
     options: type[Options] = Options,
 ) -> Family:
     """A split family: keys in ``[split]``, no DP, the split actions and the
-    one :func:`strategies.split.server.check`; ``server`` names its builder in
-    :mod:`strategies.split.server`."""
+    one :func:`fedsim.strategies.split.server.check`; ``server`` names its builder in
+    :mod:`fedsim.strategies.split.server`."""
     return Family(
         name=name,
         summary=summary,
-        server=f"strategies.split.server:{server}",
+        server=f"fedsim.strategies.split.server:{server}",
         client=client,
         options=options,
         section="split",
         rejects=_REJECTS,
-        check="strategies.split.server:check",
+        check="fedsim.strategies.split.server:check",
         actions=_ACTIONS,
         audit=_AUDIT,
     )
@@ -186,7 +186,7 @@ USHAPE = _family(
     "U-shaped split learning: the client holds head and tail with the labels, the "
     "server the body",
     "build_ushape",
-    client="clients.split:UshapeClient",
+    client="fedsim.clients.split:UshapeClient",
     options=UshapeOptions,
 )
 
@@ -222,13 +222,13 @@ SFPROMPT = Family(
     name="sfprompt",
     summary="SFPrompt (Cao et al., 2024): frozen pre-trained ViT, client prompts "
     "and tail, EL2N pruning, local-loss update, U-shaped split training",
-    server="strategies.split.sfprompt:build",
-    client="clients.sfprompt:SFPromptClient",
+    server="fedsim.strategies.split.sfprompt:build",
+    client="fedsim.clients.sfprompt:SFPromptClient",
     options=SFPromptOptions,
     section="split",
     rejects=_REJECTS,
-    check="strategies.split.sfprompt:check",
+    check="fedsim.strategies.split.sfprompt:check",
     actions=_ACTIONS,
-    model="strategies.split.sfprompt:prompted",
+    model="fedsim.strategies.split.sfprompt:prompted",
     audit="fedsim.audit.activations:prompted_head",
 )

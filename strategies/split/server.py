@@ -1,4 +1,4 @@
-"""Split learning's server side (see :mod:`strategies.split` for the protocols
+"""Split learning's server side (see :mod:`fedsim.strategies.split` for the protocols
 and the message contract).
 
 :class:`SplitStrategy` runs a round as sessions, one per sampled client: the
@@ -47,7 +47,7 @@ from fedsim.learn.split import (
 from fedsim.learn.training import make_optimizer
 from fedsim.protocol.rounds import exchange
 from fedsim.protocol.setup import ServerSetup
-from strategies.split.maths import serving_order, weighted_average
+from fedsim.strategies.split.maths import serving_order, weighted_average
 
 
 def cuts(model: nn.Module, options: Any) -> list[int]:

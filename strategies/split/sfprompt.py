@@ -27,7 +27,7 @@ ImageNet ViT-B; prompts are VPT-shallow (inserted once, before the first
 block); the keep count is ``ceil(keep-fraction * n)``; the FedAvg weight is the
 kept count.
 
-Message contract: as :mod:`strategies.split` (U-shaped), except that ``train``
+Message contract: as :mod:`fedsim.strategies.split` (U-shaped), except that ``train``
 down carries ``arrays`` = ``prompts`` and the tail's state-dict entries only,
 and the client's last reply carries exactly those; its ``metrics`` add
 ``local-loss`` (mean loss of the local update) and ``kept`` (examples kept).
@@ -47,12 +47,12 @@ from fedsim.learn.models import ViT
 from fedsim.learn.prompts import add_prompts
 from fedsim.learn.split import Segment, cut_index, stage_names
 from fedsim.protocol.setup import ServerSetup
-from strategies.split.server import (
+from fedsim.strategies.split.server import (
     Session,
     UshapeSession,
     UshapeStrategy,
 )
-from strategies.split.server import (
+from fedsim.strategies.split.server import (
     check as split_check,
 )
 

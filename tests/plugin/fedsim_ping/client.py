@@ -4,7 +4,7 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from clients.full import FullModelClient
+from fedsim.clients.full import FullModelClient
 from fedsim.core.messages import ARRAYS, METRICS
 
 

@@ -11,8 +11,8 @@ Messages are untouched: the run is a real HyperFL run.
 from dataclasses import dataclass, replace
 
 from fedsim.core.schema import option
-from strategies.hyperfl import FAMILY as HYPERFL
-from strategies.hyperfl import Options
+from fedsim.strategies.hyperfl import FAMILY as HYPERFL
+from fedsim.strategies.hyperfl import Options
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from clients.hyperfl import HyperFLClient
+from fedsim.clients.hyperfl import HyperFLClient
 
 
 class SpyClient(HyperFLClient):

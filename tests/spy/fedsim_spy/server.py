@@ -8,8 +8,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedsim.protocol.setup import ServerSetup
-from strategies.hyperfl.server import HyperFL
-from strategies.hyperfl.server import build as build_hyperfl
+from fedsim.strategies.hyperfl.server import HyperFL
+from fedsim.strategies.hyperfl.server import build as build_hyperfl
 
 
 class SpyGrid:

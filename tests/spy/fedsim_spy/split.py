@@ -11,8 +11,8 @@ from fedsim.core.messages import METRICS, PARTITION_ID
 from fedsim.core.schema import option
 from fedsim.protocol.setup import ServerSetup
 from fedsim_spy.server import SpyGrid, Spying
-from strategies.split import USHAPE, UshapeOptions
-from strategies.split.server import UshapeStrategy
+from fedsim.strategies.split import USHAPE, UshapeOptions
+from fedsim.strategies.split.server import UshapeStrategy
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import (
+    LossFn,
+    Penalty,
     TrainStats,
+    cross_entropy,
     evaluate,
     evaluation_metrics,
     local_fit,
@@ -34,11 +37,19 @@ def fit_round(
     server_round: int,
     device: torch.device,
     state: RecordDict,
+    loss: LossFn = cross_entropy,
+    penalty: Penalty | None = None,
 ) -> tuple[TrainStats, dict[str, float]]:
     """One round of :func:`fedsim.learn.training.local_fit` on the client's train
     split, seeded by round and partition, through the experiment's privacy
     mechanism: the local training of every client algorithm that trains its
-    model's trainable parameters with cross-entropy."""
+    model's trainable parameters.
+
+    ``loss`` (``loss(model, x, y)``, cross-entropy by default) is the batch's
+    loss; ``penalty`` (``penalty()``, of the trained parameters alone) is added
+    to it (DP-SGD adds its gradient after privatising, see
+    :data:`fedsim.learn.training.Penalty`). A family changes its local
+    objective through these, e.g. FedProx's proximal term."""
     return local_fit(
         model,
         data.train,
@@ -47,6 +58,8 @@ def fit_round(
         device=device,
         state=state,
         mechanism=privacy.client_mechanism(exp),
+        loss=loss,
+        penalty=penalty,
     )
 
 

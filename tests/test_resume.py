@@ -91,6 +91,23 @@ FAMILIES = {
         "privacy.client-sampling='poisson'",
         "federation.fraction-train=0.5",
     ),
+    "fedavg-adam": (
+        *DIGITS, "strategy.server-optimizer=adam", "federation.fraction-train=0.67"
+    ),
+    "fedavg-momentum": (*DIGITS, "strategy.server-optimizer=momentum"),
+    "fedprox-dp-sgd": (
+        *DIGITS,
+        "strategy.name=fedprox",
+        "strategy.proximal-mu=0.1",
+        "privacy.mechanism=dp-sgd",
+        "privacy.noise-multiplier=1.0",
+    ),
+    "scaffold": (
+        *DIGITS,
+        "strategy.name=scaffold",
+        "train.momentum=0",
+        "federation.fraction-train=0.67",
+    ),
     "flora": (*VIT, "strategy.name=flora"),
     "fedit": (*VIT, "strategy.name=fedit"),
     "local": (*DIGITS, "strategy.name=local"),

@@ -176,3 +176,18 @@ def test_local_fit_passes_the_loss_hook() -> None:
               mechanism=mech)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fedprox_runs_under_the_dp_fedavg_chain() -> None:
+    """FedProx's server is FedAvg's, so DP-FedAvg's chain wraps it."""
+    from fedsim.privacy import dp_fedavg
+    from tests.conftest import strategy_for
+
+    exp = experiment(
+        "fedprox",
+        "federation.clients=3",
+        "privacy.mechanism=dp-fedavg",
+        "privacy.noise-multiplier=1.0",
+    )
+    wrapped = privacy.mechanism_class(exp).wrap_strategy(strategy_for(exp), exp)
+    assert isinstance(wrapped, dp_fedavg.DpFedAvgAccounting)

@@ -136,3 +136,51 @@ def test_scaffold_refuses_dp_fedavg() -> None:
             "privacy.mechanism=dp-fedavg",
             "privacy.noise-multiplier=1.0",
         )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scaffold_under_dp_sgd_keeps_both_states_and_option_ii() -> None:
+    """DP-SGD composes: the accountant and ``c_i`` both live in the client's
+    state, and ``c_i+`` is option II over the DP steps (noise-only ones too)."""
+    from fedsim import privacy
+    from fedsim.privacy import accounting, dp_sgd
+
+    exp = experiment(
+        "scaffold",
+        "federation.clients=3",
+        "train.momentum=0.0",
+        f"train.lr={LR}",
+        "train.epochs=1",
+        "privacy.mechanism=dp-sgd",
+        "privacy.noise-multiplier=1.0",
+    )
+    privacy.client_mechanism.cache_clear()
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = ScaffoldClient(exp, data.info, CPU)
+    x = {k: v.detach().numpy().copy() for k, v in client.model.named_parameters()}
+    c = {k: np.full_like(v, 0.01) for k, v in x.items()}
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(client.model.state_dict()),
+            CONTROL: record(c),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
+    state = RecordDict()
+    out = client.train(content, data.client(0), server_round=1, state=state)
+    assert dp_sgd.STATE_KEY in state and STATE_KEY in state
+    train = data.client(0).train
+    _, steps, _ = accounting.planned_steps(
+        len(train), exp.train.batch_size, exp.train.epochs, exp.rounds
+    )
+    y = {k: v.numpy() for k, v in out[ARRAYS].items()}
+    kept = {k: v.numpy() for k, v in state[STATE_KEY].items()}
+    for k in x:
+        want = -c[k] + (x[k] - y[k]) / (steps * LR)
+        np.testing.assert_allclose(kept[k], want, rtol=1e-4, atol=1e-5)
+    privacy.client_mechanism.cache_clear()
+
+
+def test_scaffold_refuses_the_audit() -> None:
+    with pytest.raises(ConfigError, match="^audit.attack: "):
+        experiment("scaffold", "train.momentum=0", "audit.attack=inverting-gradients")

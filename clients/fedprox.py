@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import MetricRecord, RecordDict
+from fedsim.clients.full import FullModelClient
+from flwr.app import RecordDict
 
-from fedsim.clients.full import FullModelClient, fit_round, train_metrics
-from fedsim.core.messages import METRICS
-from fedsim.learn.data import ClientData
 from fedsim.learn.training import Penalty
 
 
@@ -28,27 +26,7 @@ class FedProxClient(FullModelClient):
     """Loads the global model, trains every parameter on the local loss plus
     the proximal term around it, returns the whole model (FedAvg's contract)."""
 
-    def train(
-        self,
-        content: RecordDict,
-        data: ClientData,
-        *,
-        server_round: int,
-        state: RecordDict,
-    ) -> RecordDict:
-        """One round of proximal local training from the received global model."""
-        self.load(content, state)
+    def penalty(self, content: RecordDict, state: RecordDict) -> Penalty:
+        """``mu/2 ||w - w_global||^2`` around the model just received."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        mu = self.experiment.strategy.options.proximal_mu
-        stats, extra = fit_round(
-            self.model,
-            data,
-            self.experiment,
-            server_round=server_round,
-            device=self.device,
-            state=state,
-            penalty=proximal_term(params, mu),
-        )
-        reply = self.keep(state)
-        reply[METRICS] = MetricRecord(train_metrics(stats, data, extra))
-        return reply
+        return proximal_term(params, self.experiment.strategy.options.proximal_mu)

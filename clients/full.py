@@ -120,6 +120,11 @@ class FullModelClient:
         local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return RecordDict({ARRAYS: ArrayRecord(local)})
 
+    def penalty(self, content: RecordDict, state: RecordDict) -> Penalty | None:
+        """The local objective's term besides the loss, built once the received
+        model is loaded (none here; FedProx: its proximal term)."""
+        return None
+
     def train(
         self,
         content: RecordDict,
@@ -137,6 +142,7 @@ class FullModelClient:
             server_round=server_round,
             device=self.device,
             state=state,
+            penalty=self.penalty(content, state),
         )
         reply = self.keep(state)
         reply[METRICS] = MetricRecord(train_metrics(stats, data, extra))

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from fedsim.clients.full import FullModelClient, fit_round, train_metrics
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedsim.clients.full import FullModelClient, fit_round, train_metrics
 from fedsim.core.messages import CONTROL, METRICS
 from fedsim.learn.data import ClientData
 from fedsim.learn.training import Penalty
@@ -38,7 +38,9 @@ def client_control(
 def correction(params: Mapping[str, torch.nn.Parameter], d: Arrays) -> Penalty:
     """``penalty()`` = ``sum <p, d_p>``: its gradient is ``d`` (= ``c - c_i``),
     so each step descends the corrected gradient ``g_i - c_i + c``."""
-    shift = {k: torch.from_numpy(np.asarray(d[k])).to(p.device) for k, p in params.items()}
+    shift = {
+        k: torch.from_numpy(np.asarray(d[k])).to(p.device) for k, p in params.items()
+    }
 
     def penalty() -> torch.Tensor:
         return sum((p * shift[k]).sum() for k, p in params.items())  # type: ignore[return-value]
@@ -77,9 +79,10 @@ class ScaffoldClient(FullModelClient):
         x = {k: p.detach().cpu().numpy().copy() for k, p in params.items()}
         c = {k: v.numpy() for k, v in content.array_records[CONTROL].items()}
         if set(c) != set(params):
+            odd = sorted(set(c) ^ set(params))[:3]
             raise KeyError(
-                f"SCAFFOLD: the server's control variate names {sorted(set(c) ^ set(params))[:3]} "
-                "that the model's trainable parameters do not match"
+                f"SCAFFOLD: the server's control variate and the model's trainable "
+                f"parameters differ in {odd}"
             )
         c_i = (
             {k: v.numpy() for k, v in state.array_records[STATE_KEY].items()}

@@ -170,8 +170,9 @@ PLUGIN = Path(__file__).parent / "plugin"
 #: Runs through the CLI and Flower on two clients, one Flower run for all
 #: (:func:`two_client_runs`): the spies of HyperFL (tests/test_hyperfl_e2e.py) and
 #: of U-shaped split learning (tests/test_split_e2e.py), the ping plug-in
-#: (tests/test_families.py), and HeteroFL, Pa3dFL and FedProphet on clients of
-#: different capacity with PGD robust evaluation (tests/test_capacity_e2e.py).
+#: (tests/test_families.py), HeteroFL, Pa3dFL and FedProphet on clients of
+#: different capacity with PGD robust evaluation (tests/test_capacity_e2e.py),
+#: SCAFFOLD and FedAdam (tests/test_baselines_e2e.py).
 CAPACITY = (
     "rounds=2",
     "federation.clients=2",
@@ -181,6 +182,16 @@ CAPACITY = (
     "train.batch-size=32",
     "robust.epsilon=0.1",
     "robust.steps=2",
+)
+#: SCAFFOLD and FedAvg + FedAdam (tests/test_baselines_e2e.py).
+BASELINES = (
+    "rounds=2",
+    "federation.clients=2",
+    "model.name=mlp",
+    "model.hidden=8",
+    "train.epochs=1",
+    "train.batch-size=32",
+    "train.momentum=0",
 )
 TWO_CLIENTS: dict[str, tuple[str, ...]] = {
     "hyperfl-spy": (
@@ -231,6 +242,8 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         "strategy.local-iterations=2",
         "strategy.steps=2",
     ),
+    "scaffold": (*BASELINES, "strategy.name=scaffold"),
+    "fedavg-adam": (*BASELINES, "strategy.server-optimizer=adam"),
 }
 #: The key that tells each spy where to write what it sees.
 SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir"}

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fedsim.clients.fedprox import FedProxClient, proximal_term
+from fedsim.clients.full import fit_round
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import privacy
-from fedsim.clients.fedprox import FedProxClient, proximal_term
-from fedsim.clients.full import fit_round
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
@@ -170,10 +170,19 @@ def test_local_fit_passes_the_loss_hook() -> None:
     exp2, _, _ = _setup("train.lr=0.5", "train.epochs=2")
     a, b = build_model(exp.model, info, 0), build_model(exp.model, info, 0)
     mech = privacy.client_mechanism(exp)
-    local_fit(a, data.train, exp, seed=1, device=CPU, state=RecordDict(),
-              mechanism=mech, loss=lambda m, x, y: 2 * cross_entropy(m, x, y))
-    local_fit(b, data.train, exp2, seed=1, device=CPU, state=RecordDict(),
-              mechanism=mech)
+    local_fit(
+        a,
+        data.train,
+        exp,
+        seed=1,
+        device=CPU,
+        state=RecordDict(),
+        mechanism=mech,
+        loss=lambda m, x, y: 2 * cross_entropy(m, x, y),
+    )
+    local_fit(
+        b, data.train, exp2, seed=1, device=CPU, state=RecordDict(), mechanism=mech
+    )
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

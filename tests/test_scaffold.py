@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app import MessageType
-
 from fedsim.clients.scaffold import STATE_KEY, ScaffoldClient
+from fedsim.strategies.scaffold.server import build
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.messages import ARRAYS, CONTROL
@@ -21,7 +21,6 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import make_loader
 from fedsim.protocol.setup import ServerSetup
-from fedsim.strategies.scaffold.server import build
 from tests.conftest import ScriptedGrid, experiment, reply_metadata
 
 CPU = torch.device("cpu")
@@ -72,7 +71,9 @@ def test_one_round_with_partial_participation_equals_option_ii() -> None:
     c = {k: rng.normal(0, 0.05, s).astype(np.float32) for k, s in shapes.items()}
     strategy.control = dict(c)
     messages = list(
-        strategy.configure_train(1, initial, ConfigRecord(), ScriptedGrid({1: 0, 2: 1, 3: 2}))
+        strategy.configure_train(
+            1, initial, ConfigRecord(), ScriptedGrid({1: 0, 2: 1, 3: 2})
+        )
     )
     assert len(messages) == 3
     for msg in messages:
@@ -86,7 +87,9 @@ def test_one_round_with_partial_participation_equals_option_ii() -> None:
         state = RecordDict({STATE_KEY: record(c_i)})
         content = messages[pid].content
         out = client.train(content, data.client(pid), server_round=1, state=state)
-        reply = Message(content=out, metadata=reply_metadata(pid + 1, "x", MessageType.TRAIN))
+        reply = Message(
+            content=out, metadata=reply_metadata(pid + 1, "x", MessageType.TRAIN)
+        )
         replies.append(reply)
         seed = derive_seed(exp.seed, "train", 1, pid)
         y, new = oracle_client(model, data.client(pid).train, x, c, c_i, seed)
@@ -101,11 +104,17 @@ def test_one_round_with_partial_participation_equals_option_ii() -> None:
     got = {k: v.numpy() for k, v in new_x.items()}
     for k in names:
         mean_dy = sum(y[k] - x[k] for y, _, _ in expected) / 2
-        np.testing.assert_allclose(got[k], x[k] + SERVER_LR * mean_dy, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got[k], x[k] + SERVER_LR * mean_dy, rtol=1e-5, atol=1e-6
+        )
         dc = sum(n[k] - ci[k] for _, n, ci in expected)
-        np.testing.assert_allclose(strategy.control[k], c[k] + dc / 3, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            strategy.control[k], c[k] + dc / 3, rtol=1e-4, atol=1e-6
+        )
     # the server's c goes through the resume checkpoint
-    saved = checkpoint.unpack(checkpoint.pack({"s": checkpoint.strategy_state(strategy)}))
+    saved = checkpoint.unpack(
+        checkpoint.pack({"s": checkpoint.strategy_state(strategy)})
+    )
     fresh = build(ServerSetup(exp, data, model, initial, CPU))
     checkpoint.restore_strategy(fresh, saved["s"])
     assert all(np.array_equal(fresh.control[k], strategy.control[k]) for k in names)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fedsim.strategies.fedavg.server import build
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
@@ -20,7 +21,6 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.engine import checkpoint
 from fedsim.protocol.setup import ServerSetup
-from fedsim.strategies.fedavg.server import build
 from tests.conftest import ScriptedGrid, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -67,7 +67,9 @@ def run(s: Any, x: dict[str, np.ndarray], rounds: range) -> list[dict[str, np.nd
     return out
 
 
-def paper(name: str, x0: dict[str, np.ndarray], opts: Any) -> list[dict[str, np.ndarray]]:
+def paper(
+    name: str, x0: dict[str, np.ndarray], opts: Any
+) -> list[dict[str, np.ndarray]]:
     """Reddi et al. Algorithm 2 / Hsu et al. in float64 on the weighted mean
     update ``D`` (Flower's FedAdam bias-corrects eta: see the family docstring)."""
     eta = opts["eta"]
@@ -80,7 +82,10 @@ def paper(name: str, x0: dict[str, np.ndarray], opts: Any) -> list[dict[str, np.
         sent = {k: a.astype(np.float32).astype(np.float64) for k, a in x.items()}
         ups = round_updates(t)
         D = {
-            k: sum(n * ((sent[k] + u[k].astype(np.float64)) - sent[k]) for u, n in zip(ups, WEIGHTS, strict=True))
+            k: sum(
+                n * ((sent[k] + u[k].astype(np.float64)) - sent[k])
+                for u, n in zip(ups, WEIGHTS, strict=True)
+            )
             / sum(WEIGHTS)
             for k in x
         }
@@ -126,8 +131,13 @@ CASES = {
 def test_update_equals_the_papers_formula_and_flowers_strategy(name: str) -> None:
     exp = experiment(f"strategy.server-optimizer={name}", *CASES[name])
     o = exp.strategy.options
-    opts = {"eta": o.server_lr, "b1": o.beta_1, "b2": o.beta_2, "tau": o.tau,
-            "beta": o.server_momentum}
+    opts = {
+        "eta": o.server_lr,
+        "b1": o.beta_1,
+        "b2": o.beta_2,
+        "tau": o.tau,
+        "beta": o.server_momentum,
+    }
     got = run(strategy(exp), x0(), range(1, 4))
     want = paper(name, x0(), opts)
     for g, w in zip(got, want, strict=True):
@@ -136,8 +146,11 @@ def test_update_equals_the_papers_formula_and_flowers_strategy(name: str) -> Non
     # ... and is Flower's strategy, bit for bit
     common: dict[str, Any] = {"fraction_train": 1.0, "min_available_nodes": 3}
     if name == "momentum":
-        flower = FedAvgM(**common, server_learning_rate=o.server_lr,
-                         server_momentum=o.server_momentum)
+        flower = FedAvgM(
+            **common,
+            server_learning_rate=o.server_lr,
+            server_momentum=o.server_momentum,
+        )
     else:
         kwargs = {"eta": o.server_lr, "tau": o.tau}
         if name != "adagrad":
@@ -170,11 +183,19 @@ def test_optimiser_state_survives_the_resume_checkpoint(name: str) -> None:
     [
         (("strategy.server-optimizer=momentum", "strategy.beta-2=0.5"), "beta-2"),
         (("strategy.server-optimizer=adagrad", "strategy.beta-1=0.5"), "beta-1"),
-        (("strategy.server-optimizer=adam", "strategy.server-momentum=0.5"),
-         "server-momentum"),
+        (
+            ("strategy.server-optimizer=adam", "strategy.server-momentum=0.5"),
+            "server-momentum",
+        ),
         (("strategy.server-lr=0.5",), "server-lr"),
-        (("strategy.server-optimizer=yogi", "privacy.mechanism=dp-fedavg",
-          "privacy.noise-multiplier=1.0"), "server-optimizer"),
+        (
+            (
+                "strategy.server-optimizer=yogi",
+                "privacy.mechanism=dp-fedavg",
+                "privacy.noise-multiplier=1.0",
+            ),
+            "server-optimizer",
+        ),
     ],
 )
 def test_settings_the_optimiser_ignores_are_refused(overrides: tuple, key: str) -> None:

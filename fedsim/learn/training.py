@@ -196,9 +196,10 @@ def local_fit(
     """Local training shared by every client algorithm.
 
     Builds a seeded loader and an optimizer over the trainable parameters and
-    hands them, with the model, ``loss`` and ``penalty``, to ``mechanism`` (the experiment's
-    privacy mechanism, :func:`fedsim.privacy.client_mechanism`), which may wrap
-    them (DP-SGD) before running :func:`train_epochs`. Returns the training
+    hands them, with the model, ``loss`` and ``penalty``, to ``mechanism``
+    (the experiment's privacy mechanism,
+    :func:`fedsim.privacy.client_mechanism`), which may wrap them (DP-SGD)
+    before running :func:`train_epochs`. Returns the training
     statistics and the mechanism's metrics (e.g. cumulative ``epsilon``).
     """
     torch.manual_seed(seed)

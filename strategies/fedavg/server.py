@@ -82,7 +82,9 @@ class ServerMomentum(FedAvgM):
             "momentum": None
             if self.momentum_vector is None
             else [np.asarray(v) for v in self.momentum_vector],
-            "current": None if current is None else {k: a.numpy() for k, a in current.items()},
+            "current": None
+            if current is None
+            else {k: a.numpy() for k, a in current.items()},
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import torch
-from fedsim.clients.full import FullModelClient
 from flwr.app import RecordDict
 
+from fedsim.clients.full import FullModelClient
 from fedsim.learn.training import Penalty
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
 
 from fedsim.clients.full import fit_round, train_metrics
 from fedsim.core.experiment import Experiment
@@ -19,6 +20,7 @@ from fedsim.learn.lora import (
     scaling_for,
 )
 from fedsim.learn.training import (
+    Penalty,
     evaluate,
     evaluation_metrics,
 )
@@ -67,6 +69,15 @@ class LoraClient:
                 f"received arrays the model lacks: {result.unexpected_keys[:3]}"
             )
 
+    def penalty(
+        self, model: nn.Module, content: RecordDict, state: RecordDict
+    ) -> Penalty | None:
+        """The local objective's term besides the loss, over the trainable
+        parameters of ``model`` (the base wrapped with this round's adapters);
+        none here. A family that changes the LoRA client's objective overrides
+        this (see :data:`fedsim.learn.training.Penalty`)."""
+        return None
+
     def train(
         self,
         content: RecordDict,
@@ -99,6 +110,7 @@ class LoraClient:
                 server_round=server_round,
                 device=self.device,
                 state=state,
+                penalty=self.penalty(model, content, state),
             )
             arrays = adapter_state(self.base, self.layout)
             arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from fedsim.clients.full import FullModelClient, fit_round, train_metrics
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from fedsim.clients.full import FullModelClient, fit_round, train_metrics
 from fedsim.core.messages import CONTROL, METRICS
 from fedsim.learn.data import ClientData
 from fedsim.learn.training import Penalty

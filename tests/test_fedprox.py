@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fedsim.clients.fedprox import FedProxClient, proximal_term
-from fedsim.clients.full import fit_round
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import privacy
+from fedsim.clients.fedprox import FedProxClient, proximal_term
+from fedsim.clients.full import fit_round
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data

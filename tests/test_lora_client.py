@@ -278,3 +278,41 @@ def test_pretrained_base_is_built_once_and_never_sees_the_test_set(
             data.info,
             exp.seed,
         )
+
+
+def test_a_penalty_hook_reaches_the_lora_clients_training() -> None:
+    """A LoRA client whose ``penalty`` is ``sum <p, 1>`` over the trainable
+    parameters moves each of them by ``-lr`` more in its one SGD step."""
+    lr = 0.01
+    exp = load_experiment(
+        None,
+        [
+            *VIT,
+            "train.optimizer=sgd",
+            "train.momentum=0",
+            f"train.lr={lr}",
+            "train.epochs=1",
+            "train.batch-size=1024",
+        ],
+    )
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+
+    class Shifted(LoraClient):
+        def penalty(self, model, content, state):  # type: ignore[no-untyped-def]
+            params = [p for p in model.parameters() if p.requires_grad]
+            return lambda: sum(p.sum() for p in params)
+
+    replies = []
+    for cls in (LoraClient, Shifted):
+        client = cls(exp, data.info, torch.device("cpu"))
+        down = FLoRA.from_layout(client.layout).down_arrays(
+            ArrayRecord(client.base.state_dict())
+        )
+        reply = client.train(
+            content_for(down, 1), data.client(1), server_round=1, state=RecordDict()
+        )
+        replies.append(reply[ARRAYS].to_torch_state_dict())
+    plain, shifted = replies
+    assert {k for k in plain if "lora_" in k} and set(plain) == set(shifted)
+    for k in plain:
+        torch.testing.assert_close(shifted[k], plain[k] - lr, rtol=0, atol=1e-6)

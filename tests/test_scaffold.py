@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fedsim.clients.scaffold import STATE_KEY, ScaffoldClient
-from fedsim.strategies.scaffold.server import build
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from fedsim.clients.scaffold import STATE_KEY, ScaffoldClient
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.messages import ARRAYS, CONTROL
@@ -21,6 +20,7 @@ from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import make_loader
 from fedsim.protocol.setup import ServerSetup
+from fedsim.strategies.scaffold.server import build
 from tests.conftest import ScriptedGrid, experiment, reply_metadata
 
 CPU = torch.device("cpu")

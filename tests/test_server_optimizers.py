@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedsim.strategies.fedavg.server import build
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
@@ -21,6 +20,7 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.engine import checkpoint
 from fedsim.protocol.setup import ServerSetup
+from fedsim.strategies.fedavg.server import build
 from tests.conftest import ScriptedGrid, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")

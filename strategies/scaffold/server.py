@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from fedsim.strategies.scaffold.maths import server_update
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -17,6 +16,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, CONTROL, NUM_EXAMPLES
 from fedsim.protocol.setup import ServerSetup, with_message_keys
+from fedsim.strategies.scaffold.maths import server_update
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ BASE = {
 #: method -> (fixed overrides, tuned key, grid).
 METHODS: dict[str, tuple[dict[str, object], str, list[float]]] = {
     "FedAvg": (
-        {"strategy.name": "fedavg", "strategy.server-optimizer": "none"},
+        {"strategy.name": "fedavg"},
         "",
         [],
     ),
@@ -63,17 +63,17 @@ METHODS: dict[str, tuple[dict[str, object], str, list[float]]] = {
     ),
     "SCAFFOLD": ({"strategy.name": "scaffold"}, "strategy.server-lr", [0.5, 1.0]),
     "FedAdam": (
-        {"strategy.name": "fedavg", "strategy.server-optimizer": "adam"},
+        {"strategy.name": "fedadam"},
         "strategy.server-lr",
-        [0.003, 0.01, 0.03, 0.1],
+        [0.003, 0.01, 0.03, 0.1, 0.3],
     ),
     "FedYogi": (
-        {"strategy.name": "fedavg", "strategy.server-optimizer": "yogi"},
+        {"strategy.name": "fedyogi"},
         "strategy.server-lr",
-        [0.003, 0.01, 0.03, 0.1],
+        [0.003, 0.01, 0.03, 0.1, 0.3],
     ),
     "FedAvgM": (
-        {"strategy.name": "fedavg", "strategy.server-optimizer": "momentum"},
+        {"strategy.name": "fedavgm"},
         "strategy.server-momentum",
         [0.5, 0.7, 0.9],
     ),
@@ -85,12 +85,11 @@ def variants(tuned: dict[str, float] | None) -> list[tuple[str, dict[str, object
     """(method, overrides) per experiment: the whole grid, or the tuned values."""
     out = []
     for method, (fixed, key, grid) in METHODS.items():
-        plain = {k: v for k, v in fixed.items() if v != "none"}  # the default
         if not key:
-            out.append((method, plain))
+            out.append((method, dict(fixed)))
             continue
         for v in grid if tuned is None else [tuned[method]]:
-            out.append((method, {**plain, key: v}))
+            out.append((method, {**fixed, key: v}))
     return out
 
 
@@ -149,10 +148,7 @@ def method_of(run_dir: Path) -> tuple[str, float | None]:
 
 def _get(cfg: dict, dotted: str) -> object:
     section, _, key = dotted.partition(".")
-    value = cfg.get(section, {}).get(key)
-    if dotted == "strategy.server-optimizer" and value is None:
-        return "none"
-    return value
+    return cfg.get(section, {}).get(key)
 
 
 def choose(run_dirs: list[Path]) -> tuple[dict[str, float], list[dict[str, str]]]:

@@ -243,7 +243,7 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         "strategy.steps=2",
     ),
     "scaffold": (*BASELINES, "strategy.name=scaffold"),
-    "fedavg-adam": (*BASELINES, "strategy.server-optimizer=adam"),
+    "fedadam": (*BASELINES, "strategy.name=fedadam"),
 }
 #: The key that tells each spy where to write what it sees.
 SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir"}

@@ -1,4 +1,4 @@
-"""SCAFFOLD and FedAvg + FedAdam through the CLI and Flower's simulation, from
+"""SCAFFOLD and FedAdam through the CLI and Flower's simulation, from
 the session's two-client sweep (``tests/conftest.py``: ``two_client_runs``):
 SCAFFOLD's control variates travel in both directions and its clients' state
 is saved for ``--resume``."""
@@ -25,7 +25,7 @@ def test_scaffold_and_fedadam_run_end_to_end(
     two_client_runs: dict[str, SharedRun],
 ) -> None:
     up = {}
-    for name in ("scaffold", "fedavg-adam"):
+    for name in ("scaffold", "fedadam"):
         run_dir = two_client_runs[name].run_dir
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
         assert summary["status"] == "completed", summary
@@ -40,7 +40,7 @@ def test_scaffold_and_fedadam_run_end_to_end(
         down = rows[rows["metric"] == "bytes-down"]["value"].to_numpy()
         assert len(up[name]) == 2 and (down > 0).all(), name
     # SCAFFOLD uploads a model and a control variate update of the same size
-    ratio = up["scaffold"].mean() / up["fedavg-adam"].mean()
+    ratio = up["scaffold"].mean() / up["fedadam"].mean()
     assert 1.9 < ratio < 2.1, ratio
     run_dir = two_client_runs["scaffold"].run_dir
     assert (run_dir / CHECKPOINTS_DIR / CLIENT_STATE_DIR).is_dir()

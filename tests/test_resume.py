@@ -91,10 +91,8 @@ FAMILIES = {
         "privacy.client-sampling='poisson'",
         "federation.fraction-train=0.5",
     ),
-    "fedavg-adam": (
-        *DIGITS, "strategy.server-optimizer=adam", "federation.fraction-train=0.67"
-    ),
-    "fedavg-momentum": (*DIGITS, "strategy.server-optimizer=momentum"),
+    "fedadam": (*DIGITS, "strategy.name=fedadam", "federation.fraction-train=0.67"),
+    "fedavgm": (*DIGITS, "strategy.name=fedavgm"),
     "fedprox-dp-sgd": (
         *DIGITS,
         "strategy.name=fedprox",

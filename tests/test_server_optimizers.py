@@ -1,5 +1,4 @@
-"""FedAvg's server optimisers (``strategy.server-optimizer``): FedAdam, FedYogi,
-FedAdagrad (Reddi et al. 2021, Algorithm 2) and FedAvgM (Hsu et al. 2019)
+"""The server optimiser families: FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021, Algorithm 2) and FedAvgM (Hsu et al. 2019)
 against numpy implementations of the papers' formulas and Flower's own
 strategies, over three rounds of given client updates; their state survives a
 resume checkpoint."""
@@ -20,7 +19,6 @@ from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.engine import checkpoint
 from fedsim.protocol.setup import ServerSetup
-from fedsim.strategies.fedavg.server import build
 from tests.conftest import ScriptedGrid, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -39,7 +37,7 @@ def experiment(*overrides: str) -> Any:
 def strategy(exp: Any) -> Any:
     """The family's server strategy (its build needs only the experiment)."""
     setup = ServerSetup(exp, None, None, None, torch.device("cpu"))  # type: ignore[arg-type]
-    return build(setup)
+    return registry.family(exp.strategy.name).load_server()(setup)
 
 
 def round_updates(server_round: int) -> list[dict[str, np.ndarray]]:
@@ -125,18 +123,24 @@ CASES = {
     "adagrad": ("strategy.server-lr=0.05", "strategy.tau=0.01"),
     "momentum": ("strategy.server-lr=0.7", "strategy.server-momentum=0.5"),
 }
+FAMILY = {
+    "adam": "fedadam",
+    "yogi": "fedyogi",
+    "adagrad": "fedadagrad",
+    "momentum": "fedavgm",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_update_equals_the_papers_formula_and_flowers_strategy(name: str) -> None:
-    exp = experiment(f"strategy.server-optimizer={name}", *CASES[name])
+    exp = experiment(f"strategy.name={FAMILY[name]}", *CASES[name])
     o = exp.strategy.options
     opts = {
         "eta": o.server_lr,
-        "b1": o.beta_1,
-        "b2": o.beta_2,
-        "tau": o.tau,
-        "beta": o.server_momentum,
+        "b1": getattr(o, "beta_1", None),
+        "b2": getattr(o, "beta_2", None),
+        "tau": getattr(o, "tau", None),
+        "beta": getattr(o, "server_momentum", None),
     }
     got = run(strategy(exp), x0(), range(1, 4))
     want = paper(name, x0(), opts)
@@ -163,7 +167,7 @@ def test_update_equals_the_papers_formula_and_flowers_strategy(name: str) -> Non
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_optimiser_state_survives_the_resume_checkpoint(name: str) -> None:
-    exp = experiment(f"strategy.server-optimizer={name}", *CASES[name])
+    exp = experiment(f"strategy.name={FAMILY[name]}", *CASES[name])
     whole = run(strategy(exp), x0(), range(1, 4))
     first = strategy(exp)
     half = run(first, x0(), range(1, 3))
@@ -179,32 +183,30 @@ def test_optimiser_state_survives_the_resume_checkpoint(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key"),
+    ("name", "key"),
     [
-        (("strategy.server-optimizer=momentum", "strategy.beta-2=0.5"), "beta-2"),
-        (("strategy.server-optimizer=adagrad", "strategy.beta-1=0.5"), "beta-1"),
-        (
-            ("strategy.server-optimizer=adam", "strategy.server-momentum=0.5"),
-            "server-momentum",
-        ),
-        (("strategy.server-lr=0.5",), "server-lr"),
-        (
-            (
-                "strategy.server-optimizer=yogi",
-                "privacy.mechanism=dp-fedavg",
-                "privacy.noise-multiplier=1.0",
-            ),
-            "server-optimizer",
-        ),
+        ("fedavgm", "beta-2"),
+        ("fedadagrad", "beta-1"),
+        ("fedadam", "server-momentum"),
+        ("fedavg", "server-lr"),
     ],
 )
-def test_settings_the_optimiser_ignores_are_refused(overrides: tuple, key: str) -> None:
-    exp = experiment(*overrides)
-    with pytest.raises(ConfigError, match=f"^strategy.{key}: "):
-        registry.family("fedavg").run_check(exp, None, None)
+def test_keys_the_optimiser_does_not_read_are_unknown(name: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^strategy.{key}: unknown key"):
+        experiment(f"strategy.name={name}", f"strategy.{key}=0.5")
 
 
-def test_plain_fedavg_is_flowers_fedavg_unchanged() -> None:
-    from flwr.serverapp.strategy import FedAvg
+@pytest.mark.parametrize("name", sorted(FAMILY.values()))
+def test_dp_fedavg_is_refused_with_the_reason(name: str) -> None:
+    with pytest.raises(ConfigError, match="replaces FedAvg's aggregation"):
+        experiment(
+            f"strategy.name={name}",
+            "privacy.mechanism=dp-fedavg",
+            "privacy.noise-multiplier=1.0",
+        )
 
-    assert type(strategy(experiment())) is FedAvg
+
+def test_defaults_are_flowers() -> None:
+    """``server-lr`` defaults to Flower's: 0.1 (adaptive), 1.0 (FedAvgM)."""
+    assert strategy(experiment("strategy.name=fedadam")).eta == FedAdam().eta
+    assert strategy(experiment("strategy.name=fedavgm")).server_learning_rate == 1.0

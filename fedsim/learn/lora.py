@@ -9,7 +9,9 @@ always paired by name (:func:`lora_pairs`), never by shape.
 
 Which client trains which rank: partition ``i`` gets ``peft.ranks[i %
 len(peft.ranks)]`` when ``peft.ranks`` is set, else ``peft.rank``
-(:func:`rank_for`); its scaling is ``peft.alpha / r`` (:func:`scaling_for`).
+(:func:`rank_for`); its ``lora_alpha`` is ``peft.alpha-per-rank * r`` when that is
+set, else ``peft.alpha`` (:func:`alpha_for`), and its scaling ``lora_alpha / r``
+(:func:`scaling_for`).
 
 The name functions import neither torch nor PEFT, so strategies stay pure numpy;
 the functions that touch modules import them when called (PEFT's import takes
@@ -50,9 +52,16 @@ def max_rank(peft: PeftConfig) -> int:
     return max(peft.ranks) if peft.ranks else peft.rank
 
 
+def alpha_for(peft: PeftConfig, rank: int) -> float:
+    """``lora_alpha`` of a rank-``rank`` client: ``peft.alpha-per-rank * r`` when
+    set (the FLoRA reference's heterogeneous runs use ``2 r``), else
+    ``peft.alpha``."""
+    return peft.alpha_per_rank * rank if peft.alpha_per_rank > 0 else peft.alpha
+
+
 def scaling_for(peft: PeftConfig, rank: int) -> float:
     """LoRA scaling ``lora_alpha / r`` (PEFT's default, not rsLoRA)."""
-    return peft.alpha / rank
+    return alpha_for(peft, rank) / rank
 
 
 def matches(module_name: str, names: Iterable[str]) -> bool:
@@ -203,7 +212,7 @@ def inject_lora(
 
     config = LoraConfig(
         r=rank,
-        lora_alpha=peft.alpha,  # type: ignore[arg-type]  # PEFT divides any number
+        lora_alpha=alpha_for(peft, rank),  # type: ignore[arg-type]  # any number
         lora_dropout=peft.dropout,
         target_modules=list(layout.adapted),
         bias="none",

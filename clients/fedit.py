@@ -14,8 +14,7 @@ from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.data import DatasetInfo
-from fedsim.learn.lora import ADAPTER, lora_pairs, scaling_for
-from fedsim.strategies.fedit.maths import client_adapters
+from fedsim.learn.lora import ADAPTER, client_adapters, lora_pairs, scaling_for
 
 
 class FedITClient(LoraClient):
@@ -27,7 +26,7 @@ class FedITClient(LoraClient):
     starts PEFT's fresh adapters: B = 0 and A seeded by the run seed and the
     partition id (``strategy.a-init = "per-client"``) or by the run seed alone
     (``"shared"``). Afterwards it starts from its rank's slice of the global
-    factors (:func:`fedsim.strategies.fedit.maths.client_adapters`). Replies as
+    factors (:func:`fedsim.learn.lora.client_adapters`). Replies as
     :class:`fedsim.clients.lora.LoraClient`.
     """
 

@@ -13,17 +13,19 @@ len(peft.ranks)]`` when ``peft.ranks`` is set, else ``peft.rank``
 set, else ``peft.alpha`` (:func:`alpha_for`), and its scaling ``lora_alpha / r``
 (:func:`scaling_for`).
 
-The name functions import neither torch nor PEFT, so strategies stay pure numpy;
-the functions that touch modules import them when called (PEFT's import takes
-seconds).
+The name functions import neither torch nor PEFT (numpy only), so strategies
+stay pure numpy; the functions that touch modules import them when called
+(PEFT's import takes seconds).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
@@ -241,6 +243,21 @@ def initial_a(
         -bound, bound, generator=generator
     )
     return full[:rank]
+
+
+def client_adapters(
+    shared: Mapping[str, np.ndarray], *, rank: int, scaling: float
+) -> dict[str, np.ndarray]:
+    """What a client of rank ``rank`` and scaling ``scaling`` continues from:
+    the first ``rank`` rows of each global A and columns of each global B, B
+    divided by the scaling, so that the client's ``scaling * B A`` is the
+    global adapters' ``B[:, :r] A[:r]`` (HetLoRA-style truncation for lower
+    ranks, the identity for the largest)."""
+    out: dict[str, np.ndarray] = {}
+    for a_key, b_key in lora_pairs(shared).values():
+        out[a_key] = np.asarray(shared[a_key])[:rank]
+        out[b_key] = np.asarray(shared[b_key])[:, :rank] / scaling
+    return out
 
 
 def adapter_state(model: nn.Module, layout: LoraLayout) -> dict[str, torch.Tensor]:

@@ -56,11 +56,8 @@ from dataclasses import dataclass
 
 from fedsim.core.family import Family
 from fedsim.core.schema import one_of, option
-from fedsim.strategies.fedit.maths import (
-    average_lora,
-    client_adapters,
-    global_adapters,
-)
+from fedsim.learn.lora import client_adapters
+from fedsim.strategies.fedit.maths import average_lora, global_adapters
 
 __all__ = [
     "FAMILIES",

@@ -1,13 +1,13 @@
 """FedIT's maths, pure numpy: the elementwise (zero-padded) average of LoRA A
-and B, the global adapters it keeps, and a client's slice of them."""
+and B and the global adapters it keeps (a client's slice of them,
+:func:`fedsim.learn.lora.client_adapters`, is the client side's)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from fedsim.learn.lora import lora_pairs
 from fedsim.strategies.flora.maths import Adapters, adapter_pairs, client_weights
 
 
@@ -85,18 +85,3 @@ def global_adapters(
     with mixed ones each client's B keeps its own scale.
     """
     return average_lora(fold_scalings(adapters, scalings), weights, rank=rank)
-
-
-def client_adapters(
-    shared: Mapping[str, np.ndarray], *, rank: int, scaling: float
-) -> dict[str, np.ndarray]:
-    """What a client of rank ``rank`` and scaling ``scaling`` continues from:
-    the first ``rank`` rows of each global A and columns of each global B, B
-    divided by the scaling, so that the client's ``scaling * B A`` is the
-    global adapters' ``B[:, :r] A[:r]`` (HetLoRA-style truncation for lower
-    ranks, the identity for the largest)."""
-    out: dict[str, np.ndarray] = {}
-    for a_key, b_key in lora_pairs(shared).values():
-        out[a_key] = np.asarray(shared[a_key])[:rank]
-        out[b_key] = np.asarray(shared[b_key])[:, :rank] / scaling
-    return out

@@ -27,10 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_file(
-    base: Path, variants: Sequence[Mapping[str, Any]], seeds: Sequence[int], path: Path
+    base: Path | Mapping[str, Any],
+    variants: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    path: Path,
 ) -> Path:
-    """Write the sweep of ``base`` over ``seeds`` x ``variants`` to ``path``."""
-    table = tomllib.loads(base.read_text())
+    """Write the sweep of ``base`` (an experiment file or its parsed tables)
+    over ``seeds`` x ``variants`` to ``path``."""
+    table = dict(base) if isinstance(base, Mapping) else tomllib.loads(base.read_text())
     table["grid"] = {"seed": list(seeds)}
     table["variants"] = [dict(v) for v in variants]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +43,7 @@ def sweep_file(
 
 
 def sweep_runs(
-    base: Path,
+    base: Path | Mapping[str, Any],
     variants: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
     out: Path,

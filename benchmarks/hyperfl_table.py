@@ -22,12 +22,17 @@ all clients and phases) and which pairs' intervals separate. Rows:
   ``train.epochs`` epochs on the client's train split before evaluation
   (``strategy.finetune-epochs``): each client's locally trained model, the
   paper's FedAvg row;
-- ``local``: each client trains only on its own data.
+- ``local``: each client trains only on its own data;
+- ``fedper``: FedAvg of the body, each client's own head (FedPer).
+
+``--variants a,b`` runs only those rows (a sweep of its own); ``--also DIR``
+adds the completed runs of an earlier sweep directory to the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -46,8 +51,15 @@ VARIANTS = (
     {"name": "fedavg", "strategy.name": "fedavg"},
     {"name": "fedavg-ft", "strategy.name": "fedavg", "strategy.finetune-epochs": -1},
     {"name": "local", "strategy.name": "local"},
+    {"name": "fedper", "strategy.name": "fedper"},
 )
-PAIRS = (("hyperfl", "local"), ("hyperfl", "fedavg-ft"), ("hyperfl", "fedavg"))
+PAIRS = (
+    ("hyperfl", "local"),
+    ("hyperfl", "fedavg-ft"),
+    ("hyperfl", "fedavg"),
+    ("hyperfl", "fedper"),
+    ("fedavg", "fedavg-ft"),
+)
 
 
 def measure(run_dir: Path) -> dict[str, float]:
@@ -71,6 +83,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=seeds_argument, default=[0, 1, 2])
     parser.add_argument("--split", choices=sorted(SPLITS), default="iid")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variants", default="", help="comma-separated rows to run")
+    parser.add_argument("--also", type=Path, action="append", default=[])
     args = parser.parse_args()
     overrides = [*SPLITS[args.split], *args.overrides]
     epochs = next(
@@ -81,18 +95,21 @@ def main() -> int:
         from fedsim.core.loading import load_experiment
 
         epochs = load_experiment(BASE, overrides).train.epochs
+    chosen = [n for n in args.variants.split(",") if n]
     variants = [
         {k: (epochs if v == -1 else v) for k, v in variant.items()}
         for variant in VARIANTS
+        if not chosen or variant["name"] in chosen
     ]
+    name = "-".join([f"hyperfl-{args.split}", *chosen])
     runs = sweep_runs(
-        BASE,
-        variants,
-        args.seeds,
-        args.out,
-        name=f"hyperfl-{args.split}",
-        overrides=overrides,
+        BASE, variants, args.seeds, args.out, name=name, overrides=overrides
     )
+    for folder in args.also:
+        for entry in json.loads((folder / "sweep.json").read_text())["experiments"]:
+            if entry["status"] == "completed":
+                key = str(entry["settings"]["name"])
+                runs.setdefault(key, []).append(folder / entry["run_dir"])
     measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
     rows = [
         {
@@ -106,7 +123,7 @@ def main() -> int:
     ]
     print(markdown(rows, ("strategy",)))
     print()
-    for a, b in PAIRS:
+    for a, b in [(a, b) for a, b in PAIRS if a in measured and b in measured]:
         apart = separated(
             [r["mean"] for r in measured[a]], [r["mean"] for r in measured[b]]
         )

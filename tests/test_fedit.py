@@ -189,10 +189,7 @@ def oracle_round(
     return out
 
 
-@pytest.mark.parametrize("a_init", ["per-client", "shared"])
-def test_fedit_rounds_continue_the_averaged_factors(
-    tmp_path, a_init, task_identity
-) -> None:
+def test_fedit_rounds_continue_the_averaged_factors(tmp_path, task_identity) -> None:
     """Two in-process rounds: round 2 sends the numpy average of round 1's factors
     (never merged: the adapted base weights are not sent and stay W0), clients
     start from their rank's slice (checked with PEFT's own delta weight), and
@@ -203,7 +200,7 @@ def test_fedit_rounds_continue_the_averaged_factors(
     from fedsim.learn.lora import inject_lora, scaling_for
     from tests.conftest import run_rounds
 
-    exp = load_experiment(None, [*VIT, f"strategy.a-init={a_init}"])
+    exp = load_experiment(None, list(VIT))
     final, grid, _ = run_rounds(exp, 2, tmp_path)
     train = [(m, r) for m, r in grid.log if m.metadata.message_type == "train"]
     assert len(train) == 6
@@ -221,17 +218,7 @@ def test_fedit_rounds_continue_the_averaged_factors(
     ups, ex, sc = unpack(round1)
     for msg, _ in round1:  # round 1: only the head goes down
         assert set(msg.content[ARRAYS]) == {"head.weight", "head.bias"}
-    # Round-1 A inits: partitions 0 and 2 (both rank 4) differ unless shared.
     a0 = FedITClient(exp, grid.data.info, torch.device("cpu"))
-    starts = []
-    for pid in (0, 2):
-        model = inject_lora(
-            a0.base, exp.peft, a0.layout, rank=4, init_seed=a0.init_seed(pid, 1)
-        )
-        starts.append(a0.base.get_submodule(MODULES[0]).lora_A["default"].weight + 0)
-        model.unload()
-    assert torch.equal(starts[0], starts[1]) == (a_init == "shared")
-
     expected = oracle_round(ups, ex, sc)
     for msg, _ in rounds[2]:
         sent = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
@@ -268,6 +255,31 @@ def test_fedit_rounds_continue_the_averaged_factors(
         )
     head = sum(pk * up["head.weight"] for pk, up in zip(p, ups))
     np.testing.assert_allclose(final["head.weight"].numpy(), head, rtol=1e-5)
+
+
+@pytest.mark.parametrize("a_init", ["per-client", "shared"])
+def test_fedit_round_one_a_is_drawn_per_client_unless_shared(a_init) -> None:
+    """Partitions 0 and 2 (both rank 4) start from different A unless
+    ``strategy.a-init = "shared"``; a partition's A does not depend on the
+    round (it is drawn once, before its first aggregation)."""
+    from fedsim.clients.fedit import FedITClient
+    from fedsim.learn.data import federated_data
+    from fedsim.learn.lora import inject_lora
+
+    exp = load_experiment(None, [*VIT, f"strategy.a-init={a_init}"])
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = FedITClient(exp, data.info, torch.device("cpu"))
+    starts = []
+    for pid, rnd in ((0, 1), (2, 1), (0, 5)):
+        seed = client.init_seed(pid, rnd)
+        model = inject_lora(
+            client.base, exp.peft, client.layout, rank=4, init_seed=seed
+        )
+        layer = client.base.get_submodule(MODULES[0])
+        starts.append(layer.lora_A["default"].weight.detach().clone())
+        model.unload()
+    assert torch.equal(starts[0], starts[1]) == (a_init == "shared")
+    assert torch.equal(starts[0], starts[2])
 
 
 def test_fedit_server_state_round_trips(tmp_path) -> None:

@@ -4,6 +4,7 @@ client round that the other client algorithms share (:func:`fit_round`,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -166,4 +167,48 @@ class FullModelClient:
             self.experiment,
             server_round=server_round,
             device=self.device,
+        )
+
+
+class FineTunedEvaluationClient(FullModelClient):
+    """FedAvg's client; with ``strategy.finetune-epochs`` E > 0 its evaluation is
+    personalised: the received global model is first trained E epochs on the
+    client's train split (the local loop, seeded by round and partition), then
+    evaluated on its test split. The fine-tuned weights are not kept (the next
+    message overwrites the resident model) and never travel.
+
+    The client's model after local training in round t + 1 is the round-t
+    global model trained ``train.epochs`` epochs on the same split, so
+    ``finetune-epochs = train.epochs`` evaluates each client's locally trained
+    model, the "FedAvg" row of personalised-FL papers such as HyperFL's.
+    """
+
+    def evaluate(
+        self,
+        content: RecordDict,
+        data: ClientData,
+        *,
+        server_round: int,
+        state: RecordDict,
+    ) -> RecordDict:
+        """Fine-tune the received global model E epochs, then evaluate it."""
+        epochs = self.experiment.strategy.options.finetune_epochs
+        if epochs == 0:
+            return super().evaluate(
+                content, data, server_round=server_round, state=state
+            )
+        self.load(content, state)
+        exp = self.experiment
+        tuned = replace(exp, train=replace(exp.train, epochs=epochs))
+        local_fit(
+            self.model,
+            data.train,
+            tuned,
+            seed=derive_seed(exp.seed, "finetune", server_round, data.partition_id),
+            device=self.device,
+            state=RecordDict(),
+            mechanism=privacy.client_mechanism(exp),
+        )
+        return evaluation_reply(
+            self.model, data, exp, server_round=server_round, device=self.device
         )

@@ -78,6 +78,14 @@ class LoraClient:
         this (see :data:`fedsim.learn.training.Penalty`)."""
         return None
 
+    def init_seed(self, partition_id: int, server_round: int) -> int:
+        """Seed of the fresh adapters' A: one per round, shared by its clients."""
+        return derive_seed(self.experiment.seed, "lora-init", server_round)
+
+    def start(self, content: RecordDict, rank: int) -> None:
+        """Set the injected adapters' start from ``content`` before training;
+        FLoRA's clients keep the fresh ones."""
+
     def train(
         self,
         content: RecordDict,
@@ -98,9 +106,10 @@ class LoraClient:
             exp.peft,
             self.layout,
             rank=rank,
-            init_seed=derive_seed(exp.seed, "lora-init", server_round),
+            init_seed=self.init_seed(data.partition_id, server_round),
         )
         try:
+            self.start(content, rank)
             for p in trained.values():
                 p.requires_grad_(True)
             stats, extra = fit_round(

@@ -108,14 +108,16 @@ def sweep_cli(
     aside), so a test computes its oracle from its overrides as before."""
     import tomli_w
 
-    from fedsim.core.loading import load_experiment, parse_override, to_toml
+    from fedsim.core.loading import load_experiment, parse_override, to_dict
 
     out.mkdir(parents=True, exist_ok=True)
     file = out / "experiments.toml"
     variants = [dict(map(parse_override, overrides)) for overrides in experiments]
-    file.write_text(
-        to_toml(load_experiment(None)) + "\n" + tomli_w.dumps({"variants": variants})
-    )
+    base = to_dict(load_experiment(None))
+    # The quickstart family's own option keys would be unknown to a variant's
+    # family: the base names the family only, each variant sets its options.
+    base["strategy"] = {"name": base["strategy"]["name"]}
+    file.write_text(tomli_w.dumps({**base, "variants": variants}))
     argv = (
         sys.executable,
         "-m",

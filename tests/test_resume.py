@@ -109,6 +109,7 @@ FAMILIES = {
     "flora": (*VIT, "strategy.name=flora"),
     "fedit": (*VIT, "strategy.name=fedit"),
     "local": (*DIGITS, "strategy.name=local"),
+    "fedper": (*DIGITS, "strategy.name=fedper"),
     "hyperfl": (*DIGITS, "strategy.name=hyperfl", "federation.fraction-train=0.67"),
     "hyperfl-lpm": (
         *VIT[:-2],

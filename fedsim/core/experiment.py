@@ -165,9 +165,11 @@ class PeftConfig:
     With ``method = "lora"`` each client trains LoRA adapters on the linear layers
     named in ``targets`` of its frozen base, and the modules in
     ``modules-to-save`` in full. The client with partition id ``i`` uses rank
-    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its scaling is
-    ``alpha / r``. Names match as in PEFT: a module matches a name when it is that
-    name or ends in ``.<name>``.
+    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its
+    ``lora_alpha`` is ``alpha-per-rank * r`` when ``alpha-per-rank`` is set (the
+    FLoRA reference's heterogeneous setting uses 2 r), else ``alpha``, and its
+    scaling is ``lora_alpha / r``. Names match as in PEFT: a module matches a
+    name when it is that name or ends in ``.<name>``.
     """
 
     method: str = option(
@@ -182,6 +184,12 @@ class PeftConfig:
         _all_positive,
     )
     alpha: float = option(16.0, "LoRA lora_alpha (scaling = alpha / r)", positive)
+    alpha_per_rank: float = option(
+        0.0,
+        "if > 0, each client's lora_alpha is alpha-per-rank * r (scaling = "
+        "alpha-per-rank for every rank) instead of alpha; 0: off",
+        non_negative,
+    )
     dropout: float = option(0.0, "LoRA dropout on the adapters' input", rate)
     targets: tuple[str, ...] = option(
         ["q_proj", "k_proj", "v_proj", "out_proj"],

@@ -9,19 +9,23 @@ always paired by name (:func:`lora_pairs`), never by shape.
 
 Which client trains which rank: partition ``i`` gets ``peft.ranks[i %
 len(peft.ranks)]`` when ``peft.ranks`` is set, else ``peft.rank``
-(:func:`rank_for`); its scaling is ``peft.alpha / r`` (:func:`scaling_for`).
+(:func:`rank_for`); its ``lora_alpha`` is ``peft.alpha-per-rank * r`` when that is
+set, else ``peft.alpha`` (:func:`alpha_for`), and its scaling ``lora_alpha / r``
+(:func:`scaling_for`).
 
-The name functions import neither torch nor PEFT, so strategies stay pure numpy;
-the functions that touch modules import them when called (PEFT's import takes
-seconds).
+The name functions import neither torch nor PEFT (numpy only), so strategies
+stay pure numpy; the functions that touch modules import them when called
+(PEFT's import takes seconds).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
@@ -50,9 +54,16 @@ def max_rank(peft: PeftConfig) -> int:
     return max(peft.ranks) if peft.ranks else peft.rank
 
 
+def alpha_for(peft: PeftConfig, rank: int) -> float:
+    """``lora_alpha`` of a rank-``rank`` client: ``peft.alpha-per-rank * r`` when
+    set (the FLoRA reference's heterogeneous runs use ``2 r``), else
+    ``peft.alpha``."""
+    return peft.alpha_per_rank * rank if peft.alpha_per_rank > 0 else peft.alpha
+
+
 def scaling_for(peft: PeftConfig, rank: int) -> float:
     """LoRA scaling ``lora_alpha / r`` (PEFT's default, not rsLoRA)."""
-    return peft.alpha / rank
+    return alpha_for(peft, rank) / rank
 
 
 def matches(module_name: str, names: Iterable[str]) -> bool:
@@ -203,7 +214,7 @@ def inject_lora(
 
     config = LoraConfig(
         r=rank,
-        lora_alpha=peft.alpha,  # type: ignore[arg-type]  # PEFT divides any number
+        lora_alpha=alpha_for(peft, rank),  # type: ignore[arg-type]  # any number
         lora_dropout=peft.dropout,
         target_modules=list(layout.adapted),
         bias="none",
@@ -232,6 +243,21 @@ def initial_a(
         -bound, bound, generator=generator
     )
     return full[:rank]
+
+
+def client_adapters(
+    shared: Mapping[str, np.ndarray], *, rank: int, scaling: float
+) -> dict[str, np.ndarray]:
+    """What a client of rank ``rank`` and scaling ``scaling`` continues from:
+    the first ``rank`` rows of each global A and columns of each global B, B
+    divided by the scaling, so that the client's ``scaling * B A`` is the
+    global adapters' ``B[:, :r] A[:r]`` (HetLoRA-style truncation for lower
+    ranks, the identity for the largest)."""
+    out: dict[str, np.ndarray] = {}
+    for a_key, b_key in lora_pairs(shared).values():
+        out[a_key] = np.asarray(shared[a_key])[:rank]
+        out[b_key] = np.asarray(shared[b_key])[:, :rank] / scaling
+    return out
 
 
 def adapter_state(model: nn.Module, layout: LoraLayout) -> dict[str, torch.Tensor]:

@@ -21,30 +21,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import RecordDict
 
-from fedsim import privacy
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
-from fedsim.core.messages import PARTITION_ID
 from fedsim.core.rundir import (
     CHECKPOINTS_DIR,
     CLIENT_STATE_DIR,
     CONFIG_FILE,
     SUMMARY_FILE,
-    read_metrics,
 )
-from fedsim.engine import checkpoint, client_app, server_app
+from fedsim.engine import checkpoint, server_app
 from fedsim.engine.client_state import ClientStateStore, from_bytes, to_bytes
 from fedsim.engine.recorder import create_run_dir
 from fedsim.engine.rounds import SimulatedCrash
-from fedsim.engine.runner import run_config_of
-from tests.conftest import ScriptedGrid, fedsim, sets
+from tests.conftest import fedsim, sets
+from tests.inprocess import comparable, new_process, simulate
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-#: Metrics that measure time, not the computation.
-TIMING = ("seconds", "elapsed")
 
 DIGITS = (
     "federation.clients=3",
@@ -102,68 +96,6 @@ FAMILIES = {
         "peft.targets=['q_proj', 'v_proj']",
     ),
 }
-
-
-class ClientAppGrid(ScriptedGrid):
-    """Answers each message with the real ClientApp handler; one ``Context`` per
-    node, kept across rounds as Flower's simulation runtime keeps it."""
-
-    def __init__(self, num_clients: int, run_config: dict):
-        super().__init__({100 + pid: pid for pid in range(num_clients)})
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={PARTITION_ID: pid, "num-partitions": num_clients},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node, pid in self.partitions.items()
-        }
-
-    def answer(self, msg: Message, message_id: str) -> Message:
-        msg.metadata._message_id = message_id  # noqa: SLF001 (as received)
-        if msg.metadata.message_type == "query":
-            return super().answer(msg, message_id)
-        node = msg.metadata.dst_node_id
-        reply = client_app._handle(msg, self.contexts[node])  # noqa: SLF001
-        reply.metadata._src_node_id = node  # noqa: SLF001
-        return reply
-
-
-def new_process() -> None:
-    """What a new simulation process starts with: no cached client runtime or
-    mechanism, global generators in some unrelated state."""
-    client_app._runtime.cache_clear()  # noqa: SLF001
-    privacy.client_mechanism.cache_clear()
-    random.seed(12345)
-    np.random.seed(12345)
-    torch.manual_seed(12345)
-
-
-def simulate(exp, run_dir: Path, *, resume: bool = False, crash: int | None = None):
-    """The ServerApp's ``main`` for one run, in-process."""
-    new_process()
-    grid = ClientAppGrid(
-        exp.federation.clients, run_config_of(exp, run_dir, resume=resume)
-    )
-    recorder = server_app.recorder_for(exp, run_dir)
-    if crash is not None:
-        os.environ[server_app.CRASH_IN_ROUND] = str(crash)
-    try:
-        with recorder.recording():
-            server_app.run(grid, exp, recorder, resume=resume)
-    finally:
-        os.environ.pop(server_app.CRASH_IN_ROUND, None)
-
-
-def comparable(run_dir: Path) -> pd.DataFrame:
-    frame = read_metrics(run_dir)
-    assert frame is not None
-    frame = frame[~frame["metric"].isin(TIMING)]
-    return frame.sort_values(["round", "phase", "client", "metric"]).reset_index(
-        drop=True
-    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

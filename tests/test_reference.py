@@ -19,11 +19,12 @@ Accuracies are counts over a test set: a prediction flipped by rounding would
 move one by ``1/n`` (>= 3e-3) and fail the test, as it should (then the
 difference is no longer rounding noise).
 
-The tolerance still catches a real change: :func:`test_a_wrong_aggregation_weight_fails_the_reference`
-runs the first round with one client's FedAvg weight off by one example (of the
-~150 it holds: the smallest error an example count can have) and shows that the
-comparison fails: its worst value is ~2.5 tolerances away (measured), while the
-two CPUs above differ by ~1/70 of one.
+The tolerance still catches a real change:
+:func:`test_a_wrong_aggregation_weight_fails_the_reference` runs the first round
+with one client's FedAvg weight off by one example (of the ~150 it holds: the
+smallest error an example count can have) and shows that the comparison fails:
+its worst value is ~2.5 tolerances away (measured), while the two CPUs above
+differ by ~1/70 of one.
 """
 
 from __future__ import annotations

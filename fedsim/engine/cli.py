@@ -214,6 +214,9 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     run_dir = Path(args.resume).resolve()
     saved = check_resumable(run_dir)
     exp = load_experiment(str(run_dir / CONFIG_FILE), [])
+    refusal = registry.family(exp.strategy.name).resume
+    if refusal:
+        raise ConfigError(f"--resume: strategy {exp.strategy.name!r}: {refusal}")
     if args.experiment or args.overrides:
         source = args.experiment or str(run_dir / CONFIG_FILE)
         given = to_run_config(load_experiment(source, args.overrides))

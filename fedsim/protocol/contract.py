@@ -69,7 +69,14 @@ class ClientMethod(Protocol):
 class ClientAlgorithm(Protocol):
     """A family's client side: built once per client process as
     ``Class(experiment, info, device)`` (the validated experiment, the
-    dataset's :class:`fedsim.learn.data.DatasetInfo`, the resolved device)."""
+    dataset's :class:`fedsim.learn.data.DatasetInfo`, the resolved device).
+
+    Every client trains (``train``). ``evaluate`` (local evaluation) and one
+    method per declared custom action (``Family.actions``) have the same
+    signature (:class:`ClientMethod`); a family whose clients never evaluate
+    (split learning: the server evaluates the assembled model) may omit
+    ``evaluate``, and a message it cannot route fails with the family named.
+    """
 
     def train(
         self,
@@ -82,17 +89,6 @@ class ClientAlgorithm(Protocol):
         """Local training: see :class:`ClientMethod`."""
         ...
 
-    def evaluate(
-        self,
-        content: RecordDict,
-        data: ClientData,
-        *,
-        server_round: int,
-        state: RecordDict,
-    ) -> RecordDict:
-        """Local evaluation: see :class:`ClientMethod`."""
-        ...
-
 
 def client_method(algorithm: Any, family: Family, action: str) -> ClientMethod:
     """The method of a family's client algorithm that handles ``action``
@@ -101,19 +97,19 @@ def client_method(algorithm: Any, family: Family, action: str) -> ClientMethod:
     Raises
     ------
     FamilyError
-        The algorithm is not a :class:`ClientAlgorithm`, or lacks the method of
-        a declared action.
+        The algorithm is not a :class:`ClientAlgorithm`, or lacks the method
+        the message asks for.
     """
     if not isinstance(algorithm, ClientAlgorithm):
         raise FamilyError(
             f"strategy {family.name!r}: its client {family.client!r} must define "
-            "train and evaluate (fedsim.protocol.contract.ClientAlgorithm)"
+            "train (fedsim.protocol.contract.ClientAlgorithm)"
         )
     method = getattr(algorithm, action, None)
     if not callable(method):
         raise FamilyError(
-            f"strategy {family.name!r} declares the client action {action!r} but "
-            f"its client {family.client!r} has no method {action!r}"
+            f"strategy {family.name!r}: its client {family.client!r} has no "
+            f"method {action!r} for the server's {action!r} messages"
         )
     return method  # type: ignore[no-any-return]
 

@@ -222,6 +222,7 @@ def run(
         The run was interrupted (its directory says ``interrupted``).
     """
     from fedsim.analysis import load_run
+    from fedsim.core.locking import locked
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
     from fedsim.engine.superlink import start_during
@@ -237,7 +238,8 @@ def run(
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:
-        outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
+        with locked(run_dir, "fedsim.run"):
+            outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
     finally:
         watch.close()
     if outcome.status == "interrupted":

@@ -191,3 +191,156 @@ def test_a_truncated_resume_checkpoint_is_one_line(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ConfigError, match=r"--resume: .*resume.npz is damaged"):
         checkpoint.check_resumable(run_dir)
+
+
+def test_report_out_naming_a_file_and_an_out_of_range_seed_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "plots.png"
+    afile.write_text("")
+    assert cli.main(["report", str(tmp_path), "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedsim: error: --out: {afile} is a file, not a directory\n"
+    for seed in (-1, 2**32):
+        out = tmp_path / "runs"
+        assert cli.main(["run", "--set", f"seed={seed}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"fedsim: error: seed: {seed} must be in [0, 4294967295]\n"
+        assert not out.exists()
+    assert load_experiment(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+# -- settings that do nothing ---------------------------------------------------------
+IGNORED = [
+    (["privacy.noise-multiplier=1.0"], "privacy.noise-multiplier: 1.0 is ignored"),
+    (["privacy.target-epsilon=3"], "privacy.target-epsilon: 3.0 is ignored"),
+    (
+        [
+            "privacy.mechanism=dp-sgd",
+            "privacy.noise-multiplier=1.0",
+            "privacy.clipping='adaptive'",
+        ],
+        "privacy.clipping: 'adaptive' is ignored with privacy.mechanism = 'dp-sgd'",
+    ),
+    (
+        [
+            "privacy.mechanism=dp-fedavg",
+            "privacy.noise-multiplier=1.0",
+            "privacy.max-grad-norm=2.0",
+        ],
+        "privacy.max-grad-norm: 2.0 is ignored with privacy.mechanism = 'dp-fedavg'",
+    ),
+    (
+        [
+            "privacy.mechanism=dp-fedavg",
+            "privacy.noise-multiplier=1.0",
+            "privacy.clip-norm-lr=0.5",
+        ],
+        "privacy.clip-norm-lr: 0.5 is ignored with privacy.clipping = 'fixed'",
+    ),
+    (["peft.ranks=[4, 2]"], r"peft.ranks: \[4, 2\] is ignored with peft.method"),
+    (["peft.rank=4"], "peft.rank: 4 is ignored with peft.method = 'none'"),
+    (
+        [
+            "federation.clients=2",
+            "strategy.name=flora",
+            "peft.method=lora",
+            "peft.ranks=[4, 2, 1]",
+        ],
+        "peft.ranks: 3 entries for federation.clients = 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), IGNORED)
+def test_a_setting_the_chosen_mechanism_or_method_ignores_is_refused(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_experiment(None, overrides)
+
+
+def test_settings_equal_to_their_defaults_are_harmless() -> None:
+    harmless = [
+        "privacy.noise-multiplier=0.0",
+        "privacy.target-delta=1e-5",
+        "privacy.clipping='fixed'",
+        "peft.ranks=[]",
+        "peft.rank=8",
+    ]
+    exp = load_experiment(None, harmless)
+    assert exp.privacy.mechanism == "none" and exp.peft.method == "none"
+
+
+def test_capacities_longer_than_the_federation_are_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs"
+    for key in ("strategy.capacities=[1.0, 0.5, 0.25]",):
+        argv = ["run", "--set", "strategy.name=heterofl", "--set", key]
+        argv += ["--set", "federation.clients=2", "--set", "model.name=mlp"]
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            "fedsim: error: strategy.capacities: 3 entries for federation.clients = 2"
+        )
+        assert err.count("\n") == 1 and not out.exists()
+
+
+# -- empty partitions, non-finite losses ---------------------------------------------
+def test_clients_without_training_data_are_named_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    skewed = [
+        "data.dataset=synthetic",
+        "data.size=200",
+        "data.partitioner=dirichlet",
+        "data.alpha=0.01",
+        "data.min-partition-size=0",
+        "federation.clients=20",
+        "model.name=mlp",
+    ]
+    exp = load_experiment(None, skewed)
+    built = data.federated_data(exp.data, 20, exp.seed)
+    empty = [p for p in range(20) if len(built.client(p).train) == 0]
+    assert empty  # the oracle: the partitions themselves
+    argv = ["run", *[a for o in skewed for a in ("--set", o)], "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    named = ", ".join(map(str, empty))
+    assert f"data.partitioner: {len(empty)} of 20 clients get no training" in err
+    assert f"(clients {named})" in err
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_non_finite_loss_fails_the_run_unless_allowed(tmp_path: Path) -> None:
+    from tests.inprocess import comparable, simulate
+
+    diverging = [
+        "data.dataset=synthetic",
+        "data.size=200",
+        "federation.clients=2",
+        "model.name=mlp",
+        "model.hidden=8",
+        "rounds=2",
+        "train.lr=1e12",
+    ]
+    exp = load_experiment(None, diverging)
+    run_dir = create_run_dir(tmp_path / "strict", exp)
+    simulate(exp, run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["status"] == "failed"  # the CLI exits 1
+    assert summary["reason"].startswith("round 1: client ")
+    assert "train loss is nan (training diverged)" in summary["reason"]
+    assert "train.allow-nonfinite = true" in summary["reason"]
+
+    exp = load_experiment(None, [*diverging, "train.allow-nonfinite=true"])
+    run_dir = create_run_dir(tmp_path / "allowed", exp)
+    simulate(exp, run_dir)
+    assert json.loads((run_dir / SUMMARY_FILE).read_text())["status"] == "completed"
+    rows = comparable(run_dir)
+    losses = rows[(rows["metric"] == "loss") & (rows["phase"] == "train")]
+    assert losses["value"].isna().any()  # recorded as they are

@@ -391,9 +391,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Comparison table of the runs, and one PNG per plot view in ``--out``."""
     from fedsim import analysis
     from fedsim.analysis import plots
+    from fedsim.engine.recorder import check_out
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")
+    check_out(args.out, "--out")  # a folder for the plots, not a file
     views = args.views or list(plots.VIEWS)
     unknown = [v for v in views if v not in plots.VIEWS]
     if unknown:

@@ -60,9 +60,26 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
     if local:
         check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    check_partitions(exp, data)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)
     privacy.preflight(exp, model, data)
+
+
+def check_partitions(exp: Experiment, data: Any) -> None:
+    """Every client has training examples (a client without any would fail in
+    its first round): ConfigError naming the clients."""
+    empty = [
+        pid for pid in range(exp.federation.clients) if len(data.client(pid).train) == 0
+    ]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise ConfigError(
+            f"data.partitioner: {len(empty)} of {exp.federation.clients} clients get "
+            f"no training examples (clients {shown}) from {exp.data.partitioner!r} "
+            f"over {len(data.pool)} examples; use fewer federation.clients, another "
+            "partitioner or a larger data.min-partition-size / data.alpha"
+        )
 
 
 def audit_note(frame: Any, server_round: int) -> str:

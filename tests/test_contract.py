@@ -5,6 +5,7 @@ only through the typed client protocol."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core import registry
 from fedsim.core.registry import FamilyError
-from fedsim.engine import checkpoint
+from fedsim.engine import checkpoint, cli
 from fedsim.protocol import contract
 
 
@@ -78,3 +79,22 @@ def test_the_router_reaches_clients_through_the_client_protocol() -> None:
     assert contract.client_method(Client(), fedavg, "evaluate").__name__ == "evaluate"
     with pytest.raises(FamilyError, match="has no method 'ping'"):
         contract.client_method(Client(), replace(fedavg, actions=("ping",)), "ping")
+
+
+def test_a_family_that_cannot_resume_refuses_resume_with_its_reason(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.test_faults import failed_run, listing
+
+    run_dir = failed_run(tmp_path)
+    known = dict(registry.families())
+    known["fedavg"] = replace(known["fedavg"], resume="its server keeps a stream")
+    monkeypatch.setattr(registry, "families", lambda: known)
+    before = listing(run_dir)
+    assert cli.main(["run", "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (
+        "fedsim: error: --resume: strategy 'fedavg': its server keeps a stream\n"
+    )
+    assert listing(run_dir) == before

@@ -82,7 +82,6 @@ def worst_deviation(got: pd.DataFrame, want: pd.DataFrame) -> float:
     return float(np.max(diff / (ATOL + RTOL * np.abs(want["value"].to_numpy()))))
 
 
-@pytest.mark.slow
 def test_quickstart_matches_the_pre_refactor_reference(tmp_path: Path) -> None:
     compare(run_quickstart(tmp_path, 3), reference(3))
 

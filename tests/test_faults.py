@@ -115,7 +115,7 @@ def test_a_killed_owner_leaves_a_stale_lock_the_next_owner_takes(
             assert owner_of(tmp_path)["pid"] == os.getpid()  # type: ignore[index]
 
 
-def test_an_identical_sweep_running_already_exits_2_writing_nothing(
+def test_a_sweep_whose_directory_or_run_is_in_use_exits_2_writing_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sweep = tmp_path / "sweep.toml"
@@ -130,6 +130,20 @@ def test_an_identical_sweep_running_already_exits_2_writing_nothing(
         assert cli.main(["sweep", str(sweep), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"fedsim sweep (process {proc.pid}" in err
+        assert listing(out) == before
+    # one of its runs, unfinished, is being resumed on its own: not cleared
+    from fedsim.core.loading import to_toml
+    from fedsim.engine.sweep import plan
+
+    work = plan(sweep, [], out)
+    run_dir = work.run_dir(work.todo[0])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(to_toml(work.todo[0].experiment))
+    with holder(run_dir, "fedsim run --resume") as proc:
+        before = listing(out)
+        assert cli.main(["sweep", str(sweep), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is in use by fedsim run --resume (process {proc.pid}" in err
         assert listing(out) == before
 
 

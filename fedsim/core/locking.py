@@ -69,6 +69,33 @@ def _refusal(directory: Path, owner: dict[str, Any] | None) -> ConfigError:
     )
 
 
+def check_free(directory: Path) -> None:
+    """Refuse (ConfigError) when a live process holds ``directory``; writes
+    nothing (a directory without a lock file, or with a stale one, is free)."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if fcntl is None:
+            owner = owner_of(directory)
+            if owner and not _process_gone(owner):
+                raise _refusal(directory, owner)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise _refusal(directory, owner_of(directory)) from None
+            owner = owner_of(directory)
+            if owner and not _process_gone(owner):
+                raise _refusal(directory, owner) from None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def locked(directory: Path, purpose: str) -> Iterator[None]:
     """Hold ``directory``'s lock while the block runs (``purpose``: shown to a

@@ -25,7 +25,7 @@ from typing import Any
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import to_toml
-from fedsim.core.locking import locked
+from fedsim.core.locking import check_free, locked
 from fedsim.core.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json
 from fedsim.core.sweeps import SweepPoint, load_sweep
 from fedsim.engine.launch import (
@@ -139,6 +139,9 @@ def execute(
     experiments run, in order. The sweep directory and the run directories of
     the experiments left are locked meanwhile (:mod:`fedsim.core.locking`): a
     second identical sweep, or a ``--resume`` of one of its runs, is refused."""
+    check_free(plan.directory)
+    for point in plan.todo:  # a run being resumed on its own is not cleared
+        check_free(plan.run_dir(point))
     plan.directory.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         stack.enter_context(locked(plan.directory, "fedsim sweep"))

@@ -156,6 +156,11 @@ class TrainConfig:
     optimizer: str = option("sgd", "local optimizer", one_of("sgd", "adam"))
     momentum: float = option(0.9, "SGD momentum", rate)
     weight_decay: float = option(0.0, "L2 weight decay", non_negative)
+    allow_nonfinite: bool = option(
+        False,
+        "record a NaN/inf client loss and go on; false: the run fails naming the "
+        "round and client",
+    )
 
 
 @dataclass(frozen=True)
@@ -381,6 +386,11 @@ class AuditConfig:
     )
 
 
+def _seed(v: int) -> str | None:
+    # numpy's and scikit-learn's generators take 32-bit unsigned seeds
+    return None if 0 <= v < 2**32 else f"must be in [0, {2**32 - 1}]"
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A whole experiment, as read from its TOML file."""
@@ -388,7 +398,11 @@ class Experiment:
     name: str = option(
         "quickstart", "run name; the run directory starts with it", _run_name
     )
-    seed: int = option(0, "seed of partitioning, sampling, initialisation, training")
+    seed: int = option(
+        0,
+        "seed of partitioning, sampling, initialisation, training",
+        _seed,
+    )
     rounds: int = option(20, "federated rounds", at_least(1))
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)

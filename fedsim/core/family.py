@@ -88,6 +88,18 @@ class Family:
         ``"module:callable"``: what an honest-but-curious server sees of a
         client's train exchange, ``surface(sent, reply, public) -> Scene`` (see
         :mod:`fedsim.audit.replay`); empty: the family cannot be audited.
+    server_state : bool
+        Whether the server strategy keeps state across rounds besides the
+        round driver's global arrays (a hypernetwork, a stage counter, an
+        optimiser...). True: the strategy ``server`` builds implements
+        :class:`fedsim.protocol.contract.ServerState` (``checkpoint_state()`` /
+        ``restore_state(state)``), which the resume checkpoint saves after every
+        round and gives back on ``--resume``. The engine checks the built
+        strategy against this declaration before the first round and refuses
+        a family whose strategy disagrees (either way).
+    resume : str
+        Empty: ``fedsim run --resume`` continues the family's runs exactly.
+        Otherwise the reason it cannot (``--resume`` is refused with it).
     """
 
     name: str
@@ -104,6 +116,8 @@ class Family:
     actions: tuple[str, ...] = ()
     model: str = ""
     audit: str = ""
+    server_state: bool = False
+    resume: str = ""
 
     def load_server(self) -> Any:
         """The server-side factory."""

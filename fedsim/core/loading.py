@@ -30,6 +30,7 @@ from fedsim.core.experiment import (
     expected_clients_per_round,
 )
 from fedsim.core.family import Family, load
+from fedsim.core.ignored import check_ignored
 from fedsim.core.schema import (
     Schema,
     as_table,
@@ -129,6 +130,7 @@ def check_consistency(exp: Experiment, family: Family) -> None:
     if exp.peft.method == "lora" and not exp.peft.targets:
         raise ConfigError("peft.targets: LoRA needs at least one module name")
     _check_pretrain_split(exp)
+    check_ignored(exp)
     _check_family(exp, family)
     _check_audit(exp, family)
     p = exp.privacy

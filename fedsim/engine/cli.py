@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,9 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     run_dir = Path(args.resume).resolve()
     saved = check_resumable(run_dir)
     exp = load_experiment(str(run_dir / CONFIG_FILE), [])
+    refusal = registry.family(exp.strategy.name).resume
+    if refusal:
+        raise ConfigError(f"--resume: strategy {exp.strategy.name!r}: {refusal}")
     if args.experiment or args.overrides:
         source = args.experiment or str(run_dir / CONFIG_FILE)
         given = to_run_config(load_experiment(source, args.overrides))
@@ -229,6 +233,14 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim run``: the run directory is locked while this process runs in
+    it (:mod:`fedsim.core.locking`)."""
+    with ExitStack() as stack:
+        return _cmd_run(args, console, stack)
+
+
+def _cmd_run(args: argparse.Namespace, console: Console, stack: ExitStack) -> int:
+    from fedsim.core.locking import locked
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
@@ -244,6 +256,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     connection = _connection(args) if remote else None
     out: Path | None = None
     if args.resume:
+        if Path(args.resume).is_dir():  # before anything is read: a live run
+            stack.enter_context(locked(Path(args.resume), "fedsim run --resume"))
         exp, resumed, done = resumed_experiment(args)
     else:
         exp, done = load_experiment(args.experiment, args.overrides), -1
@@ -258,6 +272,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if out is None:
         console.print(f"resuming after round {done}: {run_dir}", highlight=False)
     else:
+        stack.enter_context(locked(run_dir, "fedsim run"))
         console.print(f"run directory: {run_dir}")
     remote_dir = Path(args.remote_out) / run_dir.name if args.remote_out else None
     progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
@@ -376,9 +391,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Comparison table of the runs, and one PNG per plot view in ``--out``."""
     from fedsim import analysis
     from fedsim.analysis import plots
+    from fedsim.engine.recorder import check_out
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")
+    check_out(args.out, "--out")  # a folder for the plots, not a file
     views = args.views or list(plots.VIEWS)
     unknown = [v for v in views if v not in plots.VIEWS]
     if unknown:

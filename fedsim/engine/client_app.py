@@ -2,11 +2,12 @@
 
 ``train`` and ``evaluate`` go to the algorithm's methods of those names; a
 family's custom action ``train.<action>`` (declared in ``Family.actions``) to
-its method ``<action>``. Everything heavy (experiment parsing, the dataset and
-its partitions, the client algorithm with its model) is built once per client
-process and cached, so a Ray actor that simulates many clients over many rounds
-builds it once. Importing the module makes Flower's ``Array.numpy`` skip
-``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+its method ``<action>``: the client contract is
+:class:`fedsim.protocol.contract.ClientAlgorithm`. Everything heavy (experiment
+parsing, the dataset and its partitions, the client algorithm with its model) is
+built once per client process and cached, so a Ray actor that simulates many
+clients over many rounds builds it once. Importing the module makes Flower's
+``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
 loaded back once in a resumed run (:mod:`fedsim.engine.client_state`).
@@ -50,6 +51,7 @@ from fedsim.engine import arrays
 from fedsim.engine.client_state import ClientStateStore
 from fedsim.learn.data import FederatedData, federated_data
 from fedsim.learn.device import resolve_device
+from fedsim.protocol import contract
 
 
 class SimulatedClientFailure(RuntimeError):
@@ -62,7 +64,7 @@ class ClientRuntime:
 
     experiment: Experiment
     data: FederatedData
-    algorithm: Any
+    algorithm: contract.ClientAlgorithm
 
 
 @lru_cache(maxsize=2)
@@ -158,8 +160,9 @@ def _handle(msg: Message, context: Context) -> Message:
         store.restore_into(pid, context.state)
     category, _, action = msg.metadata.message_type.partition(".")
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
+    family = registry.family(rt.experiment.strategy.name)
     if action:
-        declared = registry.family(rt.experiment.strategy.name).actions
+        declared = family.actions
         if action not in declared:
             raise ValueError(
                 f"strategy {rt.experiment.strategy.name!r} declares no client action "
@@ -168,7 +171,8 @@ def _handle(msg: Message, context: Context) -> Message:
     if category == MessageType.TRAIN and not action:
         maybe_fail(rt.experiment, server_round, pid)
     start = time.perf_counter()
-    reply: RecordDict = getattr(rt.algorithm, action or category)(
+    method = contract.client_method(rt.algorithm, family, action or category)
+    reply = method(
         msg.content,
         rt.data.client(pid),
         server_round=server_round,

@@ -60,9 +60,26 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
     if local:
         check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    check_partitions(exp, data)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)
     privacy.preflight(exp, model, data)
+
+
+def check_partitions(exp: Experiment, data: Any) -> None:
+    """Every client has training examples (a client without any would fail in
+    its first round): ConfigError naming the clients."""
+    empty = [
+        pid for pid in range(exp.federation.clients) if len(data.client(pid).train) == 0
+    ]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise ConfigError(
+            f"data.partitioner: {len(empty)} of {exp.federation.clients} clients get "
+            f"no training examples (clients {shown}) from {exp.data.partitioner!r} "
+            f"over {len(data.pool)} examples; use fewer federation.clients, another "
+            "partitioner or a larger data.min-partition-size / data.alpha"
+        )
 
 
 def audit_note(frame: Any, server_round: int) -> str:
@@ -222,6 +239,7 @@ def run(
         The run was interrupted (its directory says ``interrupted``).
     """
     from fedsim.analysis import load_run
+    from fedsim.core.locking import locked
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
     from fedsim.engine.superlink import start_during
@@ -237,7 +255,8 @@ def run(
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:
-        outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
+        with locked(run_dir, "fedsim.run"):
+            outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
     finally:
         watch.close()
     if outcome.status == "interrupted":

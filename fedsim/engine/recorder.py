@@ -46,6 +46,7 @@ from fedsim.core.rundir import (
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
+from fedsim.engine.finite import check_loss
 
 #: Per-client metrics summed over the exchanges of a round (one row per metric
 #: per (round, client, phase), whatever the number of exchanges).
@@ -203,8 +204,10 @@ class RunRecorder:
 
         A client that answers several exchanges in a phase of a round keeps one
         row per metric: :data:`ADDITIVE` metrics are summed, others take the
-        latest value.
+        latest value. A non-finite ``loss`` fails the round unless
+        ``train.allow-nonfinite`` (:func:`fedsim.engine.finite.check_loss`).
         """
+        check_loss(self.experiment, server_round, phase, client, metrics)
         self._merge(server_round, phase, client, metrics)
 
     def _merge(

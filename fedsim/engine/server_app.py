@@ -41,6 +41,7 @@ from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
 from fedsim.audit.auditor import Auditor
 from fedsim.core import registry
+from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import (
     ASSIGN_KEY,
@@ -59,6 +60,7 @@ from fedsim.learn.data import federated_data
 from fedsim.learn.device import resolve_device
 from fedsim.learn.robust import robust_metrics
 from fedsim.learn.training import evaluate
+from fedsim.protocol import contract
 from fedsim.protocol.setup import ServerSetup
 
 linkstate.install()
@@ -109,8 +111,10 @@ def run(
     """
     family = registry.family(exp.strategy.name)
     setup = build(exp)
+    own = family.load_server()(setup)
+    contract.check_server_state(family, own)
     strategy = RecordingStrategy(
-        privacy.wrap_strategy(family.load_server()(setup), exp),
+        privacy.wrap_strategy(own, exp),
         recorder,
         seed=exp.seed,
     )
@@ -119,6 +123,8 @@ def run(
     arrays = setup.initial if family.global_model else None
     start = 1
     if resume:
+        if family.resume:
+            raise ConfigError(f"--resume: strategy {family.name!r}: {family.resume}")
         saved = checkpoint.check_resumable(run_dir)
         checkpoint.restore_strategy(strategy, saved["strategy"])
         arrays = checkpoint.arrays_record(saved["arrays"])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.core.capacity import check_per_client
 from fedsim.core.errors import ConfigError
 
 #: The packaged models whose layers form a chain that width slicing supports.
@@ -193,6 +194,9 @@ def training_memory_bytes(
 
 def check_sliceable(experiment: object, model: nn.Module, data: object) -> None:
     """Pre-run check of the width-slicing families: every configured width of
-    the experiment's model can be built."""
-    for ratio in experiment.strategy.options.capacities:  # type: ignore[attr-defined]
+    the experiment's model can be built, and every one goes to some client."""
+    capacities = experiment.strategy.options.capacities  # type: ignore[attr-defined]
+    clients = experiment.federation.clients  # type: ignore[attr-defined]
+    check_per_client("strategy.capacities", capacities, clients)
+    for ratio in capacities:
         width_plan(model, ratio)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import zipfile
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -296,8 +298,29 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
     partitioner (nor their imports: scikit-learn, pandas, ``datasets``).
     """
     path = _cache_path(cfg, num_clients, seed)
+    cached = _read_cached(path, cfg, num_clients, seed) if path is not None else None
+    if cached is not None:
+        return cached
+    built = _split(cfg, num_clients, seed)
     if path is not None:
-        with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
+        _save(path, built)
+    return built
+
+
+#: What reading a damaged cache entry raises (truncated, emptied, bytes flipped).
+_DAMAGE = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def _read_cached(
+    path: Path, cfg: DataConfig, num_clients: int, seed: int
+) -> FederatedData | None:
+    """The cache entry at ``path``, or None when there is none or it is damaged:
+    a damaged entry is removed (the caller rebuilds it) and the user told in one
+    line on stderr."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as saved:  # zip CRCs are checked as each entry is read
             info = DatasetInfo(
                 tuple(int(d) for d in saved["input_shape"]), int(saved["num_classes"])
             )
@@ -310,15 +333,21 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
                 cfg.client_test_fraction,
                 seed,
             )
-    built = _split(cfg, num_clients, seed)
-    if path is not None:
-        _save(path, built)
-    return built
+    except _DAMAGE as err:
+        print(
+            f"fedsim: data cache entry {path} is damaged "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '-'}); "
+            "rebuilding it",
+            file=sys.stderr,
+        )
+        with suppress(OSError):
+            path.unlink()
+        return None
 
 
 def _save(path: Path, data: FederatedData) -> None:
-    """Write atomically: concurrent actors may build the same entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: concurrent actors may build the same entry. A cache
+    that cannot be written (read-only, no space) means no caching."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     arrays = {
         "input_shape": np.asarray(data.info.input_shape, dtype=np.int64),
@@ -330,6 +359,7 @@ def _save(path: Path, data: FederatedData) -> None:
         **{f"p{i}": p for i, p in enumerate(data.partitions)},
     }
     with suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)

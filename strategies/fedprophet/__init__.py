@@ -119,6 +119,7 @@ FAMILY = Family(
     client="fedsim.clients.fedprophet:FedProphetClient",
     options=Options,
     global_model=False,
+    server_state=True,
     actions=("perturbation",),
     check="fedsim.learn.cascade:check_budget",
 )

@@ -241,6 +241,33 @@ class FedProphet(FedAvg):
         self.stage += 1
         self.stage_start = server_round + 1
 
+    # -- resume (fedsim.protocol.contract.ServerState) -----------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The model and heads, and the stage coordination (stage, APA, DMA)."""
+        return {
+            "arrays": dict(self.arrays),
+            "stage": self.stage,
+            "stage_start": self.stage_start,
+            "epsilon": self.epsilon,
+            "bounded": self.bounded,
+            "alpha": self.alpha,
+            "last_ratio": self.last_ratio,
+            "ratios": list(self.ratios),
+            "best": self.best,
+            "since_best": self.since_best,
+            "best_ratio": self.best_ratio,
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state` (same keys, order, dtypes)."""
+        self.arrays = {k: np.asarray(v) for k, v in state["arrays"].items()}
+        self.stage, self.stage_start = int(state["stage"]), int(state["stage_start"])
+        self.epsilon, self.bounded = float(state["epsilon"]), bool(state["bounded"])
+        self.alpha, self.last_ratio = float(state["alpha"]), float(state["last_ratio"])
+        self.ratios = [float(r) for r in state["ratios"]]
+        self.best, self.since_best = float(state["best"]), int(state["since_best"])
+        self.best_ratio = float(state["best_ratio"])
+
 
 def build(setup: ServerSetup) -> FedProphet:
     """FedProphet over the experiment's model and memory budgets."""

@@ -118,6 +118,7 @@ FAMILY = Family(
     options=Options,
     privacy=("none",),
     global_model=False,
+    server_state=True,
     rejects=_REJECTS,
     audit="fedsim.audit.replay:hypernetwork",
 )
@@ -132,6 +133,7 @@ LPM_FAMILY = Family(
     peft=("lora",),
     privacy=("none",),
     global_model=False,
+    server_state=True,
     rejects=_REJECTS,
     check="fedsim.learn.hypernet:check_lpm",
 )

@@ -89,5 +89,6 @@ FAMILY = Family(
     client="fedsim.clients.pa3dfl:Pa3dFLClient",
     options=Options,
     global_model=False,
+    server_state=True,
     check="fedsim.learn.capacity:check_sliceable",
 )

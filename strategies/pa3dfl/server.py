@@ -183,6 +183,38 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         (surrogate / len(uploads)).backward()
         self.optimizer.step()
 
+    # -- resume (fedsim.protocol.contract.ServerState) -----------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The general cores, the generator and its optimiser's momentum."""
+        params = list(self.generator.parameters())
+        momentum = [
+            self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params
+        ]
+        return {
+            "general": dict(self.general),
+            "generator": {
+                k: v.detach().cpu().numpy().copy()
+                for k, v in self.generator.state_dict().items()
+            },
+            "momentum": [
+                None if m is None else m.cpu().numpy().copy() for m in momentum
+            ],
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state`."""
+        self.general = {k: np.asarray(v) for k, v in state["general"].items()}
+        self.generator.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in state["generator"].items()}
+        )
+        params = list(self.generator.parameters())
+        self.optimizer.state.clear()
+        for param, buf in zip(params, state["momentum"], strict=True):
+            if buf is not None:
+                self.optimizer.state[param] = {
+                    "momentum_buffer": torch.from_numpy(np.array(buf))
+                }
+
 
 def factor_plans(
     model: nn.Module, capacities: Sequence[float], rank: int

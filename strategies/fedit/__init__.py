@@ -98,6 +98,7 @@ FEDIT = Family(
     privacy=("none", "dp-sgd"),
     rejects=_REJECTS,
     check="fedsim.learn.lora:check_layout",
+    server_state=True,
 )
 
 FEDIT_MERGE = Family(

@@ -103,6 +103,7 @@ def _family(name: str, summary: str, options: type) -> Family:
         privacy=("none", "dp-sgd"),
         rejects=_REJECTS,
         audit="fedsim.audit.replay:full_model",
+        server_state=True,
     )
 
 

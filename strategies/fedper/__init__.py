@@ -55,4 +55,5 @@ FAMILY = Family(
         "dp-fedavg": "not implemented for FedPer's partial model",
     },
     check="fedsim.strategies.fedper:check",
+    server_state=True,
 )

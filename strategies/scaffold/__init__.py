@@ -73,4 +73,5 @@ FAMILY = Family(
         "clips nor noises",
     },
     check="fedsim.strategies.scaffold.server:check",
+    server_state=True,
 )

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted or failed run from its last completed round",
     )
+    run.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the clients on this existing Ray cluster (overrides "
+        "resources.ray-address; fedsim installed on every node)",
+    )
     _superlink_options(run)
     run.add_argument(
         "--remote-out",
@@ -228,7 +234,20 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     return exp, run_dir, int(saved["round"])
 
 
+def on_cluster(exp: Any, address: str) -> Any:
+    """``exp`` with ``resources.ray-address = address`` (``--ray-address``),
+    validated as the key is; on ``--resume`` too: where a run goes on does not
+    change its results."""
+    from fedsim.core.loading import from_run_config, to_run_config
+
+    try:
+        return from_run_config({**to_run_config(exp), "resources.ray-address": address})
+    except ConfigError as err:
+        raise ConfigError(f"--ray-address: {err}") from None
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedsim.engine.cluster import ignored_ray_address
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
@@ -241,6 +260,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
     if remote and args.resume:
         raise ConfigError("--resume: not with --superlink (private simulations only)")
+    if remote and args.ray_address:
+        raise ConfigError("--ray-address: not with --superlink (simulations only)")
     connection = _connection(args) if remote else None
     out: Path | None = None
     if args.resume:
@@ -248,13 +269,21 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         exp, done = load_experiment(args.experiment, args.overrides), -1
         out = check_out(args.out)
+    if args.ray_address is not None:
+        exp = on_cluster(exp, args.ray_address)
+    if not remote and (note := ignored_ray_address(exp.resources.ray_address)):
+        print(note, file=sys.stderr)
 
     def prepare() -> Path:
         preflight(exp, local=not remote)
         return resumed if out is None else create_run_dir(out, exp)
 
     # a local run's SuperLink starts while the experiment is checked
-    superlink, run_dir = (None, prepare()) if remote else start_during(prepare)
+    superlink, run_dir = (
+        (None, prepare())
+        if remote
+        else start_during(prepare, exp.resources.ray_address)
+    )
     if out is None:
         console.print(f"resuming after round {done}: {run_dir}", highlight=False)
     else:
@@ -317,11 +346,15 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     """Validate the whole sweep, run what is left, print a table of its runs."""
+    from fedsim.engine.cluster import ignored_ray_address
     from fedsim.engine.launch import PlainDisplay
     from fedsim.engine.runner import read_summary
     from fedsim.engine.sweep import execute, plan
 
     work = plan(args.sweep, args.overrides, args.out)
+    where = work.points[0].experiment.resources.ray_address if work.points else ""
+    if note := ignored_ray_address(where):
+        print(note, file=sys.stderr)
     total = len(work.points)
     done = total - len(work.todo)
     console.print(

@@ -46,6 +46,7 @@ from fedsim.core.rundir import (
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
+from fedsim.engine.placement import Placement
 
 #: Per-client metrics summed over the exchanges of a round (one row per metric
 #: per (round, client, phase), whatever the number of exchanges).
@@ -185,6 +186,7 @@ class RunRecorder:
         self._strategy: dict[tuple[int, str], dict[str, float]] = {}
         self._server: list[tuple[int, int | None, str, str, float]] = []
         self.failures: list[dict[str, Any]] = []
+        self.placement = Placement()
         self.rounds_completed = 0
         self.started = time.time()
         self.summary = summary_base(experiment, extra_summary)
@@ -230,6 +232,12 @@ class RunRecorder:
             {"round": server_round, "client": client, "phase": phase, "reason": reason}
         )
 
+    def placed(self, server_round: int, phase: str, node: Any) -> None:
+        """A client of a phase ran on Ray node ``node`` (id, address; None: not
+        known): ``summary.json``'s ``placement`` (:mod:`fedsim.engine.placement`)."""
+        if node is not None:
+            self.placement.served(server_round, phase, node)
+
     def strategy(
         self, server_round: int, phase: str, metrics: Mapping[str, float]
     ) -> None:
@@ -269,6 +277,7 @@ class RunRecorder:
             "elapsed": time.time() - self.started,
             "started_at": self.summary["started_at"],
             "resumed": list(self.summary.get("resumed", [])),
+            "placement": self.placement.as_json(),
         }
 
     def resume(self, server_round: int, state: Mapping[str, Any]) -> None:
@@ -291,6 +300,7 @@ class RunRecorder:
         self._writer, self._finals, self._scanned = MetricsWriter(), {}, 0
         self._sent = len(rows)  # the sinks had them before the run died
         self.failures = [dict(f) for f in state["failures"]]
+        self.placement = Placement(state.get("placement")).up_to(server_round)
         self.rounds_completed = server_round
         self.started = time.time() - float(state["elapsed"])
         resumed = [*state["resumed"], {"after_round": server_round}]
@@ -404,6 +414,8 @@ class RunRecorder:
             failures=len(self.failures),
             failure_details=self.failures[:100],
         )
+        if self.placement:
+            self.summary["placement"] = self.placement.as_json()
         write_json(self.run_dir / SUMMARY_FILE, self.summary)
 
 

@@ -39,7 +39,7 @@ from fedsim.engine.recorder import check_out
 from fedsim.engine.runner import (
     LOGS_DIR,
     Outcome,
-    federation_config,
+    ray_group,
     read_summary,
     simulate_sweep,
 )
@@ -137,9 +137,9 @@ def execute(
     experiments run, in order."""
     _prepare(plan)
     write_index(plan)
-    groups: dict[str, list[SweepPoint]] = {}
+    groups: dict[tuple[str, str], list[SweepPoint]] = {}
     for point in plan.todo:
-        groups.setdefault(federation_config(point.experiment), []).append(point)
+        groups.setdefault(ray_group(point.experiment), []).append(point)
     make = display or (lambda point: PlainDisplay())
     outcomes: list[Outcome] = []
     try:

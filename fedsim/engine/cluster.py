@@ -37,12 +37,14 @@ every node, with the per-client resources against the cluster's.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -147,43 +149,66 @@ def _node_code() -> str:
         return f"error: {type(err).__name__}: {err}"
 
 
-@cache
+#: Seconds a survey of a cluster is reused (a sweep checks many experiments).
+SURVEY_TTL = 300.0
+_surveys: dict[str, tuple[float, tuple[Node, ...]]] = {}
+
+
 def survey(address: str) -> tuple[Node, ...]:
-    """Attach to the cluster at ``address`` as a driver for a moment: its live
-    nodes, and :func:`code_fingerprint` as a task pinned to each node sees it
-    (the workers get the ``PYTHONPATH`` Flower's backend gives them)."""
+    """The live nodes of the cluster at ``address`` and the fedsim each runs,
+    found by a short-lived driver in a process of its own (``python -m
+    fedsim.engine.cluster ADDRESS``: this process's Ray, if any, is left
+    alone); reused for :data:`SURVEY_TTL` seconds."""
+    now = time.monotonic()
+    if address in _surveys and now - _surveys[address][0] < SURVEY_TTL:
+        return _surveys[address][1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedsim.engine.cluster", address],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{KEY}: no answer from {address} within 300 s") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise ConfigError(f"{KEY}: cannot attach to {address}: {lines[-1]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    nodes = tuple(Node(n[0], n[1], n[2], n[3]) for n in found)
+    _surveys[address] = (now, nodes)
+    return nodes
+
+
+def _survey_here(address: str) -> list[tuple[str, str, dict[str, float], str]]:
+    """Attach to ``address`` as a driver: each live node with its resources
+    and :func:`code_fingerprint` as a task pinned to it sees it (the workers
+    get the ``PYTHONPATH`` Flower's backend gives them)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        ray.init(
-            address=address,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-        )
-    except Exception as err:
-        raise ConfigError(f"{KEY}: cannot attach to {address}: {err}") from None
+    ray.init(
+        address=address,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+    )
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         probe = ray.remote(num_cpus=0)(_node_code)
-        codes = ray.get(
-            [
-                probe.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        n["NodeID"], soft=False
-                    )
-                ).remote()
-                for n in alive
-            ],
-            timeout=120,
-        )
-        return tuple(
-            Node(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]), code)
+        pinned = [
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    n["NodeID"], soft=False
+                )
+            ).remote()
+            for n in alive
+        ]
+        codes = ray.get(pinned, timeout=240)
+        return [
+            (n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]), code)
             for n, code in zip(alive, codes, strict=True)
-        )
+        ]
     finally:
         ray.shutdown()
 
@@ -220,3 +245,7 @@ def check_cluster(
             f"resources.device: 'cuda' requested but the Ray cluster at {address} "
             "has no GPU"
         )
+
+
+if __name__ == "__main__":
+    print(json.dumps(_survey_here(sys.argv[1])))

@@ -234,20 +234,8 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     return exp, run_dir, int(saved["round"])
 
 
-def on_cluster(exp: Any, address: str) -> Any:
-    """``exp`` with ``resources.ray-address = address`` (``--ray-address``),
-    validated as the key is; on ``--resume`` too: where a run goes on does not
-    change its results."""
-    from fedsim.core.loading import from_run_config, to_run_config
-
-    try:
-        return from_run_config({**to_run_config(exp), "resources.ray-address": address})
-    except ConfigError as err:
-        raise ConfigError(f"--ray-address: {err}") from None
-
-
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedsim.engine.cluster import ignored_ray_address
+    from fedsim.engine import cluster
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
@@ -269,21 +257,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         exp, done = load_experiment(args.experiment, args.overrides), -1
         out = check_out(args.out)
-    if args.ray_address is not None:
-        exp = on_cluster(exp, args.ray_address)
-    if not remote and (note := ignored_ray_address(exp.resources.ray_address)):
-        print(note, file=sys.stderr)
+    if args.ray_address is not None:  # on --resume too: results do not change
+        exp = cluster.on_cluster(exp, args.ray_address, "--ray-address")
+    if not remote:
+        cluster.note_ignored(exp.resources.ray_address)
 
     def prepare() -> Path:
         preflight(exp, local=not remote)
         return resumed if out is None else create_run_dir(out, exp)
 
     # a local run's SuperLink starts while the experiment is checked
-    superlink, run_dir = (
-        (None, prepare())
-        if remote
-        else start_during(prepare, exp.resources.ray_address)
-    )
+    where = exp.resources.ray_address
+    superlink, run_dir = (None, prepare()) if remote else start_during(prepare, where)
     if out is None:
         console.print(f"resuming after round {done}: {run_dir}", highlight=False)
     else:
@@ -346,15 +331,13 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     """Validate the whole sweep, run what is left, print a table of its runs."""
-    from fedsim.engine.cluster import ignored_ray_address
+    from fedsim.engine.cluster import note_ignored
     from fedsim.engine.launch import PlainDisplay
     from fedsim.engine.runner import read_summary
     from fedsim.engine.sweep import execute, plan
 
     work = plan(args.sweep, args.overrides, args.out)
-    where = work.points[0].experiment.resources.ray_address if work.points else ""
-    if note := ignored_ray_address(where):
-        print(note, file=sys.stderr)
+    note_ignored(work.points[0].experiment.resources.ray_address if work.points else "")
     total = len(work.points)
     done = total - len(work.todo)
     console.print(

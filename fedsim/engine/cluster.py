@@ -85,6 +85,23 @@ def ignored_ray_address(address: str, env: Mapping[str, str] = os.environ) -> st
     )
 
 
+def note_ignored(address: str) -> None:
+    """Print :func:`ignored_ray_address` on stderr (nothing if it is '')."""
+    if note := ignored_ray_address(address):
+        print(note, file=sys.stderr)
+
+
+def on_cluster(exp: Any, address: str, flag: str) -> Any:
+    """``exp`` with ``resources.ray-address = address`` (given as ``flag``),
+    validated as the key is."""
+    from fedsim.core.loading import from_run_config, to_run_config
+
+    try:
+        return from_run_config({**to_run_config(exp), KEY: address})
+    except ConfigError as err:
+        raise ConfigError(f"{flag}: {err}") from None
+
+
 def init_args(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """fedsim's ``ray.init`` arguments for the simulation process (see module
     doc)."""

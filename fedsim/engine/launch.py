@@ -230,15 +230,14 @@ def run(
         The run was interrupted (its directory says ``interrupted``).
     """
     from fedsim.analysis import load_run
-    from fedsim.engine.cluster import ignored_ray_address
+    from fedsim.engine.cluster import note_ignored
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
     from fedsim.engine.superlink import start_during
 
     exp = load_experiment(experiment, overrides)
     where = check_out(out, "out")
-    if note := ignored_ray_address(exp.resources.ray_address):
-        print(note, file=sys.stderr)
+    note_ignored(exp.resources.ray_address)
 
     def prepare() -> Path:
         preflight(exp)

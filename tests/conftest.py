@@ -30,6 +30,7 @@ from tests.runs import (
     SMALL,
     SPY,
     SPY_DIR,
+    STRAY_RAY,
     TWO_CLIENTS,
     CliRun,
     SharedRun,
@@ -131,7 +132,8 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
     tests/test_sweep.py): the DP experiments of tests/test_dp_e2e.py, FLoRA and
     FedIT of tests/test_lora_e2e.py (a ``FEDSIM_CACHE`` of their own for the
     pretrained base), and the run with failing clients of tests/test_e2e.py.
-    Each module defines its experiments. Asserts the sweep succeeded."""
+    Each module defines its experiments. Asserts the sweep succeeded. Runs
+    with ``RAY_ADDRESS`` set (:data:`STRAY_RAY`), which a local run ignores."""
     from tests.test_dp_e2e import dp_experiments
     from tests.test_e2e import failing_experiment
     from tests.test_lora_e2e import FEDIT, FLORA
@@ -144,9 +146,10 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
         "flora": FLORA,
         "fedit": FEDIT,
     }
-    result, run_dirs = sweep_cli(
-        root, list(experiments.values()), env={**os.environ, "FEDSIM_CACHE": str(cache)}
-    )
+    # a RAY_ADDRESS naming no cluster: a local run must not try it
+    # (tests/test_cluster.py)
+    env = {**os.environ, "FEDSIM_CACHE": str(cache), "RAY_ADDRESS": STRAY_RAY}
+    result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return {
         name: SharedRun(run_dir, result, cache=cache)

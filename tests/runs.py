@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
+
+#: ``RAY_ADDRESS`` of the four-client sweep: a closed loopback port, no cluster.
+STRAY_RAY = "127.0.0.1:9"
 
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
@@ -39,6 +43,9 @@ class CliRun:
     #: (:func:`sweep_cli` only)
     processes: frozenset[int] = frozenset()
     left_behind: frozenset[int] = frozenset()
+    #: (address, port, process name) of every socket a process under the CLI
+    #: listened on (TCP) or had bound (UDP) while it ran (:func:`sweep_cli`)
+    listening: frozenset[tuple[str, int, str]] = frozenset()
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -92,6 +99,24 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
+def listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of the listening TCP and bound UDP
+    sockets of ``pids`` now (one look at the whole socket table)."""
+    found = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.pid not in pids or not conn.laddr:
+            continue
+        if conn.status == psutil.CONN_LISTEN or (
+            conn.type == socket.SOCK_DGRAM and not conn.raddr
+        ):
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                name = "?"
+            found.add((conn.laddr.ip, conn.laddr.port, name))
+    return found
+
+
 def sweep_cli(
     out: Path,
     experiments: Sequence[Sequence[str]],
@@ -133,8 +158,13 @@ def sweep_cli(
     with ThreadPoolExecutor(1) as pool:  # drain the pipes while watching
         streams = pool.submit(proc.communicate, timeout=timeout)
         seen: set[int] = set()
+        sockets: set[tuple[str, int, str]] = set()
+        looks = 0
         while not streams.done():
             seen |= descendants(proc.pid)
+            if looks % 3 == 0:  # every 0.6 s: the sockets' table costs more
+                sockets |= listening(alive(seen))
+            looks += 1
             time.sleep(0.2)
         try:
             stdout, stderr = streams.result()
@@ -150,6 +180,7 @@ def sweep_cli(
         env,
         processes=frozenset(seen),
         left_behind=frozenset(alive(seen)),  # as soon as the CLI exited
+        listening=frozenset(sockets),
     )
     index = out / "runs" / file.stem / "sweep.json"
     assert index.is_file(), result.stdout + result.stderr

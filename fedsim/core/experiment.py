@@ -37,6 +37,16 @@ def _registered(table: Mapping[str, registry.Entry]) -> Check:
     return check
 
 
+def _host_port(v: str) -> str | None:
+    """Empty, or ``HOST:PORT`` with a port in 1..65535 (a Ray cluster's GCS)."""
+    if v == "":
+        return None
+    host, _, port = v.rpartition(":")
+    if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in v:
+        return None
+    return "is not HOST:PORT (e.g. 10.0.0.5:6379); leave it empty for a local Ray"
+
+
 def _family_name(v: str) -> str | None:
     names = registry.families()
     if v in names:
@@ -290,6 +300,13 @@ class ResourcesConfig:
         "auto",
         "torch device: auto picks cuda when GPUs are requested",
         one_of("auto", "cpu", "cuda"),
+    )
+    ray_address: str = option(
+        "",
+        "HOST:PORT of an existing Ray cluster to run the clients on (fedsim "
+        "installed on every node); empty: a private Ray on loopback, whatever "
+        "RAY_ADDRESS says",
+        _host_port,
     )
 
 

@@ -248,3 +248,33 @@ def ended(summary: dict[str, Any], before: str | None) -> bool:
     """Whether the ServerApp wrote a final status since ``before`` (the
     ``finished_at`` the run directory held when the run was submitted)."""
     return summary.get("status") in ENDED and summary.get("finished_at") != before
+
+
+def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Aggregate rows of one phase: sums for counts, example-weighted means else.
+
+    Sums include failed clients (bytes were sent to them all the same); means use
+    successful replies only (plain means for ``UNWEIGHTED`` metrics). ``failed``
+    becomes ``failures`` (a count), ``clients`` counts successful replies, and
+    per-client ``seconds`` is left out (the phase's wall time is recorded instead).
+    """
+    ok = [values for _, values in replies if "failed" not in values]
+    out: dict[str, float] = {
+        "clients": float(len(ok)),
+        "failures": float(len(replies) - len(ok)),
+    }
+    for name in sorted(SUMMED):
+        sent = [values[name] for _, values in replies if name in values]
+        if sent:
+            out[name] = sum(sent)
+    names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
+    for name in names:
+        have = [v for v in ok if name in v]
+        plain = name in UNWEIGHTED
+        weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
+        total = sum(weights)
+        if total > 0:
+            out[name] = sum(w * v[name] for w, v in zip(weights, have)) / total
+        else:
+            out[name] = sum(v[name] for v in have) / len(have)
+    return out

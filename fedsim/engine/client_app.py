@@ -10,7 +10,8 @@ clients over many rounds builds it once. Importing the module makes Flower's
 ``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
-loaded back once in a resumed run (:mod:`fedsim.engine.client_state`).
+loaded back once in a resumed run (:mod:`fedsim.engine.client_state`): by the
+simulation process in simulation, here in deployment.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from fedsim.core.messages import (
 )
 from fedsim.core.seeding import derive_seed
 from fedsim.engine import arrays
-from fedsim.engine.client_state import ClientStateStore
+from fedsim.engine.client_state import RELAYED, ClientStateStore
 from fedsim.learn.data import FederatedData, federated_data
 from fedsim.learn.device import resolve_device
 from fedsim.protocol import contract
@@ -151,11 +152,12 @@ app = ClientApp()
 
 
 def _handle(msg: Message, context: Context) -> Message:
+    relayed = RELAYED in context.state  # the simulation process keeps the state
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     run_config = experiment_config(context.run_config, config, context.state)
     rt = runtime(run_config)
     pid = partition_id(context, config)
-    store = state_store(run_config)
+    store = None if relayed else state_store(run_config)
     if store is not None and run_config.get(RESUME_KEY):
         store.restore_into(pid, context.state)
     category, _, action = msg.metadata.message_type.partition(".")

@@ -50,14 +50,22 @@ def check_resources(exp: Experiment) -> None:
 
 def preflight(exp: Experiment, *, local: bool = True) -> None:
     """Every pre-run check, before anything is written: resources (``local``
-    runs only: on a SuperLink the SuperNodes' hosts have their own), the data
-    and the model built once, the family's own check (e.g. LoRA targets), the
-    privacy mechanism's."""
+    runs only: on a SuperLink the SuperNodes' hosts have their own; this
+    host's, or with ``resources.ray-address`` the Ray cluster's nodes and the
+    fedsim they run), the data and the model built once, the family's own
+    check (e.g. LoRA targets), the privacy mechanism's."""
     from fedsim import privacy
+    from fedsim.engine import cluster
     from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
 
-    if local:
+    res = exp.resources
+    if local and res.ray_address:
+        nodes = cluster.survey(res.ray_address)
+        cluster.check_cluster(
+            res.ray_address, res.num_cpus, res.num_gpus, res.device, nodes
+        )
+    elif local:
         check_resources(exp)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
     check_partitions(exp, data)
@@ -240,18 +248,21 @@ def run(
     """
     from fedsim.analysis import load_run
     from fedsim.core.locking import locked
+    from fedsim.engine.cluster import note_ignored
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
     from fedsim.engine.superlink import start_during
 
     exp = load_experiment(experiment, overrides)
     where = check_out(out, "out")
+    note_ignored(exp.resources.ray_address)
 
     def prepare() -> Path:
         preflight(exp)
         return create_run_dir(where, exp, "out")
 
-    superlink, run_dir = start_during(prepare)  # it starts during the checks
+    # it starts during the checks
+    superlink, run_dir = start_during(prepare, exp.resources.ray_address)
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:

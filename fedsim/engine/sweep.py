@@ -41,7 +41,7 @@ from fedsim.engine.recorder import check_out
 from fedsim.engine.runner import (
     LOGS_DIR,
     Outcome,
-    federation_config,
+    ray_group,
     read_summary,
     simulate_sweep,
 )
@@ -155,9 +155,9 @@ def _execute(
     plan: SweepPlan, display: Callable[[SweepPoint], Display] | None
 ) -> list[Outcome]:
     write_index(plan)
-    groups: dict[str, list[SweepPoint]] = {}
+    groups: dict[tuple[str, str], list[SweepPoint]] = {}
     for point in plan.todo:
-        groups.setdefault(federation_config(point.experiment), []).append(point)
+        groups.setdefault(ray_group(point.experiment), []).append(point)
     make = display or (lambda point: PlainDisplay())
     outcomes: list[Outcome] = []
     try:

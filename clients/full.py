@@ -17,13 +17,8 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.robust import robust_metrics
-from fedsim.learn.training import (
-    TrainStats,
-    evaluate,
-    evaluation_metrics,
-    local_fit,
-    num_examples,
-)
+from fedsim.learn.tasks import metric_record, task_for
+from fedsim.learn.training import TrainStats, local_fit, num_examples
 
 
 def fit_round(
@@ -38,7 +33,7 @@ def fit_round(
     """One round of :func:`fedsim.learn.training.local_fit` on the client's train
     split, seeded by round and partition, through the experiment's privacy
     mechanism: the local training of every client algorithm that trains its
-    model's trainable parameters with cross-entropy."""
+    model's trainable parameters with the task's loss."""
     return local_fit(
         model,
         data.train,
@@ -47,6 +42,7 @@ def fit_round(
         device=device,
         state=state,
         mechanism=privacy.client_mechanism(exp),
+        loss=task_for(exp).loss,
     )
 
 
@@ -75,7 +71,7 @@ def evaluation_reply(
     """The evaluate reply of ``model`` on the client's test split: clean loss and
     accuracy, with ``robust.epsilon`` > 0 the PGD ones (seeded by round and
     partition), then ``more`` (the algorithm's own keys)."""
-    metrics = evaluation_metrics(evaluate(model, data.test, device=device))
+    metrics = metric_record(task_for(exp).evaluate(model, data.test, device=device))
     seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
     robust = robust_metrics(model, data.test, exp.robust, device=device, seed=seed)
     for key, value in {**robust, **more}.items():

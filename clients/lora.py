@@ -18,10 +18,7 @@ from fedsim.learn.lora import (
     rank_for,
     scaling_for,
 )
-from fedsim.learn.training import (
-    evaluate,
-    evaluation_metrics,
-)
+from fedsim.learn.tasks import metric_record, task_for
 
 
 class LoraClient:
@@ -124,7 +121,8 @@ class LoraClient:
         server_round: int,
         state: RecordDict,
     ) -> RecordDict:
-        """Loss and accuracy of the received global model on the local test split."""
+        """The task's metrics of the received global model on the local test split."""
         self.load(content)
-        stats = evaluate(self.base, data.test, device=self.device)
-        return RecordDict({METRICS: evaluation_metrics(stats)})
+        task = task_for(self.experiment)
+        stats = task.evaluate(self.base, data.test, device=self.device)
+        return RecordDict({METRICS: metric_record(stats)})

@@ -379,3 +379,13 @@ def one_thread() -> Iterable[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_assets(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny random-init Hugging Face model folders (LLaMA, GPT-2, BERT) with a
+    tokenizer trained here, and instruction / labelled text files
+    (:mod:`tests.hf_assets`)."""
+    from tests.hf_assets import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("hf"))

@@ -55,11 +55,11 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
     privacy mechanism's."""
     from fedsim import privacy
     from fedsim.learn.base import build_model
-    from fedsim.learn.data import federated_data
+    from fedsim.learn.tasks import task_data
 
     if local:
         check_resources(exp)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)
     privacy.preflight(exp, model, data)

@@ -271,7 +271,7 @@ def build_tiny_bert(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
 def build_architecture(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
     """The configured architecture with its seeded initialisation (no
     pre-trained weights: :func:`fedsim.learn.base.build_model` adds those)."""
-    builder = registry.MODELS[cfg.name].load()
+    builder = registry.model_entry(cfg.name).load()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model: nn.Module = builder(cfg, info)

@@ -5,6 +5,7 @@ The models are tiny random-init folders made offline (:mod:`tests.hf_assets`).""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,48 @@ def test_flora_merge_equals_peft_cat_on_real_architectures(
         got = merged[f"hf.{key}"].numpy()
         assert not np.allclose(got, initial[f"hf.{key}"].numpy())
         np.testing.assert_allclose(got, oracle[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_exported_model_reloads_with_the_last_server_loss(
+    hf_assets: HfAssets, tmp_path: Path, task_identity: None
+) -> None:
+    """FLoRA rounds of a LLaMA-shaped causal LM on Alpaca rows, heterogeneous
+    ranks, driven by the ServerApp's own ``run`` on an in-process grid: the
+    clients' replies carry loss (train) and loss + perplexity (evaluate), and
+    RUN_DIR/model, reloaded with ``AutoModelForCausalLM`` and ``AutoTokenizer``,
+    gives the last server-side eval loss on the held-out split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedsim.engine.recorder import RunRecorder
+    from fedsim.engine.server_app import MODEL_DIR, run
+    from fedsim.learn.hf import HFModel
+    from fedsim.learn.tasks import CausalLM, task_data
+    from tests.conftest import InProcessGrid
+
+    exp = load_experiment(
+        None,
+        alpaca(
+            hf_assets, None, "strategy.name=flora", "peft.method=lora",
+            'peft.targets=["q_proj", "v_proj"]', "peft.modules-to-save=[]",
+            "peft.ranks=[2, 4]", "rounds=2", "data.max-length=320",
+        ),
+    )
+    data = task_data(exp)
+    recorder = RunRecorder(tmp_path, exp)
+    grid = InProcessGrid({100: 0, 101: 1}, exp, data)
+    run(grid, exp, recorder, assign=True)
+    rows = {(r, c, phase, m): v for r, c, phase, m, v in recorder.rows}
+    last = rows[(2, None, "server", "loss")]
+    assert rows[(2, None, "server", "perplexity")] == pytest.approx(math.exp(last))
+    assert {m for (_, c, p, m) in rows if p == "evaluate" and c is not None} >= {
+        "loss", "perplexity"
+    }
+    assert last < rows[(0, None, "server", "loss")]
+    folder = tmp_path / MODEL_DIR
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert len(tokenizer) == model.config.vocab_size
+    again = CausalLM().evaluate(
+        HFModel(model, "causal-lm"), data.test, device=torch.device("cpu")
+    )
+    assert again.values["loss"] == pytest.approx(last, rel=1e-5)

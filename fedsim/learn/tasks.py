@@ -137,6 +137,13 @@ def tokenized(
     tokenizer = load_tokenizer(model)
     pool = Arrays(tokenize_rows(data.pool.x, tokenizer, max_length), data.pool.y)
     test = Arrays(tokenize_rows(data.test.x, tokenizer, max_length), data.test.y)
+    targets = data.pool.x[:, 1] != ""
+    kept = (pool.x[:, 1] == TARGET).any(axis=1)
+    if targets.any() and not kept[targets].any():
+        raise ConfigError(
+            f"data.max-length: {max_length} tokens cut every row before its "
+            "response (the prompts are longer); raise it"
+        )
     return replace(data, pool=pool, test=test)
 
 

@@ -113,10 +113,12 @@ def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Share
         for folder in path:
             patch.syspath_prepend(folder)
         registry.families.cache_clear()
+        registry.models.cache_clear()
         try:
             result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
         finally:
             registry.families.cache_clear()
+            registry.models.cache_clear()
     assert result.returncode == 0, result.stdout + result.stderr
     return {
         name: SharedRun(run_dir, result, seen=seen.get(name))

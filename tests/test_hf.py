@@ -173,6 +173,7 @@ def cli_bad(assets: HfAssets, tmp: Path) -> list[tuple[list[str], str]]:
         ),
         (alpaca(assets, None, "data.format=ragged"), "data.format: "),
         (alpaca(assets, None, "model.task=causal"), "model.task: "),
+        (["model.name=no_such_pkg.mod:build"], "model.name: cannot import"),
         (classification(assets, "data.format=alpaca"), "data.text-column: "),
         (
             alpaca(assets, None, "strategy.name=flora", "peft.method=lora", bad_target),
@@ -314,9 +315,15 @@ def test_exported_model_reloads_with_the_last_server_loss(
     exp = load_experiment(
         None,
         alpaca(
-            hf_assets, None, "strategy.name=flora", "peft.method=lora",
-            'peft.targets=["q_proj", "v_proj"]', "peft.modules-to-save=[]",
-            "peft.ranks=[2, 4]", "rounds=2", "data.max-length=320",
+            hf_assets,
+            None,
+            "strategy.name=flora",
+            "peft.method=lora",
+            'peft.targets=["q_proj", "v_proj"]',
+            "peft.modules-to-save=[]",
+            "peft.ranks=[2, 4]",
+            "rounds=2",
+            "data.max-length=320",
         ),
     )
     data = task_data(exp)
@@ -327,7 +334,8 @@ def test_exported_model_reloads_with_the_last_server_loss(
     last = rows[(2, None, "server", "loss")]
     assert rows[(2, None, "server", "perplexity")] == pytest.approx(math.exp(last))
     assert {m for (_, c, p, m) in rows if p == "evaluate" and c is not None} >= {
-        "loss", "perplexity"
+        "loss",
+        "perplexity",
     }
     assert last < rows[(0, None, "server", "loss")]
     folder = tmp_path / MODEL_DIR
@@ -338,3 +346,48 @@ def test_exported_model_reloads_with_the_last_server_loss(
         HFModel(model, "causal-lm"), data.test, device=torch.device("cpu")
     )
     assert again.values["loss"] == pytest.approx(last, rel=1e-5)
+
+
+def test_user_model_from_an_entry_point_runs_and_is_exported(
+    two_client_runs: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The plug-in's ``ping-linear`` (``fedsim.models`` entry point) is listed by
+    ``fedsim list``, reachable as ``package.module:factory`` too, gets the model
+    options and the data's shape and classes, and ran a FedAvg round through
+    Flower (``two_client_runs["user-model"]``, 1 round, 2 clients): its final
+    weights, under the user's own names, are RUN_DIR/model/model.safetensors and
+    give the run's last server-side loss."""
+    from safetensors.torch import load_file
+
+    from fedsim.core import registry
+    from fedsim.learn.base import build_model
+    from fedsim.learn.tasks import task_data
+    from fedsim.learn.training import evaluate
+    from tests.runs import PLUGIN
+
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    registry.models.cache_clear()
+    try:
+        assert main(["list"]) == 0
+        assert "ping-linear" in capsys.readouterr().out
+        run = two_client_runs["user-model"]
+        exp = load_experiment(run.run_dir / "config.toml")
+        named = load_experiment(None, ["model.name=fedsim_ping.model:build"])
+        model = build_model(exp.model, task_data(exp).info, exp.seed)
+        other = build_model(named.model, task_data(named).info, named.seed)
+    finally:
+        registry.models.cache_clear()
+    assert type(model).__name__ == type(other).__name__ == "UserLinear"
+    assert model.scale == exp.model.hidden / 64
+    weights = load_file(str(run.run_dir / "model" / "model.safetensors"))
+    assert weights["user_linear.weight"].shape == (10, 64)
+    model.load_state_dict(weights)
+    import pandas as pd
+
+    frame = pd.read_parquet(run.run_dir / "metrics.parquet")
+    server = frame[(frame.phase == "server") & (frame.metric == "loss")]
+    last = float(server.sort_values("round")["value"].iloc[-1])
+    stats = evaluate(model, task_data(exp).test, device=torch.device("cpu"))
+    assert stats.loss == pytest.approx(last, rel=1e-5)

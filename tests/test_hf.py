@@ -13,6 +13,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, LORA_SCALING, METRICS, NUM_EXAMPLES
 from fedsim.engine.cli import main
@@ -391,3 +392,37 @@ def test_user_model_from_an_entry_point_runs_and_is_exported(
     last = float(server.sort_values("round")["value"].iloc[-1])
     stats = evaluate(model, task_data(exp).test, device=torch.device("cpu"))
     assert stats.loss == pytest.approx(last, rel=1e-5)
+
+
+def test_dp_sgd_trains_lora_on_an_hf_model_and_rejects_full_training(
+    hf_assets: HfAssets, tmp_path: Path, task_identity: None
+) -> None:
+    """DP-SGD (Opacus) with LoRA adapters on GPT-2's Conv1D ``c_attn``: a round
+    trains (the guard checks every adapter got per-example gradients) and
+    reports the accountant's epsilon. Full training of the HF causal LM is
+    refused before the run (Opacus finds no per-example gradients for some of
+    its layers)."""
+    from fedsim.engine.launch import preflight
+    from fedsim.learn.tasks import task_data
+    from fedsim.privacy.accounting import epsilon as accountant_epsilon
+    from fedsim.privacy.accounting import planned_steps
+    from tests.conftest import run_rounds
+
+    dp = ["privacy.mechanism=dp-sgd", "privacy.noise-multiplier=0.5"]
+    lora = ["strategy.name=flora", "peft.method=lora", 'peft.targets=["c_attn"]']
+    exp = load_experiment(
+        None, alpaca(hf_assets, hf_assets.gpt2, *dp, *lora, "peft.modules-to-save=[]")
+    )
+    preflight(exp)
+    _, _, recorder = run_rounds(exp, 1, tmp_path)
+    epsilon = [v for _, c, p, m, v in recorder.rows if m == "epsilon" and c == 0]
+    n = len(task_data(exp).client(0).train)
+    q, steps, _ = planned_steps(n, exp.train.batch_size, exp.train.epochs, 1)
+    history = [(0.5, q, steps)]
+    oracle = accountant_epsilon(
+        history, exp.privacy.target_delta, exp.privacy.accountant
+    )
+    assert epsilon == [pytest.approx(oracle, abs=1e-6)]
+    full = load_experiment(None, alpaca(hf_assets, hf_assets.llama, *dp))
+    with pytest.raises(ConfigError, match="cannot be trained in full with DP-SGD"):
+        preflight(full)

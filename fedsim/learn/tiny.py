@@ -56,12 +56,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
 
 
 def model_config(arch: str, tokenizer: Any, *, size: str = "tiny") -> Any:
-    """A ``transformers`` config of ``arch``: ``tiny`` (tests, a few thousand
-    parameters), ``small`` (~1M, CPU experiments) or ``base`` (~100M, LLaMA-
-    shaped benchmarks)."""
+    """A ``transformers`` config of ``arch``: ``tiny`` (tests; hidden 32, 2
+    layers), ``mini`` (hidden 64, 2 layers), ``small`` (hidden 128, 4 layers)
+    or ``base`` (hidden 768, 12 layers: ~100M parameters LLaMA-shaped with a
+    32k vocabulary)."""
     import transformers as tf
 
-    dims = {"tiny": (32, 2, 4), "small": (128, 4, 4), "base": (768, 12, 12)}[size]
+    dims = {
+        "tiny": (32, 2, 4),
+        "mini": (64, 2, 4),
+        "small": (128, 4, 4),
+        "base": (768, 12, 12),
+    }[size]
     hidden, layers, heads = dims
     ids = {
         "pad_token_id": tokenizer.pad_token_id if tokenizer else 0,
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="llama")
-    parser.add_argument("--size", choices=("tiny", "small", "base"), default="small")
+    parser.add_argument("--size", choices=("tiny", "mini", "small", "base"), default="small")
     parser.add_argument("--text", nargs="*", type=Path, default=[])
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)

@@ -14,9 +14,10 @@ Usage::
   ``.py`` file of the installed ``fedsim`` package and this repository's
   README (text any checkout has). Saved with ``save_pretrained`` to
   ``OUT/llama-pretrained``.
-- Data: ``OUT/instruct.json``, 600 Alpaca rows of four word tasks over a
-  fixed vocabulary (name the first word, reverse the words, say a word twice,
-  sort numbers), seeded.
+- Data: ``OUT/instruct.json``, ``--rows`` (200) Alpaca rows of four word
+  tasks over a fixed vocabulary (name the first word, reverse the words, say a
+  word twice, sort numbers), seeded; the tokenizer is trained on the first 600
+  such rows whatever ``--rows``.
 """
 
 from __future__ import annotations
@@ -95,12 +96,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/hf"))
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rows", type=int, default=200)
     args = parser.parse_args()
     from fedsim.learn.tiny import make_folder
 
-    rows = instructions(600)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "instruct.json").write_text(json.dumps(rows))
+    (args.out / "instruct.json").write_text(json.dumps(instructions(args.rows)))
+    rows = instructions(600)  # the tokenizer sees these, whatever --rows
     texts = pretraining_text() + [" ".join(r.values()) for r in rows]
     folder = make_folder(
         args.out / "llama-pretrained", "llama", texts, size="mini", vocab_size=1024

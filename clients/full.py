@@ -18,13 +18,11 @@ from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
 from fedsim.learn.robust import robust_metrics
+from fedsim.learn.tasks import metric_record, task_for
 from fedsim.learn.training import (
     LossFn,
     Penalty,
     TrainStats,
-    cross_entropy,
-    evaluate,
-    evaluation_metrics,
     local_fit,
     num_examples,
 )
@@ -38,7 +36,7 @@ def fit_round(
     server_round: int,
     device: torch.device,
     state: RecordDict,
-    loss: LossFn = cross_entropy,
+    loss: LossFn | None = None,
     penalty: Penalty | None = None,
 ) -> tuple[TrainStats, dict[str, float]]:
     """One round of :func:`fedsim.learn.training.local_fit` on the client's train
@@ -46,9 +44,10 @@ def fit_round(
     mechanism: the local training of every client algorithm that trains its
     model's trainable parameters.
 
-    ``loss`` (``loss(model, x, y)``, cross-entropy by default) is the batch's
-    loss; ``penalty`` (``penalty()``, of the trained parameters alone) is added
-    to it (DP-SGD adds its gradient after privatising, see
+    ``loss`` (``loss(model, x, y)``; by default the task's loss, e.g.
+    cross-entropy for classification) is the batch's loss; ``penalty``
+    (``penalty()``, of the trained parameters alone) is added to it (DP-SGD
+    adds its gradient after privatising, see
     :data:`fedsim.learn.training.Penalty`). A family changes its local
     objective through these, e.g. FedProx's proximal term."""
     return local_fit(
@@ -59,7 +58,7 @@ def fit_round(
         device=device,
         state=state,
         mechanism=privacy.client_mechanism(exp),
-        loss=loss,
+        loss=task_for(exp).loss if loss is None else loss,
         penalty=penalty,
     )
 
@@ -89,7 +88,7 @@ def evaluation_reply(
     """The evaluate reply of ``model`` on the client's test split: clean loss and
     accuracy, with ``robust.epsilon`` > 0 the PGD ones (seeded by round and
     partition), then ``more`` (the algorithm's own keys)."""
-    metrics = evaluation_metrics(evaluate(model, data.test, device=device))
+    metrics = metric_record(task_for(exp).evaluate(model, data.test, device=device))
     seed = derive_seed(exp.seed, "pgd", server_round, data.partition_id)
     robust = robust_metrics(model, data.test, exp.robust, device=device, seed=seed)
     for key, value in {**robust, **more}.items():

@@ -19,11 +19,8 @@ from fedsim.learn.lora import (
     rank_for,
     scaling_for,
 )
-from fedsim.learn.training import (
-    Penalty,
-    evaluate,
-    evaluation_metrics,
-)
+from fedsim.learn.tasks import metric_record, task_for
+from fedsim.learn.training import Penalty
 
 
 class LoraClient:
@@ -145,7 +142,8 @@ class LoraClient:
         server_round: int,
         state: RecordDict,
     ) -> RecordDict:
-        """Loss and accuracy of the received global model on the local test split."""
+        """The task's metrics of the received global model on the local test split."""
         self.load(content)
-        stats = evaluate(self.base, data.test, device=self.device)
-        return RecordDict({METRICS: evaluation_metrics(stats)})
+        task = task_for(self.experiment)
+        stats = task.evaluate(self.base, data.test, device=self.device)
+        return RecordDict({METRICS: metric_record(stats)})

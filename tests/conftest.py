@@ -114,10 +114,12 @@ def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Share
         for folder in path:
             patch.syspath_prepend(folder)
         registry.families.cache_clear()
+        registry.models.cache_clear()
         try:
             result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
         finally:
             registry.families.cache_clear()
+            registry.models.cache_clear()
     assert result.returncode == 0, result.stdout + result.stderr
     return {
         name: SharedRun(run_dir, result, seen=seen.get(name))
@@ -382,3 +384,13 @@ def one_thread() -> Iterable[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_assets(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny random-init Hugging Face model folders (LLaMA, GPT-2, BERT) with a
+    tokenizer trained here, and instruction / labelled text files
+    (:mod:`tests.hf_assets`)."""
+    from tests.hf_assets import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("hf"))

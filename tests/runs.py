@@ -243,6 +243,12 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         "federation.fraction-evaluate=0",
         "model.name=mlp",
     ),
+    "user-model": (  # a model from the plug-in's fedsim.models entry point
+        "rounds=1",
+        "federation.clients=2",
+        "model.name=ping-linear",
+        "federation.fraction-evaluate=0",
+    ),
     "split-ushape-spy": (
         "strategy.name=split-ushape-spy",
         "rounds=1",

@@ -17,6 +17,7 @@ from fedsim.core.family import NoOptions
 from fedsim.core.schema import (
     Check,
     at_least,
+    fills,
     fraction,
     non_negative,
     one_of,
@@ -58,6 +59,9 @@ def _dataset_name(v: str) -> str | None:
     if v.startswith("hf:") and len(v) > 3:
         return None
     return _registered(registry.DATASETS)(v)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _run_name(v: str) -> str | None:
@@ -130,13 +134,40 @@ class DataConfig:
     size: int = option(2000, "examples of the synthetic dataset", at_least(10))
     classes: int = option(10, "classes of the synthetic dataset", at_least(2))
     features: int = option(20, "features of the synthetic dataset", at_least(2))
+    text_column: str = option("", "column of the text (classification, 'text')")
+    format: str = option(
+        "",
+        "'' numeric/image rows; 'text' plain text for a causal LM (text-column); "
+        "'alpaca' / 'dolly' instruction rows (instruction, input/context, "
+        "output/response)",
+        one_of("", "text", "alpaca", "dolly"),
+    )
+    template: str = option(
+        "",
+        "prompt of instruction rows: {instruction}, {input}; '' Alpaca's",
+        fills("instruction", "input"),
+    )
+    max_length: int = option(256, "tokens per text row (truncated)", at_least(2))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """``[model]``: the network trained by the clients."""
 
-    name: str = option("cnn", "registered model name", _registered(registry.MODELS))
+    name: str = option(
+        "cnn",
+        "registered model name, 'hf' (a Hugging Face folder or hub id in "
+        "model.path) or 'package.module:factory'",
+        registry.model_name_problem,
+    )
+    path: str = option("", "Hugging Face model folder or hub id (name = 'hf')")
+    task: str = option(
+        "sequence-classification",
+        "what an 'hf' model is trained for (its AutoModelFor... class)",
+        one_of("causal-lm", "sequence-classification", "image-classification"),
+    )
+    dtype: str = option("float32", "'hf' weights", one_of(*_DTYPES))
+    gradient_checkpointing: bool = option(False, "'hf': recompute activations")
     hidden: int = option(64, "width of hidden layers / embedding size", at_least(1))
     depth: int = option(2, "encoder blocks (vit)", at_least(1))
     heads: int = option(4, "attention heads (vit); must divide hidden", at_least(1))

@@ -131,6 +131,7 @@ def check_consistency(exp: Experiment, family: Family) -> None:
         raise ConfigError("peft.targets: LoRA needs at least one module name")
     _check_pretrain_split(exp)
     check_ignored(exp)
+    _check_model_data(exp)
     _check_family(exp, family)
     _check_audit(exp, family)
     p = exp.privacy
@@ -155,6 +156,34 @@ def check_consistency(exp: Experiment, family: Family) -> None:
                 f"clipped-count-stddev = {stddev:g} with adaptive clipping "
                 f"({sampled:g} clients per round); raise privacy.clipped-count-stddev"
             )
+
+
+def _check_model_data(exp: Experiment) -> None:
+    """The model's task and the kind of data agree."""
+    model, data = exp.model, exp.data
+    text = bool(data.format or data.text_column)
+    if model.name == "hf" and not model.path:
+        raise ConfigError("model.path: required when model.name = 'hf'")
+    if text and model.name != "hf":
+        raise ConfigError(
+            "model.name: text rows (data.format / data.text-column) need "
+            "model.name = 'hf', whose tokenizer tokenises them"
+        )
+    if model.name != "hf":
+        return
+    if model.task == "causal-lm" and not data.format:
+        raise ConfigError(
+            "data.format: model.task 'causal-lm' needs 'text', 'alpaca' or 'dolly'"
+        )
+    if model.task == "sequence-classification" and (data.format or not text):
+        raise ConfigError(
+            "data.text-column: model.task 'sequence-classification' needs the "
+            "text column of labelled rows (and data.format = '')"
+        )
+    if model.task == "image-classification" and text:
+        raise ConfigError(
+            "model.task: 'image-classification' needs image data, not text rows"
+        )
 
 
 def _check_family(exp: Experiment, family: Family) -> None:

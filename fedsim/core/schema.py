@@ -38,6 +38,20 @@ def option(default: Any, help: str, check: Check | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
 
+def fills(*names: str) -> Check:
+    """A ``str.format`` template that fills only the fields ``names``."""
+
+    def check(v: str) -> str | None:
+        try:
+            v.format(**dict.fromkeys(names, ""))
+        except (KeyError, IndexError, ValueError) as err:
+            fields = ", ".join("{" + n + "}" for n in names)
+            return f"may fill only {fields} ({type(err).__name__}: {err})"
+        return None
+
+    return check
+
+
 def at_least(low: float) -> Check:
     return lambda v: None if v >= low else f"must be >= {low:g}"
 

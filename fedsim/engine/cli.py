@@ -343,7 +343,7 @@ def cmd_list(console: Console) -> int:
         ("strategies", registry.families()),
         ("datasets", registry.DATASETS),
         ("partitioners", registry.PARTITIONERS),
-        ("models", registry.MODELS),
+        ("models", registry.models()),
         ("privacy mechanisms", registry.PRIVACY),
     ]
     for title, table in sections:

@@ -50,8 +50,9 @@ from fedsim.core.messages import (
 from fedsim.core.seeding import derive_seed
 from fedsim.engine import arrays
 from fedsim.engine.client_state import RELAYED, ClientStateStore
-from fedsim.learn.data import FederatedData, federated_data
+from fedsim.learn.data import FederatedData
 from fedsim.learn.device import resolve_device
+from fedsim.learn.tasks import task_data
 from fedsim.protocol import contract
 
 
@@ -73,7 +74,7 @@ def _runtime(items: tuple[tuple[str, Any], ...]) -> ClientRuntime:
     exp = from_run_config(dict(items))
     torch.set_num_threads(exp.resources.num_cpus)
     device = resolve_device(exp.resources)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
     algorithm = registry.family(exp.strategy.name).load_client()(exp, data.info, device)
     return ClientRuntime(exp, data, algorithm)
 

@@ -57,7 +57,7 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
     from fedsim import privacy
     from fedsim.engine import cluster
     from fedsim.learn.base import build_model
-    from fedsim.learn.data import federated_data
+    from fedsim.learn.tasks import task_data
 
     res = exp.resources
     if local and res.ray_address:
@@ -67,7 +67,7 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
         )
     elif local:
         check_resources(exp)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
     check_partitions(exp, data)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)

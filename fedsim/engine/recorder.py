@@ -400,7 +400,7 @@ class RunRecorder:
         ``evaluate_accuracy``/``evaluate_loss``."""
         final = self._finals
         for _, client, phase, name, value in self.rows[self._scanned :]:
-            if client is None and name in ("accuracy", "loss"):
+            if client is None and name in ("accuracy", "loss", "perplexity"):
                 if phase == self.headline:
                     final[name] = value
                 if phase == "evaluate":

@@ -168,8 +168,11 @@ def load_hf(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
 
 @lru_cache(maxsize=4)
 def load_arrays(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
-    """Load the configured dataset (cached per process)."""
-    loader = registry.dataset_entry(cfg.dataset).load()
+    """Load the configured dataset (cached per process); with ``data.format`` or
+    ``data.text-column`` set, its text rows (:mod:`fedsim.learn.text`)."""
+    text = bool(cfg.format or cfg.text_column)
+    entry = registry.TEXT_ROWS if text else registry.dataset_entry(cfg.dataset)
+    loader = entry.load()
     return loader(cfg, seed)  # type: ignore[no-any-return]
 
 

@@ -120,10 +120,15 @@ class LoraLayout:
         Names of the linear modules that carry adapters.
     trained : tuple of str
         State-dict keys of the parameters trained in full (``modules-to-save``).
+    transposed : tuple of str
+        The adapted modules that store their weight ``d_in x d_out`` (GPT-2's
+        ``Conv1D``, PEFT's ``fan_in_fan_out``): an update ``B @ A`` is added to
+        their weight transposed.
     """
 
     adapted: tuple[str, ...]
     trained: tuple[str, ...]
+    transposed: tuple[str, ...] = ()
 
     @property
     def adapted_weights(self) -> tuple[str, ...]:
@@ -137,11 +142,29 @@ class LoraLayout:
         return self.adapted_weights + self.trained
 
 
+def _adaptable(module: Any) -> bool:
+    """Whether PEFT's LoRA adapts ``module`` here: ``nn.Linear`` or GPT-2's
+    ``Conv1D`` (``fan_in_fan_out``)."""
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or _conv1d(module)
+
+
+def _conv1d(module: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def _matching(modules: dict[str, Any], wanted: str, key: str) -> list[str]:
-    """Names of ``modules`` that ``wanted`` matches; none is an error of ``key``."""
+    """Names of ``modules`` that ``wanted`` matches; none is an error of ``key``
+    naming a few names that would match."""
     found = [name for name in modules if name and matches(name, [wanted])]
     if not found:
-        raise ConfigError(f"{key}: {wanted!r} matches no module of the model")
+        leaves = [n.rsplit(".", 1)[-1] for n, m in modules.items() if _adaptable(m)]
+        some = list(dict.fromkeys(leaves))[:8]
+        hint = f"; linear layers it has: {', '.join(some)}" if some else ""
+        raise ConfigError(f"{key}: {wanted!r} matches no module of the model{hint}")
     return found
 
 
@@ -151,20 +174,19 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
     Raises
     ------
     ConfigError
-        A name matches no module, a target is not an ``nn.Linear``, or a module
+        A name matches no module, a target is neither an ``nn.Linear`` nor a
+        ``Conv1D``, or a module
         trained in full contains an adapted one.
     """
-    from torch import nn
-
     modules = dict(model.named_modules())
     adapted: list[str] = []
     for target in peft.targets:
         found = _matching(modules, target, "peft.targets")
         for name in found:
-            if not isinstance(modules[name], nn.Linear):
+            if not _adaptable(modules[name]):
                 raise ConfigError(
                     f"peft.targets: {name!r} is a {type(modules[name]).__name__}; "
-                    "LoRA here adapts nn.Linear layers only"
+                    "LoRA here adapts nn.Linear and Conv1D layers only"
                 )
             if name not in adapted:
                 adapted.append(name)
@@ -182,7 +204,8 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
                 key = f"{name}.{pname}"
                 if key not in trained:
                     trained.append(key)
-    return LoraLayout(tuple(adapted), tuple(trained))
+    transposed = tuple(a for a in adapted if _conv1d(modules[a]))
+    return LoraLayout(tuple(adapted), tuple(trained), transposed)
 
 
 def check_layout(experiment: Any, model: nn.Module, data: Any) -> None:
@@ -218,6 +241,7 @@ def inject_lora(
         lora_dropout=peft.dropout,
         target_modules=list(layout.adapted),
         bias="none",
+        fan_in_fan_out=bool(layout.transposed),
     )
     wrapped = get_peft_model(model, config)
     with torch.no_grad():

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.learn.data import FederatedData
+from fedsim.learn.tasks import task_for
 from fedsim.learn.training import (
     LossFn,
     Penalty,
@@ -342,7 +342,9 @@ class DpSgd(NoPrivacy):
                 f"DP-SGD: {problems[0]}"
             )
         if experiment.peft.method == "none":
-            probe_per_sample_gradients(model, data, experiment.model.name)
+            probe_per_sample_gradients(
+                model, data, experiment.model.name, task_for(experiment).loss
+            )
         cfg = experiment.privacy
         if cfg.noise_multiplier == 0:
             for pid in range(experiment.federation.clients):
@@ -365,10 +367,11 @@ class DpSgd(NoPrivacy):
 
 
 def probe_per_sample_gradients(
-    model: nn.Module, data: FederatedData, model_name: str
+    model: nn.Module, data: FederatedData, model_name: str, loss: LossFn = cross_entropy
 ) -> None:
-    """One Opacus backward pass on two examples; every parameter must get a
-    per-example gradient of the right shape (raises :class:`ConfigError`)."""
+    """One Opacus backward pass of ``loss`` (the task's) on two examples; every
+    parameter must get a per-example gradient of the right shape (raises
+    :class:`ConfigError`)."""
     from opacus import GradSampleModule
 
     probe = copy.deepcopy(model).cpu()
@@ -378,7 +381,7 @@ def probe_per_sample_gradients(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            F.cross_entropy(wrapped(x), y).backward()
+            loss(wrapped, x, y).backward()
         named = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
         check_grad_samples(named, len(y))
     except (PerSampleGradientError, RuntimeError, ValueError) as err:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +79,11 @@ def partitioner_kwargs(
             )
     owned = {"num_partitions": num_partitions, "partition_by": _column(cfg)}
     owned["seed"] = seed
+    for key, value in given.items():
+        # a TOML list where the partitioner takes only a numpy array
+        hint = str(params[key].annotation)
+        if isinstance(value, list) and "ndarray" in hint.lower() and "list" not in hint:
+            given[key] = np.asarray(value)
     kwargs = {k: v for k, v in owned.items() if k in params} | given
     missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
     if missing:
@@ -197,21 +203,30 @@ def _by_args(
     kwargs = partitioner_kwargs(cfg, n, seed)
     cls = _class(cfg)
     table = _table(labels, ids).shuffle(seed=seed)
-    try:
-        partitioner = cls(**kwargs)
-        partitioner.dataset = table
-        count = partitioner.num_partitions
-        if count != n:
+    # the library's warnings are shown once it has succeeded: an input error
+    # stays one line
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            partitioner = cls(**kwargs)
+            partitioner.dataset = table
+            count = partitioner.num_partitions
+            if count != n:
+                raise ConfigError(
+                    f"federation.clients: {n}, but {cls.__name__} with "
+                    f"data.partitioner-args makes {count} partitions; make them "
+                    "agree"
+                )
+            parts = _rows(partitioner, count)
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            message = " ".join(str(err).split())
             raise ConfigError(
-                f"federation.clients: {n}, but {cls.__name__} with "
-                f"data.partitioner-args makes {count} partitions; make them agree"
-            )
-        parts = _rows(partitioner, count)
-    except (ValueError, TypeError, KeyError, IndexError) as err:
-        message = " ".join(str(err).split())
-        raise ConfigError(
-            f"data.partitioner-args: {cls.__name__} rejects them: {message}"
-        ) from None
+                f"data.partitioner-args: {cls.__name__} rejects them: {message}"
+            ) from None
+    for warning in said:
+        warnings.warn_explicit(
+            warning.message, warning.category, warning.filename, warning.lineno
+        )
     empty = [i for i, rows in enumerate(parts) if len(rows) == 0]
     if empty:
         raise ConfigError(

@@ -211,6 +211,11 @@ BAD: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
         "data.partitioner-args: data.partitioner = 'dirichlet' is set by",
     ),
     (
+        "partition-by-with-dirichlet",
+        _femnist_run("data.partition-by=writer_id"),
+        "data.partition-by: data.partitioner = 'dirichlet' partitions by the label",
+    ),
+    (
         "natural-id-without-column",
         _femnist_run("data.partitioner=natural-id"),
         "data.partition-by: required",

@@ -180,6 +180,13 @@ def _check_data(data: DataConfig) -> None:
             f"data.partition-by: required with data.partitioner = "
             f"{data.partitioner!r} (the column whose values partition the rows)"
         )
+    label_only = ("iid", "dirichlet", "pathological")
+    if data.partition_by and data.partitioner in label_only:
+        raise ConfigError(
+            f"data.partition-by: data.partitioner = {data.partitioner!r} partitions "
+            "by the label only; leave data.partition-by empty or choose "
+            "'natural-id' or another flwr-datasets partitioner"
+        )
     if data.partitioner_args and data.partitioner in registry.OWN_KEYS_PARTITIONERS:
         raise ConfigError(
             f"data.partitioner-args: data.partitioner = {data.partitioner!r} is set "

@@ -13,11 +13,17 @@ the arrays every process used to load whole).
 
     python benchmarks/data_scale.py memory [--writers 350 3500] [--rows 100]
     python benchmarks/data_scale.py femnist [--writers 3500] [--rows 100]
+    python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350]
 
 ``memory``: one run per dataset size with a cold cache (the CLI's pre-run check
 builds the memory-mapped cache entry) and 10 clients sampled per round.
 ``femnist``: one client per writer, 100 sampled per round, 3 rounds; the time
 to the first round with a cold and a warm cache, and per round.
+``baseline``: the ``memory`` run with an earlier fedsim (``--old-tree``: a
+checkout of it, e.g. ``git archive 35053c0 | tar -x -C DIR``, put first on
+``PYTHONPATH``) that loads the whole ``.npz`` cache in every process; it reads
+the train split exported to Parquet (``hf:parquet``, which it can load) with
+IID partitions (it has no natural-id) and carves its own test set.
 """
 
 from __future__ import annotations
@@ -54,7 +60,26 @@ def dataset(writers: int, rows: float) -> tuple[Path, int]:
     return folder, sum(len(s) for s in saved.values())
 
 
-def experiment(folder: Path, writers: int, sampled: int, rounds: int) -> Path:
+def experiment(
+    folder: Path, writers: int, sampled: int, rounds: int, old: bool = False
+) -> Path:
+    data = f"""dataset = "hf:{folder}"
+label-column = "character"
+partitioner = "natural-id"
+partition-by = "writer_id"
+test-split = "test"
+"""
+    if old:
+        parquet = folder.with_suffix(".parquet")
+        if not parquet.is_file():
+            import datasets
+
+            datasets.load_from_disk(str(folder))["train"].to_parquet(str(parquet))
+        data = f"""dataset = "hf:parquet"
+path = "{parquet}"
+label-column = "character"
+partitioner = "iid"
+"""
     text = f"""name = "femnist-like"
 seed = 0
 rounds = {rounds}
@@ -65,12 +90,7 @@ fraction-train = {sampled / writers!r}
 fraction-evaluate = {sampled / writers!r}
 
 [data]
-dataset = "hf:{folder}"
-label-column = "character"
-partitioner = "natural-id"
-partition-by = "writer_id"
-test-split = "test"
-
+{data}
 [model]
 name = "cnn"
 
@@ -99,9 +119,13 @@ def _is_actor(proc: psutil.Process) -> bool:
     return "ClientAppActor" in line or "default_worker.py" in line
 
 
-def measure(file: Path, cache: Path) -> dict[str, Any]:
+def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
     """Run ``fedsim run file``; PSS peaks and the time of each closed round."""
     env = {**os.environ, "FEDSIM_CACHE": str(cache)}
+    if old_tree:
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [old_tree, env.get("PYTHONPATH")])
+        )
     out = Path(tempfile.mkdtemp(prefix="runs-", dir=SCRATCH))
     started = time.monotonic()
     cmd = ["nice", "-n", "10", sys.executable, "-m", "fedsim", "run", str(file)]
@@ -149,11 +173,16 @@ def measure(file: Path, cache: Path) -> dict[str, Any]:
 
 def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
+    old = args.mode == "baseline"
     for writers in args.writers:
         folder, images = dataset(writers, args.rows)
-        file = experiment(folder, writers, sampled=10, rounds=2)
+        file = experiment(folder, writers, sampled=10, rounds=2, old=old)
         cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
-        got = measure(file, cache)
+        got = measure(file, cache, args.old_tree if old else "")
+        if old:  # it trains on the train split only: its size is what it holds
+            import datasets
+
+            images = len(datasets.load_from_disk(str(folder))["train"])
         size = images * FEATURE_BYTES / 1e9
         got |= {"writers": writers, "images": images, "dataset_gb": size}
         got["peak_over_dataset"] = got["peak_pss_gb"] / size
@@ -185,14 +214,15 @@ def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("memory", "femnist"))
+    parser.add_argument("mode", choices=("memory", "femnist", "baseline"))
+    parser.add_argument("--old-tree", default="", help="baseline: earlier fedsim")
     parser.add_argument("--writers", type=int, nargs="+")
     parser.add_argument("--rows", type=float, default=100.0, help="mean per writer")
     args = parser.parse_args()
     if args.writers is None:
-        args.writers = [350, 3500] if args.mode == "memory" else [3500]
+        args.writers = {"memory": [350, 3500], "femnist": [3500]}.get(args.mode, [350])
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    results = memory(args) if args.mode == "memory" else femnist(args)
+    results = femnist(args) if args.mode == "femnist" else memory(args)
     out = SCRATCH / f"{args.mode}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

@@ -155,16 +155,23 @@ def _encode(values: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def _convert(
-    ds: Any, cfg: DataConfig, name: str, classes: np.ndarray | None
+    ds: Any,
+    cfg: DataConfig,
+    name: str,
+    classes: np.ndarray | None,
+    *,
+    partitioned: bool = True,
 ) -> tuple[Arrays, DatasetInfo]:
     """One split as :class:`Arrays` (``classes``: the label values of both
-    splits, which fix the encoding; None: this split's own)."""
+    splits, which fix the encoding; None: this split's own; ``partitioned``:
+    the split must hold the ``data.partition-by`` column)."""
     import datasets
 
     ids = None
-    if cfg.partition_by and cfg.partition_by != cfg.label_column:
-        ids = _column(ds, cfg.partition_by, "partition-by", name)
-        ds = ds.remove_columns([cfg.partition_by])
+    by = cfg.partition_by
+    if by and by != cfg.label_column and (partitioned or by in ds.column_names):
+        ids = _column(ds, by, "partition-by", name)
+        ds = ds.remove_columns([by])  # never a feature
     images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
     if images:
         raw = _column(ds, cfg.label_column, "label-column", name)
@@ -202,4 +209,5 @@ def load_hf_test(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     train, test = open_splits(cfg)
     if test is None:
         raise ValueError("load_hf_test needs data.test-split")
-    return _convert(test, cfg, name, _classes(train, test, cfg, name))
+    classes = _classes(train, test, cfg, name)
+    return _convert(test, cfg, name, classes, partitioned=False)

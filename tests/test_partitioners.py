@@ -34,10 +34,16 @@ NATURAL = DataConfig(partitioner="natural-id", partition_by="writer")
 
 
 def test_one_client_per_id_holds_exactly_that_ids_rows() -> None:
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     labels, ids = writers()
     parts = partition_indices(labels, NATURAL, 40, seed=0, ids=ids)
+    oracle = NaturalIdPartitioner(partition_by="writer")
+    oracle.dataset = datasets.Dataset.from_dict({"writer": ids, "row": range(len(ids))})
     for pid, value in enumerate(sorted(set(ids))):  # flwr-datasets: sorted ids
-        np.testing.assert_array_equal(np.sort(parts[pid]), np.flatnonzero(ids == value))
+        np.testing.assert_array_equal(parts[pid], np.flatnonzero(ids == value))
+        np.testing.assert_array_equal(parts[pid], oracle.load_partition(pid)["row"])
 
 
 def test_fewer_clients_group_whole_ids_seeded_and_balanced() -> None:

@@ -151,7 +151,13 @@ def natural_id(
             f"values of data.partition-by = {cfg.partition_by!r} in the training "
             "pool; set at most that many clients"
         )
-    per_id = _quiet(lambda: _rows(partitioner, count))
+    # each id's rows in row order, as load_partition(i) selects them, in one
+    # pass instead of a Dataset.select per id (3,500 of them for FEMNIST)
+    pid_of = {v: i for i, v in partitioner.partition_id_to_natural_id.items()}
+    codes = np.fromiter((pid_of[v] for v in ids.tolist()), np.int64, len(ids))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(count + 1))
+    per_id = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if num_partitions == count:
         return per_id
     sizes = [len(rows) for rows in per_id]
@@ -159,20 +165,6 @@ def natural_id(
         np.sort(np.concatenate([per_id[i] for i in group]))
         for group in group_ids(sizes, num_partitions, seed)
     ]
-
-
-def _quiet(fn: Any) -> Any:
-    """Run ``fn`` without tqdm's progress bars (NaturalIdPartitioner draws one)."""
-    from functools import partialmethod
-
-    from tqdm import tqdm
-
-    init = tqdm.__init__
-    tqdm.__init__ = partialmethod(init, disable=True)  # type: ignore[method-assign]
-    try:
-        return fn()
-    finally:
-        tqdm.__init__ = init  # type: ignore[method-assign]
 
 
 def _legacy(cfg: DataConfig, num_partitions: int, seed: int) -> Any:

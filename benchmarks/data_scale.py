@@ -18,7 +18,8 @@ the arrays every process used to load whole).
 ``memory``: one run per dataset size with a cold cache (the CLI's pre-run check
 builds the memory-mapped cache entry) and 10 clients sampled per round.
 ``femnist``: one client per writer, 100 sampled per round, 3 rounds; the time
-to the first round with a cold and a warm cache, and per round.
+to the first round with a cold cache (the first run builds the entry) and a
+warm one (``--cache``: a cache an earlier run filled), and per round.
 ``baseline``: the ``memory`` run with an earlier fedsim (``--old-tree``: a
 checkout of it, e.g. ``git archive 35053c0 | tar -x -C DIR``, put first on
 ``PYTHONPATH``) that loads the whole ``.npz`` cache in every process; it reads
@@ -195,9 +196,10 @@ def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
     (writers,) = args.writers
     folder, images = dataset(writers, args.rows)
     file = experiment(folder, writers, sampled=100, rounds=3)
-    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
     results = []
-    for state in ("cold", "warm"):
+    for _ in range(args.repeat):
+        state = "warm" if any((cache / "data").glob("*/meta.json")) else "cold"
         got = measure(file, cache)
         at = got["round_s"]
         got |= {
@@ -216,6 +218,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("memory", "femnist", "baseline"))
     parser.add_argument("--old-tree", default="", help="baseline: earlier fedsim")
+    parser.add_argument("--cache", type=Path, help="femnist: FEDSIM_CACHE to use")
+    parser.add_argument("--repeat", type=int, default=2, help="femnist: runs")
     parser.add_argument("--writers", type=int, nargs="+")
     parser.add_argument("--rows", type=float, default=100.0, help="mean per writer")
     args = parser.parse_args()

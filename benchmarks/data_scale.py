@@ -6,7 +6,7 @@ Generates FEMNIST-shaped datasets (``save_to_disk`` folders: an Image column,
 actors (2 cores, 1 CPU per client). While a run goes, it samples the
 proportional set size (PSS, /proc/PID/smaps_rollup via psutil) of every process
 of the run (the CLI host and everything below it: Flower's SuperLink and
-simulation, Ray's processes and actors) every half second and reports the peak
+simulation, Ray's processes and actors) every second and reports the peak
 of the sum, the peak of the actors' sum, the time from launch to each closed
 round, and the dataset's size (its float32 features, train + test, the size of
 the arrays every process used to load whole).
@@ -160,7 +160,7 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
         sizes = [(_pss(p), _is_actor(p)) for p in procs]
         peak = max(peak, sum(s for s, _ in sizes))
         peak_actors = max(peak_actors, sum(s for s, actor in sizes if actor))
-        time.sleep(0.5)
+        time.sleep(1.0)
     reader.join(timeout=10)
     if host.returncode != 0:
         raise RuntimeError("run failed:\n" + "".join(lines[-30:]))

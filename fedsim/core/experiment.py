@@ -16,6 +16,7 @@ from fedsim.core import registry
 from fedsim.core.family import NoOptions
 from fedsim.core.schema import (
     Check,
+    Table,
     at_least,
     fills,
     fraction,
@@ -148,6 +149,22 @@ class DataConfig:
         fills("instruction", "input"),
     )
     max_length: int = option(256, "tokens per text row (truncated)", at_least(2))
+    subset: str = option("", "config (subset) name of a Hugging Face dataset")
+    test_split: str = option(
+        "",
+        "split of a Hugging Face dataset that is the global test set ('' carves "
+        "data.test-fraction out of data.split)",
+    )
+    partition_by: str = option(
+        "",
+        "column whose values partition the rows (natural-id: a writer or speaker "
+        "id; never a feature); '' is the label column",
+    )
+    partitioner_args: Table = option(
+        Table(),
+        "keyword arguments of the flwr-datasets partitioner (a table; not for "
+        "iid, dirichlet, pathological, natural-id)",
+    )
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,14 @@ from fedsim.core.family import Family, load
 from fedsim.core.ignored import check_ignored
 from fedsim.core.schema import (
     Schema,
+    Table,
     as_table,
     build,
     checked,
     flatten,
     kebab,
     keys_of,
+    regroup,
     shown_default,
     unknown_key,
 )
@@ -93,6 +95,7 @@ def from_flat(values: Mapping[str, Any]) -> Experiment:
     """Validate flat dotted keys and build the frozen :class:`Experiment`."""
     family = _family_of(values)
     keys = schema(family.name)
+    values = regroup(values, keys)
     good: dict[str, Any] = {}
     for key, raw in values.items():
         if key not in keys:
@@ -122,6 +125,7 @@ def check_consistency(exp: Experiment, family: Family) -> None:
         )
     if exp.data.dataset == "file" and not exp.data.path:
         raise ConfigError("data.path: required when data.dataset = 'file'")
+    _check_data(exp.data)
     if exp.model.hidden % exp.model.heads and exp.model.name == "vit":
         raise ConfigError(
             f"model.heads: {exp.model.heads} must divide model.hidden "
@@ -183,6 +187,42 @@ def _check_model_data(exp: Experiment) -> None:
     if model.task == "image-classification" and text:
         raise ConfigError(
             "model.task: 'image-classification' needs image data, not text rows"
+        )
+
+
+def _check_data(data: DataConfig) -> None:
+    hf = data.dataset.startswith("hf:")
+    for key in ("subset", "test_split"):
+        if getattr(data, key) and not hf:
+            raise ConfigError(
+                f"data.{kebab(key)}: only a Hugging Face dataset (data.dataset = "
+                f"'hf:NAME') has configs and splits; leave it empty for "
+                f"data.dataset = {data.dataset!r}"
+            )
+    if data.test_split and data.test_split == data.split:
+        raise ConfigError(
+            f"data.test-split: {data.test_split!r} is data.split, the training "
+            "split; name another split, or leave it empty to carve "
+            "data.test-fraction out of data.split"
+        )
+    needs_column = ("natural-id", "grouped-natural-id", "continuous")
+    if data.partitioner in needs_column and not data.partition_by:
+        raise ConfigError(
+            f"data.partition-by: required with data.partitioner = "
+            f"{data.partitioner!r} (the column whose values partition the rows)"
+        )
+    label_only = ("iid", "dirichlet", "pathological")
+    if data.partition_by and data.partitioner in label_only:
+        raise ConfigError(
+            f"data.partition-by: data.partitioner = {data.partitioner!r} partitions "
+            "by the label only; leave data.partition-by empty or choose "
+            "'natural-id' or another flwr-datasets partitioner"
+        )
+    if data.partitioner_args and data.partitioner in registry.OWN_KEYS_PARTITIONERS:
+        raise ConfigError(
+            f"data.partitioner-args: data.partitioner = {data.partitioner!r} is set "
+            "by its own data.* keys; partitioner-args is for the other "
+            "flwr-datasets partitioners (e.g. 'shard', 'size')"
         )
 
 
@@ -328,9 +368,13 @@ def to_toml(exp: Experiment) -> str:
 
 
 def to_run_config(exp: Experiment) -> RunConfig:
-    """Flatten to Flower's run-config: dotted keys, lists as JSON strings."""
-    flat = flatten(to_dict(exp))
-    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
+    """Flatten to Flower's run-config: dotted keys, lists and table-valued keys
+    as JSON strings."""
+    tables = [k for k, (tp, _) in schema(exp.strategy.name).items() if tp is Table]
+    flat = flatten(to_dict(exp), keep=tables)
+    return {
+        k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()
+    }
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
@@ -339,7 +383,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
     keys = schema(_family_of(values).name)
     for key, value in values.items():
         tp = keys[key][0] if key in keys else None
-        if tp is not None and typing.get_origin(tp) is tuple and isinstance(value, str):
+        whole = tp is Table or typing.get_origin(tp) is tuple
+        if tp is not None and whole and isinstance(value, str):
             values[key] = json.loads(value)
     return from_flat(values)
 

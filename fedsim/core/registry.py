@@ -98,7 +98,7 @@ DATASETS: Mapping[str, Entry] = {
         "a local CSV or Parquet file at data.path; label in data.label-column",
     ),
     "hf:<name>": Entry(
-        "fedsim.learn.data:load_hf",
+        "fedsim.learn.hf_source:load_hf",
         "a Hugging Face dataset by name or local path (datasets.load_dataset)",
     ),
 }
@@ -196,7 +196,53 @@ PARTITIONERS: Mapping[str, Entry] = {
         "flwr_datasets.partitioner:PathologicalPartitioner",
         "each client holds data.classes-per-client classes",
     ),
+    "natural-id": Entry(
+        "flwr_datasets.partitioner:NaturalIdPartitioner",
+        "one client per value of data.partition-by (a writer, a speaker), or "
+        "several values per client (seeded, balanced) when there are fewer clients",
+    ),
+    # Any other row partitioner of flwr-datasets, with data.partitioner-args.
+    "shard": Entry(
+        "flwr_datasets.partitioner:ShardPartitioner",
+        "label-sorted shards per client (FedAvg paper; data.partitioner-args)",
+    ),
+    "inner-dirichlet": Entry(
+        "flwr_datasets.partitioner:InnerDirichletPartitioner",
+        "given client sizes, Dir(alpha) label mix within each (partitioner-args)",
+    ),
+    "size": Entry(
+        "flwr_datasets.partitioner:SizePartitioner",
+        "given number of rows per client (data.partitioner-args.partition_sizes)",
+    ),
+    "linear": Entry(
+        "flwr_datasets.partitioner:LinearPartitioner",
+        "client sizes proportional to the partition id + 1",
+    ),
+    "square": Entry(
+        "flwr_datasets.partitioner:SquarePartitioner",
+        "client sizes proportional to the square of the partition id + 1",
+    ),
+    "exponential": Entry(
+        "flwr_datasets.partitioner:ExponentialPartitioner",
+        "client sizes proportional to exp(partition id + 1)",
+    ),
+    "continuous": Entry(
+        "flwr_datasets.partitioner:ContinuousPartitioner",
+        "clients ordered along data.partition-by, a numeric column (strictness)",
+    ),
+    "distribution": Entry(
+        "flwr_datasets.partitioner:DistributionPartitioner",
+        "label counts per client from a given distribution array",
+    ),
+    "grouped-natural-id": Entry(
+        "flwr_datasets.partitioner:GroupedNaturalIdPartitioner",
+        "groups of data.partition-by values (group_size) per client",
+    ),
 }
+
+#: The partitioners set by keys of their own; the others take
+#: ``data.partitioner-args``.
+OWN_KEYS_PARTITIONERS = ("iid", "dirichlet", "pathological", "natural-id")
 
 
 def dataset_entry(name: str) -> Entry:

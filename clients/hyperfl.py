@@ -74,6 +74,7 @@ class HyperFLClient:
             shapes,
             embedding_dim=self.options.embedding_dim,
             hidden_dim=self.options.hidden_dim,
+            head_bias=self.options.head_bias,
         )
         self.model = HyperModel(target, hypernetwork).to(device)
 

@@ -204,5 +204,5 @@ def invert_activations(
     return Reconstruction(best_x.numpy(), labels, best)
 
 
-#: The attack each surface feeds (``audit.attack`` must name it).
-cut_activations.attack = prompted_head.attack = "inverting-activations"  # type: ignore[attr-defined]
+#: The attacks each surface feeds (``audit.attack`` must name them).
+cut_activations.attacks = prompted_head.attacks = ("inverting-activations",)  # type: ignore[attr-defined]

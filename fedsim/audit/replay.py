@@ -34,6 +34,7 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call
 
+from fedsim.audit.linear import LinearTensors, input_linear, linear_layers
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import (
     ARRAYS,
@@ -115,6 +116,11 @@ class Scene:
         on (``num-examples`` of the reply).
     bias : numpy.ndarray or None
         The observed update of the output bias, when the upload carries it.
+    linear : dict of str to LinearTensors
+        The model's linear layers (with bias) whose gradients the upload
+        carries, and where (the analytic attacks, :mod:`fedsim.audit.analytic`).
+    input_layer : str or None
+        The linear layer that takes the raw input (:func:`input_linear`).
     """
 
     start: Callable[[Tensors], Tensors]
@@ -126,6 +132,8 @@ class Scene:
     examples: int
     unknowns: Tensors = field(default_factory=dict)
     bias: np.ndarray | None = None
+    linear: dict[str, LinearTensors] = field(default_factory=dict)
+    input_layer: str | None = None
 
 
 def _arrays(content: RecordDict) -> Tensors:
@@ -143,12 +151,19 @@ def _local_training(
     start: Callable[[Tensors], Tensors],
     forward: Forward,
     observed: Tensors,
-    exp: Experiment,
+    public: Public,
     reply: RecordDict,
+    model: nn.Module,
 ) -> Scene:
     """A scene whose client ran the experiment's own local training: ``[train]``'s
-    optimizer, epochs and batch size."""
-    t = exp.train
+    optimizer, epochs and batch size; the linear layers of ``model`` whose
+    weight and bias are both uploaded, trained in full."""
+    t = public.experiment.train
+    linear = {
+        name: LinearTensors(f"{name}.weight", f"{name}.bias", shape)
+        for name, shape in linear_layers(model).items()
+        if f"{name}.weight" in observed and f"{name}.bias" in observed
+    }
     return Scene(
         start=start,
         forward=forward,
@@ -158,6 +173,8 @@ def _local_training(
         batch_size=t.batch_size,
         examples=_examples(reply),
         bias=_bias(observed),
+        linear=linear,
+        input_layer=input_linear(model, public.info.input_shape),
     )
 
 
@@ -187,8 +204,9 @@ def full_model(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
         lambda unknowns: {k: down[k] for k in names},
         forward,
         observed,
-        public.experiment,
+        public,
         reply,
+        model,
     )
 
 
@@ -230,7 +248,9 @@ def lora_factors(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
             weights[f"{module}.weight"] = w + scaling * params[b_key] @ params[a_key]
         return functional_call(model, {**base, **weights}, (x,))  # type: ignore[no-any-return]
 
-    return _local_training(lambda unknowns: dict(start), forward, observed, exp, reply)
+    return _local_training(
+        lambda unknowns: dict(start), forward, observed, public, reply, model
+    )
 
 
 #: HyperFL's private tensors, as the attacker names its guesses.
@@ -256,6 +276,7 @@ def hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
         extractor_shapes(target),
         embedding_dim=opts.embedding_dim,
         hidden_dim=opts.hidden_dim,
+        head_bias=opts.head_bias,
     )
     net.requires_grad_(False)
     down, up = _arrays(sent), _arrays(reply)
@@ -293,7 +314,29 @@ def hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
         batch_size=exp.train.batch_size,
         examples=_examples(reply),
         unknowns=unknowns,
+        linear=generated_linear(net, target, observed),
+        input_layer=input_linear(target, public.info.input_shape),
     )
+
+
+def generated_linear(
+    net: nn.Module, target: nn.Module, observed: Tensors
+) -> dict[str, LinearTensors]:
+    """HyperFL's generated linear layers (with bias) and where the upload
+    carries their gradients: generated tensor ``t = H_t h + c_t`` (``h`` the
+    hypernetwork's shared features), so the update of the output head's bias
+    ``c_t`` is the gradient of ``t``; without head biases, the head's weight
+    ``H_t``, whose gradient is ``dL/dt h^T`` (:class:`LinearTensors`)."""
+    from fedsim.learn.hypernet import module_key
+
+    out = {}
+    for name, shape in linear_layers(target).items():
+        w, b = (f"heads.{module_key(f'{name}.{kind}')}" for kind in ("weight", "bias"))
+        if f"{w}.bias" in observed and f"{b}.bias" in observed:
+            out[name] = LinearTensors(f"{w}.bias", f"{b}.bias", shape)
+        elif f"{w}.weight" in observed and f"{b}.weight" in observed:
+            out[name] = LinearTensors(f"{w}.weight", f"{b}.weight", shape, outer=True)
+    return out
 
 
 def _clip(grads: Tensors, groups: tuple[tuple[str, ...], ...], bound: float) -> Tensors:
@@ -371,3 +414,10 @@ def _direction(
         state[key] = [buf]
         grad = buf
     return opt.lr * grad
+
+
+#: The attacks a weight update feeds (``audit.attack`` must name them).
+GRADIENT_ATTACKS = ("inverting-gradients", "analytic", "analytic-multistep")
+full_model.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
+lora_factors.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
+hypernetwork.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]

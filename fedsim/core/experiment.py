@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsim.core import registry
+from fedsim.core.audit_config import AuditConfig
 from fedsim.core.family import NoOptions
 from fedsim.core.schema import (
     Check,
@@ -263,6 +264,12 @@ class PrivacyConfig:
         "dp-fedavg adaptive: noise std of the unclipped count; 0 = clients/round / 20",
         non_negative,
     )
+    count_release: str = option(
+        "centred",
+        "dp-fedavg adaptive: 'centred' counts b - 1/2 per client (sensitivity 1/2, "
+        "Andrew et al. / TF-Privacy); 'uncentred' counts b (sensitivity 1)",
+        one_of("centred", "uncentred"),
+    )
 
 
 @dataclass(frozen=True)
@@ -328,49 +335,6 @@ class LoggingConfig:
         "MLflow tracking URI; empty: sqlite:///<runs folder>/mlflow.db",
     )
     mlflow_experiment: str = option("", "MLflow experiment; empty: the experiment name")
-
-
-def _rounds_list(v: tuple[int, ...]) -> str | None:
-    if not v:
-        return "must name at least one round"
-    return None if all(r >= 1 for r in v) else "every round must be >= 1"
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """``[audit]``: a privacy audit inside the run (off by default).
-
-    After each round in ``rounds`` the server attacks what the first
-    ``clients`` training clients (lowest partition ids) uploaded, with the
-    family's view of the upload (``Family.audit``), and records ``attack-psnr``
-    (dB) per attacked client in the round's ``train`` rows; PNG grids go to
-    ``attacks/`` in the run directory. Training is not changed. ``attack``
-    must fit the family's upload: ``inverting-gradients`` for weights,
-    ``inverting-activations`` for split learning's cut activations (which
-    ignores ``labels``: the head's output does not depend on them).
-    """
-
-    attack: str = option(
-        "none",
-        "'none' (off), 'inverting-gradients' (Geiping et al. 2020; uploads of "
-        "weights) or 'inverting-activations' (split learning's cut activations)",
-        one_of("none", "inverting-gradients", "inverting-activations"),
-    )
-    rounds: tuple[int, ...] = option(
-        [1], "rounds whose uploads are attacked", _rounds_list
-    )
-    clients: int = option(
-        1, "training clients attacked per round (lowest partition ids)", at_least(1)
-    )
-    iterations: int = option(1000, "optimisation steps of the attack", at_least(1))
-    lr: float = option(0.1, "Adam learning rate of the dummy inputs", positive)
-    tv: float = option(1e-4, "weight of the total-variation image prior", non_negative)
-    labels: str = option(
-        "known",
-        "'known': the attacker is granted the labels; 'inferred': from the output "
-        "bias update, else optimised with the inputs",
-        one_of("known", "inferred"),
-    )
 
 
 @dataclass(frozen=True)

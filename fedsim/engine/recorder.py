@@ -39,10 +39,10 @@ from fedsim.core.rundir import (
     METRICS_FILE,
     SUMMARY_FILE,
     SUMMED,
-    UNWEIGHTED,
     MetricsWriter,
     RoundSink,
     read_metrics,
+    unweighted,
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
@@ -427,7 +427,7 @@ def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, 
     names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
     for name in names:
         have = [v for v in ok if name in v]
-        plain = name in UNWEIGHTED
+        plain = unweighted(name)
         weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
         total = sum(weights)
         if total > 0:

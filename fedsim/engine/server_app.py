@@ -151,7 +151,7 @@ def run(
         return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
 
     auditor = None
-    if exp.audit.attack != "none":
+    if exp.audit.enabled:
         auditor = Auditor(exp, setup.data, recorder, family.audit)
     recording = RecordingGrid(
         grid,

@@ -46,8 +46,9 @@ def extractor_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters() if not is_head(n)}
 
 
-def _module_key(name: str) -> str:
-    # ModuleDict keys cannot hold dots.
+def module_key(name: str) -> str:
+    """The output head's key of a generated tensor (``ModuleDict`` keys cannot
+    hold dots): ``heads.<module_key(name)>``."""
     return name.replace(".", "__")
 
 
@@ -62,6 +63,11 @@ class HyperNetwork(nn.Module):
         Size of the client embedding.
     hidden_dim : int
         Width of the shared hidden layer.
+    head_bias : bool
+        Whether the output heads have a bias (the reference's ``nn.Linear``
+        default). Each head bias's update is the exact gradient of its generated
+        tensor, which the server reads (the privacy audit's analytic attack);
+        without it the head weight's update, ``dL/dt h^T``, still carries it.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class HyperNetwork(nn.Module):
         *,
         embedding_dim: int,
         hidden_dim: int,
+        head_bias: bool = True,
     ):
         super().__init__()
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
@@ -79,7 +86,7 @@ class HyperNetwork(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden_dim), nn.ReLU())
         self.heads = nn.ModuleDict(
             {
-                _module_key(name): nn.Linear(hidden_dim, shape.numel())
+                module_key(name): nn.Linear(hidden_dim, shape.numel(), bias=head_bias)
                 for name, shape in self.shapes.items()
             }
         )
@@ -88,7 +95,7 @@ class HyperNetwork(nn.Module):
         """The generated tensors, by target name, for one embedding vector."""
         features = self.mlp(embedding)
         return {
-            name: self.heads[_module_key(name)](features).view(shape)
+            name: self.heads[module_key(name)](features).view(shape)
             for name, shape in self.shapes.items()
         }
 

@@ -96,6 +96,12 @@ class Options:
         "gradient norm clip, separately for the hypernetwork and the embedding",
         positive,
     )
+    head_bias: bool = option(
+        True,
+        "whether the hypernetwork's output heads have a bias (the reference's); "
+        "either way the upload carries the generated weights' gradients (README, "
+        "privacy audit)",
+    )
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,10 @@ def initial_hypernetwork(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "hypernetwork"))
         return HyperNetwork(
-            shapes, embedding_dim=options.embedding_dim, hidden_dim=options.hidden_dim
+            shapes,
+            embedding_dim=options.embedding_dim,
+            hidden_dim=options.hidden_dim,
+            head_bias=options.head_bias,
         )
 
 

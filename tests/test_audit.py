@@ -22,7 +22,8 @@ from fedsim.audit.maths import (
     psnr,
     total_variation,
 )
-from fedsim.audit.replay import EMBEDDING, Public, simulate
+from fedsim.audit.hypernetwork import EMBEDDING
+from fedsim.audit.replay import Public, simulate
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.family import load
@@ -116,13 +117,24 @@ def _loader_order(exp: Any, data: Any, passes: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat(parts) for parts in zip(*batches))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "flora", "hyperfl"])
-def test_the_replay_on_the_true_data_is_the_uploaded_update(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("fedavg", []),
+        ("flora", []),
+        ("hyperfl", []),
+        ("hyperfl", ["strategy.head-bias=false"]),
+        ("hyperfl", ["strategy.share=trunk"]),
+    ],
+)
+def test_the_replay_on_the_true_data_is_the_uploaded_update(
+    name: str, extra: list[str]
+) -> None:
     """Given the client's own examples (in its loader's order) and, for HyperFL,
-    its private embedding and head, the attacker's replay of local training
-    (three SGD-with-momentum steps of batch 3) equals the update the real client
-    uploaded."""
-    overrides = ["train.batch-size=3"]
+    its private embedding and head (and, with private output heads, those),
+    the attacker's replay of local training (three SGD-with-momentum steps of
+    batch 3) equals the update the real client uploaded."""
+    overrides = ["train.batch-size=3", *extra]
     exp, setup, family, client, sent, answer, state, data = _client_round(
         EXPERIMENTS / f"audit_{name}.toml", overrides
     )
@@ -136,6 +148,8 @@ def test_the_replay_on_the_true_data_is_the_uploaded_update(name: str) -> None:
         first = client.initial_private(data.partition_id)
         unknowns = {EMBEDDING: first[EMBEDDING]}
         unknowns.update({k: private[k] for k in ("head.weight", "head.bias")})
+        prefix = "hypernetwork."
+        unknowns.update({k[len(prefix) :]: v for k, v in first.items() if prefix in k})
         passes = 2  # the head phase took the loader's first pass
     x, y = _loader_order(exp, data, passes)
     assert scene.examples == len(x) == 8

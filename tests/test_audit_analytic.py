@@ -113,6 +113,7 @@ def test_several_steps_need_the_multistep_attack() -> None:
     [
         ("fedavg", ["train.optimizer=adam", "train.lr=0.01"], "local optimizer adam"),
         ("flora", [], "does not carry the gradients of the input layer 'body.1'"),
+        ("hyperfl", ["strategy.share=trunk"], "does not carry the gradients"),
         ("fedavg", ["model.name=cnn"], "no linear layer with a bias takes the raw"),
     ],
 )
@@ -173,3 +174,33 @@ def test_one_to_one_is_the_best_assignment() -> None:
     rows, cols, matched = one_to_one(rec, images)
     assert matched.sum() == pytest.approx(best)
     assert len(set(cols)) == 5
+
+
+def test_private_output_heads_stay_on_the_client() -> None:
+    """``strategy.share = "trunk"``: the upload is the hypernetwork's trunk
+    only; the output heads are in the client's private state, start as the
+    server's seeded round-1 heads, and come back from the state next round."""
+    from fedsim.clients.hyperfl import PRIVATE
+    from fedsim.learn.hypernet import extractor_shapes, initial_hypernetwork
+
+    exp = load_experiment(EXPERIMENTS / "audit_hyperfl.toml", ["strategy.share=trunk"])
+    family = registry.family(exp.strategy.name)
+    setup = build(exp)
+    arrays = family.load_server()(setup).shared
+    assert set(arrays) == {"mlp.0.weight", "mlp.0.bias"}
+    client = family.load_client()(exp, setup.data.info, torch.device("cpu"))
+    state = RecordDict()
+    sent = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({SERVER_ROUND: 1})})
+    answer = client.train(sent, setup.data.client(0), server_round=1, state=state)
+    assert set(answer[ARRAYS]) == set(arrays)
+    private = state[PRIVATE].to_torch_state_dict()
+    heads = {k: v for k, v in private.items() if k.startswith("hypernetwork.")}
+    first = initial_hypernetwork(
+        extractor_shapes(client.model.target), exp.strategy.options, exp.seed
+    ).state_dict()
+    assert set(heads) == {f"hypernetwork.{k}" for k in first if k.startswith("heads.")}
+    key = "heads.body__1__weight.bias"
+    assert not torch.equal(heads[f"hypernetwork.{key}"], first[key])  # trained
+    client.load(sent, state, 0)
+    now = client.model.hypernetwork.state_dict()
+    assert torch.equal(now[key], heads[f"hypernetwork.{key}"])

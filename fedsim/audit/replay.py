@@ -14,8 +14,9 @@ attack (:mod:`fedsim.audit.inverting`) replays local training with
 
 Surfaces here: :func:`full_model` (FedAvg, and DP-SGD-noised FedAvg: the
 attacker replays plain SGD, the noise is unknown), :func:`lora_factors` (FLoRA,
-FedIT: only the LoRA factors and the fully trained head), :func:`hypernetwork`
-(HyperFL: only the hypernetwork; the private embedding and head are unknowns).
+FedIT: only the LoRA factors and the fully trained head); HyperFL's
+(:func:`fedsim.audit.hypernetwork.hypernetwork`: only the hypernetwork; the
+private embedding and head are unknowns) is in :mod:`fedsim.audit.hypernetwork`.
 Split learning's surfaces, whose scenes hold activations instead of an update,
 are in :mod:`fedsim.audit.activations`.
 """
@@ -253,92 +254,6 @@ def lora_factors(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
     )
 
 
-#: HyperFL's private tensors, as the attacker names its guesses.
-EMBEDDING = "embedding"
-
-
-def hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
-    """HyperFL: only the hypernetwork is shared; the client's embedding and head
-    are private, so the attacker optimises guesses of them with the input
-    (the HyperFL paper's threat model).
-
-    The replay is the hypernetwork-and-embedding phase (SGD with ``hyper-lr``,
-    ``hyper-momentum``, ``weight-decay``, each group's gradient norm clipped at
-    ``max-grad-norm``; ``train.epochs`` epochs); the head phase before it
-    changes only the private head, which the attacker optimises directly.
-    """
-    from fedsim.learn.hypernet import HyperNetwork, extractor_shapes, is_head
-
-    exp = public.experiment
-    opts = exp.strategy.options
-    target = _target(public)
-    net = HyperNetwork(
-        extractor_shapes(target),
-        embedding_dim=opts.embedding_dim,
-        hidden_dim=opts.hidden_dim,
-        head_bias=opts.head_bias,
-    )
-    net.requires_grad_(False)
-    down, up = _arrays(sent), _arrays(reply)
-    hyper = [n for n, _ in net.named_parameters()]
-    observed = {k: up[k] - down[k] for k in hyper}
-    head = {n: p.detach().clone() for n, p in target.named_parameters() if is_head(n)}
-    gen = torch.Generator().manual_seed(derive_seed(exp.seed, "audit-guess"))
-    unknowns = {EMBEDDING: torch.randn(opts.embedding_dim, generator=gen)}
-    for name, value in head.items():
-        bound = 1.0 / math.sqrt(value.shape[-1] if value.dim() > 1 else len(value))
-        unknowns[name] = torch.empty_like(value).uniform_(-bound, bound, generator=gen)
-
-    def start(guess: Tensors) -> Tensors:
-        return {**{k: down[k] for k in hyper}, EMBEDDING: guess[EMBEDDING]}
-
-    def forward(params: Tensors, guess: Tensors, x: torch.Tensor) -> torch.Tensor:
-        hyper_params = {k: params[k] for k in hyper}
-        generated = functional_call(net, hyper_params, (params[EMBEDDING],))
-        heads = {k: guess[k] for k in head}
-        return functional_call(target, {**generated, **heads}, (x,), strict=False)  # type: ignore[no-any-return]
-
-    return Scene(
-        start=start,
-        forward=forward,
-        observed=observed,
-        optimizer=LocalOptimizer(
-            "sgd",
-            opts.hyper_lr,
-            opts.hyper_momentum,
-            opts.weight_decay,
-            groups=(tuple(hyper), (EMBEDDING,)),
-            max_grad_norm=opts.max_grad_norm,
-        ),
-        epochs=exp.train.epochs,
-        batch_size=exp.train.batch_size,
-        examples=_examples(reply),
-        unknowns=unknowns,
-        linear=generated_linear(net, target, observed),
-        input_layer=input_linear(target, public.info.input_shape),
-    )
-
-
-def generated_linear(
-    net: nn.Module, target: nn.Module, observed: Tensors
-) -> dict[str, LinearTensors]:
-    """HyperFL's generated linear layers (with bias) and where the upload
-    carries their gradients: generated tensor ``t = H_t h + c_t`` (``h`` the
-    hypernetwork's shared features), so the update of the output head's bias
-    ``c_t`` is the gradient of ``t``; without head biases, the head's weight
-    ``H_t``, whose gradient is ``dL/dt h^T`` (:class:`LinearTensors`)."""
-    from fedsim.learn.hypernet import module_key
-
-    out = {}
-    for name, shape in linear_layers(target).items():
-        w, b = (f"heads.{module_key(f'{name}.{kind}')}" for kind in ("weight", "bias"))
-        if f"{w}.bias" in observed and f"{b}.bias" in observed:
-            out[name] = LinearTensors(f"{w}.bias", f"{b}.bias", shape)
-        elif f"{w}.weight" in observed and f"{b}.weight" in observed:
-            out[name] = LinearTensors(f"{w}.weight", f"{b}.weight", shape, outer=True)
-    return out
-
-
 def _clip(grads: Tensors, groups: tuple[tuple[str, ...], ...], bound: float) -> Tensors:
     out = dict(grads)
     for group in groups:
@@ -420,4 +335,3 @@ def _direction(
 GRADIENT_ATTACKS = ("inverting-gradients", "analytic", "analytic-multistep")
 full_model.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
 lora_factors.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
-hypernetwork.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]

@@ -29,10 +29,14 @@ from torch.func import functional_call
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
+from fedsim.core.seeding import derive_seed
 from fedsim.learn.lora import ADAPTER, LORA_A, LORA_B, lora_layout
 
 #: Parameters of the module under this name are the private classifier head.
 HEAD = "head"
+#: The hypernetwork's shared trunk (embedding -> hidden features): what travels
+#: when its output heads stay private (``strategy.share = "trunk"``).
+TRUNK = "mlp"
 
 
 def is_head(name: str) -> bool:
@@ -102,6 +106,28 @@ class HyperNetwork(nn.Module):
     def numel(self) -> int:
         """Parameters of the hypernetwork (what travels each way per client)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def initial_hypernetwork(
+    shapes: Mapping[str, Iterable[int]], options: Any, seed: int
+) -> HyperNetwork:
+    """The seeded round-1 hypernetwork (PyTorch's default ``nn.Linear`` init),
+    the same in every process: the server's first model, and with private
+    output heads each client's first heads."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "hypernetwork"))
+        return HyperNetwork(
+            shapes,
+            embedding_dim=options.embedding_dim,
+            hidden_dim=options.hidden_dim,
+            head_bias=options.head_bias,
+        )
+
+
+def is_shared(name: str, share: str) -> bool:
+    """Whether the hypernetwork tensor ``name`` travels: every one with
+    ``share = "all"``, only the trunk's with ``"trunk"`` (output heads private)."""
+    return share == "all" or name.startswith(f"{TRUNK}.")
 
 
 class HyperModel(nn.Module):

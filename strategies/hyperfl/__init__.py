@@ -55,7 +55,7 @@ Message contract (keys from :mod:`fedsim.core.messages`):
 from dataclasses import dataclass
 
 from fedsim.core.family import Family
-from fedsim.core.schema import at_least, non_negative, option, positive
+from fedsim.core.schema import at_least, non_negative, one_of, option, positive
 
 #: Why the families do not run under sample-level DP.
 DP_SGD_REJECTED = (
@@ -102,6 +102,13 @@ class Options:
         "either way the upload carries the generated weights' gradients (README, "
         "privacy audit)",
     )
+    share: str = option(
+        "all",
+        "what of the hypernetwork travels: 'all' (the reference) or 'trunk' (the "
+        "output heads stay private with the embedding: the privacy audit's "
+        "mitigation of the analytic attack)",
+        one_of("all", "trunk"),
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ FAMILY = Family(
     privacy=("none",),
     global_model=False,
     rejects=_REJECTS,
-    audit="fedsim.audit.replay:hypernetwork",
+    audit="fedsim.audit.hypernetwork:hypernetwork",
 )
 
 LPM_FAMILY = Family(

@@ -38,7 +38,7 @@ from cli_run import markdown, run, table_parser
 from fedsim import analysis
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("fedavg", "dp_sgd", "flora", "hyperfl")
+EXPERIMENTS = ("fedavg", "dp_sgd", "flora", "hyperfl", "hyperfl_lpm")
 #: Mitigations tried on HyperFL: name -> (experiment, overrides).
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hyperfl-no-head-bias": ("hyperfl", ("strategy.head-bias=false",)),
@@ -81,6 +81,7 @@ SEES = {
     "audit-dp-sgd": "whole model, DP-SGD noised (σ = 1)",
     "audit-flora": "LoRA factors + head",
     "audit-hyperfl": "hypernetwork",
+    "audit-hyperfl-lpm": "hypernetwork of LoRA factors (frozen pre-trained ViT)",
 }
 
 
@@ -135,7 +136,7 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
     trained = clients[(clients["metric"] == "examples") & (clients["phase"] == "train")]
     if split:
         sees = split_sees(config)
-    elif config["strategy"]["name"] == "hyperfl":
+    elif name == "audit-hyperfl":
         sees = hyperfl_sees(config)
     else:
         sees = SEES.get(name, "-")

@@ -96,7 +96,7 @@ def _client_round(path: Path, overrides: list[str], pid: int = 0) -> tuple:
     setup = build(exp)
     strategy = family.load_server()(setup)
     arrays = getattr(strategy, "shared", setup.initial)
-    if exp.peft.method == "lora":  # FLoRA sends only the weights rounds change
+    if family.name == "flora":  # FLoRA sends only the weights rounds change
         keep = {"body.1.weight", "body.4.weight", "head.weight", "head.bias"}
         arrays = ArrayRecord({k: v for k, v in arrays.items() if k in keep})
     client = family.load_client()(exp, setup.data.info, torch.device("cpu"))
@@ -125,6 +125,7 @@ def _loader_order(exp: Any, data: Any, passes: int) -> tuple[torch.Tensor, ...]:
         ("hyperfl", []),
         ("hyperfl", ["strategy.head-bias=false"]),
         ("hyperfl", ["strategy.share=trunk"]),
+        ("hyperfl_lpm", []),
     ],
 )
 def test_the_replay_on_the_true_data_is_the_uploaded_update(
@@ -141,7 +142,7 @@ def test_the_replay_on_the_true_data_is_the_uploaded_update(
     scene = load(family.audit)(sent, answer, Public(exp, setup.data.info, 1))
     unknowns: dict[str, torch.Tensor] = {}
     passes = 1
-    if name == "hyperfl":
+    if name.startswith("hyperfl"):
         from fedsim.clients.hyperfl import PRIVATE
 
         private = state[PRIVATE].to_torch_state_dict()

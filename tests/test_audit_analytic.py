@@ -127,6 +127,23 @@ def test_not_applicable_says_why(name: str, overrides: list[str], reason: str) -
 # -- the pieces, against explicit computations ---------------------------------------
 
 
+def test_the_input_layer_is_found_by_what_it_receives() -> None:
+    """The mlp's first linear layer takes the flattened image; the cnn's and
+    the ViT's first layers are a convolution and a patch embedding, so no
+    linear layer with bias sees the raw input (HyperFL-LPM's generated LoRA
+    factors sit behind the frozen patch embedding: no analytic attack)."""
+    from fedsim.audit.linear import input_linear
+    from fedsim.learn.base import build_model
+
+    info = build(load_experiment(None, ["data.dataset=digits"])).data.info
+    found = {}
+    for name in ("mlp", "cnn", "vit"):
+        exp = load_experiment(None, [f"model.name={name}"])
+        found[name] = input_linear(build_model(exp.model, info, 0), info.input_shape)
+    assert found == {"mlp": "body.1", "cnn": None, "vit": None}
+
+
+
 def test_summed_momentum_weights() -> None:
     """Three steps with momentum 0.5: the gradients enter the final update with
     weights 1.75, 1.5 and 1 (sum 4.25); one step: 1; momentum 1: T(T+1)/2."""

@@ -46,12 +46,40 @@ def hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
     ``train.epochs`` epochs); the head phase before it changes only the
     private head, which the attacker optimises directly.
     """
-    from fedsim.learn.hypernet import extractor_shapes, initial_hypernetwork, is_head
+    from fedsim.learn.hypernet import extractor_shapes
+
+    target = _target(public)
+    return _scene(sent, reply, public, target, extractor_shapes(target))
+
+
+def lpm_hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
+    """HyperFL-LPM: as :func:`hypernetwork`, the generated tensors being LoRA
+    factors of the frozen pre-trained base (the client's own construction:
+    PEFT's adapters injected, their values replaced by generated ones)."""
+    from fedsim.learn.hypernet import lora_shapes
+    from fedsim.learn.lora import inject_lora, lora_layout
+
+    exp = public.experiment
+    target = _target(public)
+    shapes = lora_shapes(target, exp.peft)
+    layout = lora_layout(target, exp.peft)
+    inject_lora(target, exp.peft, layout, rank=exp.peft.rank, init_seed=0)
+    target.requires_grad_(False)
+    return _scene(sent, reply, public, target, shapes)
+
+
+def _scene(
+    sent: RecordDict,
+    reply: RecordDict,
+    public: Public,
+    target: nn.Module,
+    shapes: dict[str, torch.Size],
+) -> Scene:
+    from fedsim.learn.hypernet import initial_hypernetwork, is_head
 
     exp = public.experiment
     opts = exp.strategy.options
-    target = _target(public)
-    net = initial_hypernetwork(extractor_shapes(target), opts, exp.seed)
+    net = initial_hypernetwork(shapes, opts, exp.seed)
     net.requires_grad_(False)
     down, up = _arrays(sent), _arrays(reply)
     every = [n for n, _ in net.named_parameters()]
@@ -117,3 +145,4 @@ def generated_linear(target: nn.Module, observed: Tensors) -> dict[str, LinearTe
 
 
 hypernetwork.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
+lpm_hypernetwork.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]

@@ -147,6 +147,7 @@ LPM_FAMILY = Family(
     global_model=False,
     rejects=_REJECTS,
     check="fedsim.learn.hypernet:check_lpm",
+    audit="fedsim.audit.hypernetwork:lpm_hypernetwork",
 )
 
 #: Both families (the entry points ``hyperfl`` and ``hyperfl-lpm`` load this).

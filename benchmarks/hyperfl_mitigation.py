@@ -60,7 +60,7 @@ def last_round(run_dir: Path) -> tuple[float, float, float]:
     headline = analysis.round_metric(frame, "accuracy", "evaluate")
     rows = frame[frame["client"].notna() & (frame["phase"] == "train")]
     up = rows[(rows["metric"] == "bytes-up") & (rows["round"] == last)]["value"]
-    return float(headline.iloc[-1]), float(final.min()), float(up.mean())
+    return float(headline.iloc[-1, -1]), float(final.min()), float(up.mean())
 
 
 def table(dirs: list[Path]) -> str:

@@ -361,8 +361,10 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
 
 def training_rows(frame: Any) -> Any:
     """A run's metrics without what may differ between identical trainings: the
-    timings (``seconds``, ``elapsed``) and the audit's ``attack-psnr``; sorted."""
-    timing = frame["metric"].isin(["seconds", "elapsed", "attack-psnr"])
+    timings (``seconds``, ``elapsed``) and the audit's rows (``attack-psnr``,
+    ``recovered`` and their per-attack ``<metric>/<attack>``); sorted."""
+    base = frame["metric"].str.split("/").str[0]
+    timing = base.isin(["seconds", "elapsed", "attack-psnr", "recovered"])
     return (
         frame[~timing]
         .sort_values(["round", "phase", "metric", "client"])

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsim.core import registry
+from fedsim.core.audit_config import AuditConfig
 from fedsim.core.family import NoOptions
+from fedsim.core.model_config import ModelConfig
 from fedsim.core.schema import (
     Check,
     Table,
@@ -60,9 +62,6 @@ def _dataset_name(v: str) -> str | None:
     if v.startswith("hf:") and len(v) > 3:
         return None
     return _registered(registry.DATASETS)(v)
-
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _run_name(v: str) -> str | None:
@@ -165,43 +164,6 @@ class DataConfig:
         "keyword arguments of the flwr-datasets partitioner (a table; not for "
         "iid, dirichlet, pathological, natural-id)",
     )
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``[model]``: the network trained by the clients."""
-
-    name: str = option(
-        "cnn",
-        "registered model name, 'hf' (a Hugging Face folder or hub id in "
-        "model.path) or 'package.module:factory'",
-        registry.model_name_problem,
-    )
-    path: str = option("", "Hugging Face model folder or hub id (name = 'hf')")
-    task: str = option(
-        "sequence-classification",
-        "what an 'hf' model is trained for (its AutoModelFor... class)",
-        one_of("causal-lm", "sequence-classification", "image-classification"),
-    )
-    dtype: str = option("float32", "'hf' weights", one_of(*_DTYPES))
-    gradient_checkpointing: bool = option(False, "'hf': recompute activations")
-    hidden: int = option(64, "width of hidden layers / embedding size", at_least(1))
-    depth: int = option(2, "encoder blocks (vit)", at_least(1))
-    heads: int = option(4, "attention heads (vit); must divide hidden", at_least(1))
-    patch_size: int = option(2, "side of square image patches (vit)", at_least(1))
-    dropout: float = option(0.0, "dropout probability", rate)
-    pretrain: str = option(
-        "",
-        "'' starts from the seeded random init; 'digits' or 'synthetic' first "
-        "pre-trains the base centrally on that data set's public split (cached)",
-        one_of("", "digits", "synthetic"),
-    )
-    pretrain_classes: tuple[int, ...] = option(
-        [],
-        "classes that make up the public split (empty: all)",
-        lambda v: None if all(c >= 0 for c in v) else "every class must be >= 0",
-    )
-    pretrain_epochs: int = option(20, "epochs of central pre-training", at_least(1))
 
 
 @dataclass(frozen=True)
@@ -334,6 +296,12 @@ class PrivacyConfig:
         "dp-fedavg adaptive: noise std of the unclipped count; 0 = clients/round / 20",
         non_negative,
     )
+    count_release: str = option(
+        "centred",
+        "dp-fedavg adaptive: 'centred' counts b - 1/2 per client (sensitivity 1/2, "
+        "Andrew et al. / TF-Privacy); 'uncentred' counts b (sensitivity 1)",
+        one_of("centred", "uncentred"),
+    )
 
 
 @dataclass(frozen=True)
@@ -406,49 +374,6 @@ class LoggingConfig:
         "MLflow tracking URI; empty: sqlite:///<runs folder>/mlflow.db",
     )
     mlflow_experiment: str = option("", "MLflow experiment; empty: the experiment name")
-
-
-def _rounds_list(v: tuple[int, ...]) -> str | None:
-    if not v:
-        return "must name at least one round"
-    return None if all(r >= 1 for r in v) else "every round must be >= 1"
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """``[audit]``: a privacy audit inside the run (off by default).
-
-    After each round in ``rounds`` the server attacks what the first
-    ``clients`` training clients (lowest partition ids) uploaded, with the
-    family's view of the upload (``Family.audit``), and records ``attack-psnr``
-    (dB) per attacked client in the round's ``train`` rows; PNG grids go to
-    ``attacks/`` in the run directory. Training is not changed. ``attack``
-    must fit the family's upload: ``inverting-gradients`` for weights,
-    ``inverting-activations`` for split learning's cut activations (which
-    ignores ``labels``: the head's output does not depend on them).
-    """
-
-    attack: str = option(
-        "none",
-        "'none' (off), 'inverting-gradients' (Geiping et al. 2020; uploads of "
-        "weights) or 'inverting-activations' (split learning's cut activations)",
-        one_of("none", "inverting-gradients", "inverting-activations"),
-    )
-    rounds: tuple[int, ...] = option(
-        [1], "rounds whose uploads are attacked", _rounds_list
-    )
-    clients: int = option(
-        1, "training clients attacked per round (lowest partition ids)", at_least(1)
-    )
-    iterations: int = option(1000, "optimisation steps of the attack", at_least(1))
-    lr: float = option(0.1, "Adam learning rate of the dummy inputs", positive)
-    tv: float = option(1e-4, "weight of the total-variation image prior", non_negative)
-    labels: str = option(
-        "known",
-        "'known': the attacker is granted the labels; 'inferred': from the output "
-        "bias update, else optimised with the inputs",
-        one_of("known", "inferred"),
-    )
 
 
 def _seed(v: int) -> str | None:

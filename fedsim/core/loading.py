@@ -154,11 +154,15 @@ def check_consistency(exp: Experiment, family: Family) -> None:
     if p.mechanism == "dp-fedavg" and p.clipping == "adaptive":
         sampled = expected_clients_per_round(exp)
         stddev = p.clipped_count_stddev or sampled / 20
-        if p.noise_multiplier >= stddev:
+        # centred bits b - 1/2 have sensitivity 1/2: the count's multiplier doubles
+        centred = p.count_release == "centred"
+        if p.noise_multiplier >= stddev * (2 if centred else 1):
             raise ConfigError(
                 f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < "
-                f"clipped-count-stddev = {stddev:g} with adaptive clipping "
-                f"({sampled:g} clients per round); raise privacy.clipped-count-stddev"
+                f"clipped-count-stddev = {stddev:g}"
+                f"{' / 1/2 (centred count)' if centred else ''} with adaptive "
+                f"clipping ({sampled:g} clients per round); raise "
+                "privacy.clipped-count-stddev"
             )
 
 
@@ -247,19 +251,21 @@ def _check_family(exp: Experiment, family: Family) -> None:
 
 def _check_audit(exp: Experiment, family: Family) -> None:
     audit = exp.audit
-    if audit.attack == "none":
+    if not audit.enabled:
         return
     if not family.audit:
         raise ConfigError(
             f"audit.attack: strategy.name = {family.name!r} declares no view of its "
             "uploads to attack; set audit.attack = 'none'"
         )
-    # the surface names the attack it feeds (the gradient surfaces: none)
-    fits = getattr(load(family.audit), "attack", "inverting-gradients")
-    if audit.attack != fits:
+    # the surface names the attacks it feeds
+    fits: tuple[str, ...] = load(family.audit).attacks
+    wrong = [a for a in audit.attack if a not in fits]
+    if wrong:
+        allowed = ", ".join(repr(a) for a in fits)
         raise ConfigError(
-            f"audit.attack: {audit.attack!r} does not fit what strategy.name = "
-            f"{family.name!r} uploads; use audit.attack = {fits!r}"
+            f"audit.attack: {wrong[0]!r} does not fit what strategy.name = "
+            f"{family.name!r} uploads; use audit.attack = {allowed}"
         )
     late = [r for r in audit.rounds if r > exp.rounds]
     if late:

@@ -59,11 +59,27 @@ SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
 #: The privacy audit's per-client metric: best-match PSNR (dB) of the
 #: reconstructions of what the client uploaded (``train`` rows).
 ATTACK_PSNR = "attack-psnr"
+#: The privacy audit's per-client count of images recovered (matched one to
+#: one above ``audit.recovered-db``).
+RECOVERED = "recovered"
 #: The phase the privacy audit's seconds are recorded under.
 AUDIT_PHASE = "audit"
 #: Per-client metrics whose aggregate is the plain mean over the clients that
-#: report them, not weighted by examples.
-UNWEIGHTED = frozenset({ATTACK_PSNR})
+#: report them, not weighted by examples (also their per-attack variants,
+#: ``<metric>/<attack>``: :func:`unweighted`).
+UNWEIGHTED = frozenset({ATTACK_PSNR, RECOVERED})
+
+
+def per_attack(metric: str, attack: str) -> str:
+    """The name of an audit metric for one attack: ``<metric>/<attack>``."""
+    return f"{metric}/{attack}"
+
+
+def unweighted(name: str) -> bool:
+    """Whether a per-client metric aggregates as a plain mean (:data:`UNWEIGHTED`
+    and their per-attack variants)."""
+    return name.split("/", 1)[0] in UNWEIGHTED
+
 
 #: ``summary.json`` key naming the run's headline phase.
 HEADLINE_KEY = "headline"
@@ -270,7 +286,7 @@ def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, 
     names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
     for name in names:
         have = [v for v in ok if name in v]
-        plain = name in UNWEIGHTED
+        plain = unweighted(name)
         weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
         total = sum(weights)
         if total > 0:

@@ -176,6 +176,8 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
+        if item_tp is str and isinstance(value, str):
+            value = [value]  # one name stands for a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(
                 f"{key}: expected a list of {_TYPE_WORDS[item_tp][2:]}s, got {value!r}"

@@ -162,7 +162,7 @@ def run(
         return {**stats.values, **robust}
 
     auditor = None
-    if exp.audit.attack != "none":
+    if exp.audit.enabled:
         auditor = Auditor(exp, setup.data, recorder, family.audit)
     recording = RecordingGrid(
         grid,

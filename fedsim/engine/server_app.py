@@ -148,7 +148,8 @@ def run(
         robust = robust_metrics(
             setup.model, setup.data.test, exp.robust, device=setup.device, seed=exp.seed
         )
-        return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
+        more = family.more_server_metrics(setup, arrays)
+        return {"loss": stats.loss, "accuracy": stats.accuracy, **robust, **more}
 
     auditor = None
     if exp.audit.attack != "none":

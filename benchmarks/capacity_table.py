@@ -195,7 +195,10 @@ def tables(sweep_dir: Path) -> str:
     experiments = json.loads((sweep_dir / "sweep.json").read_text())["experiments"]
     stats: Stats = {}
     for entry in experiments:
-        if entry["status"] != "completed":
+        summary = sweep_dir / entry["run_dir"] / "summary.json"
+        if not summary.exists():
+            continue
+        if json.loads(summary.read_text())["status"] != "completed":
             continue
         row = stats.setdefault(variant(entry["settings"]), {})
         for key, value in measure(sweep_dir / entry["run_dir"]).items():

@@ -272,7 +272,6 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         *CAPACITY,
         "strategy.name=pa3dfl",
         "strategy.capacities=[1.0, 0.5]",
-        "strategy.rank=4",
     ),
     "fedprophet": (
         *CAPACITY,

@@ -159,7 +159,8 @@ def run(
         robust = robust_metrics(
             setup.model, setup.data.test, exp.robust, device=setup.device, seed=exp.seed
         )
-        return {**stats.values, **robust}
+        more = family.more_server_metrics(setup, arrays)
+        return {**stats.values, **robust, **more}
 
     auditor = None
     if exp.audit.enabled:

@@ -197,9 +197,12 @@ def test_bad_lora_targets_exit_2_before_any_run_directory(tmp_path: Path) -> Non
         out=out,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip() == (
-        "fedsim: error: peft.targets: 'nope' matches no module of the model"
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith(
+        "fedsim: error: peft.targets: 'nope' matches no module of the model; "
+        "linear layers it has: "
     )
+    assert "q_proj" in line
     assert not out.exists() or not any(out.iterdir())
 
 

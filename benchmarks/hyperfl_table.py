@@ -1,87 +1,134 @@
-"""The HyperFL table of the README: HyperFL, FedAvg and local-only training on
-one label-skewed federation (and HyperFL-LPM on a pre-trained ViT).
+"""The HyperFL table of the README: HyperFL against FedAvg's global model,
+personalised FedAvg (FedAvg-FT) and local-only training, over seeds.
 
 Usage::
 
-    python benchmarks/hyperfl_table.py [--out DIR] [--set KEY=VALUE ...] [EXP ...]
-    python benchmarks/hyperfl_table.py --read RUN_DIR ...
+    python benchmarks/hyperfl_table.py [--out DIR] [--seeds 0,1,2] [--split iid]
+                                       [--set KEY=VALUE ...]
 
-Runs every experiment with ``fedsim run`` as a user would, one after the other,
-reads the run directories with :mod:`fedsim.analysis` and prints a Markdown
-table of the last round: personalised accuracy (each client on its own local
-test split; the example-weighted mean and the worst client), bytes one client
-sends up and gets down in a training exchange (the hypernetwork for HyperFL,
-the whole model for FedAvg, nothing for local-only), bytes up and down per
-round over all clients and both phases (training and evaluation), and seconds
-per round (the ServerApp's elapsed time from the end of round 1 to the last,
-divided by the rounds in between: the simulation runtime's start-up is left
-out). ``--set`` applies to every experiment (``--set rounds=3`` for a quick
-check). Run directories go to ``DIR`` (default ``runs/hyperfl-table``).
+One ``fedsim sweep`` of ``experiments/hyperfl_digits.toml`` over the seeds x
+the variants below, on one of two federations: ``iid`` (default; 20 clients,
+IID shards of digits, ~57 examples each: local-only training is weak, which is
+the setting where a shared model should help; the HyperFL paper's clients hold
+a small IID share of each class) or ``skew`` (the file as written: two classes
+per client, where local-only is strong). Prints mean ± std over seeds of the
+last round's personalised accuracy (each client on its own local test split:
+the example-weighted mean and the worst client), bytes per round (up + down,
+all clients and phases) and which pairs' intervals separate. Rows:
+
+- ``hyperfl``: shared hypernetwork, private embeddings and heads;
+- ``fedavg``: the global model evaluated on each client's test split;
+- ``fedavg-ft``: personalised FedAvg, the global model trained
+  ``train.epochs`` epochs on the client's train split before evaluation
+  (``strategy.finetune-epochs``): each client's locally trained model, the
+  paper's FedAvg row;
+- ``local``: each client trains only on its own data;
+- ``fedper``: FedAvg of the body, each client's own head (FedPer).
+
+``--variants a,b`` runs only those rows (a sweep of its own); ``--also DIR``
+adds the completed runs of an earlier sweep directory to the table.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-from cli_run import markdown, run, table_parser
+from cli_run import markdown
+from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
 
 from fedsim import analysis
 
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = (
-    "experiments/hyperfl_digits.toml",
-    "experiments/fedavg_digits_skew.toml",
-    "experiments/local_digits_skew.toml",
-    "experiments/hyperfl_lpm_vit.toml",
+BASE = ROOT / "experiments/hyperfl_digits.toml"
+SPLITS = {
+    "iid": ["data.partitioner=iid"],
+    "skew": [],
+}
+VARIANTS = (
+    {"name": "hyperfl", "strategy.name": "hyperfl"},
+    {"name": "fedavg", "strategy.name": "fedavg"},
+    {"name": "fedavg-ft", "strategy.name": "fedavg", "strategy.finetune-epochs": -1},
+    {"name": "local", "strategy.name": "local"},
+    {"name": "fedper", "strategy.name": "fedper"},
+)
+PAIRS = (
+    ("hyperfl", "local"),
+    ("hyperfl", "fedavg-ft"),
+    ("hyperfl", "fedavg"),
+    ("hyperfl", "fedper"),
+    ("fedavg", "fedavg-ft"),
 )
 
 
-def row(run_dir: Path) -> dict[str, str]:
-    """One table row from a run directory."""
+def measure(run_dir: Path) -> dict[str, float]:
+    """The last round of one run."""
     frame = analysis.load_runs([run_dir])
     last = int(frame["round"].max())
     clients = analysis.client_metric(frame, "accuracy", "evaluate")
-    final = clients[clients["round"] == last]["value"]
     headline = analysis.round_metric(frame, "accuracy", "evaluate")
-    rows = frame[frame["client"].notna() & (frame["phase"] == "train")]
-    one_up = rows[(rows["metric"] == "bytes-up") & (rows["round"] == last)]["value"]
-    one_down = rows[(rows["metric"] == "bytes-down") & (rows["round"] == last)]
     comm = analysis.communication(frame)
     comm = comm[comm["round"] >= 1]
-    elapsed = frame[
-        frame["client"].isna()
-        & (frame["phase"] == "server")
-        & (frame["metric"] == "elapsed")
-    ].set_index("round")["value"]
-    per_round = (elapsed.loc[last] - elapsed.loc[1]) / max(last - 1, 1)
     return {
-        "experiment": f"`{frame['name'].iloc[0]}`",
-        "strategy": str(frame["strategy"].iloc[0]),
-        "rounds": str(last),
-        "accuracy (mean)": f"{headline.iloc[-1, -1]:.4f}",
-        "accuracy (worst client)": f"{final.min():.4f}",
-        "up per client": analysis.human_bytes(one_up.mean()),
-        "down per client": analysis.human_bytes(one_down["value"].mean()),
-        "MB up / round": f"{comm['bytes_up'].mean() / 1e6:.2f}",
-        "MB down / round": f"{comm['bytes_down'].mean() / 1e6:.2f}",
-        "s / round": f"{per_round:.1f}",
+        "mean": float(headline.iloc[-1, -1]),
+        "worst": float(clients[clients["round"] == last]["value"].min()),
+        "mb": float(comm["bytes"].mean() / 1e6),
     }
 
 
 def main() -> int:
-    parser = table_parser(__doc__, "runs/hyperfl-table")
-    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/tables"))
+    parser.add_argument("--seeds", type=seeds_argument, default=[0, 1, 2])
+    parser.add_argument("--split", choices=sorted(SPLITS), default="iid")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variants", default="", help="comma-separated rows to run")
+    parser.add_argument("--also", type=Path, action="append", default=[])
     args = parser.parse_args()
-    if args.read:
-        dirs = list(args.read)
-    else:
-        dirs = []
-        for name in args.experiments:
-            experiment = Path(name) if Path(name).exists() else ROOT / name
-            dirs.append(run(experiment, args.overrides, args.out))
-            print(dirs[-1], file=sys.stderr, flush=True)
-    print(markdown([row(d) for d in dirs], ("experiment", "strategy")))
+    overrides = [*SPLITS[args.split], *args.overrides]
+    epochs = next(
+        (int(o.split("=")[1]) for o in overrides if o.startswith("train.epochs=")),
+        None,
+    )
+    if epochs is None:
+        from fedsim.core.loading import load_experiment
+
+        epochs = load_experiment(BASE, overrides).train.epochs
+    chosen = [n for n in args.variants.split(",") if n]
+    variants = [
+        {k: (epochs if v == -1 else v) for k, v in variant.items()}
+        for variant in VARIANTS
+        if not chosen or variant["name"] in chosen
+    ]
+    name = "-".join([f"hyperfl-{args.split}", *chosen])
+    runs = sweep_runs(
+        BASE, variants, args.seeds, args.out, name=name, overrides=overrides
+    )
+    for folder in args.also:
+        for entry in json.loads((folder / "sweep.json").read_text())["experiments"]:
+            if entry["status"] == "completed":
+                key = str(entry["settings"]["name"])
+                runs.setdefault(key, []).append(folder / entry["run_dir"])
+    measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
+    rows = [
+        {
+            "strategy": f"`{name}`",
+            "seeds": str(len(m)),
+            "accuracy (mean)": mean_std([r["mean"] for r in m]),
+            "accuracy (worst client)": mean_std([r["worst"] for r in m]),
+            "MB / round": mean_std([r["mb"] for r in m], 2),
+        }
+        for name, m in measured.items()
+    ]
+    print(markdown(rows, ("strategy",)))
+    print()
+    for a, b in [(a, b) for a, b in PAIRS if a in measured and b in measured]:
+        apart = separated(
+            [r["mean"] for r in measured[a]], [r["mean"] for r in measured[b]]
+        )
+        verdict = "intervals separate" if apart else "intervals overlap"
+        print(f"- {a} vs {b}, mean accuracy: {verdict}")
     return 0
 
 

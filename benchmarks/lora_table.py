@@ -1,20 +1,22 @@
-"""The LoRA results table of docs/lora.md: FLoRA, FedIT and full-model FedAvg
-fine-tuning of one pre-trained base, homogeneous and heterogeneous ranks.
+"""The LoRA results table of the README: FLoRA, FedIT (continuing adapters),
+FedIT's averaging in FLoRA's merge-and-restart round (``fedit-merge``) and
+full-model FedAvg fine-tuning of one pre-trained base, homogeneous and
+heterogeneous ranks, over seeds.
 
 Usage::
 
-    python benchmarks/lora_table.py [--out DIR] [--set KEY=VALUE ...] [EXPERIMENT ...]
+    python benchmarks/lora_table.py [--out DIR] [--seeds 0,1,2] [--with-fedavg]
+                                    [--set KEY=VALUE ...]
 
-Builds the shared pre-trained base once (cached, so no run's wall time includes
-pre-training), then runs every experiment with ``fedsim run`` as a user would,
-one after the other, and prints a Markdown table: accuracy of the base (round 0),
-of the final global model, and its mean over rounds 1..R (how fast it learns) on
-the held-out test set, the mean of the
-``aggregation-error`` over rounds, bytes down and up summed over all clients,
-rounds and phases (train and federated evaluation), and the run's wall time (the
-ServerApp's, without the simulation runtime's start-up). ``--set`` applies to
-every experiment (e.g. ``--set rounds=3`` for a quick check). Run directories go
-to ``DIR`` (default ``runs/lora-table``).
+One ``fedsim sweep`` (start-up paid once) of ``experiments/flora_r8.toml`` over
+the seeds x the variants below. Each seed's pre-trained base is built (cached)
+before the sweep, so no run's wall time includes pre-training. Prints a
+Markdown table with mean ± std over seeds of: accuracy of the final global
+model and its mean over rounds 1..R (how fast it learns) on the held-out test
+set, the mean ``aggregation-error`` over rounds, bytes down + up summed over
+all clients, rounds and phases, and the run's wall time; then which pairs'
+intervals separate. ``--set`` applies to every experiment (e.g. ``--set
+rounds=3`` for a quick check). Runs go to ``DIR/lora`` (default ``runs/tables``).
 """
 
 from __future__ import annotations
@@ -25,34 +27,43 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from cli_run import markdown, run
+from cli_run import markdown
+from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
 
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = (
-    "experiments/flora_r8.toml",
-    "experiments/fedit_r8.toml",
-    "experiments/flora_hetero.toml",
-    "experiments/fedit_hetero.toml",
-    "experiments/fedavg_finetune.toml",
+BASE = ROOT / "experiments/flora_r8.toml"
+HETERO = {"peft.ranks": [16, 8, 4, 4, 2], "peft.alpha-per-rank": 2.0}
+#: Every rank's scaling is 2: alpha 16 at rank 8, lora_alpha = 2 r with mixed
+#: ranks (the FLoRA reference's heterogeneous setting).
+VARIANTS = (
+    {"name": "flora-r8"},
+    {"name": "fedit-r8", "strategy.name": "fedit"},
+    {"name": "fedit-merge-r8", "strategy.name": "fedit-merge"},
+    {"name": "flora-hetero", **HETERO},
+    {"name": "fedit-hetero", "strategy.name": "fedit", **HETERO},
+)
+#: Full-model FedAvg fine-tuning of the same base (``--with-fedavg``).
+FEDAVG = {"name": "fedavg-finetune", "strategy.name": "fedavg", "peft.method": "none"}
+PAIRS = (
+    ("flora-r8", "fedit-r8"),
+    ("fedit-r8", "fedit-merge-r8"),
+    ("flora-hetero", "fedit-hetero"),
 )
 
 
-def warm_cache(experiment: Path, overrides: list[str]) -> None:
-    """Build (or load) the experiment's pre-trained base in this process."""
+def warm_cache(seeds: list[int], overrides: list[str]) -> None:
+    """Build (or load) each seed's pre-trained base in this process."""
     from fedsim.core.loading import load_experiment
     from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data
 
-    exp = load_experiment(experiment, overrides)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
-    build_model(exp.model, data.info, exp.seed)
+    for seed in seeds:
+        exp = load_experiment(BASE, [*overrides, f"seed={seed}"])
+        data = federated_data(exp.data, exp.federation.clients, exp.seed)
+        build_model(exp.model, data.info, exp.seed)
 
 
-def row(run_dir: Path) -> dict[str, str]:
-    """One table row from a run directory."""
-    from fedsim.core.loading import load_experiment
-
-    exp = load_experiment(run_dir / "config.toml")
+def measure(run_dir: Path) -> dict[str, float]:
+    """One run's numbers."""
     summary = json.loads((run_dir / "summary.json").read_text())
     frame = pd.read_parquet(run_dir / "metrics.parquet")
     agg = frame[frame["client"].isna()]
@@ -61,43 +72,61 @@ def row(run_dir: Path) -> dict[str, str]:
     error = agg[agg["metric"] == "aggregation-error"]["value"]
     down = agg[agg["metric"] == "bytes-down"]["value"].sum()
     up = agg[agg["metric"] == "bytes-up"]["value"].sum()
-    if exp.peft.method == "lora":
-        ranks = (
-            ", ".join(map(str, exp.peft.ranks))
-            if exp.peft.ranks
-            else str(exp.peft.rank)
-        )
-    else:
-        ranks = "full model"
     return {
-        "experiment": f"`{exp.name}`",
-        "strategy": exp.strategy.name,
-        "ranks": ranks,
-        "base accuracy": f"{server.loc[0]:.4f}",
-        "final accuracy": f"{server.iloc[-1]:.4f}",
-        "mean accuracy": f"{server.loc[1:].mean():.4f}",
-        "aggregation error": f"{error.mean():.2e}" if len(error) else "-",
-        "MB down": f"{down / 1e6:.2f}",
-        "MB up": f"{up / 1e6:.2f}",
-        "MB total": f"{(down + up) / 1e6:.2f}",
-        "wall s": f"{summary['wall_seconds']:.1f}",
+        "base": float(server.loc[0]),
+        "final": float(server.iloc[-1]),
+        "mean": float(server.loc[1:].mean()),
+        "error": float(error.mean()) if len(error) else float("nan"),
+        "mb": float((down + up) / 1e6),
+        "wall": float(summary["wall_seconds"]),
+    }
+
+
+def row(name: str, runs: list[dict[str, float]]) -> dict[str, str]:
+    """One table row: mean ± std over the seeds' runs."""
+
+    def col(key: str, digits: int = 3) -> str:
+        return mean_std([r[key] for r in runs], digits)
+
+    errors = [r["error"] for r in runs]
+    return {
+        "experiment": f"`{name}`",
+        "seeds": str(len(runs)),
+        "base accuracy": col("base"),
+        "final accuracy": col("final"),
+        "mean accuracy": col("mean"),
+        "aggregation error": "-"
+        if any(e != e for e in errors)
+        else f"{sum(errors) / len(errors):.2e}",
+        "MB total": col("mb", 2),
+        "wall s": col("wall", 1),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS))
-    parser.add_argument("--out", type=Path, default=Path("runs/lora-table"))
+    parser.add_argument("--out", type=Path, default=Path("runs/tables"))
+    parser.add_argument("--seeds", type=seeds_argument, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--with-fedavg", action="store_true", help="add " + FEDAVG["name"]
+    )
     args = parser.parse_args()
-    rows = []
-    for name in args.experiments:
-        experiment = Path(name) if Path(name).exists() else ROOT / name
-        warm_cache(experiment, args.overrides)
-        run_dir = run(experiment, args.overrides, args.out)
-        rows.append(row(run_dir))
-        print(f"{run_dir}: {rows[-1]['final accuracy']}", file=sys.stderr, flush=True)
-    print(markdown(rows, ("experiment", "strategy", "ranks")))
+    variants = [*VARIANTS, FEDAVG] if args.with_fedavg else list(VARIANTS)
+    warm_cache(args.seeds, args.overrides)
+    runs = sweep_runs(
+        BASE, variants, args.seeds, args.out, name="lora", overrides=args.overrides
+    )
+    measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
+    print(markdown([row(n, m) for n, m in measured.items()], ("experiment",)))
+    print()
+    for a, b in [(a, b) for a, b in PAIRS if a in measured and b in measured]:
+        for key in ("final", "mean"):
+            apart = separated(
+                [r[key] for r in measured[a]], [r[key] for r in measured[b]]
+            )
+            verdict = "intervals separate" if apart else "intervals overlap"
+            print(f"- {a} vs {b}, {key} accuracy: {verdict}")
     return 0
 
 

@@ -15,6 +15,8 @@ A family's custom action ``train.<action>`` (``Family.actions``) calls the
 method ``<action>`` with the same arguments. Local training goes through
 :func:`fedsim.learn.training.local_fit` with the experiment's privacy mechanism
 (:func:`fedsim.privacy.client_mechanism`), so DP-SGD wraps every family alike;
+a family changes the local objective through its ``loss`` and ``penalty``
+hooks (``fit_round(..., loss=..., penalty=...)``; FedProx, SCAFFOLD);
 :mod:`fedsim.clients.full` holds the shared pieces of a round (``fit_round``,
 ``train_metrics``, ``evaluation_reply``) that the other algorithms reuse.
 """

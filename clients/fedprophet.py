@@ -31,7 +31,7 @@ from fedsim.learn.cascade import (
     cascade_for,
 )
 from fedsim.learn.data import Arrays, ClientData, DatasetInfo
-from fedsim.learn.robust import pgd
+from fedsim.learn.robust import feature_pgd, pgd
 from fedsim.learn.training import (
     make_loader,
     make_optimizer,
@@ -242,21 +242,21 @@ class FedProphetClient:
         state: RecordDict,
     ) -> RecordDict:
         """Mean L2 norm of how far PGD examples of the stage's inputs move the
-        finished module's output; the output's size and smallest value."""
+        finished module's output (PGD maximising that distance,
+        :func:`fedsim.learn.robust.feature_pgd`); the output's size and
+        smallest value."""
         config = content["config"]
         stage, epsilon = int(config[STAGE]), float(config[EPSILON])  # type: ignore[arg-type,index]
         bounds = (0.0, 1.0 if stage == 0 else math.inf) if config[BOUNDED] else None  # type: ignore[index]
         self.load(content)
         model = self.stage_model(stage, 0).eval()
         x = self.stage_inputs(data.partition_id, stage, data.train)
-        y = torch.from_numpy(data.train.y).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(
             derive_seed(self.experiment.seed, "perturbation", data.partition_id)
         )
-        adv = pgd(
-            model.logits,
+        adv = feature_pgd(
+            model.stage,
             x,
-            y,
             epsilon=epsilon,
             steps=self.options.steps,
             step_size=2.5 * epsilon / self.options.steps,

@@ -7,7 +7,7 @@ contract.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsim.clients.full import evaluation_reply, fit_round, train_metrics
@@ -15,7 +15,14 @@ from fedsim.core.capacity import capacity_of
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS
 from fedsim.learn.base import build_model
-from fedsim.learn.capacity import parameter_count, sub_model, training_memory_bytes
+from fedsim.learn.capacity import (
+    LABEL_SPLIT,
+    WidthHooks,
+    label_split,
+    parameter_count,
+    sub_model,
+    training_memory_bytes,
+)
 from fedsim.learn.data import ClientData, DatasetInfo
 
 #: Bytes in a megabyte (powers of 1000, as the report's byte columns).
@@ -26,7 +33,9 @@ class HeteroFLClient:
     """Loads its slice of the global model, trains it, returns it.
 
     One sub-model per width is built once per client process (from the full
-    model) and reused; each message loads the received slice into it.
+    model), with the reference's scaler and label-split mask as hooks
+    (``strategy.scaler``, ``strategy.mask``), and reused; each message loads
+    the received slice into it and sets the mask to the client's classes.
 
     Parameters
     ----------
@@ -43,17 +52,22 @@ class HeteroFLClient:
         self.info = info
         self.device = device
         self.full = build_model(experiment.model, info, experiment.seed)
-        self._models: dict[float, nn.Module] = {}
+        self.options = experiment.strategy.options
+        self._models: dict[float, tuple[nn.Module, WidthHooks]] = {}
 
     def width(self, partition_id: int) -> float:
         """The client's width ratio."""
         return capacity_of(self.experiment.strategy.options.capacities, partition_id)
 
-    def model_for(self, partition_id: int) -> nn.Module:
-        """The (cached) sub-model at the client's width."""
+    def model_for(self, partition_id: int) -> tuple[nn.Module, WidthHooks]:
+        """The (cached) sub-model at the client's width and its hooks."""
         ratio = self.width(partition_id)
         if ratio not in self._models:
-            self._models[ratio] = sub_model(self.full, ratio).to(self.device)
+            model = sub_model(self.full, ratio).to(self.device)
+            hooks = WidthHooks(
+                model, ratio, scaler=self.options.scaler, mask=self.options.mask
+            )
+            self._models[ratio] = (model, hooks)
         return self._models[ratio]
 
     def cost(self, model: nn.Module) -> dict[str, float]:
@@ -66,9 +80,11 @@ class HeteroFLClient:
         )
         return {"params": float(parameter_count(model)), "memory-mb": memory / MB}
 
-    def load(self, content: RecordDict, partition_id: int) -> nn.Module:
-        model = self.model_for(partition_id)
+    def load(self, content: RecordDict, data: ClientData) -> nn.Module:
+        """The received slice, masked to the client's classes (train split)."""
+        model, hooks = self.model_for(data.partition_id)
         model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+        hooks.labels = label_split(data.train.y) if self.options.mask else None
         return model
 
     def train(
@@ -81,7 +97,7 @@ class HeteroFLClient:
     ) -> RecordDict:
         """One round of local training of the received sub-model."""
         exp = self.experiment
-        model = self.load(content, data.partition_id)
+        model = self.load(content, data)
         stats, extra = fit_round(
             model,
             data,
@@ -98,7 +114,10 @@ class HeteroFLClient:
             **self.cost(model),
         )
         local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
+        reply = RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
+        if self.options.mask:
+            reply[LABEL_SPLIT] = ConfigRecord({LABEL_SPLIT: label_split(data.train.y)})
+        return reply
 
     def evaluate(
         self,
@@ -109,9 +128,11 @@ class HeteroFLClient:
         state: RecordDict,
     ) -> RecordDict:
         """Clean (and, with ``robust.epsilon`` > 0, PGD) loss and accuracy of the
-        client's slice of the global model on its local test split."""
+        client's slice of the global model (masked to its classes with
+        ``strategy.mask``, as the reference's local evaluation) on its local
+        test split."""
         return evaluation_reply(
-            self.load(content, data.partition_id),
+            self.load(content, data),
             data,
             self.experiment,
             server_round=server_round,

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fedsim.clients.full import evaluation_reply
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.full import evaluation_reply
 from fedsim import privacy
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
@@ -25,6 +25,8 @@ from fedsim.learn.hypernet import (
     HyperModel,
     HyperNetwork,
     extractor_shapes,
+    initial_hypernetwork,
+    is_shared,
     lora_shapes,
 )
 from fedsim.learn.lora import inject_lora, lora_layout
@@ -37,6 +39,9 @@ from fedsim.learn.training import (
 PRIVATE = "hyperfl.private"
 #: Name of the embedding in the private record.
 EMBEDDING = "embedding"
+#: Prefix of the hypernetwork's private tensors in the private record
+#: (``strategy.share = "trunk"``: its output heads).
+HYPERNETWORK = "hypernetwork."
 
 
 class HyperFLClient:
@@ -70,10 +75,12 @@ class HyperFLClient:
         self.options = experiment.strategy.options
         self.device = device
         target, shapes = self.build_target(info)
+        self.shapes = shapes
         hypernetwork = HyperNetwork(
             shapes,
             embedding_dim=self.options.embedding_dim,
             hidden_dim=self.options.hidden_dim,
+            head_bias=self.options.head_bias,
         )
         self.model = HyperModel(target, hypernetwork).to(device)
 
@@ -87,11 +94,16 @@ class HyperFLClient:
 
     # -- private state -----------------------------------------------------------
     def private_arrays(self) -> dict[str, torch.Tensor]:
-        """The client's private embedding and head (CPU copies)."""
+        """The client's private embedding and head, and the hypernetwork's
+        private tensors (``strategy.share = "trunk"``: its output heads) under
+        :data:`HYPERNETWORK` (CPU copies)."""
         out = {EMBEDDING: self.model.embedding.detach().cpu().clone()}
         for name, p in self.model.target.named_parameters():
             if name.startswith(f"{HEAD}."):
                 out[name] = p.detach().cpu().clone()
+        for name, value in self.model.hypernetwork.state_dict().items():
+            if not is_shared(name, self.options.share):
+                out[HYPERNETWORK + name] = value.detach().cpu().clone()
         return out
 
     def initial_private(self, partition_id: int) -> dict[str, torch.Tensor]:
@@ -105,20 +117,31 @@ class HyperFLClient:
             )
             embedding = torch.randn(self.model.embedding.shape)
             fresh = nn.Linear(head.in_features, head.out_features)
-        return {
+        first = {
             EMBEDDING: embedding,
             f"{HEAD}.weight": fresh.weight.detach(),
             f"{HEAD}.bias": fresh.bias.detach(),
         }
+        if self.options.share != "all":  # private heads start as the server's
+            net = initial_hypernetwork(self.shapes, self.options, self.experiment.seed)
+            for name, value in net.state_dict().items():
+                if not is_shared(name, self.options.share):
+                    first[HYPERNETWORK + name] = value
+        return first
 
     def load(self, content: RecordDict, state: RecordDict, partition_id: int) -> None:
         """Load the received hypernetwork and this client's private arrays."""
         received = content[ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
-        self.model.hypernetwork.load_state_dict(received)
         if PRIVATE in state:
             private = state[PRIVATE].to_torch_state_dict()  # type: ignore[union-attr]
         else:
             private = self.initial_private(partition_id)
+        mine = {
+            k[len(HYPERNETWORK) :]: private.pop(k)
+            for k in list(private)
+            if k.startswith(HYPERNETWORK)
+        }
+        self.model.hypernetwork.load_state_dict({**received, **mine})
         params = dict(self.model.target.named_parameters())
         with torch.no_grad():
             self.model.embedding.copy_(private.pop(EMBEDDING))
@@ -179,7 +202,9 @@ class HyperFLClient:
         model.train_only([])
         state[PRIVATE] = ArrayRecord(self.private_arrays())
         shared = {
-            k: v.detach().cpu() for k, v in model.hypernetwork.state_dict().items()
+            k: v.detach().cpu()
+            for k, v in model.hypernetwork.state_dict().items()
+            if is_shared(k, opts.share)
         }
         metrics: dict[str, Any] = {
             "loss": stats.loss,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
 
 from fedsim.clients.full import fit_round, train_metrics
 from fedsim.core.experiment import Experiment
@@ -18,10 +19,8 @@ from fedsim.learn.lora import (
     rank_for,
     scaling_for,
 )
-from fedsim.learn.training import (
-    evaluate,
-    evaluation_metrics,
-)
+from fedsim.learn.tasks import metric_record, task_for
+from fedsim.learn.training import Penalty
 
 
 class LoraClient:
@@ -67,6 +66,23 @@ class LoraClient:
                 f"received arrays the model lacks: {result.unexpected_keys[:3]}"
             )
 
+    def penalty(
+        self, model: nn.Module, content: RecordDict, state: RecordDict
+    ) -> Penalty | None:
+        """The local objective's term besides the loss, over the trainable
+        parameters of ``model`` (the base wrapped with this round's adapters);
+        none here. A family that changes the LoRA client's objective overrides
+        this (see :data:`fedsim.learn.training.Penalty`)."""
+        return None
+
+    def init_seed(self, partition_id: int, server_round: int) -> int:
+        """Seed of the fresh adapters' A: one per round, shared by its clients."""
+        return derive_seed(self.experiment.seed, "lora-init", server_round)
+
+    def start(self, content: RecordDict, rank: int) -> None:
+        """Set the injected adapters' start from ``content`` before training;
+        FLoRA's clients keep the fresh ones."""
+
     def train(
         self,
         content: RecordDict,
@@ -87,9 +103,10 @@ class LoraClient:
             exp.peft,
             self.layout,
             rank=rank,
-            init_seed=derive_seed(exp.seed, "lora-init", server_round),
+            init_seed=self.init_seed(data.partition_id, server_round),
         )
         try:
+            self.start(content, rank)
             for p in trained.values():
                 p.requires_grad_(True)
             stats, extra = fit_round(
@@ -99,6 +116,7 @@ class LoraClient:
                 server_round=server_round,
                 device=self.device,
                 state=state,
+                penalty=self.penalty(model, content, state),
             )
             arrays = adapter_state(self.base, self.layout)
             arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})
@@ -124,7 +142,8 @@ class LoraClient:
         server_round: int,
         state: RecordDict,
     ) -> RecordDict:
-        """Loss and accuracy of the received global model on the local test split."""
+        """The task's metrics of the received global model on the local test split."""
         self.load(content)
-        stats = evaluate(self.base, data.test, device=self.device)
-        return RecordDict({METRICS: evaluation_metrics(stats)})
+        task = task_for(self.experiment)
+        stats = task.evaluate(self.base, data.test, device=self.device)
+        return RecordDict({METRICS: metric_record(stats)})

@@ -1,5 +1,5 @@
-"""Pa3dFL's client side: trains ``U @ G @ V`` layers at its width; the biases
-are private.
+"""Pa3dFL's client side: trains its width's decomposed layers (general ``u``,
+personal ``v``); the biases are private.
 
 See :mod:`fedsim.strategies.pa3dfl` for the paper, the choices and the message
 contract.
@@ -17,7 +17,7 @@ from fedsim.core.messages import ARRAYS, METRICS
 from fedsim.learn.base import build_model
 from fedsim.learn.capacity import training_memory_bytes
 from fedsim.learn.data import ClientData, DatasetInfo
-from fedsim.learn.decomposed import DecomposedModel
+from fedsim.learn.decomposed import DecomposedModel, factors_of
 
 #: ``context.state`` key of a client's private biases.
 PRIVATE = "pa3dfl.private"
@@ -26,13 +26,13 @@ MB = 1e6
 
 
 class Pa3dFLClient:
-    """Loads the general cores and its personal factors, trains them with its
+    """Loads the general parameters and its personal ones, trains them with its
     private biases, returns the factors and keeps the biases.
 
     Parameters
     ----------
     experiment : Experiment
-        The run's configuration (``strategy.capacities``, ``strategy.rank``).
+        The run's configuration (``strategy.capacities``).
     info : DatasetInfo
         Input shape and classes.
     device : torch.device
@@ -45,6 +45,7 @@ class Pa3dFLClient:
         self.info = info
         self.device = device
         self.full = build_model(experiment.model, info, experiment.seed)
+        self.factors = factors_of(self.full, self.options.capacities)
         self._models: dict[float, tuple[DecomposedModel, dict[str, torch.Tensor]]] = {}
 
     def width(self, partition_id: int) -> float:
@@ -55,7 +56,7 @@ class Pa3dFLClient:
         biases (the run's initial model's, sliced)."""
         ratio = self.width(partition_id)
         if ratio not in self._models:
-            model = DecomposedModel(self.full, ratio, self.options.rank)
+            model = DecomposedModel(self.full, ratio, self.factors)
             self._models[ratio] = (model.to(self.device), model.biases())
         return self._models[ratio]
 
@@ -77,7 +78,7 @@ class Pa3dFLClient:
         server_round: int,
         state: RecordDict,
     ) -> RecordDict:
-        """Local training of ``G``, ``U``, ``V`` and the private biases."""
+        """Local training of ``u``, ``v`` and the private biases."""
         exp = self.experiment
         model = self.load(content, state, data.partition_id)
         stats, extra = fit_round(

@@ -30,6 +30,7 @@ from tests.runs import (
     SMALL,
     SPY,
     SPY_DIR,
+    STRAY_RAY,
     TWO_CLIENTS,
     CliRun,
     SharedRun,
@@ -113,10 +114,12 @@ def two_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Share
         for folder in path:
             patch.syspath_prepend(folder)
         registry.families.cache_clear()
+        registry.models.cache_clear()
         try:
             result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
         finally:
             registry.families.cache_clear()
+            registry.models.cache_clear()
     assert result.returncode == 0, result.stdout + result.stderr
     return {
         name: SharedRun(run_dir, result, seen=seen.get(name))
@@ -131,7 +134,8 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
     tests/test_sweep.py): the DP experiments of tests/test_dp_e2e.py, FLoRA and
     FedIT of tests/test_lora_e2e.py (a ``FEDSIM_CACHE`` of their own for the
     pretrained base), and the run with failing clients of tests/test_e2e.py.
-    Each module defines its experiments. Asserts the sweep succeeded."""
+    Each module defines its experiments. Asserts the sweep succeeded. Runs
+    with ``RAY_ADDRESS`` set (:data:`STRAY_RAY`), which a local run ignores."""
     from tests.test_dp_e2e import dp_experiments
     from tests.test_e2e import failing_experiment
     from tests.test_lora_e2e import FEDIT, FLORA
@@ -144,9 +148,10 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
         "flora": FLORA,
         "fedit": FEDIT,
     }
-    result, run_dirs = sweep_cli(
-        root, list(experiments.values()), env={**os.environ, "FEDSIM_CACHE": str(cache)}
-    )
+    # a RAY_ADDRESS naming no cluster: a local run must not try it
+    # (tests/test_cluster.py)
+    env = {**os.environ, "FEDSIM_CACHE": str(cache), "RAY_ADDRESS": STRAY_RAY}
+    result, run_dirs = sweep_cli(root, list(experiments.values()), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return {
         name: SharedRun(run_dir, result, cache=cache)
@@ -356,8 +361,10 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
 
 def training_rows(frame: Any) -> Any:
     """A run's metrics without what may differ between identical trainings: the
-    timings (``seconds``, ``elapsed``) and the audit's ``attack-psnr``; sorted."""
-    timing = frame["metric"].isin(["seconds", "elapsed", "attack-psnr"])
+    timings (``seconds``, ``elapsed``) and the audit's rows (``attack-psnr``,
+    ``recovered`` and their per-attack ``<metric>/<attack>``); sorted."""
+    base = frame["metric"].str.split("/").str[0]
+    timing = base.isin(["seconds", "elapsed", "attack-psnr", "recovered"])
     return (
         frame[~timing]
         .sort_values(["round", "phase", "metric", "client"])
@@ -379,3 +386,13 @@ def one_thread() -> Iterable[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_assets(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny random-init Hugging Face model folders (LLaMA, GPT-2, BERT) with a
+    tokenizer trained here, and instruction / labelled text files
+    (:mod:`tests.hf_assets`)."""
+    from tests.hf_assets import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("hf"))

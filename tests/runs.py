@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
+
+#: ``RAY_ADDRESS`` of the four-client sweep: a closed loopback port, no cluster.
+STRAY_RAY = "127.0.0.1:9"
 
 #: A small, fast federation used by the end-to-end tests.
 SMALL = (
@@ -39,6 +43,9 @@ class CliRun:
     #: (:func:`sweep_cli` only)
     processes: frozenset[int] = frozenset()
     left_behind: frozenset[int] = frozenset()
+    #: (address, port, process name) of every socket a process under the CLI
+    #: listened on (TCP) or had bound (UDP) while it ran (:func:`sweep_cli`)
+    listening: frozenset[tuple[str, int, str]] = frozenset()
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -92,6 +99,24 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
+def listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of the listening TCP and bound UDP
+    sockets of ``pids`` now (one look at the whole socket table)."""
+    found = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.pid not in pids or not conn.laddr:
+            continue
+        if conn.status == psutil.CONN_LISTEN or (
+            conn.type == socket.SOCK_DGRAM and not conn.raddr
+        ):
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                name = "?"
+            found.add((conn.laddr.ip, conn.laddr.port, name))
+    return found
+
+
 def sweep_cli(
     out: Path,
     experiments: Sequence[Sequence[str]],
@@ -108,14 +133,16 @@ def sweep_cli(
     aside), so a test computes its oracle from its overrides as before."""
     import tomli_w
 
-    from fedsim.core.loading import load_experiment, parse_override, to_toml
+    from fedsim.core.loading import load_experiment, parse_override, to_dict
 
     out.mkdir(parents=True, exist_ok=True)
     file = out / "experiments.toml"
     variants = [dict(map(parse_override, overrides)) for overrides in experiments]
-    file.write_text(
-        to_toml(load_experiment(None)) + "\n" + tomli_w.dumps({"variants": variants})
-    )
+    base = to_dict(load_experiment(None))
+    # The quickstart family's own option keys would be unknown to a variant's
+    # family: the base names the family only, each variant sets its options.
+    base["strategy"] = {"name": base["strategy"]["name"]}
+    file.write_text(tomli_w.dumps({**base, "variants": variants}))
     argv = (
         sys.executable,
         "-m",
@@ -131,8 +158,13 @@ def sweep_cli(
     with ThreadPoolExecutor(1) as pool:  # drain the pipes while watching
         streams = pool.submit(proc.communicate, timeout=timeout)
         seen: set[int] = set()
+        sockets: set[tuple[str, int, str]] = set()
+        looks = 0
         while not streams.done():
             seen |= descendants(proc.pid)
+            if looks % 3 == 0:  # every 0.6 s: the sockets' table costs more
+                sockets |= listening(alive(seen))
+            looks += 1
             time.sleep(0.2)
         try:
             stdout, stderr = streams.result()
@@ -148,6 +180,7 @@ def sweep_cli(
         env,
         processes=frozenset(seen),
         left_behind=frozenset(alive(seen)),  # as soon as the CLI exited
+        listening=frozenset(sockets),
     )
     index = out / "runs" / file.stem / "sweep.json"
     assert index.is_file(), result.stdout + result.stderr
@@ -170,8 +203,9 @@ PLUGIN = Path(__file__).parent / "plugin"
 #: Runs through the CLI and Flower on two clients, one Flower run for all
 #: (:func:`two_client_runs`): the spies of HyperFL (tests/test_hyperfl_e2e.py) and
 #: of U-shaped split learning (tests/test_split_e2e.py), the ping plug-in
-#: (tests/test_families.py), and HeteroFL, Pa3dFL and FedProphet on clients of
-#: different capacity with PGD robust evaluation (tests/test_capacity_e2e.py).
+#: (tests/test_families.py), HeteroFL, Pa3dFL and FedProphet on clients of
+#: different capacity with PGD robust evaluation (tests/test_capacity_e2e.py),
+#: SCAFFOLD and FedAdam (tests/test_baselines_e2e.py).
 CAPACITY = (
     "rounds=2",
     "federation.clients=2",
@@ -181,6 +215,16 @@ CAPACITY = (
     "train.batch-size=32",
     "robust.epsilon=0.1",
     "robust.steps=2",
+)
+#: SCAFFOLD and FedAvg + FedAdam (tests/test_baselines_e2e.py).
+BASELINES = (
+    "rounds=2",
+    "federation.clients=2",
+    "model.name=mlp",
+    "model.hidden=8",
+    "train.epochs=1",
+    "train.batch-size=32",
+    "train.momentum=0",
 )
 TWO_CLIENTS: dict[str, tuple[str, ...]] = {
     "hyperfl-spy": (
@@ -198,6 +242,12 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         "federation.clients=2",
         "federation.fraction-evaluate=0",
         "model.name=mlp",
+    ),
+    "user-model": (  # a model from the plug-in's fedsim.models entry point
+        "rounds=1",
+        "federation.clients=2",
+        "model.name=ping-linear",
+        "federation.fraction-evaluate=0",
     ),
     "split-ushape-spy": (
         "strategy.name=split-ushape-spy",
@@ -222,7 +272,6 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         *CAPACITY,
         "strategy.name=pa3dfl",
         "strategy.capacities=[1.0, 0.5]",
-        "strategy.rank=4",
     ),
     "fedprophet": (
         *CAPACITY,
@@ -231,6 +280,8 @@ TWO_CLIENTS: dict[str, tuple[str, ...]] = {
         "strategy.local-iterations=2",
         "strategy.steps=2",
     ),
+    "scaffold": (*BASELINES, "strategy.name=scaffold"),
+    "fedadam": (*BASELINES, "strategy.name=fedadam"),
 }
 #: The key that tells each spy where to write what it sees.
 SPY_DIR = {"hyperfl-spy": "strategy.spy-dir", "split-ushape-spy": "split.spy-dir"}

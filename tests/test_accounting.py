@@ -112,3 +112,8 @@ def test_adaptive_update_noise_composes_back_to_the_target() -> None:
     assert z_u > 0.8
     with pytest.raises(ValueError):
         accounting.adaptive_update_noise(2.0, 2.0)
+    # centred bits (sensitivity 1/2): the count's multiplier is 2 sigma_b
+    centred = accounting.adaptive_update_noise(0.8, 2.0, "centred")
+    assert centred == pytest.approx((0.8**-2 - 4.0**-2) ** -0.5)
+    assert 0.8 < centred < z_u
+    assert accounting.adaptive_update_noise(3.0, 2.0, "centred") > 3.0

@@ -3,6 +3,7 @@ and the audited run (in process, no Flower runtime)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from fedsim.audit.maths import (
     psnr,
     total_variation,
 )
-from fedsim.audit.replay import EMBEDDING, Public, simulate
+from fedsim.audit.hypernetwork import EMBEDDING
+from fedsim.audit.replay import Public, simulate
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.family import load
@@ -94,7 +96,7 @@ def _client_round(path: Path, overrides: list[str], pid: int = 0) -> tuple:
     setup = build(exp)
     strategy = family.load_server()(setup)
     arrays = getattr(strategy, "shared", setup.initial)
-    if exp.peft.method == "lora":  # FLoRA sends only the weights rounds change
+    if family.name == "flora":  # FLoRA sends only the weights rounds change
         keep = {"body.1.weight", "body.4.weight", "head.weight", "head.bias"}
         arrays = ArrayRecord({k: v for k, v in arrays.items() if k in keep})
     client = family.load_client()(exp, setup.data.info, torch.device("cpu"))
@@ -115,26 +117,40 @@ def _loader_order(exp: Any, data: Any, passes: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat(parts) for parts in zip(*batches))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "flora", "hyperfl"])
-def test_the_replay_on_the_true_data_is_the_uploaded_update(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("fedavg", []),
+        ("flora", []),
+        ("hyperfl", []),
+        ("hyperfl", ["strategy.head-bias=false"]),
+        ("hyperfl", ["strategy.share=trunk"]),
+        ("hyperfl_lpm", []),
+    ],
+)
+def test_the_replay_on_the_true_data_is_the_uploaded_update(
+    name: str, extra: list[str]
+) -> None:
     """Given the client's own examples (in its loader's order) and, for HyperFL,
-    its private embedding and head, the attacker's replay of local training
-    (three SGD-with-momentum steps of batch 3) equals the update the real client
-    uploaded."""
-    overrides = ["train.batch-size=3"]
+    its private embedding and head (and, with private output heads, those),
+    the attacker's replay of local training (three SGD-with-momentum steps of
+    batch 3) equals the update the real client uploaded."""
+    overrides = ["train.batch-size=3", *extra]
     exp, setup, family, client, sent, answer, state, data = _client_round(
         EXPERIMENTS / f"audit_{name}.toml", overrides
     )
     scene = load(family.audit)(sent, answer, Public(exp, setup.data.info, 1))
     unknowns: dict[str, torch.Tensor] = {}
     passes = 1
-    if name == "hyperfl":
+    if name.startswith("hyperfl"):
         from fedsim.clients.hyperfl import PRIVATE
 
         private = state[PRIVATE].to_torch_state_dict()
         first = client.initial_private(data.partition_id)
         unknowns = {EMBEDDING: first[EMBEDDING]}
         unknowns.update({k: private[k] for k in ("head.weight", "head.bias")})
+        prefix = "hypernetwork."
+        unknowns.update({k[len(prefix) :]: v for k, v in first.items() if prefix in k})
         passes = 2  # the head phase took the loader's first pass
     x, y = _loader_order(exp, data, passes)
     assert scene.examples == len(x) == 8
@@ -272,12 +288,15 @@ def _run(exp: Any, run_dir: Path) -> pd.DataFrame:
 
 
 def test_the_audited_run_trains_exactly_as_the_run_without(
-    task_identity: None, tmp_path: Path
+    task_identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Same seed, with and without ``[audit]``: every training and evaluation
-    metric is bit-identical; the audited run adds ``attack-psnr`` for the
-    attacked clients (and their plain mean), the audit phase's seconds and the
-    PNG grids."""
+    """Same seed, with and without ``[audit]`` (three attacks): every training
+    and evaluation metric is bit-identical; the audited run adds, for the
+    attacked clients, ``attack-psnr/<attack>`` and ``recovered/<attack>`` of
+    each attack that applies, their best as ``attack-psnr`` and ``recovered``
+    (and plain means over the clients), the audit phase's seconds and the PNG
+    grids; the one-step analytic attack, facing several local steps, records
+    nothing and logs why."""
     base = [
         "rounds=2",
         "federation.clients=3",
@@ -288,14 +307,16 @@ def test_the_audited_run_trains_exactly_as_the_run_without(
         "train.batch-size=4",
         "data.client-test-fraction=0.95",
     ]
+    attacks = ["inverting-gradients", "analytic", "analytic-multistep"]
     audit = [
-        "audit.attack=inverting-gradients",
+        f"audit.attack={attacks}",
         "audit.rounds=[2]",
         "audit.clients=2",
         "audit.iterations=3",
     ]
     plain = _run(load_experiment(None, base), tmp_path / "plain")
-    audited = _run(load_experiment(None, [*base, *audit]), tmp_path / "audited")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        audited = _run(load_experiment(None, [*base, *audit]), tmp_path / "audited")
 
     pd.testing.assert_frame_equal(training_rows(plain), training_rows(audited))
     psnr_rows = audited[audited["metric"] == "attack-psnr"]
@@ -305,9 +326,26 @@ def test_the_audited_run_trains_exactly_as_the_run_without(
     assert sorted(per_client["client"]) == [0, 1]
     mean = psnr_rows[psnr_rows["client"].isna()]["value"].item()
     assert mean == pytest.approx(per_client["value"].mean())
+    clients = audited[audited["client"].notna()].set_index(["client", "metric"])
+    for metric in ("attack-psnr", "recovered"):
+        for pid in (0, 1):
+            each = [
+                clients.loc[(pid, f"{metric}/{a}"), "value"]
+                for a in ("inverting-gradients", "analytic-multistep")
+            ]
+            assert clients.loc[(pid, metric), "value"] == max(each)
+    assert not audited["metric"].isin(["attack-psnr/analytic"]).any()
+    skipped = [
+        r.message for r in caplog.records if "analytic not applicable" in r.message
+    ]
+    assert len(skipped) == 2 and "local steps" in skipped[0]
     assert ((audited["phase"] == "audit") & (audited["metric"] == "seconds")).sum() == 1
     grids = sorted(p.name for p in (tmp_path / "audited" / "attacks").iterdir())
-    assert grids == ["round-2-client-0.png", "round-2-client-1.png"]
+    assert grids == [
+        f"round-2-client-{pid}-{a}.png"
+        for pid in (0, 1)
+        for a in ("analytic-multistep", "inverting-gradients")
+    ]
     assert not (tmp_path / "plain" / "attacks").exists()
     # fedsim report and the progress line show it
     from rich.console import Console

@@ -275,4 +275,42 @@ def test_the_audited_split_run_trains_exactly_as_the_run_without(
     assert set(rows["round"]) == {2}
     assert sorted(rows[rows["client"].notna()]["client"]) == [0, 1]
     grids = sorted(p.name for p in (tmp_path / "a" / "attacks").iterdir())
-    assert grids == ["round-2-client-0.png", "round-2-client-1.png"]
+    assert grids == [
+        f"round-2-client-{pid}-inverting-activations.png" for pid in (0, 1)
+    ]
+
+
+def test_the_auditor_keeps_the_batches_it_is_asked_for(task_identity: None) -> None:
+    """``audit.batches = [1, 2]``: of a client's activation uploads (batch 0
+    answers ``train``, batch t the t-th gradient) the auditor keeps batches 1
+    and 2, each with the ``train`` content (the head the server sent); a reply
+    under ``cut`` without activations (U-shaped's tail gradient) is no batch."""
+    from flwr.app import Array, Message
+
+    from fedsim.audit.auditor import Auditor
+    from tests.conftest import reply_metadata
+
+    exp = load_experiment(AUDIT_SFL, ["audit.batches=[1, 2]"])
+    auditor = Auditor(exp, None, None, registry.family(exp.strategy.name).audit)
+
+    def cut(name: str, value: float) -> RecordDict:
+        values = Array(np.full((2, 3), value, np.float32))
+        return RecordDict({CUT: ArrayRecord({f"{name}.values": values})})
+
+    head = RecordDict({ARRAYS: ArrayRecord({"w": Array(np.zeros(2, np.float32))})})
+    steps = [
+        ("train", head, cut(ACTIVATIONS, 0.0)),
+        ("train.split_step", cut("gradient", 9.0), cut(ACTIVATIONS, 1.0)),
+        ("train.split_tail", cut(ACTIVATIONS, 9.0), cut("gradient", 9.0)),
+        ("train.split_step", cut("gradient", 9.0), cut(ACTIVATIONS, 2.0)),
+        ("train.split_step", cut("gradient", 9.0), cut(ACTIVATIONS, 3.0)),
+    ]
+    for kind, down, up in steps:
+        sent = Message(content=down, dst_node_id=7, message_type=kind)
+        back = Message(content=up, metadata=reply_metadata(7, "x", kind))
+        auditor.observe(1, [sent], [back], {7: 4})
+    kept = auditor._seen[4]
+    assert [batch for batch, _, _ in kept] == [1, 2]
+    assert all(sent is head for _, sent, _ in kept)
+    values = [r[CUT][f"{ACTIVATIONS}.values"].numpy()[0, 0] for _, _, r in kept]
+    assert values == [1.0, 2.0]

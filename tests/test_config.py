@@ -53,8 +53,9 @@ def test_file_and_overrides_are_typed(tmp_path: Path) -> None:
         [
             "rounds=7",
             "data.alpha=0.1",
-            "strategy.name=fedavg",  # bare string
+            "strategy.name=flora",  # bare string
             'model.name="mlp"',  # TOML string
+            'peft.method="lora"',
             "peft.ranks=[4, 2]",
             "federation.fraction-train=1",  # int where a float is expected
         ],
@@ -67,7 +68,10 @@ def test_file_and_overrides_are_typed(tmp_path: Path) -> None:
 
 
 def test_round_trips() -> None:
-    exp = load_experiment(None, ["peft.ranks=[16, 8, 4]", "seed=3"])
+    exp = load_experiment(
+        None,
+        ["strategy.name=flora", "peft.method=lora", "peft.ranks=[16, 8, 4]", "seed=3"],
+    )
     assert from_run_config(to_run_config(exp)) == exp
     assert all(
         isinstance(v, (bool, int, float, str)) for v in to_run_config(exp).values()
@@ -75,7 +79,8 @@ def test_round_trips() -> None:
 
 
 def test_resolved_toml_reloads_to_the_same_experiment(tmp_path: Path) -> None:
-    exp = load_experiment(None, ["rounds=2", "peft.ranks=[2, 1]"])
+    lora = ["strategy.name=flora", "peft.method=lora", "peft.ranks=[2, 1]"]
+    exp = load_experiment(None, ["rounds=2", *lora])
     path = write(tmp_path, to_toml(exp))
     assert load_experiment(path) == exp
 

@@ -209,18 +209,20 @@ def test_federated_data_is_cached_on_disk_and_misses_on_a_changed_file(
     cfg = DataConfig(dataset="file", path=str(path), label_column="species")
     built = data_module._split(cfg, 4, 3)  # noqa: SLF001 (the uncached oracle)
     first = data_module.federated_data.__wrapped__(cfg, 4, 3)
-    assert len(list((tmp_path / "cache" / "data").glob("*.npz"))) == 1
+    entries = [p for p in (tmp_path / "cache" / "data").iterdir()]
+    assert len(entries) == 1 and not entries[0].name.startswith(".")  # no leftovers
     calls: list[int] = []
 
     def rebuilt(*args: object) -> None:
         calls.append(1)
         raise LookupError("rebuilt")
 
-    monkeypatch.setattr(data_module, "_split", rebuilt)
+    monkeypatch.setattr(data_module, "_plan", rebuilt)
     again = data_module.federated_data.__wrapped__(cfg, 4, 3)  # read back
     assert calls == []
     for got in (first, again):
         assert got.info == built.info
+        assert isinstance(got.pool.x, np.memmap)  # mapped, not read whole
         np.testing.assert_array_equal(got.pool.x, built.pool.x)
         assert got.pool.x.strides == built.pool.x.strides
         np.testing.assert_array_equal(got.test.y, built.test.y)

@@ -172,20 +172,34 @@ def test_chain_clips_averages_uniformly_and_accounts(task_identity: None) -> Non
 # -- 1. a short reply set gets the noise the accountant assumed ------------------
 
 
-@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def adaptive_only(clipping: str, *overrides: str) -> tuple[str, ...]:
+    """Keys read only by adaptive clipping (refused with fixed clipping)."""
+    return overrides if clipping == "adaptive" else ()
+
+
+@pytest.mark.parametrize(
+    ("clipping", "release"),
+    [("fixed", "centred"), ("adaptive", "uncentred"), ("adaptive", "centred")],
+)
 def test_round_with_a_failed_client_has_the_accounted_noise(
-    task_identity: None, updates: list[np.ndarray], clipping: str
+    task_identity: None, updates: list[np.ndarray], clipping: str, release: str
 ) -> None:
     """4 clients sampled of 8, one fails: the release is
     ``current + sum(clipped) / 4`` plus noise of std ``z_u C / 4`` (z_u = z for
-    fixed clipping; for adaptive, updates and count together make z), measured
-    on the intercepted draw, and the round is accounted at (z, q = 0.5)."""
+    fixed clipping; for adaptive, updates and count together make z: the count
+    has sensitivity 1 uncentred, 1/2 centred), measured on the intercepted
+    draw, and the round is accounted at (z, q = 0.5)."""
     sigma, norm = (1.0, 1.0) if clipping == "fixed" else (0.5, 1.0)
     exp = experiment(
         f"privacy.noise-multiplier={sigma}",
         f"privacy.clipping='{clipping}'",
-        "privacy.clipped-count-stddev=1.0",
+        *adaptive_only(
+            clipping,
+            "privacy.clipped-count-stddev=1.0",
+            f"privacy.count-release='{release}'",
+        ),
     )
+    sensitivity = 0.5 if release == "centred" else 1.0
     rng = RecordingRng(1)
     strategy = chain(exp, rng)
     current = np.random.default_rng(2).normal(size=SIZE).astype(np.float32)
@@ -196,7 +210,11 @@ def test_round_with_a_failed_client_has_the_accounted_noise(
     assert arrays is not None and metrics is not None
 
     ((scale, noise),) = rng.arrays()
-    z_u = sigma if clipping == "fixed" else (sigma**-2 - 1.0**-2) ** -0.5
+    z_u = (
+        sigma
+        if clipping == "fixed"
+        else (sigma**-2 - (1.0 / sensitivity) ** -2) ** -0.5
+    )
     assert scale == pytest.approx(z_u * norm / 4, rel=1e-12)
     # the draw itself: sample std of 50 000 normals is within 0.32% (1 s.e.)
     # of the truth, so 2% is a 6 s.e. margin
@@ -207,7 +225,9 @@ def test_round_with_a_failed_client_has_the_accounted_noise(
     if clipping == "adaptive":
         ((count_scale, _),) = rng.scalars()
         assert count_scale == 1.0
-        assert (z_u**-2 + count_scale**-2) ** -0.5 == pytest.approx(sigma)
+        assert (z_u**-2 + (count_scale / sensitivity) ** -2) ** -0.5 == (
+            pytest.approx(sigma)
+        )
     assert metrics[pbase.NOISE_MULTIPLIER] == sigma
     assert metrics[pbase.EPSILON] == pytest.approx(rdp(sigma, 0.5, 1), abs=1e-9)
 
@@ -246,7 +266,7 @@ def test_zero_updates_and_empty_rounds_are_released_and_accounted(
     exp = experiment(
         "privacy.noise-multiplier=0.5",
         f"privacy.clipping='{clipping}'",
-        "privacy.clipped-count-stddev=1.0",
+        *adaptive_only(clipping, "privacy.clipped-count-stddev=1.0"),
     )
     rng = RecordingRng(3, shift=0.25)
     strategy = chain(exp, rng)
@@ -319,6 +339,7 @@ def test_adaptive_noise_uses_the_norm_that_clipped_the_round(
         "privacy.clipping='adaptive'",
         "privacy.clipped-count-stddev=1.0",
         "privacy.clipping-norm=0.1",
+        "privacy.count-release='uncentred'",
     )
     rng = RecordingRng(5)
     strategy = chain(exp, rng)
@@ -452,9 +473,14 @@ def test_adaptive_count_noise_default_follows_the_expected_clients() -> None:
         "privacy.client-sampling='poisson'",
         "privacy.clipping='adaptive'",
     )
-    experiment(*base, "privacy.noise-multiplier=1.6")
+    uncentred = (*base, "privacy.count-release='uncentred'")
+    experiment(*uncentred, "privacy.noise-multiplier=1.6")
     with pytest.raises(ConfigError, match="clipped-count-stddev = 1.65"):
-        experiment(*base, "privacy.noise-multiplier=1.7")
+        experiment(*uncentred, "privacy.noise-multiplier=1.7")
+    # centred bits have sensitivity 1/2: the bound is 2 x 1.65 = 3.3
+    experiment(*base, "privacy.noise-multiplier=3.2")
+    with pytest.raises(ConfigError, match=r"1.65 / 1/2 \(centred count\)"):
+        experiment(*base, "privacy.noise-multiplier=3.4")
 
 
 @pytest.mark.parametrize(
@@ -501,9 +527,68 @@ def test_adaptive_clipping_logs_its_own_noise_figure(
             initial_clipping_norm=0.1,
             target_unclipped_quantile=0.5,
             clip_norm_lr=0.2,
+            count_release="uncentred",
         )
     assert clipping.noise_multiplier / sigma == pytest.approx((1 - sigma**2) ** -0.5)
     ours = [r for r in caplog.records if "dp-fedavg adaptive clipping" in r.message]
     assert len(ours) == 1 and ours[0].levelname == level
     assert f"({ratio:.2f}x)" in ours[0].message
     assert not any("significant amount of noise" in r.message for r in caplog.records)
+
+
+# -- 7. the centred count (Andrew et al. / TF-Privacy) ----------------------------
+
+
+@pytest.mark.parametrize("release", ["centred", "uncentred"])
+def test_count_release_noise_norm_and_epsilon_by_hand(
+    task_identity: None, updates: list[np.ndarray], release: str
+) -> None:
+    """Full participation (4 of 4 clients, so q = 1), z = 0.8, sigma_b = 1, one
+    client fails. By hand: the updates' noise multiplier is
+    ``(z^-2 - (sigma_b / s)^-2)^-1/2`` with s = 1/2 centred (0.8729), 1
+    uncentred (1.3333); the unclipped share is ``(u - r / 2 + n) / 4 + 1/2``
+    centred, ``(u + n) / 4`` uncentred (u = 1 unclipped of r = 3 replies, n the
+    intercepted count noise), and the next norm ``exp(-0.2 (share - 0.5))``;
+    the epsilon is that of the Gaussian mechanism with multiplier z at q = 1:
+    RDP ``alpha / (2 z^2)`` converted as Opacus does (Balle et al. 2020),
+    minimised over its orders."""
+    z, lr, target = 0.8, 0.2, 0.5
+    exp = load_experiment(
+        None,
+        [
+            "model.name=mlp",
+            "model.hidden=16",
+            "rounds=3",
+            "federation.clients=4",
+            "federation.fraction-train=1.0",
+            "privacy.mechanism=dp-fedavg",
+            f"privacy.noise-multiplier={z}",
+            "privacy.clipping='adaptive'",
+            "privacy.clipped-count-stddev=1.0",
+            f"privacy.count-release='{release}'",
+            f"privacy.clip-norm-lr={lr}",
+        ],
+    )
+    rng = RecordingRng(3)
+    strategy = chain(exp, rng)
+    current = np.zeros(SIZE, np.float32)
+    assert len(start_round(strategy, 1, current, 4)) == 4
+    _, metrics = strategy.aggregate_train(1, replies_for([*updates, None], current))
+    assert metrics is not None
+    z_u = {"centred": 0.8729, "uncentred": 1.3333}[release]
+    ((scale, _),) = rng.arrays()
+    assert scale / 1.0 * 4 == pytest.approx(z_u, abs=1e-4)  # z_u C / D, C = 1
+    ((count_scale, n),) = rng.scalars()
+    assert count_scale == 1.0
+    share = (1 - 3 / 2 + n) / 4 + 0.5 if release == "centred" else (1 + n) / 4
+    share = min(max(share, 0.0), 1.0)
+    inner = strategy.strategy
+    assert inner.clipping_norm == pytest.approx(math.exp(-lr * (share - target)))
+    orders = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+    rdp_eps = orders / (2 * z**2)
+    eps = (
+        rdp_eps
+        + np.log((orders - 1) / orders)
+        - (np.log(1e-5) + np.log(orders)) / (orders - 1)
+    )
+    assert metrics[pbase.EPSILON] == pytest.approx(float(np.nanmin(eps)), rel=1e-9)

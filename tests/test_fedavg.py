@@ -20,8 +20,8 @@ from flwr.app import (
 from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
-from fedsim.core.rundir import read_metrics
-from fedsim.engine.recorder import RunRecorder, aggregate_replies
+from fedsim.core.rundir import aggregate_replies, read_metrics
+from fedsim.engine.recorder import RunRecorder
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from tests.conftest import ScriptedGrid, reply, strategy_for
 
@@ -353,3 +353,66 @@ def test_slowest_clients_of_the_last_round_are_pushed_first(tmp_path: Path) -> N
     for replies in (first, again):
         pids = [grid.partitions()[r.metadata.src_node_id] for r in replies]
         assert pids == sorted(pids)
+
+
+def test_finetuned_evaluation_trains_e_epochs_then_evaluates() -> None:
+    """``strategy.finetune-epochs = E``: the evaluate reply is the received
+    model trained E epochs on the client's train split (the one local loop,
+    seeded by round and partition), then evaluated on its test split; E = 0
+    is the global model as received."""
+    import copy
+
+    import torch
+    from fedsim.clients.full import FineTunedEvaluationClient
+
+    from fedsim.core.seeding import derive_seed
+    from fedsim.learn.base import build_model
+    from fedsim.learn.data import federated_data
+    from fedsim.learn.training import evaluate, local_fit
+    from fedsim.privacy.base import NoPrivacy
+
+    tiny = ("data.dataset=synthetic", "data.size=200", "model.name=mlp")
+    exp = load_experiment(None, [*tiny, "strategy.finetune-epochs=2"])
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = FineTunedEvaluationClient(exp, data.info, torch.device("cpu"))
+    model = build_model(exp.model, data.info, exp.seed)
+    arrays = ArrayRecord({k: v.clone() for k, v in model.state_dict().items()})
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": 3})})
+    part = data.client(1)
+    got = client.evaluate(content, part, server_round=3, state=RecordDict())[METRICS]
+
+    oracle = copy.deepcopy(model)
+    two = load_experiment(None, [*tiny, "train.epochs=2"])
+    local_fit(
+        oracle,
+        part.train,
+        two,
+        seed=derive_seed(exp.seed, "finetune", 3, 1),
+        device=torch.device("cpu"),
+        state=RecordDict(),
+        mechanism=NoPrivacy(two),
+    )
+    want = evaluate(oracle, part.test, device=torch.device("cpu"))
+    assert got["accuracy"] == want.accuracy and got["loss"] == want.loss
+    plain = evaluate(model, part.test, device=torch.device("cpu"))
+    assert got["loss"] != plain.loss  # it did train
+    zero = load_experiment(None, list(tiny))
+    as_is = FineTunedEvaluationClient(zero, data.info, torch.device("cpu"))
+    same = as_is.evaluate(content, part, server_round=3, state=RecordDict())[METRICS]
+    assert same["loss"] == plain.loss and same["accuracy"] == plain.accuracy
+
+
+def test_finetuned_evaluation_refuses_a_privacy_mechanism() -> None:
+    from fedsim.core.errors import ConfigError
+    from fedsim.core.family import load
+
+    exp = load_experiment(
+        None,
+        [
+            "strategy.finetune-epochs=1",
+            "privacy.mechanism=dp-sgd",
+            "privacy.noise-multiplier=1.0",
+        ],
+    )
+    with pytest.raises(ConfigError, match="strategy.finetune-epochs"):
+        load("fedsim.strategies.fedavg:check")(exp, None, None)

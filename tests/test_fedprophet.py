@@ -14,11 +14,13 @@ from fedsim.clients.fedprophet import FedProphetClient
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
+from fedsim.engine import checkpoint
 from fedsim.learn.cascade import atoms, aux_head, build_cascade, partition
 from fedsim.learn.models import CNN, MLP
-from fedsim.learn.robust import pgd
+from fedsim.learn.robust import feature_pgd, pgd
 from fedsim.strategies.fedprophet.maths import (
     adjust_alpha,
+    apa_due,
     feature_epsilon,
     masked_average,
     prophet_modules,
@@ -78,6 +80,76 @@ def test_feature_pgd_stays_within_epsilon_and_non_negative() -> None:
     adv = pgd(net, z, y, epsilon=0.3, steps=5, step_size=0.2, bounds=(0.0, math.inf))
     assert float((adv - z).abs().max()) <= 0.3 + 1e-6 and float(adv.min()) >= 0.0
     assert float((adv - z).abs().max()) > 0.25  # it moved to the boundary
+
+
+def test_feature_pgd_reaches_the_maximal_feature_distance() -> None:
+    """For a linear feature map ``m(x) = A x`` the distance ``||A d||^2`` is
+    convex in ``d``, so its maximum over the L-inf ball is at a corner: brute
+    force over all corners is the oracle. Rank one (``A = c a^T``): the corner
+    ``eps sign(a)`` from any start, distance ``eps ||c|| ||a||_1``."""
+    torch.manual_seed(0)
+    eps, dim = 0.1, 4
+    corners = torch.tensor(
+        [[(i >> b) & 1 for b in range(dim)] for i in range(2**dim)],
+        dtype=torch.float32,
+    )
+    corners = (2 * corners - 1) * eps
+    a, c = torch.randn(dim), torch.randn(3)
+    rank_one = torch.outer(c, a)
+    x = torch.rand(16, dim)
+    adv = feature_pgd(
+        lambda v: v @ rank_one.T,
+        x,
+        epsilon=eps,
+        steps=10,
+        step_size=0.025,
+        bounds=None,
+        generator=torch.Generator().manual_seed(1),
+    )
+    moved = ((adv - x) @ rank_one.T).norm(dim=1)
+    best = (corners @ rank_one.T).norm(dim=1).max()
+    assert float(best) == pytest.approx(eps * float(c.norm() * a.abs().sum()), rel=1e-5)
+    torch.testing.assert_close(moved, best.expand(16), rtol=1e-5, atol=1e-6)
+    # full rank: from each random start signed ascent ends at a corner that is
+    # a KKT point of the box-constrained maximum (the gradient 2 A^T A d points
+    # outward in every coordinate), the best start at the brute-force maximum
+    full = torch.randn(3, dim)
+    adv = feature_pgd(
+        lambda v: v @ full.T,
+        x,
+        epsilon=eps,
+        steps=10,
+        step_size=0.025,
+        bounds=None,
+        generator=torch.Generator().manual_seed(2),
+    )
+    delta = adv - x
+    torch.testing.assert_close(delta.abs(), torch.full_like(x, eps))
+    moved = (delta @ full.T).norm(dim=1)
+    assert bool(((delta @ full.T @ full) * delta >= 0).all())
+    best = (corners @ full.T).norm(dim=1).max()
+    assert float(moved.max()) == pytest.approx(float(best), rel=1e-5)
+    y = torch.randint(0, 3, (16,))
+    ce = pgd(
+        lambda v: v @ full.T,
+        x,
+        y,
+        epsilon=eps,
+        steps=10,
+        step_size=0.025,
+        bounds=None,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert float(((ce - x) @ full.T).norm(dim=1).mean()) <= float(moved.mean()) + 1e-6
+
+
+def test_apa_runs_on_the_reference_schedule() -> None:
+    # 20 rounds a stage: past round int(0.05 * 20) = 1, every int(0.1 * 20) = 2
+    assert [k for k in range(1, 21) if apa_due(k, 20)] == list(range(2, 21, 2))
+    # 40: past round 2, every 4
+    assert [k for k in range(1, 41) if apa_due(k, 40)] == list(range(4, 41, 4))
+    # under 10 rounds a stage the period is one round (the reference's is 0)
+    assert [k for k in range(1, 9) if apa_due(k, 8)] == list(range(1, 9))
 
 
 def test_masked_averaging_touches_only_trained_modules() -> None:
@@ -170,6 +242,22 @@ def test_dma_content_masked_round_and_stage_advance(task_identity: None) -> None
     assert strat.stage == 1 and strat.alpha == opts.eps_quantile
     assert strat.epsilon == pytest.approx(math.sqrt(((2.0 + 4.0) / 2) ** 2 / 4))
     assert strat.last_ratio == pytest.approx(2.0)
+    # the measurement ran at the radius of the stage's best alpha (1.0 in stage 0)
+    sent = [m for m in grid.sent if m.metadata.message_type.endswith("perturbation")]
+    assert sent and all(m.content["config"]["epsilon"] == 0.1 for m in sent)
+    # the server state survives a checkpoint into a fresh strategy
+    strat.ratios = [1.5, 2.5]
+    state = checkpoint.unpack(checkpoint.pack(strat.checkpoint_state()))
+    fresh = FedProphet(
+        dict(arrays), cascade.part, cascade.names, opts, rounds=4, min_available_nodes=2
+    )
+    fresh.restore_state(state)
+    for key in (*FedProphet.SCALARS, "ratios"):
+        assert getattr(fresh, key) == getattr(strat, key), key
+        assert type(getattr(fresh, key)) is type(getattr(strat, key)), key
+    for key, value in strat.arrays.items():
+        np.testing.assert_array_equal(fresh.arrays[key], value)
+        assert fresh.arrays[key].dtype == value.dtype
 
 
 def test_client_trains_assigned_modules_from_cached_inputs() -> None:

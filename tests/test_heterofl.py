@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, SERVER_ROUND
 from fedsim.learn.capacity import (
+    LABEL_SPLIT,
+    WidthHooks,
     check_sliceable,
     slice_arrays,
     sub_model,
@@ -25,7 +28,7 @@ from fedsim.learn.capacity import (
 from fedsim.learn.data import Arrays, ClientData, DatasetInfo
 from fedsim.learn.models import CNN, MLP, ViT
 from fedsim.strategies.heterofl.maths import aggregate_nested
-from fedsim.strategies.heterofl.server import HeteroFL, plans
+from fedsim.strategies.heterofl.server import HeteroFL, plans, width_metrics
 from tests.conftest import ScriptedGrid, reply
 
 
@@ -151,7 +154,7 @@ def test_each_node_gets_its_slice_and_the_round_averages_over_holders(
     model = MLP(64, 8, 5, 0.0)
     capacities = (1.0, 0.5, 0.25)
     plan_of = plans(model, capacities)
-    strategy = HeteroFL(plan_of, min_available_nodes=3)
+    strategy = HeteroFL(plan_of, mask=False, min_available_nodes=3)
     glob = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     arrays = message_content(glob)[ARRAYS]
     grid = SlicingGrid({21: 0, 22: 1, 23: 2})
@@ -224,3 +227,179 @@ def test_the_client_trains_its_slice_and_reports_its_cost() -> None:
         content, fake_client(2), server_round=1, state=RecordDict()
     )["metrics"]
     assert 0.0 <= evaluated["robust-accuracy"] <= evaluated["accuracy"] + 1e-9
+
+
+def test_scaler_and_mask_are_the_reference_maths() -> None:
+    """The reference's ``Scaler`` (hidden outputs / rate while training) and
+    ``masked_fill(label_mask == 0, 0)`` of the logits, by hand in numpy."""
+    torch.manual_seed(0)
+    sub = sub_model(MLP(64, 8, 5, 0.0), 0.5).double()
+    hooks = WidthHooks(sub, 0.5, scaler=True, mask=True)
+    hooks.labels = [1, 3]
+    w = {k: v.detach().numpy() for k, v in sub.state_dict().items()}
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+
+    def oracle(rate: float) -> np.ndarray:
+        h = x.numpy().reshape(6, -1)
+        for layer in ("body.1", "body.4"):
+            h = np.maximum((h @ w[f"{layer}.weight"].T + w[f"{layer}.bias"]) / rate, 0)
+        out = h @ w["head.weight"].T + w["head.bias"]
+        label_mask = np.zeros(5)
+        label_mask[[1, 3]] = 1
+        return np.where(label_mask == 0, 0.0, out)
+
+    sub.train()
+    np.testing.assert_allclose(sub(x).detach().numpy(), oracle(0.5), rtol=1e-12)
+    sub.eval()  # the scaler is the identity in evaluation; the mask stays
+    np.testing.assert_allclose(sub(x).detach().numpy(), oracle(1.0), rtol=1e-12)
+    hooks.labels = None
+    assert bool((sub(x)[:, 0] != 0).all())
+
+
+def test_label_split_aggregation_is_the_reference_combine() -> None:
+    """fed.py ``combine`` for the output layer, as loops: a head row (class)
+    sums the uploads whose label split holds it, divided by their count;
+    hidden entries as before; rows nobody holds keep their value."""
+    rng = np.random.default_rng(0)
+    glob = {
+        "body.1.weight": rng.normal(size=(4, 3)),
+        "head.weight": rng.normal(size=(5, 4)),
+        "head.bias": rng.normal(size=5),
+    }
+    uploads = [
+        {
+            "body.1.weight": rng.normal(size=(4, 3)),
+            "head.weight": rng.normal(size=(5, 4)),
+            "head.bias": rng.normal(size=5),
+        },
+        {
+            "body.1.weight": rng.normal(size=(2, 3)),
+            "head.weight": rng.normal(size=(5, 2)),
+            "head.bias": rng.normal(size=5),
+        },
+    ]
+    splits = [[0, 1, 2], [2, 3]]
+    rows = [{"head.weight": s, "head.bias": s} for s in splits]
+    got = aggregate_nested(glob, uploads, rows)
+    for key, v in glob.items():
+        tmp, count = np.zeros_like(v), np.zeros_like(v)
+        for up, split in zip(uploads, splits):
+            local = up[key]
+            if key.startswith("head"):  # rows of the split, columns held
+                cols = tuple(slice(0, s) for s in local.shape[1:])
+                for c in split:
+                    tmp[(c, *cols)] += local[c]
+                    count[(c, *cols)] += 1
+            else:
+                index = tuple(slice(0, s) for s in local.shape)
+                tmp[index] += local
+                count[index] += 1
+        want = v.copy()
+        want[count > 0] = tmp[count > 0] / count[count > 0]
+        np.testing.assert_allclose(got[key], want, rtol=1e-12)
+    # class 4: nobody holds it; class 2: both
+    np.testing.assert_array_equal(got["head.bias"][4], glob["head.bias"][4])
+    np.testing.assert_allclose(
+        got["head.bias"][2],
+        (uploads[0]["head.bias"][2] + uploads[1]["head.bias"][2]) / 2,
+    )
+
+
+class LabelGrid(SlicingGrid):
+    """Train replies as :class:`SlicingGrid`, with partition p holding class p
+    and class 4."""
+
+    def respond(self, msg, message_id, node, pid):  # type: ignore[no-untyped-def]
+        out = super().respond(msg, message_id, node, pid)
+        out.content[LABEL_SPLIT] = ConfigRecord({LABEL_SPLIT: [pid, 4]})
+        return out
+
+
+def test_a_masked_round_averages_head_rows_over_the_class_holders(
+    task_identity: None,
+) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 8, 5, 0.0)
+    plan_of = plans(model, (1.0, 0.5, 0.25))
+    strategy = HeteroFL(plan_of, mask=True, min_available_nodes=3)
+    glob = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    grid = LabelGrid({21: 0, 22: 1, 23: 2})
+    messages = strategy.configure_train(
+        1, message_content(glob)[ARRAYS], ConfigRecord(), grid
+    )
+    replies = [grid.answer(m, f"m{i}") for i, m in enumerate(messages)]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new is not None
+    bias = new["head.bias"].numpy()
+    for pid in range(3):  # class p: only partition p (+ p + 1)
+        np.testing.assert_allclose(
+            bias[pid], glob["head.bias"][pid] + pid + 1, rtol=1e-6
+        )
+    np.testing.assert_allclose(bias[3], glob["head.bias"][3])  # nobody
+    np.testing.assert_allclose(bias[4], glob["head.bias"][4] + 2, rtol=1e-6)  # all
+    # a reply without its label split is refused while masking is on
+    one = HeteroFL(plan_of, mask=True, min_available_nodes=1, min_train_nodes=1)
+    bare_grid = SlicingGrid({21: 0})
+    sent = one.configure_train(2, new, ConfigRecord(), bare_grid)
+    bare = [bare_grid.answer(m, f"n{i}") for i, m in enumerate(sent)]
+    with pytest.raises(ValueError, match="label-split"):
+        one.aggregate_train(2, bare)
+
+
+def test_the_client_masks_to_its_classes_and_reports_them() -> None:
+    exp = load_experiment(
+        None,
+        [
+            "strategy.name=heterofl",
+            "federation.clients=3",
+            "model.name=mlp",
+            "model.hidden=8",
+        ],
+    )
+    client = HeteroFLClient(exp, INFO, torch.device("cpu"))
+    glob = {k: v.detach().numpy() for k, v in client.full.state_dict().items()}
+    content = message_content(slice_arrays(glob, width_plan(client.full, 0.5)))
+    data = fake_client(1)
+    data = ClientData(1, Arrays(data.train.x, data.train.y % 4), data.test)
+    out = client.train(content, data, server_round=1, state=RecordDict())
+    assert list(out[LABEL_SPLIT][LABEL_SPLIT]) == [0, 1, 2, 3]
+    model, hooks = client.model_for(1)
+    assert hooks.labels == [0, 1, 2, 3]
+    logits = model(torch.from_numpy(data.test.x))
+    assert bool((logits[:, 4:] == 0).all()) and bool((logits[:, :4] != 0).any())
+    off = load_experiment(
+        None,
+        [
+            "strategy.name=heterofl",
+            "federation.clients=3",
+            "model.name=mlp",
+            "model.hidden=8",
+            "strategy.mask=false",
+            "strategy.scaler=false",
+        ],
+    )
+    plain = HeteroFLClient(off, INFO, torch.device("cpu"))
+    out = plain.train(content, data, server_round=1, state=RecordDict())
+    assert LABEL_SPLIT not in out
+
+
+def test_width_metrics_evaluate_each_width_slice_on_the_test_set() -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 8, 10, 0.0)
+    test = fake_client(0).test
+    setup = SimpleNamespace(
+        model=model,
+        data=SimpleNamespace(test=test),
+        options=SimpleNamespace(capacities=(1.0, 0.5, 0.25)),
+        device=torch.device("cpu"),
+    )
+    arrays = message_content(
+        {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    )[ARRAYS]
+    got = width_metrics(setup, arrays)  # type: ignore[arg-type]
+    assert set(got) == {"loss-w0.5", "accuracy-w0.5", "loss-w0.25", "accuracy-w0.25"}
+    for r in (0.5, 0.25):
+        sub = sub_model(model, r).eval()
+        logits = sub(torch.from_numpy(test.x))
+        acc = float((logits.argmax(1).numpy() == test.y).mean())
+        assert got[f"accuracy-w{r:g}"] == pytest.approx(acc)

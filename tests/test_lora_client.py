@@ -26,7 +26,13 @@ from fedsim.core.messages import (
 from fedsim.learn import pretrain
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
-from fedsim.learn.lora import inject_lora, lora_layout, rank_for
+from fedsim.learn.lora import (
+    alpha_for,
+    inject_lora,
+    lora_layout,
+    rank_for,
+    scaling_for,
+)
 from fedsim.strategies.flora.server import FLoRA
 
 VIT = (
@@ -277,4 +283,104 @@ def test_pretrained_base_is_built_once_and_never_sees_the_test_set(
             exp.model.__class__(name="mlp", pretrain="digits", pretrain_classes=(12,)),
             data.info,
             exp.seed,
+        )
+
+
+def test_a_penalty_hook_reaches_the_lora_clients_training() -> None:
+    """A LoRA client whose ``penalty`` is ``sum <p, 1>`` over the trainable
+    parameters moves each of them by ``-lr`` more in its one SGD step."""
+    lr = 0.01
+    exp = load_experiment(
+        None,
+        [
+            *VIT,
+            "train.optimizer=sgd",
+            "train.momentum=0",
+            f"train.lr={lr}",
+            "train.epochs=1",
+            "train.batch-size=1024",
+        ],
+    )
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+
+    class Shifted(LoraClient):
+        def penalty(self, model, content, state):  # type: ignore[no-untyped-def]
+            params = [p for p in model.parameters() if p.requires_grad]
+            return lambda: sum(p.sum() for p in params)
+
+    replies = []
+    for cls in (LoraClient, Shifted):
+        client = cls(exp, data.info, torch.device("cpu"))
+        down = FLoRA.from_layout(client.layout).down_arrays(
+            ArrayRecord(client.base.state_dict())
+        )
+        reply = client.train(
+            content_for(down, 1), data.client(1), server_round=1, state=RecordDict()
+        )
+        replies.append(reply[ARRAYS].to_torch_state_dict())
+    plain, shifted = replies
+    assert {k for k in plain if "lora_" in k} and set(plain) == set(shifted)
+    for k in plain:
+        torch.testing.assert_close(shifted[k], plain[k] - lr, rtol=0, atol=1e-6)
+def test_alpha_per_rank_sets_peft_lora_alpha_to_k_r() -> None:
+    exp = load_experiment(None, [*VIT, "peft.alpha-per-rank=2"])
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    for rank in (4, 1):
+        assert alpha_for(exp.peft, rank) == 2.0 * rank
+        assert scaling_for(exp.peft, rank) == 2.0
+        model = build_model(exp.model, data.info, exp.seed)
+        wrapped = inject_lora(
+            model, exp.peft, lora_layout(model, exp.peft), rank=rank, init_seed=0
+        )
+        assert wrapped.peft_config["default"].lora_alpha == 2.0 * rank
+        assert model.get_submodule(ATTN[0]).scaling["default"] == 2.0
+    plain = load_experiment(None, VIT)
+    assert scaling_for(plain.peft, 4) == plain.peft.alpha / 4
+
+
+def test_flora_merge_respects_each_clients_own_scaling() -> None:
+    """Ranks 4 and 2 with one ``alpha``: scalings 4 and 8. The merged update is
+    the example-weighted sum of PEFT's own delta weights of the clients (each
+    at its own scaling)."""
+    from peft.tuners.lora import LoraLayer
+
+    exp = load_experiment(None, [*VIT, "train.epochs=1", "train.batch-size=64"])
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    client = LoraClient(exp, data.info, torch.device("cpu"))
+    strategy = FLoRA.from_layout(client.layout)
+    initial = {k: v.clone() for k, v in client.base.state_dict().items()}
+    content = content_for(strategy.down_arrays(ArrayRecord(initial)), 1)
+    replies, deltas = [], []
+    for pid in (0, 1):
+        reply = client.train(
+            content, data.client(pid), server_round=1, state=RecordDict()
+        )
+        rank = rank_for(exp.peft, pid)
+        assert reply[METRICS][LORA_SCALING] == pytest.approx(exp.peft.alpha / rank)
+        # PEFT's delta weight of this client's factors, at its own lora_alpha.
+        up = reply[ARRAYS].to_torch_state_dict()
+        model = inject_lora(
+            client.base, exp.peft, client.layout, rank=rank, init_seed=0
+        )
+        delta = {}
+        with torch.no_grad():
+            for m in ATTN:
+                layer = client.base.get_submodule(m)
+                assert isinstance(layer, LoraLayer)
+                layer.lora_A["default"].weight.copy_(up[f"{m}.lora_A.weight"])
+                layer.lora_B["default"].weight.copy_(up[f"{m}.lora_B.weight"])
+                delta[m] = layer.get_delta_weight("default").double().numpy()
+        model.unload()
+        replies.append(reply)
+        deltas.append(delta)
+    examples = [float(r[METRICS]["num-examples"]) for r in replies]
+    p = [e / sum(examples) for e in examples]
+    merged, error = strategy.merge(ArrayRecord(initial), replies)
+    assert error < 1e-12
+    for m in ATTN:
+        want = initial[f"{m}.weight"].double().numpy() + sum(
+            pk * d[m] for pk, d in zip(p, deltas)
+        )
+        np.testing.assert_allclose(
+            merged[f"{m}.weight"].numpy(), want, rtol=1e-5, atol=1e-6
         )

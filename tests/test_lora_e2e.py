@@ -36,7 +36,8 @@ HETERO = (
 
 
 def expected_bytes(overrides: tuple[str, ...]) -> tuple[int, int, dict[int, int]]:
-    """Bytes of the whole model, of what travels down, and of each client's reply
+    """Bytes of the whole model, of what travels down (``fedit``: in round 2,
+    the head and the largest rank's global factors), and of each client's reply
     arrays, computed from the model itself."""
     exp = load_experiment(None, overrides)
     data = federated_data(exp.data, exp.federation.clients, exp.seed)
@@ -45,16 +46,23 @@ def expected_bytes(overrides: tuple[str, ...]) -> tuple[int, int, dict[int, int]
     layout = lora_layout(model, exp.peft)
     full = ArrayRecord(state).count_bytes()
     down = ArrayRecord({k: state[k] for k in layout.changing}).count_bytes()
-    up = {}
-    for pid in range(exp.federation.clients):
-        r = rank_for(exp.peft, pid)
-        arrays = {k: state[k] for k in layout.trained}
-        for m in layout.adapted:
-            d_out, d_in = state[f"{m}.weight"].shape
-            arrays[f"{m}.lora_A.weight"] = torch.zeros(r, d_in)
-            arrays[f"{m}.lora_B.weight"] = torch.zeros(d_out, r)
-        up[pid] = ArrayRecord(arrays).count_bytes()
+    if exp.strategy.name == "fedit":
+        down = factor_bytes(exp, state, layout, max(exp.peft.ranks))
+    up = {
+        pid: factor_bytes(exp, state, layout, rank_for(exp.peft, pid))
+        for pid in range(exp.federation.clients)
+    }
     return full, down, up
+
+
+def factor_bytes(exp, state, layout, r: int) -> int:
+    """Bytes of rank-``r`` factors of every adapted layer and the head."""
+    arrays = {k: state[k] for k in layout.trained}
+    for m in layout.adapted:
+        d_out, d_in = state[f"{m}.weight"].shape
+        arrays[f"{m}.lora_A.weight"] = torch.zeros(r, d_in)
+        arrays[f"{m}.lora_B.weight"] = torch.zeros(d_out, r)
+    return ArrayRecord(arrays).count_bytes()
 
 
 FLORA = (
@@ -65,6 +73,11 @@ FLORA = (
     "model.pretrain-epochs=2",
 )
 FEDIT = (*HETERO, "strategy.name=fedit")
+
+
+def model_of(exp):
+    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    return build_model(exp.model, data.info, exp.seed)
 
 
 def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
@@ -80,10 +93,15 @@ def check_run(run_dir: Path, overrides: tuple[str, ...]) -> pd.Series:
     assert rows.groupby(level="round").size().tolist() == [2, 2]  # 0.5 of 4 clients
     exp = load_experiment(None, overrides)
     full, down, up = expected_bytes(overrides)
+    head = ArrayRecord(
+        {k: v for k, v in model_of(exp).state_dict().items() if k.startswith("head.")}
+    ).count_bytes()
     assert down < full
-    for (_, client), row in rows.iterrows():
+    for (rnd, client), row in rows.iterrows():
         assert row["lora-rank"] == rank_for(exp.peft, int(client))
-        assert row["bytes-down"] == down
+        # fedit: nothing to continue in round 1, only the head goes down
+        first = exp.strategy.name == "fedit" and rnd == 1
+        assert row["bytes-down"] == (head if first else down)
         assert row["bytes-up"] == up[int(client)]
     errors = frame[(frame["metric"] == AGGREGATION_ERROR) & frame["client"].isna()]
     assert errors["round"].tolist() == [1, 2]

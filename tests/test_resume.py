@@ -1,5 +1,6 @@
 """``fedsim run --resume``: a run interrupted after round k and resumed ends with
-exactly the metrics of the same run uninterrupted, for every family.
+exactly the metrics of the same run uninterrupted, with every privacy mechanism
+(every family: tests/test_conformance.py).
 
 The oracle is the uninterrupted run itself. Most families run in-process: the
 real ServerApp ``run`` (build, privacy and recording wrappers, round driver,
@@ -21,30 +22,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import RecordDict
 
-from fedsim import privacy
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
-from fedsim.core.messages import PARTITION_ID
 from fedsim.core.rundir import (
     CHECKPOINTS_DIR,
     CLIENT_STATE_DIR,
     CONFIG_FILE,
     SUMMARY_FILE,
-    read_metrics,
 )
-from fedsim.engine import checkpoint, client_app, server_app
+from fedsim.engine import checkpoint, server_app
 from fedsim.engine.client_state import ClientStateStore, from_bytes, to_bytes
 from fedsim.engine.recorder import create_run_dir
 from fedsim.engine.rounds import SimulatedCrash
-from fedsim.engine.runner import run_config_of
-from tests.conftest import ScriptedGrid, fedsim, sets
+from tests.conftest import fedsim, sets
+from tests.inprocess import comparable, new_process, simulate
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-#: Metrics that measure time, not the computation.
-TIMING = ("seconds", "elapsed")
 
 DIGITS = (
     "federation.clients=3",
@@ -55,20 +50,10 @@ DIGITS = (
     "train.epochs=1",
     "rounds=3",
 )
-VIT = (
-    "model.name=vit",
-    "model.hidden=16",
-    "model.depth=1",
-    "model.heads=2",
-    "federation.clients=3",
-    "rounds=3",
-    "train.epochs=1",
-    "peft.method=lora",
-    "peft.ranks=[4, 2]",
-    "peft.targets=['q_proj', 'v_proj']",
-)
-
-FAMILIES = {
+#: The privacy mechanisms' state (accountants, clipping norms, noise generators,
+#: declined clients) across a resume. Every family's own resume is checked by the
+#: conformance suite over the registry (tests/test_conformance.py).
+MECHANISMS = {
     "fedavg": (*DIGITS, "federation.fraction-train=0.67"),
     "fedavg-dp-sgd": (
         *DIGITS,
@@ -91,86 +76,21 @@ FAMILIES = {
         "privacy.client-sampling='poisson'",
         "federation.fraction-train=0.5",
     ),
-    "flora": (*VIT, "strategy.name=flora"),
-    "fedit": (*VIT, "strategy.name=fedit"),
-    "local": (*DIGITS, "strategy.name=local"),
-    "hyperfl": (*DIGITS, "strategy.name=hyperfl", "federation.fraction-train=0.67"),
-    "hyperfl-lpm": (
-        *VIT[:-2],
-        "strategy.name=hyperfl-lpm",
-        "peft.rank=2",
-        "peft.targets=['q_proj', 'v_proj']",
+    "fedprox-dp-sgd": (
+        *DIGITS,
+        "strategy.name=fedprox",
+        "strategy.proximal-mu=0.1",
+        "privacy.mechanism=dp-sgd",
+        "privacy.noise-multiplier=1.0",
     ),
 }
 
 
-class ClientAppGrid(ScriptedGrid):
-    """Answers each message with the real ClientApp handler; one ``Context`` per
-    node, kept across rounds as Flower's simulation runtime keeps it."""
-
-    def __init__(self, num_clients: int, run_config: dict):
-        super().__init__({100 + pid: pid for pid in range(num_clients)})
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={PARTITION_ID: pid, "num-partitions": num_clients},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node, pid in self.partitions.items()
-        }
-
-    def answer(self, msg: Message, message_id: str) -> Message:
-        msg.metadata._message_id = message_id  # noqa: SLF001 (as received)
-        if msg.metadata.message_type == "query":
-            return super().answer(msg, message_id)
-        node = msg.metadata.dst_node_id
-        reply = client_app._handle(msg, self.contexts[node])  # noqa: SLF001
-        reply.metadata._src_node_id = node  # noqa: SLF001
-        return reply
-
-
-def new_process() -> None:
-    """What a new simulation process starts with: no cached client runtime or
-    mechanism, global generators in some unrelated state."""
-    client_app._runtime.cache_clear()  # noqa: SLF001
-    privacy.client_mechanism.cache_clear()
-    random.seed(12345)
-    np.random.seed(12345)
-    torch.manual_seed(12345)
-
-
-def simulate(exp, run_dir: Path, *, resume: bool = False, crash: int | None = None):
-    """The ServerApp's ``main`` for one run, in-process."""
-    new_process()
-    grid = ClientAppGrid(
-        exp.federation.clients, run_config_of(exp, run_dir, resume=resume)
-    )
-    recorder = server_app.recorder_for(exp, run_dir)
-    if crash is not None:
-        os.environ[server_app.CRASH_IN_ROUND] = str(crash)
-    try:
-        with recorder.recording():
-            server_app.run(grid, exp, recorder, resume=resume)
-    finally:
-        os.environ.pop(server_app.CRASH_IN_ROUND, None)
-
-
-def comparable(run_dir: Path) -> pd.DataFrame:
-    frame = read_metrics(run_dir)
-    assert frame is not None
-    frame = frame[~frame["metric"].isin(TIMING)]
-    return frame.sort_values(["round", "phase", "client", "metric"]).reset_index(
-        drop=True
-    )
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(MECHANISMS))
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
     family: str, tmp_path: Path
 ) -> None:
-    exp = load_experiment(None, list(FAMILIES[family]))
+    exp = load_experiment(None, list(MECHANISMS[family]))
     whole = create_run_dir(tmp_path / "whole", exp)
     simulate(exp, whole)
     assert json.loads((whole / SUMMARY_FILE).read_text())["status"] == "completed"
@@ -256,7 +176,7 @@ def test_client_store_keeps_three_rounds_and_a_resume_drops_later_ones(
 def _failed_run(tmp_path: Path) -> Path:
     """A run directory that failed after checkpointing round 1 (no run needed:
     the refusals read only the directory)."""
-    exp = load_experiment(None, list(FAMILIES["fedavg"]))
+    exp = load_experiment(None, list(MECHANISMS["fedavg"]))
     run_dir = create_run_dir(tmp_path, exp)
     digest = checkpoint.config_digest(run_dir)
     checkpoint.write_checkpoint(run_dir, {"round": 1, "config": digest})

@@ -15,13 +15,16 @@ tv * TV(x)``, in the loop every attack shares (:func:`fedsim.audit.loop.descend`
 signed Adam, lr /10 at 3/8, 5/8, 7/8, images boxed in [0, 1], best iterate
 kept). The same scoring follows (best PSNR against the seeded partition).
 
-Which exchange: the client's first upload of the round, the reply to the
-``train`` message (batch 0 of its plan). It is the one upload computed by the
-head the server holds: every later batch's activations come after the client
-stepped its head on earlier batches whose inputs the server does not know. The
-auditor keeps it because it is the round's one exchange whose message carries
-``arrays`` and whose reply carries ``cut`` activations
-(:meth:`fedsim.audit.auditor.Auditor.observe`).
+Which exchange: by default (``audit.batches = [0]``) the client's first upload
+of the round, the reply to the ``train`` message (batch 0 of its plan). It is
+the one upload computed by the head the server holds: every later batch's
+activations come after the client stepped its head on earlier batches whose
+inputs the server does not know. ``audit.batches`` may name later batches
+(batch ``t`` answers the server's ``t``-th gradient); they are inverted
+against the same sent head, stale by ``t`` client steps (a deviation the
+attacker cannot avoid without the earlier inputs). The auditor keeps them
+(:meth:`fedsim.audit.auditor.Auditor.observe`): replies carrying ``cut``
+activations after the round's ``train`` message, which carried ``arrays``.
 
 What the server sees, as it sees it: the activations *decoded* by the run's
 codec (``split.quantization``: ``none``, ``int8``, ``int4``, ``amaq``), the
@@ -204,5 +207,5 @@ def invert_activations(
     return Reconstruction(best_x.numpy(), labels, best)
 
 
-#: The attack each surface feeds (``audit.attack`` must name it).
-cut_activations.attack = prompted_head.attack = "inverting-activations"  # type: ignore[attr-defined]
+#: The attacks each surface feeds (``audit.attack`` must name them).
+cut_activations.attacks = prompted_head.attacks = ("inverting-activations",)  # type: ignore[attr-defined]

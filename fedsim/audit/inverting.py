@@ -10,9 +10,13 @@ learning rate divided by 10 at 3/8, 5/8 and 7/8 of the iterations, inputs kept
 in [0, 1] (image data), the iterate with the lowest loss kept: the settings of
 the reference code's reconstruction script (``inversefed``, its ``inversed``
 configuration: signed Adam, lr 0.1, boxed, cosine over all layers with equal
-weights, TV weight 1e-4, one restart). Deviations: dummy inputs start uniform
-in [0, 1] (there: standard normal in normalised space); 1000 iterations by
-default (there: 4800; ``audit.iterations``).
+weights, TV weight 1e-4, one restart). The budget is the reference's
+(``audit.iterations`` 4,800: ``inversefed``'s ``DEFAULT_CONFIG`` and
+``rec_mult.py``'s default; its ImageNet script runs 24,000), with its schedule
+(milestones ``iterations // 2.667``, ``// 1.6``, ``// 1.142``; here
+``int(iterations * 3/8)``, ``5/8``, ``7/8``: 1800, 3000, 4200 against its
+1799, 3000, 4203). Deviations: dummy inputs start uniform in [0, 1] (there:
+standard normal in normalised space).
 
 Labels: ``known`` (the auditor grants the client's labels, the paper's
 assumption), or ``inferred``: from the uploaded update of the output bias when

@@ -43,6 +43,45 @@ def best_matches(
         return index, 10.0 * np.log10(data_range**2 / best)
 
 
+def psnr_matrix(
+    reconstructions: np.ndarray, images: np.ndarray, *, data_range: float = 1.0
+) -> np.ndarray:
+    """PSNR (dB) of every reconstruction (rows) against every image (columns);
+    ``inf`` for exact copies."""
+    rec = np.asarray(reconstructions, np.float64).reshape(len(reconstructions), -1)
+    img = np.asarray(images, np.float64).reshape(len(images), -1)
+    mse = ((rec[:, None, :] - img[None, :, :]) ** 2).mean(axis=2)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)  # type: ignore[no-any-return]
+
+
+def one_to_one(
+    reconstructions: np.ndarray,
+    images: np.ndarray,
+    *,
+    cap: float = 100.0,
+    data_range: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each reconstruction matched to a different image, the total PSNR as
+    large as possible (the Hungarian assignment,
+    :func:`scipy.optimize.linear_sum_assignment`, on PSNR capped at ``cap``):
+    eight copies of one image recover one image, not eight.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray, numpy.ndarray)
+        The matched reconstructions' and images' indices and their PSNRs
+        (``min(n_reconstructions, n_images)`` pairs).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    scores = np.minimum(
+        psnr_matrix(reconstructions, images, data_range=data_range), cap
+    )
+    rows, cols = linear_sum_assignment(scores, maximize=True)
+    return rows, cols, scores[rows, cols]
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Anisotropic total variation of images ``(n, c, h, w)``: the mean absolute
     difference of neighbouring pixels, vertically plus horizontally (Geiping et

@@ -14,8 +14,9 @@ attack (:mod:`fedsim.audit.inverting`) replays local training with
 
 Surfaces here: :func:`full_model` (FedAvg, and DP-SGD-noised FedAvg: the
 attacker replays plain SGD, the noise is unknown), :func:`lora_factors` (FLoRA,
-FedIT: only the LoRA factors and the fully trained head), :func:`hypernetwork`
-(HyperFL: only the hypernetwork; the private embedding and head are unknowns).
+FedIT: only the LoRA factors and the fully trained head); HyperFL's
+(:func:`fedsim.audit.hypernetwork.hypernetwork`: only the hypernetwork; the
+private embedding and head are unknowns) is in :mod:`fedsim.audit.hypernetwork`.
 Split learning's surfaces, whose scenes hold activations instead of an update,
 are in :mod:`fedsim.audit.activations`.
 """
@@ -34,6 +35,7 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call
 
+from fedsim.audit.linear import LinearTensors, input_linear, linear_layers
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import (
     ARRAYS,
@@ -115,6 +117,11 @@ class Scene:
         on (``num-examples`` of the reply).
     bias : numpy.ndarray or None
         The observed update of the output bias, when the upload carries it.
+    linear : dict of str to LinearTensors
+        The model's linear layers (with bias) whose gradients the upload
+        carries, and where (the analytic attacks, :mod:`fedsim.audit.analytic`).
+    input_layer : str or None
+        The linear layer that takes the raw input (:func:`input_linear`).
     """
 
     start: Callable[[Tensors], Tensors]
@@ -126,6 +133,8 @@ class Scene:
     examples: int
     unknowns: Tensors = field(default_factory=dict)
     bias: np.ndarray | None = None
+    linear: dict[str, LinearTensors] = field(default_factory=dict)
+    input_layer: str | None = None
 
 
 def _arrays(content: RecordDict) -> Tensors:
@@ -143,12 +152,19 @@ def _local_training(
     start: Callable[[Tensors], Tensors],
     forward: Forward,
     observed: Tensors,
-    exp: Experiment,
+    public: Public,
     reply: RecordDict,
+    model: nn.Module,
 ) -> Scene:
     """A scene whose client ran the experiment's own local training: ``[train]``'s
-    optimizer, epochs and batch size."""
-    t = exp.train
+    optimizer, epochs and batch size; the linear layers of ``model`` whose
+    weight and bias are both uploaded, trained in full."""
+    t = public.experiment.train
+    linear = {
+        name: LinearTensors(f"{name}.weight", f"{name}.bias", shape)
+        for name, shape in linear_layers(model).items()
+        if f"{name}.weight" in observed and f"{name}.bias" in observed
+    }
     return Scene(
         start=start,
         forward=forward,
@@ -158,6 +174,8 @@ def _local_training(
         batch_size=t.batch_size,
         examples=_examples(reply),
         bias=_bias(observed),
+        linear=linear,
+        input_layer=input_linear(model, public.info.input_shape),
     )
 
 
@@ -187,8 +205,9 @@ def full_model(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
         lambda unknowns: {k: down[k] for k in names},
         forward,
         observed,
-        public.experiment,
+        public,
         reply,
+        model,
     )
 
 
@@ -230,69 +249,8 @@ def lora_factors(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
             weights[f"{module}.weight"] = w + scaling * params[b_key] @ params[a_key]
         return functional_call(model, {**base, **weights}, (x,))  # type: ignore[no-any-return]
 
-    return _local_training(lambda unknowns: dict(start), forward, observed, exp, reply)
-
-
-#: HyperFL's private tensors, as the attacker names its guesses.
-EMBEDDING = "embedding"
-
-
-def hypernetwork(sent: RecordDict, reply: RecordDict, public: Public) -> Scene:
-    """HyperFL: only the hypernetwork is shared; the client's embedding and head
-    are private, so the attacker optimises guesses of them with the input
-    (the HyperFL paper's threat model).
-
-    The replay is the hypernetwork-and-embedding phase (SGD with ``hyper-lr``,
-    ``hyper-momentum``, ``weight-decay``, each group's gradient norm clipped at
-    ``max-grad-norm``; ``train.epochs`` epochs); the head phase before it
-    changes only the private head, which the attacker optimises directly.
-    """
-    from fedsim.learn.hypernet import HyperNetwork, extractor_shapes, is_head
-
-    exp = public.experiment
-    opts = exp.strategy.options
-    target = _target(public)
-    net = HyperNetwork(
-        extractor_shapes(target),
-        embedding_dim=opts.embedding_dim,
-        hidden_dim=opts.hidden_dim,
-    )
-    net.requires_grad_(False)
-    down, up = _arrays(sent), _arrays(reply)
-    hyper = [n for n, _ in net.named_parameters()]
-    observed = {k: up[k] - down[k] for k in hyper}
-    head = {n: p.detach().clone() for n, p in target.named_parameters() if is_head(n)}
-    gen = torch.Generator().manual_seed(derive_seed(exp.seed, "audit-guess"))
-    unknowns = {EMBEDDING: torch.randn(opts.embedding_dim, generator=gen)}
-    for name, value in head.items():
-        bound = 1.0 / math.sqrt(value.shape[-1] if value.dim() > 1 else len(value))
-        unknowns[name] = torch.empty_like(value).uniform_(-bound, bound, generator=gen)
-
-    def start(guess: Tensors) -> Tensors:
-        return {**{k: down[k] for k in hyper}, EMBEDDING: guess[EMBEDDING]}
-
-    def forward(params: Tensors, guess: Tensors, x: torch.Tensor) -> torch.Tensor:
-        hyper_params = {k: params[k] for k in hyper}
-        generated = functional_call(net, hyper_params, (params[EMBEDDING],))
-        heads = {k: guess[k] for k in head}
-        return functional_call(target, {**generated, **heads}, (x,), strict=False)  # type: ignore[no-any-return]
-
-    return Scene(
-        start=start,
-        forward=forward,
-        observed=observed,
-        optimizer=LocalOptimizer(
-            "sgd",
-            opts.hyper_lr,
-            opts.hyper_momentum,
-            opts.weight_decay,
-            groups=(tuple(hyper), (EMBEDDING,)),
-            max_grad_norm=opts.max_grad_norm,
-        ),
-        epochs=exp.train.epochs,
-        batch_size=exp.train.batch_size,
-        examples=_examples(reply),
-        unknowns=unknowns,
+    return _local_training(
+        lambda unknowns: dict(start), forward, observed, public, reply, model
     )
 
 
@@ -371,3 +329,9 @@ def _direction(
         state[key] = [buf]
         grad = buf
     return opt.lr * grad
+
+
+#: The attacks a weight update feeds (``audit.attack`` must name them).
+GRADIENT_ATTACKS = ("inverting-gradients", "analytic", "analytic-multistep")
+full_model.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]
+lora_factors.attacks = GRADIENT_ATTACKS  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedsim.core.errors import ConfigError
 from fedsim.core.schema import option
 
 
@@ -35,3 +36,14 @@ def capacities_option(default: Sequence[float] = (1.0, 0.5, 0.25)) -> Any:
 def capacity_of(capacities: Sequence[float], partition_id: int) -> float:
     """Client ``partition_id``'s entry of ``capacities`` (``i mod len``)."""
     return float(capacities[partition_id % len(capacities)])
+
+
+def check_per_client(key: str, values: Sequence[Any], clients: int) -> None:
+    """A per-client list (client ``i`` gets entry ``i mod len``) has no entry
+    that no client gets (ConfigError naming ``key``)."""
+    if len(values) > clients:
+        raise ConfigError(
+            f"{key}: {len(values)} entries for federation.clients = {clients}; "
+            f"client i gets entry i mod len, so entries after the first {clients} "
+            "would go to no client"
+        )

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsim.core import registry
+from fedsim.core.audit_config import AuditConfig
 from fedsim.core.family import NoOptions
+from fedsim.core.model_config import ModelConfig
 from fedsim.core.schema import (
     Check,
+    Table,
     at_least,
+    fills,
     fraction,
     non_negative,
     one_of,
@@ -35,6 +39,16 @@ def _registered(table: Mapping[str, registry.Entry]) -> Check:
         return f"is not registered; choose one of: {', '.join(sorted(table))}"
 
     return check
+
+
+def _host_port(v: str) -> str | None:
+    """Empty, or ``HOST:PORT`` with a port in 1..65535 (a Ray cluster's GCS)."""
+    if v == "":
+        return None
+    host, _, port = v.rpartition(":")
+    if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in v:
+        return None
+    return "is not HOST:PORT (e.g. 10.0.0.5:6379); leave it empty for a local Ray"
 
 
 def _family_name(v: str) -> str | None:
@@ -120,30 +134,36 @@ class DataConfig:
     size: int = option(2000, "examples of the synthetic dataset", at_least(10))
     classes: int = option(10, "classes of the synthetic dataset", at_least(2))
     features: int = option(20, "features of the synthetic dataset", at_least(2))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``[model]``: the network trained by the clients."""
-
-    name: str = option("cnn", "registered model name", _registered(registry.MODELS))
-    hidden: int = option(64, "width of hidden layers / embedding size", at_least(1))
-    depth: int = option(2, "encoder blocks (vit)", at_least(1))
-    heads: int = option(4, "attention heads (vit); must divide hidden", at_least(1))
-    patch_size: int = option(2, "side of square image patches (vit)", at_least(1))
-    dropout: float = option(0.0, "dropout probability", rate)
-    pretrain: str = option(
+    text_column: str = option("", "column of the text (classification, 'text')")
+    format: str = option(
         "",
-        "'' starts from the seeded random init; 'digits' or 'synthetic' first "
-        "pre-trains the base centrally on that data set's public split (cached)",
-        one_of("", "digits", "synthetic"),
+        "'' numeric/image rows; 'text' plain text for a causal LM (text-column); "
+        "'alpaca' / 'dolly' instruction rows (instruction, input/context, "
+        "output/response)",
+        one_of("", "text", "alpaca", "dolly"),
     )
-    pretrain_classes: tuple[int, ...] = option(
-        [],
-        "classes that make up the public split (empty: all)",
-        lambda v: None if all(c >= 0 for c in v) else "every class must be >= 0",
+    template: str = option(
+        "",
+        "prompt of instruction rows: {instruction}, {input}; '' Alpaca's",
+        fills("instruction", "input"),
     )
-    pretrain_epochs: int = option(20, "epochs of central pre-training", at_least(1))
+    max_length: int = option(256, "tokens per text row (truncated)", at_least(2))
+    subset: str = option("", "config (subset) name of a Hugging Face dataset")
+    test_split: str = option(
+        "",
+        "split of a Hugging Face dataset that is the global test set ('' carves "
+        "data.test-fraction out of data.split)",
+    )
+    partition_by: str = option(
+        "",
+        "column whose values partition the rows (natural-id: a writer or speaker "
+        "id; never a feature); '' is the label column",
+    )
+    partitioner_args: Table = option(
+        Table(),
+        "keyword arguments of the flwr-datasets partitioner (a table; not for "
+        "iid, dirichlet, pathological, natural-id)",
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,11 @@ class TrainConfig:
     optimizer: str = option("sgd", "local optimizer", one_of("sgd", "adam"))
     momentum: float = option(0.9, "SGD momentum", rate)
     weight_decay: float = option(0.0, "L2 weight decay", non_negative)
+    allow_nonfinite: bool = option(
+        False,
+        "record a NaN/inf client loss and go on; false: the run fails naming the "
+        "round and client",
+    )
 
 
 @dataclass(frozen=True)
@@ -165,9 +190,11 @@ class PeftConfig:
     With ``method = "lora"`` each client trains LoRA adapters on the linear layers
     named in ``targets`` of its frozen base, and the modules in
     ``modules-to-save`` in full. The client with partition id ``i`` uses rank
-    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its scaling is
-    ``alpha / r``. Names match as in PEFT: a module matches a name when it is that
-    name or ends in ``.<name>``.
+    ``ranks[i % len(ranks)]`` when ``ranks`` is set, else ``rank``; its
+    ``lora_alpha`` is ``alpha-per-rank * r`` when ``alpha-per-rank`` is set (the
+    FLoRA reference's heterogeneous setting uses 2 r), else ``alpha``, and its
+    scaling is ``lora_alpha / r``. Names match as in PEFT: a module matches a
+    name when it is that name or ends in ``.<name>``.
     """
 
     method: str = option(
@@ -182,6 +209,12 @@ class PeftConfig:
         _all_positive,
     )
     alpha: float = option(16.0, "LoRA lora_alpha (scaling = alpha / r)", positive)
+    alpha_per_rank: float = option(
+        0.0,
+        "if > 0, each client's lora_alpha is alpha-per-rank * r (scaling = "
+        "alpha-per-rank for every rank) instead of alpha; 0: off",
+        non_negative,
+    )
     dropout: float = option(0.0, "LoRA dropout on the adapters' input", rate)
     targets: tuple[str, ...] = option(
         ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -263,6 +296,12 @@ class PrivacyConfig:
         "dp-fedavg adaptive: noise std of the unclipped count; 0 = clients/round / 20",
         non_negative,
     )
+    count_release: str = option(
+        "centred",
+        "dp-fedavg adaptive: 'centred' counts b - 1/2 per client (sensitivity 1/2, "
+        "Andrew et al. / TF-Privacy); 'uncentred' counts b (sensitivity 1)",
+        one_of("centred", "uncentred"),
+    )
 
 
 @dataclass(frozen=True)
@@ -277,6 +316,13 @@ class ResourcesConfig:
         "auto",
         "torch device: auto picks cuda when GPUs are requested",
         one_of("auto", "cpu", "cuda"),
+    )
+    ray_address: str = option(
+        "",
+        "HOST:PORT of an existing Ray cluster to run the clients on (fedsim "
+        "installed on every node); empty: a private Ray on loopback, whatever "
+        "RAY_ADDRESS says",
+        _host_port,
     )
 
 
@@ -330,47 +376,9 @@ class LoggingConfig:
     mlflow_experiment: str = option("", "MLflow experiment; empty: the experiment name")
 
 
-def _rounds_list(v: tuple[int, ...]) -> str | None:
-    if not v:
-        return "must name at least one round"
-    return None if all(r >= 1 for r in v) else "every round must be >= 1"
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """``[audit]``: a privacy audit inside the run (off by default).
-
-    After each round in ``rounds`` the server attacks what the first
-    ``clients`` training clients (lowest partition ids) uploaded, with the
-    family's view of the upload (``Family.audit``), and records ``attack-psnr``
-    (dB) per attacked client in the round's ``train`` rows; PNG grids go to
-    ``attacks/`` in the run directory. Training is not changed. ``attack``
-    must fit the family's upload: ``inverting-gradients`` for weights,
-    ``inverting-activations`` for split learning's cut activations (which
-    ignores ``labels``: the head's output does not depend on them).
-    """
-
-    attack: str = option(
-        "none",
-        "'none' (off), 'inverting-gradients' (Geiping et al. 2020; uploads of "
-        "weights) or 'inverting-activations' (split learning's cut activations)",
-        one_of("none", "inverting-gradients", "inverting-activations"),
-    )
-    rounds: tuple[int, ...] = option(
-        [1], "rounds whose uploads are attacked", _rounds_list
-    )
-    clients: int = option(
-        1, "training clients attacked per round (lowest partition ids)", at_least(1)
-    )
-    iterations: int = option(1000, "optimisation steps of the attack", at_least(1))
-    lr: float = option(0.1, "Adam learning rate of the dummy inputs", positive)
-    tv: float = option(1e-4, "weight of the total-variation image prior", non_negative)
-    labels: str = option(
-        "known",
-        "'known': the attacker is granted the labels; 'inferred': from the output "
-        "bias update, else optimised with the inputs",
-        one_of("known", "inferred"),
-    )
+def _seed(v: int) -> str | None:
+    # numpy's and scikit-learn's generators take 32-bit unsigned seeds
+    return None if 0 <= v < 2**32 else f"must be in [0, {2**32 - 1}]"
 
 
 @dataclass(frozen=True)
@@ -380,7 +388,11 @@ class Experiment:
     name: str = option(
         "quickstart", "run name; the run directory starts with it", _run_name
     )
-    seed: int = option(0, "seed of partitioning, sampling, initialisation, training")
+    seed: int = option(
+        0,
+        "seed of partitioning, sampling, initialisation, training",
+        _seed,
+    )
     rounds: int = option(20, "federated rounds", at_least(1))
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)

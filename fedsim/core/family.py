@@ -88,6 +88,23 @@ class Family:
         ``"module:callable"``: what an honest-but-curious server sees of a
         client's train exchange, ``surface(sent, reply, public) -> Scene`` (see
         :mod:`fedsim.audit.replay`); empty: the family cannot be audited.
+    server_state : bool
+        Whether the server strategy keeps state across rounds besides the
+        round driver's global arrays (a hypernetwork, a stage counter, an
+        optimiser...). True: the strategy ``server`` builds implements
+        :class:`fedsim.protocol.contract.ServerState` (``checkpoint_state()`` /
+        ``restore_state(state)``), which the resume checkpoint saves after every
+        round and gives back on ``--resume``. The engine checks the built
+        strategy against this declaration before the first round and refuses
+        a family whose strategy disagrees (either way).
+    resume : str
+        Empty: ``fedsim run --resume`` continues the family's runs exactly.
+        Otherwise the reason it cannot (``--resume`` is refused with it).
+    server_metrics : str
+        ``"module:callable"``: ``metrics(setup, arrays) -> dict[str, float]``,
+        more server-side metrics of the global model (e.g. HeteroFL's accuracy
+        of each width's slice), recorded with its held-out evaluation; only
+        for families with a global model.
     """
 
     name: str
@@ -104,6 +121,9 @@ class Family:
     actions: tuple[str, ...] = ()
     model: str = ""
     audit: str = ""
+    server_state: bool = False
+    resume: str = ""
+    server_metrics: str = ""
 
     def load_server(self) -> Any:
         """The server-side factory."""
@@ -116,6 +136,12 @@ class Family:
     def adapt_model(self, model: Any, experiment: Any) -> Any:
         """The engine's built model as the family runs it."""
         return load(self.model)(model, experiment) if self.model else model
+
+    def more_server_metrics(self, setup: Any, arrays: Any) -> dict[str, float]:
+        """The family's own server-side metrics of the global model, if any."""
+        if not self.server_metrics:
+            return {}
+        return load(self.server_metrics)(setup, arrays)  # type: ignore[no-any-return]
 
     def run_check(self, experiment: Any, model: Any, data: Any) -> None:
         """The family's pre-run check, if it has one."""

@@ -30,14 +30,17 @@ from fedsim.core.experiment import (
     expected_clients_per_round,
 )
 from fedsim.core.family import Family, load
+from fedsim.core.ignored import check_ignored
 from fedsim.core.schema import (
     Schema,
+    Table,
     as_table,
     build,
     checked,
     flatten,
     kebab,
     keys_of,
+    regroup,
     shown_default,
     unknown_key,
 )
@@ -92,6 +95,7 @@ def from_flat(values: Mapping[str, Any]) -> Experiment:
     """Validate flat dotted keys and build the frozen :class:`Experiment`."""
     family = _family_of(values)
     keys = schema(family.name)
+    values = regroup(values, keys)
     good: dict[str, Any] = {}
     for key, raw in values.items():
         if key not in keys:
@@ -121,6 +125,7 @@ def check_consistency(exp: Experiment, family: Family) -> None:
         )
     if exp.data.dataset == "file" and not exp.data.path:
         raise ConfigError("data.path: required when data.dataset = 'file'")
+    _check_data(exp.data)
     if exp.model.hidden % exp.model.heads and exp.model.name == "vit":
         raise ConfigError(
             f"model.heads: {exp.model.heads} must divide model.hidden "
@@ -129,6 +134,8 @@ def check_consistency(exp: Experiment, family: Family) -> None:
     if exp.peft.method == "lora" and not exp.peft.targets:
         raise ConfigError("peft.targets: LoRA needs at least one module name")
     _check_pretrain_split(exp)
+    check_ignored(exp)
+    _check_model_data(exp)
     _check_family(exp, family)
     _check_audit(exp, family)
     p = exp.privacy
@@ -147,12 +154,80 @@ def check_consistency(exp: Experiment, family: Family) -> None:
     if p.mechanism == "dp-fedavg" and p.clipping == "adaptive":
         sampled = expected_clients_per_round(exp)
         stddev = p.clipped_count_stddev or sampled / 20
-        if p.noise_multiplier >= stddev:
+        # centred bits b - 1/2 have sensitivity 1/2: the count's multiplier doubles
+        centred = p.count_release == "centred"
+        if p.noise_multiplier >= stddev * (2 if centred else 1):
             raise ConfigError(
                 f"privacy.noise-multiplier: {p.noise_multiplier:g} must be < "
-                f"clipped-count-stddev = {stddev:g} with adaptive clipping "
-                f"({sampled:g} clients per round); raise privacy.clipped-count-stddev"
+                f"clipped-count-stddev = {stddev:g}"
+                f"{' / 1/2 (centred count)' if centred else ''} with adaptive "
+                f"clipping ({sampled:g} clients per round); raise "
+                "privacy.clipped-count-stddev"
             )
+
+
+def _check_model_data(exp: Experiment) -> None:
+    """The model's task and the kind of data agree."""
+    model, data = exp.model, exp.data
+    text = bool(data.format or data.text_column)
+    if model.name == "hf" and not model.path:
+        raise ConfigError("model.path: required when model.name = 'hf'")
+    if text and model.name != "hf":
+        raise ConfigError(
+            "model.name: text rows (data.format / data.text-column) need "
+            "model.name = 'hf', whose tokenizer tokenises them"
+        )
+    if model.name != "hf":
+        return
+    if model.task == "causal-lm" and not data.format:
+        raise ConfigError(
+            "data.format: model.task 'causal-lm' needs 'text', 'alpaca' or 'dolly'"
+        )
+    if model.task == "sequence-classification" and (data.format or not text):
+        raise ConfigError(
+            "data.text-column: model.task 'sequence-classification' needs the "
+            "text column of labelled rows (and data.format = '')"
+        )
+    if model.task == "image-classification" and text:
+        raise ConfigError(
+            "model.task: 'image-classification' needs image data, not text rows"
+        )
+
+
+def _check_data(data: DataConfig) -> None:
+    hf = data.dataset.startswith("hf:")
+    for key in ("subset", "test_split"):
+        if getattr(data, key) and not hf:
+            raise ConfigError(
+                f"data.{kebab(key)}: only a Hugging Face dataset (data.dataset = "
+                f"'hf:NAME') has configs and splits; leave it empty for "
+                f"data.dataset = {data.dataset!r}"
+            )
+    if data.test_split and data.test_split == data.split:
+        raise ConfigError(
+            f"data.test-split: {data.test_split!r} is data.split, the training "
+            "split; name another split, or leave it empty to carve "
+            "data.test-fraction out of data.split"
+        )
+    needs_column = ("natural-id", "grouped-natural-id", "continuous")
+    if data.partitioner in needs_column and not data.partition_by:
+        raise ConfigError(
+            f"data.partition-by: required with data.partitioner = "
+            f"{data.partitioner!r} (the column whose values partition the rows)"
+        )
+    label_only = ("iid", "dirichlet", "pathological")
+    if data.partition_by and data.partitioner in label_only:
+        raise ConfigError(
+            f"data.partition-by: data.partitioner = {data.partitioner!r} partitions "
+            "by the label only; leave data.partition-by empty or choose "
+            "'natural-id' or another flwr-datasets partitioner"
+        )
+    if data.partitioner_args and data.partitioner in registry.OWN_KEYS_PARTITIONERS:
+        raise ConfigError(
+            f"data.partitioner-args: data.partitioner = {data.partitioner!r} is set "
+            "by its own data.* keys; partitioner-args is for the other "
+            "flwr-datasets partitioners (e.g. 'shard', 'size')"
+        )
 
 
 def _check_family(exp: Experiment, family: Family) -> None:
@@ -176,19 +251,21 @@ def _check_family(exp: Experiment, family: Family) -> None:
 
 def _check_audit(exp: Experiment, family: Family) -> None:
     audit = exp.audit
-    if audit.attack == "none":
+    if not audit.enabled:
         return
     if not family.audit:
         raise ConfigError(
             f"audit.attack: strategy.name = {family.name!r} declares no view of its "
             "uploads to attack; set audit.attack = 'none'"
         )
-    # the surface names the attack it feeds (the gradient surfaces: none)
-    fits = getattr(load(family.audit), "attack", "inverting-gradients")
-    if audit.attack != fits:
+    # the surface names the attacks it feeds
+    fits: tuple[str, ...] = load(family.audit).attacks
+    wrong = [a for a in audit.attack if a not in fits]
+    if wrong:
+        allowed = ", ".join(repr(a) for a in fits)
         raise ConfigError(
-            f"audit.attack: {audit.attack!r} does not fit what strategy.name = "
-            f"{family.name!r} uploads; use audit.attack = {fits!r}"
+            f"audit.attack: {wrong[0]!r} does not fit what strategy.name = "
+            f"{family.name!r} uploads; use audit.attack = {allowed}"
         )
     late = [r for r in audit.rounds if r > exp.rounds]
     if late:
@@ -297,9 +374,13 @@ def to_toml(exp: Experiment) -> str:
 
 
 def to_run_config(exp: Experiment) -> RunConfig:
-    """Flatten to Flower's run-config: dotted keys, lists as JSON strings."""
-    flat = flatten(to_dict(exp))
-    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
+    """Flatten to Flower's run-config: dotted keys, lists and table-valued keys
+    as JSON strings."""
+    tables = [k for k, (tp, _) in schema(exp.strategy.name).items() if tp is Table]
+    flat = flatten(to_dict(exp), keep=tables)
+    return {
+        k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()
+    }
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
@@ -308,7 +389,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> Experiment:
     keys = schema(_family_of(values).name)
     for key, value in values.items():
         tp = keys[key][0] if key in keys else None
-        if tp is not None and typing.get_origin(tp) is tuple and isinstance(value, str):
+        whole = tp is Table or typing.get_origin(tp) is tuple
+        if tp is not None and whole and isinstance(value, str):
             values[key] = json.loads(value)
     return from_flat(values)
 

@@ -40,3 +40,6 @@ SPLIT_STEP = "split_step"
 SPLIT_TAIL = "split_tail"
 #: Metric of a split reply: batches the client runs this round.
 BATCHES = "batches"
+#: SCAFFOLD: the server's control variate (train down), a client's control
+#: variate update (train up).
+CONTROL = "control"

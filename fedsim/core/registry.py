@@ -98,7 +98,7 @@ DATASETS: Mapping[str, Entry] = {
         "a local CSV or Parquet file at data.path; label in data.label-column",
     ),
     "hf:<name>": Entry(
-        "fedsim.learn.data:load_hf",
+        "fedsim.learn.hf_source:load_hf",
         "a Hugging Face dataset by name or local path (datasets.load_dataset)",
     ),
 }
@@ -119,7 +119,60 @@ MODELS: Mapping[str, Entry] = {
         "transformers BERT from a config (random init, no download) over inputs "
         "quantized into tokens",
     ),
+    "hf": Entry(
+        "fedsim.learn.hf:build_hf",
+        "a Hugging Face model folder or hub id (model.path) for model.task",
+    ),
 }
+
+#: Entry-point group of model factories from other packages.
+MODEL_GROUP = "fedsim.models"
+
+
+@cache
+def models() -> dict[str, Entry]:
+    """Built-in models and those of the ``fedsim.models`` entry points; a
+    factory is called as ``factory(cfg: ModelConfig, info: DatasetInfo)``."""
+    found = dict(MODELS)
+    for ep in sorted(metadata.entry_points(group=MODEL_GROUP), key=lambda e: e.name):
+        if ep.name in found and found[ep.name].target != ep.value:
+            raise FamilyError(
+                f"model {ep.name!r} is declared twice: {found[ep.name].target!r} "
+                f"and {ep.value!r}"
+            )
+        found[ep.name] = Entry(ep.value, f"from {ep.dist.name if ep.dist else '?'}")
+    return found
+
+
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with a ``model.name`` (None: registered, or a
+    ``"package.module:factory"`` to import when the model is built)."""
+    if name in models():
+        return None
+    module, _, attr = name.partition(":")
+    if module and attr.isidentifier() and all(
+        p.isidentifier() for p in module.split(".")
+    ):
+        return None
+    return (
+        f"is not registered; choose one of: {', '.join(sorted(models()))}, or "
+        "'package.module:factory'"
+    )
+
+
+def model_entry(name: str) -> Entry:
+    """The entry of a model name: registered, or ``"package.module:factory"``."""
+    table = models()
+    if name in table:
+        return table[name]
+    return Entry(name, "a factory in the user's own code")
+
+#: The loader of text rows (any dataset source with data.format or
+#: data.text-column set): instruction, plain-text and text-classification data.
+TEXT_ROWS = Entry(
+    "fedsim.learn.text:load_text",
+    "text rows of a JSON/JSONL/Parquet/CSV file or a hf: dataset",
+)
 
 PRIVACY: Mapping[str, Entry] = {
     "none": Entry("fedsim.privacy.base:NoPrivacy", "no differential privacy"),
@@ -143,7 +196,53 @@ PARTITIONERS: Mapping[str, Entry] = {
         "flwr_datasets.partitioner:PathologicalPartitioner",
         "each client holds data.classes-per-client classes",
     ),
+    "natural-id": Entry(
+        "flwr_datasets.partitioner:NaturalIdPartitioner",
+        "one client per value of data.partition-by (a writer, a speaker), or "
+        "several values per client (seeded, balanced) when there are fewer clients",
+    ),
+    # Any other row partitioner of flwr-datasets, with data.partitioner-args.
+    "shard": Entry(
+        "flwr_datasets.partitioner:ShardPartitioner",
+        "label-sorted shards per client (FedAvg paper; data.partitioner-args)",
+    ),
+    "inner-dirichlet": Entry(
+        "flwr_datasets.partitioner:InnerDirichletPartitioner",
+        "given client sizes, Dir(alpha) label mix within each (partitioner-args)",
+    ),
+    "size": Entry(
+        "flwr_datasets.partitioner:SizePartitioner",
+        "given number of rows per client (data.partitioner-args.partition_sizes)",
+    ),
+    "linear": Entry(
+        "flwr_datasets.partitioner:LinearPartitioner",
+        "client sizes proportional to the partition id + 1",
+    ),
+    "square": Entry(
+        "flwr_datasets.partitioner:SquarePartitioner",
+        "client sizes proportional to the square of the partition id + 1",
+    ),
+    "exponential": Entry(
+        "flwr_datasets.partitioner:ExponentialPartitioner",
+        "client sizes proportional to exp(partition id + 1)",
+    ),
+    "continuous": Entry(
+        "flwr_datasets.partitioner:ContinuousPartitioner",
+        "clients ordered along data.partition-by, a numeric column (strictness)",
+    ),
+    "distribution": Entry(
+        "flwr_datasets.partitioner:DistributionPartitioner",
+        "label counts per client from a given distribution array",
+    ),
+    "grouped-natural-id": Entry(
+        "flwr_datasets.partitioner:GroupedNaturalIdPartitioner",
+        "groups of data.partition-by values (group_size) per client",
+    ),
 }
+
+#: The partitioners set by keys of their own; the others take
+#: ``data.partitioner-args``.
+OWN_KEYS_PARTITIONERS = ("iid", "dirichlet", "pathological", "natural-id")
 
 
 def dataset_entry(name: str) -> Entry:

@@ -59,11 +59,27 @@ SUMMED = frozenset({"examples", "bytes-up", "bytes-down"})
 #: The privacy audit's per-client metric: best-match PSNR (dB) of the
 #: reconstructions of what the client uploaded (``train`` rows).
 ATTACK_PSNR = "attack-psnr"
+#: The privacy audit's per-client count of images recovered (matched one to
+#: one above ``audit.recovered-db``).
+RECOVERED = "recovered"
 #: The phase the privacy audit's seconds are recorded under.
 AUDIT_PHASE = "audit"
 #: Per-client metrics whose aggregate is the plain mean over the clients that
-#: report them, not weighted by examples.
-UNWEIGHTED = frozenset({ATTACK_PSNR})
+#: report them, not weighted by examples (also their per-attack variants,
+#: ``<metric>/<attack>``: :func:`unweighted`).
+UNWEIGHTED = frozenset({ATTACK_PSNR, RECOVERED})
+
+
+def per_attack(metric: str, attack: str) -> str:
+    """The name of an audit metric for one attack: ``<metric>/<attack>``."""
+    return f"{metric}/{attack}"
+
+
+def unweighted(name: str) -> bool:
+    """Whether a per-client metric aggregates as a plain mean (:data:`UNWEIGHTED`
+    and their per-attack variants)."""
+    return name.split("/", 1)[0] in UNWEIGHTED
+
 
 #: ``summary.json`` key naming the run's headline phase.
 HEADLINE_KEY = "headline"
@@ -248,3 +264,33 @@ def ended(summary: dict[str, Any], before: str | None) -> bool:
     """Whether the ServerApp wrote a final status since ``before`` (the
     ``finished_at`` the run directory held when the run was submitted)."""
     return summary.get("status") in ENDED and summary.get("finished_at") != before
+
+
+def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Aggregate rows of one phase: sums for counts, example-weighted means else.
+
+    Sums include failed clients (bytes were sent to them all the same); means use
+    successful replies only (plain means for ``UNWEIGHTED`` metrics). ``failed``
+    becomes ``failures`` (a count), ``clients`` counts successful replies, and
+    per-client ``seconds`` is left out (the phase's wall time is recorded instead).
+    """
+    ok = [values for _, values in replies if "failed" not in values]
+    out: dict[str, float] = {
+        "clients": float(len(ok)),
+        "failures": float(len(replies) - len(ok)),
+    }
+    for name in sorted(SUMMED):
+        sent = [values[name] for _, values in replies if name in values]
+        if sent:
+            out[name] = sum(sent)
+    names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
+    for name in names:
+        have = [v for v in ok if name in v]
+        plain = unweighted(name)
+        weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
+        total = sum(weights)
+        if total > 0:
+            out[name] = sum(w * v[name] for w, v in zip(weights, have)) / total
+        else:
+            out[name] = sum(v[name] for v in have) / len(have)
+    return out

@@ -13,7 +13,7 @@ import difflib
 import json
 import math
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import field
 from functools import cache
 from typing import Any
@@ -27,6 +27,53 @@ Check = Callable[[Any], str | None]
 Schema = dict[str, tuple[Any, dataclasses.Field[Any]]]
 
 
+class Table(Mapping[str, Any]):
+    """A key whose value is a TOML table of scalars and lists (e.g. keyword
+    arguments passed on to a library), frozen and hashable like every config
+    value: lists are kept as tuples; :meth:`plain` gives them back as lists."""
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        pairs = ((str(k), _frozen(v)) for k, v in (items or {}).items())
+        self._items = tuple(sorted(pairs))
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Table) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Table({self.plain()!r})"
+
+    def plain(self) -> dict[str, Any]:
+        """The table as a dict, tuples as lists."""
+        return {k: _thawed(v) for k, v in self._items}
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thawed(v) for v in value]
+    return value
+
+
 def option(default: Any, help: str, check: Check | None = None) -> Any:
     """Declare one key: default, one-line help and a value check.
 
@@ -36,6 +83,20 @@ def option(default: Any, help: str, check: Check | None = None) -> Any:
     if isinstance(default, list):
         default = tuple(default)
     return field(default=default, metadata={"help": help, "check": check})
+
+
+def fills(*names: str) -> Check:
+    """A ``str.format`` template that fills only the fields ``names``."""
+
+    def check(v: str) -> str | None:
+        try:
+            v.format(**dict.fromkeys(names, ""))
+        except (KeyError, IndexError, ValueError) as err:
+            fields = ", ".join("{" + n + "}" for n in names)
+            return f"may fill only {fields} ({type(err).__name__}: {err})"
+        return None
+
+    return check
 
 
 def at_least(low: float) -> Check:
@@ -110,9 +171,13 @@ _TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 def coerce(key: str, tp: Any, value: Any) -> Any:
     """Return ``value`` as type ``tp`` or raise a one-line ConfigError."""
+    if tp is Table:
+        return _table(key, value)
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
+        if item_tp is str and isinstance(value, str):
+            value = [value]  # one name stands for a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(
                 f"{key}: expected a list of {_TYPE_WORDS[item_tp][2:]}s, got {value!r}"
@@ -133,6 +198,41 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
+
+
+def _table(key: str, value: Any) -> Table:
+    """A table of scalars and lists of scalars (no nested tables)."""
+    if isinstance(value, Table):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
+    for name, item in value.items():
+        items = item if isinstance(item, (list, tuple)) else [item]
+        if any(isinstance(i, (Mapping, list, tuple)) for i in items):
+            raise ConfigError(
+                f"{key}.{name}: expected a number, string, boolean or a list of "
+                f"them, got {item!r}"
+            )
+    return Table(value)
+
+
+def regroup(values: Mapping[str, Any], keys: Schema) -> dict[str, Any]:
+    """``values`` with the entries of table-valued keys gathered: a TOML file's
+    ``[data.partitioner-args]`` table, flattened to ``data.partitioner-args.x``,
+    becomes ``data.partitioner-args = {x = ...}`` (``--set`` may set entries the
+    same way)."""
+    tables = [k for k, (tp, _) in keys.items() if tp is Table]
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        owner = next((t for t in tables if key.startswith(f"{t}.")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        table = out.setdefault(owner, {})
+        if not isinstance(table, dict):
+            table = out[owner] = dict(_table(owner, table))
+        table[key.removeprefix(f"{owner}.")] = value
+    return out
 
 
 def checked(key: str, tp: Any, field_: dataclasses.Field[Any], raw: Any) -> Any:
@@ -168,13 +268,15 @@ def unknown_key(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"{key}: unknown key; {where} keys: {', '.join(here)}")
 
 
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(
+    table: Mapping[str, Any], prefix: str = "", keep: Container[str] = ()
+) -> dict[str, Any]:
     """Nested tables as one dict of dotted keys (``{"data": {"alpha": 1}}`` ->
-    ``{"data.alpha": 1}``)."""
+    ``{"data.alpha": 1}``); the dotted keys in ``keep`` stay whole tables."""
     flat: dict[str, Any] = {}
     for k, v in table.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and f"{prefix}{k}" not in keep:
+            flat.update(flatten(v, f"{prefix}{k}.", keep))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -214,12 +316,16 @@ def as_table(obj: Any) -> Any:
         return out
     if isinstance(obj, tuple):
         return list(obj)
+    if isinstance(obj, Table):
+        return obj.plain()
     return obj
 
 
 def shown_default(field_: dataclasses.Field[Any]) -> str:
     """A key's default as TOML text (lists as JSON)."""
     default = field_.default
+    if isinstance(default, Table):
+        return json.dumps(default.plain())
     if isinstance(default, tuple):
         return json.dumps(list(default))
     return tomli_w.dumps({"v": default})[4:].strip()

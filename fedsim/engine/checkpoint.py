@@ -22,9 +22,13 @@ head, the local baseline's model) in Flower's ``context.state``, which lives in
 the simulation runtime and dies with it; it is saved by the client side
 (:mod:`fedsim.engine.client_state`).
 
-A strategy takes part by defining ``checkpoint_state() -> dict`` (JSON values
-and numpy arrays, nested) and ``restore_state(state)``. The file is an ``.npz``
-without pickles: the arrays under generated keys, the rest as JSON.
+A strategy takes part by implementing
+:class:`fedsim.protocol.contract.ServerState` (``checkpoint_state() -> dict`` of
+JSON values and numpy arrays, nested, and ``restore_state(state)``); a family
+whose server keeps state declares it (``Family.server_state``) and the engine
+checks the two agree (:func:`fedsim.protocol.contract.check_server_state`). The
+file is an ``.npz`` without pickles: the arrays under generated keys, the rest
+as JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Mapping
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from fedsim.core.rundir import (
     SUMMARY_FILE,
     atomic_write,
 )
+from fedsim.protocol.contract import stateful
 
 #: Format version of ``resume.npz``.
 VERSION = 1
@@ -118,8 +124,14 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / CHECKPOINTS_DIR / RESUME_CHECKPOINT
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        tree = unpack({k: npz[k] for k in npz.files})
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            tree = unpack({k: npz[k] for k in npz.files})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(
+            f"--resume: {path} is damaged ({type(err).__name__}); the run cannot be "
+            "resumed, start it again"
+        ) from None
     if tree.get("version") != VERSION:
         raise ConfigError(
             f"--resume: {path} has format version {tree.get('version')!r}; this "
@@ -163,21 +175,12 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 # -- the strategy wrapper chain ------------------------------------------------------
-def chain(strategy: Any) -> Iterator[Any]:
-    """The strategy and every strategy it wraps (``.strategy``), outermost first."""
-    seen: set[int] = set()
-    while strategy is not None and id(strategy) not in seen:
-        seen.add(id(strategy))
-        yield strategy
-        strategy = getattr(strategy, "strategy", None)
-
-
 def strategy_state(strategy: Any) -> list[dict[str, Any]]:
-    """``checkpoint_state()`` of every stateful strategy in :func:`chain`."""
+    """``checkpoint_state()`` of every strategy of the wrapper chain that keeps
+    :class:`fedsim.protocol.contract.ServerState`, outermost first."""
     return [
         {"class": type(s).__qualname__, "state": s.checkpoint_state()}
-        for s in chain(strategy)
-        if callable(getattr(s, "checkpoint_state", None))
+        for s in stateful(strategy)
     ]
 
 
@@ -189,16 +192,14 @@ def restore_strategy(strategy: Any, states: list[dict[str, Any]]) -> None:
     ValueError
         The chain's stateful strategies differ from the checkpoint's.
     """
-    stateful = [
-        s for s in chain(strategy) if callable(getattr(s, "restore_state", None))
-    ]
-    names = [type(s).__qualname__ for s in stateful]
+    found = stateful(strategy)
+    names = [type(s).__qualname__ for s in found]
     saved = [entry["class"] for entry in states]
     if names != saved:
         raise ValueError(
             f"the checkpoint holds the state of {saved}, the strategy is {names}"
         )
-    for s, entry in zip(stateful, states, strict=True):
+    for s, entry in zip(found, states, strict=True):
         s.restore_state(entry["state"])
 
 

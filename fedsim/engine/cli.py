@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedsim import __version__
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
+from fedsim.engine.console import ConsoleDisplay, fmt, summary_table
 from fedsim.engine.launch import Progress, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted or failed run from its last completed round",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the clients on this existing Ray cluster (overrides "
+        "resources.ray-address; fedsim installed on every node)",
     )
     _superlink_options(run)
     run.add_argument(
@@ -153,54 +161,6 @@ def _connection(args: argparse.Namespace) -> Any:
     return Connection(args.superlink, args.root_certificates, args.insecure)
 
 
-class ConsoleDisplay:
-    """Rich status line in a terminal (updated in place), plain lines otherwise."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.status = console.status("starting the simulation runtime...")
-        if console.is_terminal:
-            self.status.start()
-
-    def round(self, server_round: int, rounds: int, line: str) -> None:
-        if self.console.is_terminal:
-            self.status.update(f"[bold]{line}")
-            self.console.print(line, highlight=False)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        self.status.stop()
-
-
-def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
-    table = Table(title=f"fedsim run: {summary.get('name', run_dir.name)}")
-    table.add_column("field")
-    table.add_column("value", justify="right")
-    final = summary.get("final", {})
-    headline = summary.get("headline", "server")
-    rows = [
-        ("status", str(summary.get("status"))),
-        ("rounds", f"{summary.get('rounds_completed')}/{summary.get('rounds')}"),
-        (f"{_HEADLINE[headline]} accuracy", _fmt(final.get("accuracy"))),
-        (f"{_HEADLINE[headline]} loss", _fmt(final.get("loss"))),
-        ("federated accuracy", _fmt(final.get("evaluate_accuracy"))),
-        ("client failures", str(summary.get("failures", 0))),
-        ("wall time", f"{summary.get('wall_seconds') or 0:.1f} s"),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
-
-
-#: How the summary table names the headline accuracy and loss.
-_HEADLINE = {"server": "server", "evaluate": "clients' local"}
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     """The experiment, run directory and last checkpointed round of ``--resume``.
 
@@ -214,6 +174,9 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
     run_dir = Path(args.resume).resolve()
     saved = check_resumable(run_dir)
     exp = load_experiment(str(run_dir / CONFIG_FILE), [])
+    refusal = registry.family(exp.strategy.name).resume
+    if refusal:
+        raise ConfigError(f"--resume: strategy {exp.strategy.name!r}: {refusal}")
     if args.experiment or args.overrides:
         source = args.experiment or str(run_dir / CONFIG_FILE)
         given = to_run_config(load_experiment(source, args.overrides))
@@ -229,6 +192,15 @@ def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim run``: the run directory is locked while this process runs in
+    it (:mod:`fedsim.core.locking`)."""
+    with ExitStack() as stack:
+        return _cmd_run(args, console, stack)
+
+
+def _cmd_run(args: argparse.Namespace, console: Console, stack: ExitStack) -> int:
+    from fedsim.core.locking import locked
+    from fedsim.engine import cluster
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.remote import run_remote
     from fedsim.engine.runner import LOGS_DIR, simulate
@@ -241,23 +213,33 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
     if remote and args.resume:
         raise ConfigError("--resume: not with --superlink (private simulations only)")
+    if remote and args.ray_address:
+        raise ConfigError("--ray-address: not with --superlink (simulations only)")
     connection = _connection(args) if remote else None
     out: Path | None = None
     if args.resume:
+        if Path(args.resume).is_dir():  # before anything is read: a live run
+            stack.enter_context(locked(Path(args.resume), "fedsim run --resume"))
         exp, resumed, done = resumed_experiment(args)
     else:
         exp, done = load_experiment(args.experiment, args.overrides), -1
         out = check_out(args.out)
+    if args.ray_address is not None:  # on --resume too: results do not change
+        exp = cluster.on_cluster(exp, args.ray_address, "--ray-address")
+    if not remote:
+        cluster.note_ignored(exp.resources.ray_address)
 
     def prepare() -> Path:
         preflight(exp, local=not remote)
         return resumed if out is None else create_run_dir(out, exp)
 
     # a local run's SuperLink starts while the experiment is checked
-    superlink, run_dir = (None, prepare()) if remote else start_during(prepare)
+    where = exp.resources.ray_address
+    superlink, run_dir = (None, prepare()) if remote else start_during(prepare, where)
     if out is None:
         console.print(f"resuming after round {done}: {run_dir}", highlight=False)
     else:
+        stack.enter_context(locked(run_dir, "fedsim run"))
         console.print(f"run directory: {run_dir}")
     remote_dir = Path(args.remote_out) / run_dir.name if args.remote_out else None
     progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
@@ -317,11 +299,13 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     """Validate the whole sweep, run what is left, print a table of its runs."""
+    from fedsim.engine.cluster import note_ignored
     from fedsim.engine.launch import PlainDisplay
     from fedsim.engine.runner import read_summary
     from fedsim.engine.sweep import execute, plan
 
     work = plan(args.sweep, args.overrides, args.out)
+    note_ignored(work.points[0].experiment.resources.ray_address if work.points else "")
     total = len(work.points)
     done = total - len(work.todo)
     console.print(
@@ -343,7 +327,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             str(point.index),
             point.label,
             str(summary.get("status", "pending")),
-            _fmt(final.get("accuracy")),
+            fmt(final.get("accuracy")),
             f"{summary.get('rounds_completed', 0)}/{point.experiment.rounds}",
         )
     console.print(table)
@@ -359,7 +343,7 @@ def cmd_list(console: Console) -> int:
         ("strategies", registry.families()),
         ("datasets", registry.DATASETS),
         ("partitioners", registry.PARTITIONERS),
-        ("models", registry.MODELS),
+        ("models", registry.models()),
         ("privacy mechanisms", registry.PRIVACY),
     ]
     for title, table in sections:
@@ -376,9 +360,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Comparison table of the runs, and one PNG per plot view in ``--out``."""
     from fedsim import analysis
     from fedsim.analysis import plots
+    from fedsim.engine.recorder import check_out
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")
+    check_out(args.out, "--out")  # a folder for the plots, not a file
     views = args.views or list(plots.VIEWS)
     unknown = [v for v in views if v not in plots.VIEWS]
     if unknown:

@@ -2,14 +2,16 @@
 
 ``train`` and ``evaluate`` go to the algorithm's methods of those names; a
 family's custom action ``train.<action>`` (declared in ``Family.actions``) to
-its method ``<action>``. Everything heavy (experiment parsing, the dataset and
-its partitions, the client algorithm with its model) is built once per client
-process and cached, so a Ray actor that simulates many clients over many rounds
-builds it once. Importing the module makes Flower's ``Array.numpy`` skip
-``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+its method ``<action>``: the client contract is
+:class:`fedsim.protocol.contract.ClientAlgorithm`. Everything heavy (experiment
+parsing, the dataset and its partitions, the client algorithm with its model) is
+built once per client process and cached, so a Ray actor that simulates many
+clients over many rounds builds it once. Importing the module makes Flower's
+``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
-loaded back once in a resumed run (:mod:`fedsim.engine.client_state`).
+loaded back once in a resumed run (:mod:`fedsim.engine.client_state`): by the
+simulation process in simulation, here in deployment.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from fedsim.core.messages import (
 )
 from fedsim.core.seeding import derive_seed
 from fedsim.engine import arrays
-from fedsim.engine.client_state import ClientStateStore
-from fedsim.learn.data import FederatedData, federated_data
+from fedsim.engine.client_state import RELAYED, ClientStateStore
+from fedsim.learn.data import FederatedData
 from fedsim.learn.device import resolve_device
+from fedsim.learn.tasks import task_data
+from fedsim.protocol import contract
 
 
 class SimulatedClientFailure(RuntimeError):
@@ -62,7 +66,7 @@ class ClientRuntime:
 
     experiment: Experiment
     data: FederatedData
-    algorithm: Any
+    algorithm: contract.ClientAlgorithm
 
 
 @lru_cache(maxsize=2)
@@ -70,7 +74,7 @@ def _runtime(items: tuple[tuple[str, Any], ...]) -> ClientRuntime:
     exp = from_run_config(dict(items))
     torch.set_num_threads(exp.resources.num_cpus)
     device = resolve_device(exp.resources)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
     algorithm = registry.family(exp.strategy.name).load_client()(exp, data.info, device)
     return ClientRuntime(exp, data, algorithm)
 
@@ -149,17 +153,19 @@ app = ClientApp()
 
 
 def _handle(msg: Message, context: Context) -> Message:
+    relayed = RELAYED in context.state  # the simulation process keeps the state
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     run_config = experiment_config(context.run_config, config, context.state)
     rt = runtime(run_config)
     pid = partition_id(context, config)
-    store = state_store(run_config)
+    store = None if relayed else state_store(run_config)
     if store is not None and run_config.get(RESUME_KEY):
         store.restore_into(pid, context.state)
     category, _, action = msg.metadata.message_type.partition(".")
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
+    family = registry.family(rt.experiment.strategy.name)
     if action:
-        declared = registry.family(rt.experiment.strategy.name).actions
+        declared = family.actions
         if action not in declared:
             raise ValueError(
                 f"strategy {rt.experiment.strategy.name!r} declares no client action "
@@ -168,7 +174,8 @@ def _handle(msg: Message, context: Context) -> Message:
     if category == MessageType.TRAIN and not action:
         maybe_fail(rt.experiment, server_round, pid)
     start = time.perf_counter()
-    reply: RecordDict = getattr(rt.algorithm, action or category)(
+    method = contract.client_method(rt.algorithm, family, action or category)
+    reply = method(
         msg.content,
         rt.data.client(pid),
         server_round=server_round,

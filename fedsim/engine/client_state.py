@@ -19,22 +19,37 @@ covers. A resume first deletes the files of rounds after its checkpoint
 (:meth:`ClientStateStore.prune_after`), so the newest remaining file is the
 client's state at the checkpoint.
 
-Deployment caveat: the store is written only where the client process sees the
-run directory (one machine, or a filesystem shared by the SuperLink and the
-SuperNodes at the same path). A SuperNode on another host keeps its state in its
-own ``context.state`` only; a resumed deployment run would start those clients'
-private state afresh, so resume such runs only with a shared run directory.
+In simulation the state travels with the message: Flower's runtime sends a
+client's ``Context`` to the Ray actor with each message and takes it back with
+the reply, so the simulation process, on the host of the run directory,
+saves and restores it (:func:`relay_before`, :func:`relay_after`, called by
+:mod:`fedsim.engine.vce`) and marks it :data:`RELAYED` so that the ClientApp
+leaves the store alone. Which node of a Ray cluster ran the client does not
+matter: a resumed run finds every client's state.
+
+Deployment caveat: there the ClientApp writes the store, only where the client
+process sees the run directory (one machine, or a filesystem shared by the
+SuperLink and the SuperNodes at the same path). A SuperNode on another host
+keeps its state in its own ``context.state`` only; a resumed deployment run
+would start those clients' private state afresh, so resume such runs only with
+a shared run directory.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedsim.core.loading import RESUME_KEY, RUN_DIR_KEY, SWEEP_KEY
+from fedsim.core.messages import EXPERIMENT, PARTITION_ID, SERVER_ROUND
 from fedsim.core.rundir import CHECKPOINTS_DIR, CLIENT_STATE_DIR, atomic_write
 
 #: Keys of ``context.state`` starting with this prefix are the engine's own
@@ -42,6 +57,9 @@ from fedsim.core.rundir import CHECKPOINTS_DIR, CLIENT_STATE_DIR, atomic_write
 ENGINE_PREFIX = "fedsim-"
 #: Marker set in ``context.state`` once a resumed client has loaded its state.
 RESTORED = "fedsim-restored"
+#: Set in ``context.state`` by the simulation process, which keeps the client's
+#: state itself (see the module docstring).
+RELAYED = "fedsim-relayed"
 #: Files kept per partition (see the module docstring).
 KEEP = 3
 _NAME = re.compile(r"^(\d+)\.pb$")
@@ -127,3 +145,48 @@ class ClientStateStore:
             for key, record in saved[1].items():
                 state[key] = record
         state[RESTORED] = ConfigRecord({"round": saved[0] if saved else 0})
+
+
+@lru_cache(maxsize=2)
+def _sweep(text: str) -> tuple[dict[str, Any], ...]:
+    return tuple(entry["config"] for entry in json.loads(text))
+
+
+def _target(
+    run_config: Mapping[str, Any], config: Mapping[str, Any]
+) -> tuple[ClientStateStore, int, bool] | None:
+    """The store, partition and resume flag of a message with ``config`` in a
+    fedsim run (in a sweep: of the experiment ``config`` names); None for
+    messages of no fedsim run."""
+    if SWEEP_KEY in run_config:
+        if EXPERIMENT not in config:
+            return None
+        run_config = _sweep(str(run_config[SWEEP_KEY]))[int(config[EXPERIMENT])]
+    run_dir = str(run_config.get(RUN_DIR_KEY, ""))
+    if not run_dir or PARTITION_ID not in config:
+        return None
+    resume = bool(run_config.get(RESUME_KEY))
+    return ClientStateStore(Path(run_dir)), int(config[PARTITION_ID]), resume
+
+
+def relay_before(config: Mapping[str, Any], context: Context) -> None:
+    """In the simulation process, before a message with ``config`` goes to
+    the client: a resumed run's client gets its saved state, and every
+    client the :data:`RELAYED` mark."""
+    target = _target(context.run_config, config)
+    if target is None:
+        return
+    store, partition_id, resume = target
+    if resume:
+        store.restore_into(partition_id, context.state)
+    context.state[RELAYED] = ConfigRecord()
+
+
+def relay_after(config: Mapping[str, Any], context: Context) -> None:
+    """In the simulation process, once the client replied to a message with
+    ``config``: save its state (``context`` as it came back)."""
+    target = _target(context.run_config, config)
+    if target is not None:
+        store, partition_id, _ = target
+        server_round = int(config.get(SERVER_ROUND, 0))
+        store.save(partition_id, server_round, context.state)

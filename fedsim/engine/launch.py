@@ -50,19 +50,44 @@ def check_resources(exp: Experiment) -> None:
 
 def preflight(exp: Experiment, *, local: bool = True) -> None:
     """Every pre-run check, before anything is written: resources (``local``
-    runs only: on a SuperLink the SuperNodes' hosts have their own), the data
-    and the model built once, the family's own check (e.g. LoRA targets), the
-    privacy mechanism's."""
+    runs only: on a SuperLink the SuperNodes' hosts have their own; this
+    host's, or with ``resources.ray-address`` the Ray cluster's nodes and the
+    fedsim they run), the data and the model built once, the family's own
+    check (e.g. LoRA targets), the privacy mechanism's."""
     from fedsim import privacy
+    from fedsim.engine import cluster
     from fedsim.learn.base import build_model
-    from fedsim.learn.data import federated_data
+    from fedsim.learn.tasks import task_data
 
-    if local:
+    res = exp.resources
+    if local and res.ray_address:
+        nodes = cluster.survey(res.ray_address)
+        cluster.check_cluster(
+            res.ray_address, res.num_cpus, res.num_gpus, res.device, nodes
+        )
+    elif local:
         check_resources(exp)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
+    check_partitions(exp, data)
     model = build_model(exp.model, data.info, exp.seed)
     registry.family(exp.strategy.name).run_check(exp, model, data)
     privacy.preflight(exp, model, data)
+
+
+def check_partitions(exp: Experiment, data: Any) -> None:
+    """Every client has training examples (a client without any would fail in
+    its first round): ConfigError naming the clients."""
+    empty = [
+        pid for pid in range(exp.federation.clients) if len(data.client(pid).train) == 0
+    ]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise ConfigError(
+            f"data.partitioner: {len(empty)} of {exp.federation.clients} clients get "
+            f"no training examples (clients {shown}) from {exp.data.partitioner!r} "
+            f"over {len(data.pool)} examples; use fewer federation.clients, another "
+            "partitioner or a larger data.min-partition-size / data.alpha"
+        )
 
 
 def audit_note(frame: Any, server_round: int) -> str:
@@ -222,22 +247,27 @@ def run(
         The run was interrupted (its directory says ``interrupted``).
     """
     from fedsim.analysis import load_run
+    from fedsim.core.locking import locked
+    from fedsim.engine.cluster import note_ignored
     from fedsim.engine.recorder import check_out, create_run_dir
     from fedsim.engine.runner import simulate
     from fedsim.engine.superlink import start_during
 
     exp = load_experiment(experiment, overrides)
     where = check_out(out, "out")
+    note_ignored(exp.resources.ray_address)
 
     def prepare() -> Path:
         preflight(exp)
         return create_run_dir(where, exp, "out")
 
-    superlink, run_dir = start_during(prepare)  # it starts during the checks
+    # it starts during the checks
+    superlink, run_dir = start_during(prepare, exp.resources.ray_address)
     display: Display = default_display(exp.name) if progress else QuietDisplay()
     watch = Progress(display, run_dir, exp)
     try:
-        outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
+        with locked(run_dir, "fedsim.run"):
+            outcome = simulate(exp, run_dir, on_poll=watch.poll, superlink=superlink)
     finally:
         watch.close()
     if outcome.status == "interrupted":

@@ -38,14 +38,15 @@ from fedsim.core.rundir import (
     GLOBAL_CHECKPOINT,
     METRICS_FILE,
     SUMMARY_FILE,
-    SUMMED,
-    UNWEIGHTED,
     MetricsWriter,
     RoundSink,
+    aggregate_replies,
     read_metrics,
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
+from fedsim.engine.finite import check_loss
+from fedsim.engine.placement import Placement
 
 #: Per-client metrics summed over the exchanges of a round (one row per metric
 #: per (round, client, phase), whatever the number of exchanges).
@@ -185,6 +186,7 @@ class RunRecorder:
         self._strategy: dict[tuple[int, str], dict[str, float]] = {}
         self._server: list[tuple[int, int | None, str, str, float]] = []
         self.failures: list[dict[str, Any]] = []
+        self.placement = Placement()
         self.rounds_completed = 0
         self.started = time.time()
         self.summary = summary_base(experiment, extra_summary)
@@ -203,8 +205,10 @@ class RunRecorder:
 
         A client that answers several exchanges in a phase of a round keeps one
         row per metric: :data:`ADDITIVE` metrics are summed, others take the
-        latest value.
+        latest value. A non-finite ``loss`` fails the round unless
+        ``train.allow-nonfinite`` (:func:`fedsim.engine.finite.check_loss`).
         """
+        check_loss(self.experiment, server_round, phase, client, metrics)
         self._merge(server_round, phase, client, metrics)
 
     def _merge(
@@ -229,6 +233,12 @@ class RunRecorder:
         self.failures.append(
             {"round": server_round, "client": client, "phase": phase, "reason": reason}
         )
+
+    def placed(self, server_round: int, phase: str, node: Any) -> None:
+        """A client of a phase ran on Ray node ``node`` (id, address; None: not
+        known): ``summary.json``'s ``placement`` (:mod:`fedsim.engine.placement`)."""
+        if node is not None:
+            self.placement.served(server_round, phase, node)
 
     def strategy(
         self, server_round: int, phase: str, metrics: Mapping[str, float]
@@ -269,6 +279,7 @@ class RunRecorder:
             "elapsed": time.time() - self.started,
             "started_at": self.summary["started_at"],
             "resumed": list(self.summary.get("resumed", [])),
+            "placement": self.placement.as_json(),
         }
 
     def resume(self, server_round: int, state: Mapping[str, Any]) -> None:
@@ -291,6 +302,7 @@ class RunRecorder:
         self._writer, self._finals, self._scanned = MetricsWriter(), {}, 0
         self._sent = len(rows)  # the sinks had them before the run died
         self.failures = [dict(f) for f in state["failures"]]
+        self.placement = Placement(state.get("placement")).up_to(server_round)
         self.rounds_completed = server_round
         self.started = time.time() - float(state["elapsed"])
         resumed = [*state["resumed"], {"after_round": server_round}]
@@ -388,7 +400,7 @@ class RunRecorder:
         ``evaluate_accuracy``/``evaluate_loss``."""
         final = self._finals
         for _, client, phase, name, value in self.rows[self._scanned :]:
-            if client is None and name in ("accuracy", "loss"):
+            if client is None and name in ("accuracy", "loss", "perplexity"):
                 if phase == self.headline:
                     final[name] = value
                 if phase == "evaluate":
@@ -404,34 +416,7 @@ class RunRecorder:
             failures=len(self.failures),
             failure_details=self.failures[:100],
         )
+        if self.placement:
+            self.summary["placement"] = self.placement.as_json()
         write_json(self.run_dir / SUMMARY_FILE, self.summary)
 
-
-def aggregate_replies(replies: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """Aggregate rows of one phase: sums for counts, example-weighted means else.
-
-    Sums include failed clients (bytes were sent to them all the same); means use
-    successful replies only (plain means for ``UNWEIGHTED`` metrics). ``failed``
-    becomes ``failures`` (a count), ``clients`` counts successful replies, and
-    per-client ``seconds`` is left out (the phase's wall time is recorded instead).
-    """
-    ok = [values for _, values in replies if "failed" not in values]
-    out: dict[str, float] = {
-        "clients": float(len(ok)),
-        "failures": float(len(replies) - len(ok)),
-    }
-    for name in sorted(SUMMED):
-        sent = [values[name] for _, values in replies if name in values]
-        if sent:
-            out[name] = sum(sent)
-    names = sorted({name for values in ok for name in values} - {"seconds"} - SUMMED)
-    for name in names:
-        have = [v for v in ok if name in v]
-        plain = name in UNWEIGHTED
-        weights = [1.0 if plain else v.get("examples", 0.0) for v in have]
-        total = sum(weights)
-        if total > 0:
-            out[name] = sum(w * v[name] for w, v in zip(weights, have)) / total
-        else:
-            out[name] = sum(v[name] for v in have) / len(have)
-    return out

@@ -37,7 +37,7 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import linkstate
+from fedsim.engine import linkstate, placement
 from fedsim.engine.recorder import RunRecorder
 from fedsim.protocol.wrapping import DelegatingStrategy
 
@@ -328,6 +328,7 @@ class RecordingGrid(Grid):
         ok = 0
         for reply in replies:
             node = reply.metadata.src_node_id
+            self.recorder.placed(server_round, phase, placement.take(reply))
             sent = {"bytes-down": down.pop(node, 0)}
             if reply.has_error():
                 self.recorder.failure(

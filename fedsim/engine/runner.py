@@ -96,6 +96,12 @@ def federation_config(exp: Experiment) -> str:
     )
 
 
+def ray_group(exp: Experiment) -> tuple[str, str]:
+    """What experiments of one Flower run share: the ``--federation-config``
+    and the Ray cluster (``resources.ray-address``; empty: a local Ray)."""
+    return federation_config(exp), exp.resources.ray_address
+
+
 @dataclass
 class Outcome:
     """How a run ended."""
@@ -134,11 +140,14 @@ def launch(
     poll_interval: float = 0.5,
     ended: Callable[[], bool] = lambda: False,
     superlink: PrivateSuperLink | None = None,
+    ray_address: str = "",
 ) -> T:
     """Submit the app with run-config ``config`` to a private SuperLink
     (``superlink``, started earlier by the caller, or one started here) and
     wait for it (or for ``ended()``, seconds earlier); stop every process
-    started, whatever happens, then return ``finish(status, reason)``.
+    started, whatever happens, then return ``finish(status, reason)``. The
+    simulation runs on a private loopback Ray, or attached to the Ray cluster
+    at ``ray_address`` (a given ``superlink`` must have been started so).
 
     ``(status, reason)`` is ``(None, None)`` when the app ended by itself (the
     run directories say how), else how it ended (``failed`` with the reason,
@@ -157,7 +166,9 @@ def launch(
     with stop_signals() as signals:
         try:
             if link is None:
-                link = PrivateSuperLink()
+                link = PrivateSuperLink(ray_address)
+            if link.ray_address != ray_address:
+                raise SimulationError("the SuperLink was started for another Ray")
             write_app(link.home / "app", config, description)
             link.wait_healthy()
             submit = spawn(
@@ -260,6 +271,7 @@ def simulate(
         ended=lambda: ended(read_summary(run_dir), before),
         poll_interval=poll_interval,
         superlink=superlink,
+        ray_address=exp.resources.ray_address,
     )
 
 
@@ -273,11 +285,11 @@ def simulate_sweep(
     """Run several experiments in one Flower run: one SuperLink, one Ray
     session, the same SuperNodes and actors, the experiments one after another
     (the ServerApp's ``run_sweep``). They must share ``federation.clients`` and
-    ``[resources]`` (the SuperNodes and their Ray resources)."""
+    ``[resources]`` (the SuperNodes, their Ray resources, the Ray cluster)."""
     first = runs[0][0]
     federation = federation_config(first)
     for exp, _ in runs:
-        if federation_config(exp) != federation:
+        if ray_group(exp) != ray_group(first):
             raise ValueError(
                 "one Flower run serves experiments with the same federation.clients "
                 "and resources only"
@@ -296,4 +308,5 @@ def simulate_sweep(
         ],
         on_poll=on_poll,
         poll_interval=poll_interval,
+        ray_address=first.resources.ray_address,
     )

@@ -41,6 +41,7 @@ from fedsim import privacy
 from fedsim.analysis.trackers import build_sinks
 from fedsim.audit.auditor import Auditor
 from fedsim.core import registry
+from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import (
     ASSIGN_KEY,
@@ -55,10 +56,11 @@ from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from fedsim.engine.rounds import RoundDriver
 from fedsim.learn.base import build_model
-from fedsim.learn.data import federated_data
 from fedsim.learn.device import resolve_device
+from fedsim.learn.hf import export
 from fedsim.learn.robust import robust_metrics
-from fedsim.learn.training import evaluate
+from fedsim.learn.tasks import task_data, task_for
+from fedsim.protocol import contract
 from fedsim.protocol.setup import ServerSetup
 
 linkstate.install()
@@ -67,6 +69,10 @@ app = ServerApp()
 
 #: Environment variable (tests only): the round that crashes.
 CRASH_IN_ROUND = "FEDSIM_TEST_CRASH_IN_ROUND"
+
+#: The run directory's folder of the final global model
+#: (:func:`fedsim.learn.hf.export`).
+MODEL_DIR = "model"
 
 
 def run_dir_for(run_config: dict, exp: Experiment) -> Path:
@@ -81,7 +87,7 @@ def build(exp: Experiment) -> ServerSetup:
     np.random.seed(exp.seed % 2**32)
     torch.set_num_threads(1)
     device = resolve_device(exp.resources)
-    data = federated_data(exp.data, exp.federation.clients, exp.seed)
+    data = task_data(exp)
     model = build_model(exp.model, data.info, exp.seed)
     model = registry.family(exp.strategy.name).adapt_model(model, exp).to(device)
     initial = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -109,8 +115,10 @@ def run(
     """
     family = registry.family(exp.strategy.name)
     setup = build(exp)
+    own = family.load_server()(setup)
+    contract.check_server_state(family, own)
     strategy = RecordingStrategy(
-        privacy.wrap_strategy(family.load_server()(setup), exp),
+        privacy.wrap_strategy(own, exp),
         recorder,
         seed=exp.seed,
     )
@@ -119,6 +127,8 @@ def run(
     arrays = setup.initial if family.global_model else None
     start = 1
     if resume:
+        if family.resume:
+            raise ConfigError(f"--resume: strategy {family.name!r}: {family.resume}")
         saved = checkpoint.check_resumable(run_dir)
         checkpoint.restore_strategy(strategy, saved["strategy"])
         arrays = checkpoint.arrays_record(saved["arrays"])
@@ -144,14 +154,16 @@ def run(
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         setup.model.load_state_dict(arrays.to_torch_state_dict())
-        stats = evaluate(setup.model, setup.data.test, device=setup.device)
+        task = task_for(exp)
+        stats = task.evaluate(setup.model, setup.data.test, device=setup.device)
         robust = robust_metrics(
             setup.model, setup.data.test, exp.robust, device=setup.device, seed=exp.seed
         )
-        return {"loss": stats.loss, "accuracy": stats.accuracy, **robust}
+        more = family.more_server_metrics(setup, arrays)
+        return {**stats.values, **robust, **more}
 
     auditor = None
-    if exp.audit.attack != "none":
+    if exp.audit.enabled:
         auditor = Auditor(exp, setup.data, recorder, family.audit)
     recording = RecordingGrid(
         grid,
@@ -164,7 +176,7 @@ def run(
         observer=auditor.observe if auditor else None,
     )
     crash = os.environ.get(CRASH_IN_ROUND)
-    RoundDriver(
+    final = RoundDriver(
         strategy,
         recording,
         recorder,
@@ -175,6 +187,9 @@ def run(
         after_round=auditor.after_round if auditor else None,
         crash_in_round=int(crash) if crash else None,
     ).run(arrays, start=start)
+    if final is not None:
+        setup.model.load_state_dict(final.to_torch_state_dict())
+        export(setup.model, run_dir / MODEL_DIR)
     return recording
 
 

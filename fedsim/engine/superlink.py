@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import psutil
 import tomli_w
 
-from fedsim.engine import vce
+from fedsim.engine import cluster, vce
 from fedsim.engine.lifeline import Lifeline, die_with_parent
 from fedsim.engine.processes import free_port, stop_processes, stop_tree
 
@@ -85,14 +85,18 @@ def spawn(
         )
 
 
-def flower_home(connection: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+def flower_home(
+    connection: dict[str, Any], ray_address: str = ""
+) -> tuple[Path, dict[str, str]]:
     """A private ``FLWR_HOME`` whose default connection ``fedsim`` is
     ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
-    ``root-certificates``), and the environment for Flower's commands."""
+    ``root-certificates``), and the environment for Flower's commands (its
+    simulations run on a loopback Ray, or on the cluster at ``ray_address``:
+    :func:`fedsim.engine.cluster.environment`)."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     launcher = vce.write_launcher(home / "bin")
     env = {
-        **os.environ,
+        **cluster.environment(os.environ, ray_address),
         "FLWR_HOME": str(home),
         "PATH": os.pathsep.join([str(launcher.parent), environment_path()]),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -180,12 +184,14 @@ class PrivateSuperLink:
 
     Started on construction and watched by a :class:`Lifeline`, so it is stopped
     should the starting process die; :meth:`close` stops it and removes its
-    home (idempotent).
+    home (idempotent). Its simulations run on a private loopback Ray, or on
+    the existing cluster at ``ray_address``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ray_address: str = "") -> None:
         self.port = free_port()
-        self.home, self.env = flower_home(loopback(self.port))
+        self.ray_address = ray_address
+        self.home, self.env = flower_home(loopback(self.port), ray_address)
         self.log = self.home / "superlink.log"
         self.lifeline = Lifeline()
         self.lifeline.remove(self.home)  # also when the starting process dies
@@ -226,10 +232,13 @@ class PrivateSuperLink:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def start_during(work: Callable[[], T]) -> tuple[PrivateSuperLink, T]:
-    """Start a :class:`PrivateSuperLink` and do ``work`` (e.g. the pre-run
-    checks) while it starts up; should ``work`` fail, stop it again."""
-    link = PrivateSuperLink()
+def start_during(
+    work: Callable[[], T], ray_address: str = ""
+) -> tuple[PrivateSuperLink, T]:
+    """Start a :class:`PrivateSuperLink` (on ``ray_address``) and do ``work``
+    (e.g. the pre-run checks) while it starts up; should ``work`` fail, stop
+    it again."""
+    link = PrivateSuperLink(ray_address)
     try:
         return link, work()
     except BaseException:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import to_toml
+from fedsim.core.locking import check_free, locked
 from fedsim.core.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json
 from fedsim.core.sweeps import SweepPoint, load_sweep
 from fedsim.engine.launch import (
@@ -39,7 +41,7 @@ from fedsim.engine.recorder import check_out
 from fedsim.engine.runner import (
     LOGS_DIR,
     Outcome,
-    federation_config,
+    ray_group,
     read_summary,
     simulate_sweep,
 )
@@ -134,12 +136,28 @@ def execute(
 ) -> list[Outcome]:
     """Run what is left of ``plan``; one Flower run per group of experiments
     that share their SuperNodes' settings. Returns the outcomes of the
-    experiments run, in order."""
-    _prepare(plan)
+    experiments run, in order. The sweep directory and the run directories of
+    the experiments left are locked meanwhile (:mod:`fedsim.core.locking`): a
+    second identical sweep, or a ``--resume`` of one of its runs, is refused."""
+    check_free(plan.directory)
+    for point in plan.todo:  # a run being resumed on its own is not cleared
+        check_free(plan.run_dir(point))
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        stack.enter_context(locked(plan.directory, "fedsim sweep"))
+        _prepare(plan)
+        for point in plan.todo:
+            stack.enter_context(locked(plan.run_dir(point), "fedsim sweep"))
+        return _execute(plan, display)
+
+
+def _execute(
+    plan: SweepPlan, display: Callable[[SweepPoint], Display] | None
+) -> list[Outcome]:
     write_index(plan)
-    groups: dict[str, list[SweepPoint]] = {}
+    groups: dict[tuple[str, str], list[SweepPoint]] = {}
     for point in plan.todo:
-        groups.setdefault(federation_config(point.experiment), []).append(point)
+        groups.setdefault(ray_group(point.experiment), []).append(point)
     make = display or (lambda point: PlainDisplay())
     outcomes: list[Outcome] = []
     try:

@@ -80,7 +80,7 @@ from queue import Empty, Queue
 from typing import Any
 from uuid import uuid4
 
-from fedsim.engine import linkstate
+from fedsim.engine import client_state, cluster, linkstate, placement
 
 #: Longest pause between two sweeps (Flower's fixed pause): the stop event is
 #: checked at least this often.
@@ -202,8 +202,11 @@ def process_messages(
     backend: Any, node_info_store: dict[int, Any], messages: Sequence[Any]
 ) -> list[Any]:
     """Run ``messages`` in one call to one actor of ``backend`` (a built
-    ``RayBackend``); one reply each, in order: the ClientApp's, or an error
-    reply as Flower's worker sends one when the run raised."""
+    ``RayBackend``); one reply each, in order: the ClientApp's, tagged with
+    the Ray node that ran it (:mod:`fedsim.engine.placement`), or an error
+    reply as Flower's worker sends one when the run raised. A client's state
+    is restored and saved here (:func:`fedsim.engine.client_state.relay_before`),
+    whichever node ran it."""
     import ray
     from flwr.common.constant import PARTITION_ID_KEY
 
@@ -214,13 +217,14 @@ def process_messages(
             context = node_info_store[message.metadata.dst_node_id].retrieve_context(
                 run_id=message.metadata.run_id
             )
+            client_state.relay_before(_config(message), context)
             jobs.append((message, str(context.node_config[PARTITION_ID_KEY]), context))
             outcomes.append(None)
         except Exception as ex:  # pylint: disable=broad-exception-caught
             outcomes.append(Failed.of(ex))
     if jobs:
         results: list[Any]
-        future, took = None, None
+        future, took, node = None, None, ("", "")
         try:
             future = backend.pool.submit(
                 lambda actor, app_fn, jobs, *_: actor.__ray_call__.remote(
@@ -228,7 +232,7 @@ def process_messages(
                 ),
                 (backend.app_fn, jobs, "", None),
             )
-            took, results = ray.get(future)
+            took, node, results = ray.get(future)
         except Exception as ex:  # pylint: disable=broad-exception-caught
             results = [Failed.of(ex)] * len(jobs)
         finally:
@@ -249,8 +253,20 @@ def process_messages(
         node_info_store[message.metadata.dst_node_id].update_context(
             message.metadata.run_id, context=context
         )
+        client_state.relay_after(_config(message), context)
+        if node[0]:
+            placement.tag(reply, *node)
         replies.append(reply)
     return replies
+
+
+def _config(message: Any) -> Any:
+    """A message's ``config`` record (empty if it has none)."""
+    from flwr.app import ConfigRecord
+
+    from fedsim.core.messages import CONFIG
+
+    return message.content.config_records.get(CONFIG, ConfigRecord())
 
 
 def error_replies(messages: Sequence[Any], failed: Failed) -> list[Any]:
@@ -266,10 +282,14 @@ def error_replies(messages: Sequence[Any], failed: Failed) -> list[Any]:
 
 def run_jobs(
     actor: Any, app_fn: Any, jobs: list[tuple[Any, str, Any]]
-) -> tuple[float, list[Any]]:
+) -> tuple[float, tuple[str, str], list[Any]]:
     """In the actor: Flower's ``ClientAppActor.run`` on each job in turn; the
-    seconds they took and, for each, its (reply, context) or :class:`Failed`
-    with the traceback of what it raised."""
+    seconds they took, the Ray node it runs on (id, address) and, for each
+    job, its (reply, context) or :class:`Failed` with the traceback of what it
+    raised."""
+    import ray
+
+    node = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
     started = time.perf_counter()
     outcomes: list[Any] = []
     for message, cid, context in jobs:
@@ -278,7 +298,7 @@ def run_jobs(
             outcomes.append((reply, context))
         except Exception as ex:  # pylint: disable=broad-exception-caught
             outcomes.append(Failed.of(ex, "".join(traceback.format_exception(ex))))
-    return time.perf_counter() - started, outcomes
+    return time.perf_counter() - started, node, outcomes
 
 
 def ray_defaults() -> None:
@@ -359,8 +379,10 @@ def write_launcher(folder: Path) -> Path:
 
 def main() -> None:
     """The launcher's entry: Flower's ``flwr-simulation`` after
-    :func:`ray_defaults` and :func:`install`."""
+    :func:`ray_defaults`, :func:`install` and fedsim's ``ray.init`` arguments
+    (:func:`fedsim.engine.cluster.install`: a loopback Ray, or the cluster)."""
     ray_defaults()
+    cluster.install()
     install()
     from flwr.simulation.app import flwr_simulation
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.core.capacity import check_per_client
 from fedsim.core.errors import ConfigError
 
 #: The packaged models whose layers form a chain that width slicing supports.
@@ -143,6 +144,62 @@ def sub_model(model: nn.Module, ratio: float) -> nn.Module:
     return sub
 
 
+#: Train-reply record of a client's label split (HeteroFL's masking).
+LABEL_SPLIT = "label-split"
+
+
+class WidthHooks:
+    """HeteroFL's reference-code additions to a sub-model, as forward hooks.
+
+    - Scaler (``modules.Scaler``): while training, every hidden layer's output
+      is divided by the width ratio (the model's ``rate / global_rate``), so a
+      sub-model's activations have the full model's scale; in evaluation it
+      is the identity.
+    - Label-split masking (``cfg['mask']``): the logits of the classes not in
+      :attr:`labels` are set to 0 (``masked_fill(mask == 0, 0)``), in training
+      and in the client's own evaluation, as the reference's local model does.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A (sub-)model whose layers form a chain ending in ``head``.
+    ratio : float
+        Its width ratio.
+    scaler, mask : bool
+        Which of the two to add.
+    """
+
+    def __init__(self, model: nn.Module, ratio: float, *, scaler: bool, mask: bool):
+        self.ratio = ratio
+        #: The classes the current client holds (None: no masking).
+        self.labels: list[int] | None = None
+        layers = chain(model)
+        if scaler:
+            for _, layer in layers[:-1]:
+                layer.register_forward_hook(self._scale)
+        if mask:
+            layers[-1][1].register_forward_hook(self._mask)
+
+    def _scale(
+        self, module: nn.Module, _inputs: object, out: torch.Tensor
+    ) -> torch.Tensor:
+        return out / self.ratio if module.training else out
+
+    def _mask(
+        self, _module: nn.Module, _inputs: object, out: torch.Tensor
+    ) -> torch.Tensor:
+        if self.labels is None:
+            return out
+        keep = torch.zeros(out.shape[-1], dtype=torch.bool, device=out.device)
+        keep[self.labels] = True
+        return out.masked_fill(~keep, 0.0)
+
+
+def label_split(labels: np.ndarray) -> list[int]:
+    """The classes a client holds (HeteroFL's ``label_split``)."""
+    return sorted(int(c) for c in np.unique(labels))
+
+
 def parameter_count(model: nn.Module) -> int:
     """Trainable and frozen parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
@@ -193,6 +250,9 @@ def training_memory_bytes(
 
 def check_sliceable(experiment: object, model: nn.Module, data: object) -> None:
     """Pre-run check of the width-slicing families: every configured width of
-    the experiment's model can be built."""
-    for ratio in experiment.strategy.options.capacities:  # type: ignore[attr-defined]
+    the experiment's model can be built, and every one goes to some client."""
+    capacities = experiment.strategy.options.capacities  # type: ignore[attr-defined]
+    clients = experiment.federation.clients  # type: ignore[attr-defined]
+    check_per_client("strategy.capacities", capacities, clients)
+    for ratio in capacities:
         width_plan(model, ratio)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsim.core.capacity import check_per_client
 from fedsim.core.errors import ConfigError
 from fedsim.learn.capacity import chain
 
@@ -242,5 +243,11 @@ def cascade_for(experiment: Any, model: nn.Module, info: Any) -> Cascade:
 
 
 def check_budget(experiment: Any, model: nn.Module, data: Any) -> None:
-    """Pre-run check: the model can be partitioned under the smallest budget."""
+    """Pre-run check: every budget goes to some client, and the model can be
+    partitioned under the smallest."""
+    check_per_client(
+        "strategy.memory-mb",
+        experiment.strategy.options.memory_mb,
+        experiment.federation.clients,
+    )
     cascade_for(experiment, model, data.info)

@@ -1,61 +1,44 @@
 """Datasets, partitioning among clients, and per-client / global splits.
 
-Every dataset is loaded into numpy arrays ``x`` (float32, shape ``(n, *input_shape)``)
+Every dataset is loaded into features ``x`` (float32, shape ``(n, *input_shape)``)
 and ``y`` (int64 class indices). A seeded, stratified slice becomes the global test
-set for server-side evaluation; ``flwr-datasets`` partitioners split the rest among
-clients; each client's partition is split again into its local train and test sets.
-A process builds this once (:func:`federated_data` is cached) and hands clients
-views of the arrays.
+set for server-side evaluation (or, with ``data.test-split``, a Hugging Face
+dataset's own test split: :mod:`fedsim.learn.hf_source`); ``flwr-datasets``
+partitioners split the rest among clients (:mod:`fedsim.learn.partitioners`);
+each client's partition is split again into its local train and test sets. A
+process builds this once (:func:`federated_data` is cached, on disk by
+:mod:`fedsim.learn.data_cache` and read back memory-mapped) and hands clients
+copies of their own rows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import DataConfig
-from fedsim.learn.tables import from_table, labels
+from fedsim.learn import data_cache, partitioners
+from fedsim.learn.arrays import Arrays, ClientData, DatasetInfo
+from fedsim.learn.data_cache import cache_dir
+from fedsim.learn.hf_source import load_hf_test
+from fedsim.learn.partitioners import partition_indices
+from fedsim.learn.tables import from_table
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about the data."""
-
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-
-@dataclass(frozen=True)
-class Arrays:
-    """Features and labels of one split."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, index: np.ndarray) -> Arrays:
-        return Arrays(self.x[index], self.y[index])
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's local train and test splits."""
-
-    partition_id: int
-    train: Arrays
-    test: Arrays
+__all__ = [
+    "Arrays",
+    "ClientData",
+    "DatasetInfo",
+    "FederatedData",
+    "cache_dir",
+    "federated_data",
+    "load_arrays",
+    "partition_indices",
+]
 
 
 def load_digits(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
@@ -120,143 +103,38 @@ def load_file(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
         message = " ".join(str(err).split())
         raise ConfigError(f"data.path: cannot read {path}: {message}") from None
     columns = {str(c): frame[c].to_numpy() for c in frame.columns}
-    x, y, num_classes = from_table(columns, cfg, str(path))
-    return Arrays(x, y), DatasetInfo((x.shape[1],), num_classes)
-
-
-def _image_array(images: Sequence[Any]) -> np.ndarray:
-    x = np.stack([np.asarray(img, dtype=np.float32) for img in images]) / 255.0
-    if x.ndim == 3:
-        return x.reshape(len(x), 1, *x.shape[1:])
-    return np.moveaxis(x, -1, 1)
-
-
-def load_hf(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
-    """A Hugging Face dataset via ``datasets.load_dataset(NAME, split=...)``.
-
-    ``NAME`` is a hub name or a local path (a folder of data files, or a builder
-    such as ``parquet`` with ``data.path`` as its data files). An ``Image`` column
-    becomes ``(channels, height, width)`` inputs scaled to [0, 1]; otherwise the
-    numeric columns are the features.
-    """
-    import datasets
-
-    name = cfg.dataset.removeprefix("hf:")
-    kwargs: dict[str, Any] = {"split": cfg.split}
-    if cfg.path:
-        kwargs["data_files"] = cfg.path
-    try:
-        ds = datasets.load_dataset(name, **kwargs)
-    except Exception as err:  # the datasets library raises many types
-        raise ConfigError(f"data.dataset: cannot load {name!r}: {err}") from None
-    images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
-    if images:
-        if cfg.label_column not in ds.column_names:
+    ids = None
+    if cfg.partition_by and cfg.partition_by != cfg.label_column:
+        if cfg.partition_by not in columns:
             raise ConfigError(
-                f"data.label-column: {cfg.label_column!r} is not a column; "
-                f"columns: {', '.join(ds.column_names)}"
+                f"data.partition-by: {cfg.partition_by!r} is not a column of "
+                f"{path}; columns: {', '.join(columns)}"
             )
-        x = _image_array(ds[images[0]])
-        y, num_classes = labels(np.asarray(ds[cfg.label_column]), name, cfg)
-        return Arrays(x, y), DatasetInfo(tuple(x.shape[1:]), num_classes)
-    columns = {c: np.asarray(ds[c]) for c in ds.column_names}
-    x, y, num_classes = from_table(columns, cfg, name)
-    return Arrays(x, y), DatasetInfo((x.shape[1],), num_classes)
+        ids = columns.pop(cfg.partition_by)  # never a feature
+    x, y, num_classes = from_table(columns, cfg, str(path))
+    return Arrays(x, y, ids), DatasetInfo((x.shape[1],), num_classes)
+
+
+def _load(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
+    """The configured dataset; with ``data.format`` or ``data.text-column`` set,
+    its text rows (:mod:`fedsim.learn.text`)."""
+    text = bool(cfg.format or cfg.text_column)
+    loader = (registry.TEXT_ROWS if text else registry.dataset_entry(cfg.dataset)).load()
+    arrays, info = loader(cfg, seed)
+    if cfg.partition_by and cfg.partition_by != cfg.label_column and arrays.ids is None:
+        raise ConfigError(
+            f"data.partition-by: {cfg.dataset!r} has no column "
+            f"{cfg.partition_by!r}; its only column besides the features is the "
+            f"label ({cfg.label_column!r})"
+        )
+    return arrays, info
 
 
 @lru_cache(maxsize=4)
 def load_arrays(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
-    """Load the configured dataset (cached per process)."""
-    loader = registry.dataset_entry(cfg.dataset).load()
-    return loader(cfg, seed)  # type: ignore[no-any-return]
-
-
-def _partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
-    cls = registry.PARTITIONERS[cfg.partitioner].load()
-    if cfg.partitioner == "iid":
-        return cls(num_partitions=num_partitions)
-    if cfg.partitioner == "dirichlet":
-        return cls(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=cfg.alpha,
-            min_partition_size=cfg.min_partition_size,
-            self_balancing=False,
-            seed=seed,
-        )
-    return cls(
-        num_partitions=num_partitions,
-        partition_by="label",
-        num_classes_per_partition=cfg.classes_per_client,
-        class_assignment_mode="first-deterministic",
-        seed=seed,
-    )
-
-
-def partition_indices(
-    labels: np.ndarray, cfg: DataConfig, num_partitions: int, seed: int
-) -> list[np.ndarray]:
-    """Row indices of each client's partition, from a flwr-datasets partitioner."""
-    import datasets
-
-    table = datasets.Dataset.from_dict(
-        {"label": labels.tolist(), "row": list(range(len(labels)))}
-    )
-    partitioner = _partitioner(cfg, num_partitions, seed)
-    partitioner.dataset = table
-    try:
-        parts = [
-            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-            for i in range(num_partitions)
-        ]
-    except ValueError as err:
-        raise ConfigError(
-            f"data.partitioner: {cfg.partitioner!r} failed: {err}"
-        ) from None
-    if cfg.partitioner == "iid":
-        # IidPartitioner takes contiguous shards: map them through a seeded
-        # permutation so that each shard is a uniform random sample.
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(labels))
-        parts = [order[p] for p in parts]
-    return parts
-
-
-def cache_dir() -> Path:
-    """Where fedsim caches derived data (``FEDSIM_CACHE``, else ~/.cache/fedsim)."""
-    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
-
-
-#: Bump when the cached layout or the splitting changes.
-_CACHE_FORMAT = 2
-
-
-def _source_fingerprint(cfg: DataConfig) -> str | None:
-    """What the loaded data depends on beyond ``cfg``: size and modification
-    time of every local file it reads; None when it reads something that cannot
-    be fingerprinted here (a dataset on the Hugging Face hub)."""
-    hub = cfg.dataset.removeprefix("hf:") if cfg.dataset.startswith("hf:") else ""
-    sources = [Path(p) for p in (cfg.path, hub) if p]
-    if hub and not Path(hub).exists():
-        return None
-    parts = []
-    for source in sources:
-        files = sorted(source.rglob("*")) if source.is_dir() else [source]
-        for file in files:
-            with suppress(OSError):
-                stat = file.stat()
-                parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
-    return "|".join(parts)
-
-
-def _cache_path(cfg: DataConfig, num_clients: int, seed: int) -> Path | None:
-    fingerprint = _source_fingerprint(cfg)
-    if fingerprint is None:
-        return None
-    key = hashlib.sha256(
-        repr((_CACHE_FORMAT, cfg, num_clients, seed, fingerprint)).encode()
-    )
-    return cache_dir() / "data" / f"{key.hexdigest()[:32]}.npz"
+    """Load the configured dataset whole into memory (cached per process)."""
+    arrays, info = _load(cfg, seed)
+    return Arrays(np.asarray(arrays.x), arrays.y, arrays.ids), info
 
 
 @dataclass(frozen=True)
@@ -285,74 +163,101 @@ class FederatedData:
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Which rows of the loaded splits form the pool and the global test set,
+    and each client's rows of the pool; nothing copied yet."""
+
+    info: DatasetInfo
+    source: Arrays
+    pool_rows: np.ndarray
+    test_source: Arrays
+    test_rows: np.ndarray
+    partitions: tuple[np.ndarray, ...]
+
+
+def _take(source: Arrays, rows: np.ndarray) -> Arrays:
+    return Arrays(np.asarray(source.x[rows]), np.asarray(source.y[rows]))
+
+
 @lru_cache(maxsize=4)
 def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
     """Split the dataset into a global test set and ``num_clients`` partitions.
 
-    The result is cached on disk (:func:`cache_dir`), keyed by the data config,
-    the number of clients, the seed and the size and modification time of the
-    local files read: the CLI's pre-run check builds it once, and the ServerApp
-    and every Ray actor read it back without the loaders, the splitter and the
-    partitioner (nor their imports: scikit-learn, pandas, ``datasets``).
+    The result is cached on disk (:mod:`fedsim.learn.data_cache`), keyed by the
+    data config, the number of clients, the seed and the size and modification
+    time of the local files read, and read back memory-mapped: the CLI's
+    pre-run check builds it once, and the ServerApp and every Ray actor map it
+    without the loaders, the splitter and the partitioner (nor their imports:
+    scikit-learn, pandas, ``datasets``) and page in only the rows they use.
     """
-    path = _cache_path(cfg, num_clients, seed)
-    if path is not None:
-        with suppress(OSError, KeyError, ValueError), np.load(path) as saved:
-            info = DatasetInfo(
-                tuple(int(d) for d in saved["input_shape"]), int(saved["num_classes"])
-            )
-            parts = tuple(saved[f"p{i}"] for i in range(num_clients))
-            return FederatedData(
-                info,
-                Arrays(saved["pool_x"], saved["pool_y"]),
-                Arrays(saved["test_x"], saved["test_y"]),
-                parts,
-                cfg.client_test_fraction,
-                seed,
-            )
-    built = _split(cfg, num_clients, seed)
-    if path is not None:
-        _save(path, built)
-    return built
+    path = data_cache.entry_path(cfg, num_clients, seed)
+    stored = None if path is None else data_cache.read(path)
+    if stored is None:
+        plan = _plan(cfg, num_clients, seed)
+        pool = (plan.source, plan.pool_rows)
+        test = (plan.test_source, plan.test_rows)
+        if path is not None and data_cache.write(
+            path, plan.info, pool, test, plan.partitions
+        ):
+            stored = data_cache.read(path)
+        if stored is None:  # not cacheable (a hub dataset), or the cache failed
+            return _in_memory(plan, cfg, seed)
+    return FederatedData(
+        stored.info,
+        stored.pool,
+        stored.test,
+        stored.partitions,
+        cfg.client_test_fraction,
+        seed,
+    )
 
 
-def _save(path: Path, data: FederatedData) -> None:
-    """Write atomically: concurrent actors may build the same entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    arrays = {
-        "input_shape": np.asarray(data.info.input_shape, dtype=np.int64),
-        "num_classes": np.asarray(data.info.num_classes),
-        "pool_x": data.pool.x,
-        "pool_y": data.pool.y,
-        "test_x": data.test.x,
-        "test_y": data.test.y,
-        **{f"p{i}": p for i, p in enumerate(data.partitions)},
-    }
-    with suppress(OSError):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    with suppress(OSError):
-        tmp.unlink()
+def _in_memory(plan: _Plan, cfg: DataConfig, seed: int) -> FederatedData:
+    return FederatedData(
+        plan.info,
+        _take(plan.source, plan.pool_rows),
+        _take(plan.test_source, plan.test_rows),
+        plan.partitions,
+        cfg.client_test_fraction,
+        seed,
+    )
 
 
 def _split(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    """The federation's data built in memory, without the cache."""
+    return _in_memory(_plan(cfg, num_clients, seed), cfg, seed)
+
+
+def _plan(cfg: DataConfig, num_clients: int, seed: int) -> _Plan:
     from sklearn.model_selection import train_test_split
 
-    arrays, info = load_arrays(cfg, seed)
-    index = np.arange(len(arrays))
-    counts = np.bincount(arrays.y)
-    stratify = arrays.y if counts.min() >= 2 else None
-    pool_idx, test_idx = train_test_split(
-        index, test_size=cfg.test_fraction, random_state=seed, stratify=stratify
-    )
-    pool = arrays.subset(np.sort(pool_idx))
-    test = arrays.subset(np.sort(test_idx))
-    if num_clients > len(pool):
-        raise ConfigError(
-            f"federation.clients: {num_clients} exceeds the {len(pool)} training "
-            "examples"
+    partitioners.check(cfg, num_clients, seed)
+    source, info = _load(cfg, seed)
+    if cfg.test_split:
+        test_source, test_info = load_hf_test(cfg, seed)
+        if test_info != info:
+            raise ConfigError(
+                f"data.test-split: split {cfg.test_split!r} has inputs of shape "
+                f"{test_info.input_shape}, split {cfg.split!r} {info.input_shape}"
+            )
+        pool_rows, test_rows = np.arange(len(source)), np.arange(len(test_source))
+    else:
+        counts = np.bincount(source.y)
+        stratify = source.y if counts.min() >= 2 else None
+        pool_idx, test_idx = train_test_split(
+            np.arange(len(source)),
+            test_size=cfg.test_fraction,
+            random_state=seed,
+            stratify=stratify,
         )
-    parts = partition_indices(pool.y, cfg, num_clients, seed)
-    return FederatedData(info, pool, test, tuple(parts), cfg.client_test_fraction, seed)
+        pool_rows, test_rows = np.sort(pool_idx), np.sort(test_idx)
+        test_source = source
+    if num_clients > len(pool_rows):
+        raise ConfigError(
+            f"federation.clients: {num_clients} exceeds the {len(pool_rows)} "
+            "training examples"
+        )
+    ids = None if source.ids is None else source.ids[pool_rows]
+    parts = partition_indices(source.y[pool_rows], cfg, num_clients, seed, ids)
+    return _Plan(info, source, pool_rows, test_source, test_rows, tuple(parts))

@@ -1,69 +1,141 @@
-"""Layers decomposed into general and personal parameters (Pa3dFL).
+"""Layers decomposed into general and personal parameters (Pa3dFL's
+channel-aware decomposition, Wang et al. 2024, Eq. 3-5 and 10).
 
-Every ``Linear`` / ``Conv2d`` weight of a width-sliced model
-(:mod:`fedsim.learn.capacity`), seen as a matrix ``(out, in * kh * kw)``, is
-the product ``W = U @ G @ V``:
+A ``Linear`` / ``Conv2d`` weight ``theta`` of ``T`` output units, ``S`` input
+units and a ``k x k`` kernel (``k = 1`` for ``Linear``) is
 
-- ``G`` (``rank x rank``, name ``<layer>.G``): the general parameters, the same
-  size on every client whatever its width;
-- ``U`` (``out x rank``, ``<layer>.U``) and ``V`` (``rank x in * kh * kw``,
-  ``<layer>.V``): the personal parameters, sized to the client's width. At
-  full width they have the full model's ``out`` and ``in``; a client of width
-  ``r`` holds their leading rows of ``U`` and leading columns of ``V`` (the
-  units :func:`fedsim.learn.capacity.width_plan` keeps).
+    theta'  =  [u_1; ...; u_R1]  @  [v_1, ..., v_{T/R1}]  =  theta_u @ theta_v
 
-The biases stay in the sliced model (:class:`DecomposedModel` keeps them as the
+with ``u_i`` of shape ``(k^2, R2)`` and ``v_j`` of shape ``(R2, S)``: the
+kernel of output unit ``(j, i)`` on input unit ``s`` is ``u_i @ v_j[:, s]``.
+Every ``u_i`` is shared by the ``T / R1`` units of its position ``i`` in each
+block of ``R1`` units (channel-aware general parameters); each ``v_j`` holds a
+block of ``R1`` units' personal parameters. Eq. 5: ``R1 = T * p_min`` (the
+units the smallest width keeps), ``R2 = max(min(S, T), k^2)`` for a
+convolution, ``R2 = R1`` for a linear layer.
+
+Here output unit ``(j, i)`` is unit ``j * R1 + i`` of the layer, so a client of
+width ``p`` keeping the first ``p T`` units (:func:`fedsim.learn.capacity.width_plan`)
+holds every ``u_i`` and the leading ``p T / R1`` blocks ``v_j`` restricted to
+its first ``p S`` inputs (Eq. 10: ``theta_u`` is never pruned).
+
+Stored shapes (names ``<layer>.u``, ``<layer>.v``): ``u`` is ``(R1, k^2, R2)``,
+general, the same on every client; ``v`` is ``(R2, T / R1, S)`` at full width,
+personal, and a client holds its leading block ``(R2, p T / R1, p S)``. The
+biases stay in the sliced model (:class:`DecomposedModel` keeps them as the
 target's own parameters).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from fedsim.core.capacity import check_per_client
+from fedsim.core.errors import ConfigError
 from fedsim.learn.capacity import Plan, chain, sub_model, width_plan
 
-#: Suffixes of the three factors of a layer.
-GENERAL, LEFT, RIGHT = "G", "U", "V"
+#: Suffixes of a layer's general and personal parameters.
+GENERAL, PERSONAL = "u", "v"
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One layer's decomposition sizes (Eq. 5) at full width."""
+
+    #: Output units ``T``, input units ``S``, kernel elements ``k^2``.
+    out: int
+    inputs: int
+    kernel: int
+    #: Units per block ``R1``, inner size ``R2``.
+    r1: int
+    r2: int
+
+    @property
+    def blocks(self) -> int:
+        """Blocks of ``R1`` units (``T / R1``)."""
+        return self.out // self.r1
+
+    @property
+    def general_shape(self) -> tuple[int, int, int]:
+        return (self.r1, self.kernel, self.r2)
+
+    @property
+    def personal_shape(self) -> tuple[int, int, int]:
+        return (self.r2, self.blocks, self.inputs)
 
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def personal_shapes(model: nn.Module, rank: int) -> dict[str, torch.Size]:
-    """Full-width shapes of every ``<layer>.U`` and ``<layer>.V`` of ``model``."""
-    out: dict[str, torch.Size] = {}
+def factors_of(model: nn.Module, capacities: Sequence[float]) -> dict[str, Factors]:
+    """Every layer's :class:`Factors` for a federation of ``capacities``.
+
+    Raises
+    ------
+    ConfigError
+        When a width keeps a number of units that is not a whole number of
+        blocks of the smallest width's units (the decomposition needs
+        ``R1 | p T`` for every width ``p``).
+    """
+    smallest = width_plan(model, min(capacities))
+    plans = {p: width_plan(model, p) for p in set(capacities)}
+    out: dict[str, Factors] = {}
     for name, layer in chain(model):
-        rows, cols = layer.weight.shape[0], math.prod(layer.weight.shape[1:])
-        out[f"{name}.{LEFT}"] = torch.Size((rows, rank))
-        out[f"{name}.{RIGHT}"] = torch.Size((rank, cols))
+        weight = layer.weight
+        units, inputs = weight.shape[0], weight.shape[1]
+        kernel = math.prod(weight.shape[2:])
+        r1 = smallest[f"{name}.weight"][0]
+        for p, plan in sorted(plans.items()):
+            kept = plan[f"{name}.weight"][0]
+            if kept % r1 or units % r1:
+                raise ConfigError(
+                    f"strategy.capacities: layer {name!r} keeps {kept} of {units} "
+                    f"units at width {p}, not a multiple of the {r1} the smallest "
+                    "width keeps (Pa3dFL's blocks); choose widths whose units are "
+                    "whole multiples of the smallest's"
+                )
+        r2 = r1 if isinstance(layer, nn.Linear) else max(min(inputs, units), kernel)
+        out[name] = Factors(units, inputs, kernel, r1, r2)
     return out
 
 
-def general_shapes(model: nn.Module, rank: int) -> dict[str, torch.Size]:
-    """Shape of every ``<layer>.G`` (``rank x rank``)."""
-    return {f"{name}.{GENERAL}": torch.Size((rank, rank)) for name, _ in chain(model)}
-
-
-def personal_plan(plan: Plan, rank: int) -> Plan:
-    """The leading block of every personal factor a width's ``plan`` keeps."""
+def personal_plan(plan: Plan, factors: Mapping[str, Factors]) -> Plan:
+    """The leading block of every ``<layer>.v`` a width's ``plan`` keeps."""
     out: Plan = {}
-    for name, shape in plan.items():
-        if not name.endswith(".weight"):
-            continue
-        layer = name[: -len(".weight")]
-        out[f"{layer}.{LEFT}"] = (shape[0], rank)
-        out[f"{layer}.{RIGHT}"] = (rank, math.prod(shape[1:]))
+    for name, f in factors.items():
+        kept_out, kept_in = plan[f"{name}.weight"][:2]
+        out[f"{name}.{PERSONAL}"] = (f.r2, kept_out // f.r1, kept_in)
     return out
+
+
+def compose(u: torch.Tensor, v: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The weight ``theta_u @ theta_v`` in the layer's ``shape``: unit
+    ``j * R1 + i``, input ``s``, kernel position ``q`` is ``u[i, q] @ v[:, j, s]``.
+    """
+    r1, blocks = u.shape[0], v.shape[1]
+    w = torch.einsum("iqr,rjs->jisq", u, v).reshape(blocks * r1, v.shape[2], -1)
+    return w.reshape(tuple(shape))
+
+
+def general_for(weight: torch.Tensor, v: torch.Tensor, r1: int) -> torch.Tensor:
+    """The ``u`` whose :func:`compose` with ``v`` is closest to ``weight`` in
+    Frobenius norm (per position ``i``: ``M_i @ pinv(V)``, ``V`` the blocks of
+    ``v`` side by side)."""
+    r2, blocks, inputs = v.shape
+    w = weight.reshape(blocks, r1, inputs, -1)  # (j, i, s, q)
+    m = w.permute(1, 3, 0, 2).reshape(r1, w.shape[-1], blocks * inputs)
+    return m @ torch.linalg.pinv(v.reshape(r2, blocks * inputs))
 
 
 class DecomposedModel(nn.Module):
-    """A width-sliced model whose weights are ``U @ G @ V``.
+    """A width-sliced model whose weights are ``compose(u, v)``.
 
     Parameters
     ----------
@@ -71,31 +143,34 @@ class DecomposedModel(nn.Module):
         The full-width model (its architecture and initial biases).
     ratio : float
         The client's width.
-    rank : int
-        Size of the general core ``G``.
+    factors : mapping of str to Factors
+        The federation's decomposition (:func:`factors_of`).
     """
 
-    def __init__(self, full: nn.Module, ratio: float, rank: int):
+    def __init__(self, full: nn.Module, ratio: float, factors: Mapping[str, Factors]):
         super().__init__()
         self.target = sub_model(full, ratio)
         self.plan = width_plan(full, ratio)
-        self.layers = [name for name, _ in chain(self.target)]
+        self.layers = list(factors)
         for name in self.layers:
             self.target.get_submodule(name).weight.requires_grad_(False)
-        shapes = personal_plan(self.plan, rank)
+        personal = personal_plan(self.plan, factors)
         self.general = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.zeros(rank, rank)) for n in self.layers}
+            {
+                _key(n): nn.Parameter(torch.zeros(f.general_shape))
+                for n, f in factors.items()
+            }
         )
         self.personal = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
+            {_key(n): nn.Parameter(torch.zeros(s)) for n, s in personal.items()}
         )
 
     def factors(self) -> dict[str, nn.Parameter]:
-        """Every factor by its name (``<layer>.G``, ``.U``, ``.V``)."""
+        """Every factor by its name (``<layer>.u``, ``<layer>.v``)."""
         out = {f"{n}.{GENERAL}": self.general[_key(n)] for n in self.layers}
         for name in self.layers:
-            for part in (LEFT, RIGHT):
-                out[f"{name}.{part}"] = self.personal[_key(f"{name}.{part}")]
+            key = f"{name}.{PERSONAL}"
+            out[key] = self.personal[_key(key)]
         return out
 
     def load_factors(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -109,13 +184,12 @@ class DecomposedModel(nn.Module):
                 own[name].copy_(value)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every layer's weight ``U @ G @ V``, in the layer's shape."""
+        """Every layer's weight ``compose(u, v)``, in the layer's shape."""
         out = {}
         for name in self.layers:
-            shape = self.plan[f"{name}.weight"]
-            u = self.personal[_key(f"{name}.{LEFT}")]
-            v = self.personal[_key(f"{name}.{RIGHT}")]
-            out[f"{name}.weight"] = (u @ self.general[_key(name)] @ v).view(shape)
+            u = self.general[_key(name)]
+            v = self.personal[_key(f"{name}.{PERSONAL}")]
+            out[f"{name}.weight"] = compose(u, v, self.plan[f"{name}.weight"])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,3 +208,12 @@ class DecomposedModel(nn.Module):
         with torch.no_grad():
             for name, value in values.items():
                 params[name].copy_(value)
+
+
+def check_decomposable(experiment: object, model: nn.Module, data: object) -> None:
+    """Pre-run check of Pa3dFL: every width slices and decomposes, and every
+    one goes to some client."""
+    capacities = experiment.strategy.options.capacities  # type: ignore[attr-defined]
+    clients = experiment.federation.clients  # type: ignore[attr-defined]
+    check_per_client("strategy.capacities", capacities, clients)
+    factors_of(model, capacities)

@@ -29,10 +29,14 @@ from torch.func import functional_call
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
+from fedsim.core.seeding import derive_seed
 from fedsim.learn.lora import ADAPTER, LORA_A, LORA_B, lora_layout
 
 #: Parameters of the module under this name are the private classifier head.
 HEAD = "head"
+#: The hypernetwork's shared trunk (embedding -> hidden features): what travels
+#: when its output heads stay private (``strategy.share = "trunk"``).
+TRUNK = "mlp"
 
 
 def is_head(name: str) -> bool:
@@ -46,8 +50,9 @@ def extractor_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters() if not is_head(n)}
 
 
-def _module_key(name: str) -> str:
-    # ModuleDict keys cannot hold dots.
+def module_key(name: str) -> str:
+    """The output head's key of a generated tensor (``ModuleDict`` keys cannot
+    hold dots): ``heads.<module_key(name)>``."""
     return name.replace(".", "__")
 
 
@@ -62,6 +67,11 @@ class HyperNetwork(nn.Module):
         Size of the client embedding.
     hidden_dim : int
         Width of the shared hidden layer.
+    head_bias : bool
+        Whether the output heads have a bias (the reference's ``nn.Linear``
+        default). Each head bias's update is the exact gradient of its generated
+        tensor, which the server reads (the privacy audit's analytic attack);
+        without it the head weight's update, ``dL/dt h^T``, still carries it.
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class HyperNetwork(nn.Module):
         *,
         embedding_dim: int,
         hidden_dim: int,
+        head_bias: bool = True,
     ):
         super().__init__()
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
@@ -79,7 +90,7 @@ class HyperNetwork(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embedding_dim, hidden_dim), nn.ReLU())
         self.heads = nn.ModuleDict(
             {
-                _module_key(name): nn.Linear(hidden_dim, shape.numel())
+                module_key(name): nn.Linear(hidden_dim, shape.numel(), bias=head_bias)
                 for name, shape in self.shapes.items()
             }
         )
@@ -88,13 +99,35 @@ class HyperNetwork(nn.Module):
         """The generated tensors, by target name, for one embedding vector."""
         features = self.mlp(embedding)
         return {
-            name: self.heads[_module_key(name)](features).view(shape)
+            name: self.heads[module_key(name)](features).view(shape)
             for name, shape in self.shapes.items()
         }
 
     def numel(self) -> int:
         """Parameters of the hypernetwork (what travels each way per client)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def initial_hypernetwork(
+    shapes: Mapping[str, Iterable[int]], options: Any, seed: int
+) -> HyperNetwork:
+    """The seeded round-1 hypernetwork (PyTorch's default ``nn.Linear`` init),
+    the same in every process: the server's first model, and with private
+    output heads each client's first heads."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "hypernetwork"))
+        return HyperNetwork(
+            shapes,
+            embedding_dim=options.embedding_dim,
+            hidden_dim=options.hidden_dim,
+            head_bias=options.head_bias,
+        )
+
+
+def is_shared(name: str, share: str) -> bool:
+    """Whether the hypernetwork tensor ``name`` travels: every one with
+    ``share = "all"``, only the trunk's with ``"trunk"`` (output heads private)."""
+    return share == "all" or name.startswith(f"{TRUNK}.")
 
 
 class HyperModel(nn.Module):

@@ -9,19 +9,23 @@ always paired by name (:func:`lora_pairs`), never by shape.
 
 Which client trains which rank: partition ``i`` gets ``peft.ranks[i %
 len(peft.ranks)]`` when ``peft.ranks`` is set, else ``peft.rank``
-(:func:`rank_for`); its scaling is ``peft.alpha / r`` (:func:`scaling_for`).
+(:func:`rank_for`); its ``lora_alpha`` is ``peft.alpha-per-rank * r`` when that is
+set, else ``peft.alpha`` (:func:`alpha_for`), and its scaling ``lora_alpha / r``
+(:func:`scaling_for`).
 
-The name functions import neither torch nor PEFT, so strategies stay pure numpy;
-the functions that touch modules import them when called (PEFT's import takes
-seconds).
+The name functions import neither torch nor PEFT (numpy only), so strategies
+stay pure numpy; the functions that touch modules import them when called
+(PEFT's import takes seconds).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import PeftConfig
@@ -50,9 +54,16 @@ def max_rank(peft: PeftConfig) -> int:
     return max(peft.ranks) if peft.ranks else peft.rank
 
 
+def alpha_for(peft: PeftConfig, rank: int) -> float:
+    """``lora_alpha`` of a rank-``rank`` client: ``peft.alpha-per-rank * r`` when
+    set (the FLoRA reference's heterogeneous runs use ``2 r``), else
+    ``peft.alpha``."""
+    return peft.alpha_per_rank * rank if peft.alpha_per_rank > 0 else peft.alpha
+
+
 def scaling_for(peft: PeftConfig, rank: int) -> float:
     """LoRA scaling ``lora_alpha / r`` (PEFT's default, not rsLoRA)."""
-    return peft.alpha / rank
+    return alpha_for(peft, rank) / rank
 
 
 def matches(module_name: str, names: Iterable[str]) -> bool:
@@ -109,10 +120,15 @@ class LoraLayout:
         Names of the linear modules that carry adapters.
     trained : tuple of str
         State-dict keys of the parameters trained in full (``modules-to-save``).
+    transposed : tuple of str
+        The adapted modules that store their weight ``d_in x d_out`` (GPT-2's
+        ``Conv1D``, PEFT's ``fan_in_fan_out``): an update ``B @ A`` is added to
+        their weight transposed.
     """
 
     adapted: tuple[str, ...]
     trained: tuple[str, ...]
+    transposed: tuple[str, ...] = ()
 
     @property
     def adapted_weights(self) -> tuple[str, ...]:
@@ -126,11 +142,29 @@ class LoraLayout:
         return self.adapted_weights + self.trained
 
 
+def _adaptable(module: Any) -> bool:
+    """Whether PEFT's LoRA adapts ``module`` here: ``nn.Linear`` or GPT-2's
+    ``Conv1D`` (``fan_in_fan_out``)."""
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or _conv1d(module)
+
+
+def _conv1d(module: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def _matching(modules: dict[str, Any], wanted: str, key: str) -> list[str]:
-    """Names of ``modules`` that ``wanted`` matches; none is an error of ``key``."""
+    """Names of ``modules`` that ``wanted`` matches; none is an error of ``key``
+    naming a few names that would match."""
     found = [name for name in modules if name and matches(name, [wanted])]
     if not found:
-        raise ConfigError(f"{key}: {wanted!r} matches no module of the model")
+        leaves = [n.rsplit(".", 1)[-1] for n, m in modules.items() if _adaptable(m)]
+        some = list(dict.fromkeys(leaves))[:8]
+        hint = f"; linear layers it has: {', '.join(some)}" if some else ""
+        raise ConfigError(f"{key}: {wanted!r} matches no module of the model{hint}")
     return found
 
 
@@ -140,20 +174,19 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
     Raises
     ------
     ConfigError
-        A name matches no module, a target is not an ``nn.Linear``, or a module
+        A name matches no module, a target is neither an ``nn.Linear`` nor a
+        ``Conv1D``, or a module
         trained in full contains an adapted one.
     """
-    from torch import nn
-
     modules = dict(model.named_modules())
     adapted: list[str] = []
     for target in peft.targets:
         found = _matching(modules, target, "peft.targets")
         for name in found:
-            if not isinstance(modules[name], nn.Linear):
+            if not _adaptable(modules[name]):
                 raise ConfigError(
                     f"peft.targets: {name!r} is a {type(modules[name]).__name__}; "
-                    "LoRA here adapts nn.Linear layers only"
+                    "LoRA here adapts nn.Linear and Conv1D layers only"
                 )
             if name not in adapted:
                 adapted.append(name)
@@ -171,7 +204,8 @@ def lora_layout(model: nn.Module, peft: PeftConfig) -> LoraLayout:
                 key = f"{name}.{pname}"
                 if key not in trained:
                     trained.append(key)
-    return LoraLayout(tuple(adapted), tuple(trained))
+    transposed = tuple(a for a in adapted if _conv1d(modules[a]))
+    return LoraLayout(tuple(adapted), tuple(trained), transposed)
 
 
 def check_layout(experiment: Any, model: nn.Module, data: Any) -> None:
@@ -203,10 +237,11 @@ def inject_lora(
 
     config = LoraConfig(
         r=rank,
-        lora_alpha=peft.alpha,  # type: ignore[arg-type]  # PEFT divides any number
+        lora_alpha=alpha_for(peft, rank),  # type: ignore[arg-type]  # any number
         lora_dropout=peft.dropout,
         target_modules=list(layout.adapted),
         bias="none",
+        fan_in_fan_out=bool(layout.transposed),
     )
     wrapped = get_peft_model(model, config)
     with torch.no_grad():
@@ -232,6 +267,21 @@ def initial_a(
         -bound, bound, generator=generator
     )
     return full[:rank]
+
+
+def client_adapters(
+    shared: Mapping[str, np.ndarray], *, rank: int, scaling: float
+) -> dict[str, np.ndarray]:
+    """What a client of rank ``rank`` and scaling ``scaling`` continues from:
+    the first ``rank`` rows of each global A and columns of each global B, B
+    divided by the scaling, so that the client's ``scaling * B A`` is the
+    global adapters' ``B[:, :r] A[:r]`` (HetLoRA-style truncation for lower
+    ranks, the identity for the largest)."""
+    out: dict[str, np.ndarray] = {}
+    for a_key, b_key in lora_pairs(shared).values():
+        out[a_key] = np.asarray(shared[a_key])[:rank]
+        out[b_key] = np.asarray(shared[b_key])[:, :rank] / scaling
+    return out
 
 
 def adapter_state(model: nn.Module, layout: LoraLayout) -> dict[str, torch.Tensor]:

@@ -271,7 +271,10 @@ def build_tiny_bert(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
 def build_architecture(cfg: ModelConfig, info: DatasetInfo, seed: int) -> nn.Module:
     """The configured architecture with its seeded initialisation (no
     pre-trained weights: :func:`fedsim.learn.base.build_model` adds those)."""
-    builder = registry.MODELS[cfg.name].load()
+    try:
+        builder = registry.model_entry(cfg.name).load()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"model.name: cannot import {cfg.name!r}: {err}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model: nn.Module = builder(cfg, info)

@@ -1,6 +1,7 @@
 """PGD adversarial examples and robust evaluation (Madry et al., ICLR 2018).
 
-L-infinity projected gradient descent on the cross-entropy: a uniform random
+L-infinity projected gradient descent on the cross-entropy (or, with
+:func:`feature_pgd`, on a feature distance): a uniform random
 start in the epsilon-ball, ``steps`` signed-gradient ascent steps of
 ``step_size``, each followed by the projection back into the ball (and into
 the data's bounds, [0, 1] for images with ``robust.clip``). Gradients are
@@ -31,6 +32,52 @@ def step_size_of(cfg: RobustConfig) -> float:
     return cfg.step_size or 2.5 * cfg.epsilon / cfg.steps
 
 
+def ascend(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L-infinity projected signed-gradient ascent of ``objective`` from ``x``.
+
+    Parameters
+    ----------
+    objective : callable
+        ``x_adv -> scalar`` to maximise.
+    x : torch.Tensor
+        The clean inputs (the centre of the ball).
+    epsilon, steps, step_size, bounds, random_start, generator
+        As for :func:`pgd`.
+
+    Returns
+    -------
+    torch.Tensor
+        Detached examples, ``|x_adv - x|_inf <= epsilon``.
+    """
+    x = x.detach()
+    if epsilon <= 0:
+        return x.clone()
+    adv = x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        adv = adv + (2 * noise - 1) * epsilon
+    low, high = x - epsilon, x + epsilon
+    if bounds is not None:
+        low, high = low.clamp(*bounds), high.clamp(*bounds)
+    adv = torch.max(torch.min(adv, high), low)
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(adv), adv)
+        adv = adv.detach() + step_size * grad.sign()
+        adv = torch.max(torch.min(adv, high), low)
+    return adv.detach()
+
+
 def pgd(
     forward: Forward,
     x: torch.Tensor,
@@ -43,7 +90,8 @@ def pgd(
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """L-infinity PGD examples for ``(x, y)``.
+    """L-infinity PGD examples for ``(x, y)``: :func:`ascend` on the
+    cross-entropy of ``forward``.
 
     Parameters
     ----------
@@ -70,24 +118,43 @@ def pgd(
     torch.Tensor
         Detached adversarial examples, ``|x_adv - x|_inf <= epsilon``.
     """
-    x = x.detach()
-    if epsilon <= 0:
-        return x.clone()
-    adv = x.clone()
-    if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        adv = adv + (2 * noise - 1) * epsilon
-    low, high = x - epsilon, x + epsilon
-    if bounds is not None:
-        low, high = low.clamp(*bounds), high.clamp(*bounds)
-    adv = torch.max(torch.min(adv, high), low)
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = F.cross_entropy(forward(adv), y)
-        (grad,) = torch.autograd.grad(loss, adv)
-        adv = adv.detach() + step_size * grad.sign()
-        adv = torch.max(torch.min(adv, high), low)
-    return adv.detach()
+    return ascend(
+        lambda adv: F.cross_entropy(forward(adv), y),
+        x,
+        epsilon=epsilon,
+        steps=steps,
+        step_size=step_size,
+        bounds=bounds,
+        random_start=random_start,
+        generator=generator,
+    )
+
+
+def feature_pgd(
+    forward: Forward,
+    x: torch.Tensor,
+    *,
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGD examples that move ``forward``'s output as far as they can: the
+    maximiser of ``sum_b ||m(x'_b) - m(x_b)||^2 / B`` (FedProphet's
+    reference, ``moduleclient.py``: ``feature_adv_loss``), random start.
+    """
+    with torch.no_grad():
+        clean = forward(x.detach()).detach()
+    return ascend(
+        lambda adv: (forward(adv) - clean).square().sum() / len(adv),
+        x,
+        epsilon=epsilon,
+        steps=steps,
+        step_size=step_size,
+        bounds=bounds,
+        generator=generator,
+    )
 
 
 def robust_evaluate(

@@ -2,8 +2,10 @@
 
 Every client algorithm trains through :func:`train_epochs`: full-model training,
 LoRA adapters and DP-SGD alike. What differs is passed in: the loss
-(``loss(model, x, y)``, cross-entropy by default), and :class:`TrainHooks` that
-a privacy mechanism overrides (DP-SGD: a noise-only step on an empty Poisson
+(``loss(model, x, y)``, cross-entropy by default), a penalty (``penalty()``, a
+term of the trained parameters alone, e.g. FedProx's proximal term or
+SCAFFOLD's correction), and :class:`TrainHooks` that a privacy mechanism
+overrides (DP-SGD: a noise-only step on an empty Poisson
 batch, guards around the first step). Nothing here knows which algorithm or
 privacy mechanism is running.
 """
@@ -27,6 +29,14 @@ from fedsim.learn.data import Arrays
 
 #: ``loss(model, x, y)``: the mean loss of a batch, to minimise.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+#: ``penalty()``: a term of the trained parameters alone (no data; it closes over
+#: them), added to every batch's objective. Kept apart from the loss because a
+#: mechanism that privatises per-example gradients (DP-SGD) never sees a term
+#: outside the per-example loss: it adds the penalty's gradient after
+#: privatising instead (post-processing, no privacy cost).
+Penalty = Callable[[], torch.Tensor]
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,9 +103,12 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     loss: LossFn = cross_entropy,
+    penalty: Penalty | None = None,
     hooks: TrainHooks = _PLAIN,
 ) -> TrainStats:
-    """Run ``epochs`` passes of ``loss`` minimisation over ``loader``."""
+    """Run ``epochs`` passes of ``loss`` (+ ``penalty``) minimisation over
+    ``loader``. The reported loss is the data loss (without the penalty), so
+    runs with and without one compare."""
     model.train()
     total, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -106,7 +119,8 @@ def train_epochs(
                 continue
             x, y = x.to(device), y.to(device)
             value = loss(model, x, y)
-            value.backward()
+            objective = value if penalty is None else value + penalty()
+            objective.backward()
             hooks.before_step(len(y))
             optimizer.step()
             hooks.after_step()
@@ -163,6 +177,7 @@ class Mechanism(Protocol):
         device: torch.device,
         state: RecordDict,
         loss: LossFn = ...,
+        penalty: Penalty | None = ...,
     ) -> tuple[TrainStats, dict[str, float]]: ...
 
 
@@ -176,13 +191,15 @@ def local_fit(
     state: RecordDict,
     mechanism: Mechanism,
     loss: LossFn = cross_entropy,
+    penalty: Penalty | None = None,
 ) -> tuple[TrainStats, dict[str, float]]:
     """Local training shared by every client algorithm.
 
     Builds a seeded loader and an optimizer over the trainable parameters and
-    hands them, with the model and ``loss``, to ``mechanism`` (the experiment's
-    privacy mechanism, :func:`fedsim.privacy.client_mechanism`), which may wrap
-    them (DP-SGD) before running :func:`train_epochs`. Returns the training
+    hands them, with the model, ``loss`` and ``penalty``, to ``mechanism``
+    (the experiment's privacy mechanism,
+    :func:`fedsim.privacy.client_mechanism`), which may wrap them (DP-SGD)
+    before running :func:`train_epochs`. Returns the training
     statistics and the mechanism's metrics (e.g. cumulative ``epsilon``).
     """
     torch.manual_seed(seed)
@@ -196,6 +213,7 @@ def local_fit(
         device=device,
         state=state,
         loss=loss,
+        penalty=penalty,
     )
 
 

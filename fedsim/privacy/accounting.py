@@ -187,25 +187,34 @@ def planned_steps(
     return sample_rate, per_round, rounds * per_round
 
 
-def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
+#: Sensitivity of the unclipped count by release: each client adds its bit
+#: ``b`` (uncentred) or ``b - 1/2`` (centred, Andrew et al. / TF-Privacy).
+COUNT_SENSITIVITY = {"centred": 0.5, "uncentred": 1.0}
+
+
+def adaptive_update_noise(
+    noise_multiplier: float, count_stddev: float, count_release: str = "uncentred"
+) -> float:
     """Noise multiplier for the clipped updates under adaptive clipping.
 
     Adaptive clipping (Andrew et al., 2021) releases two Gaussian sums per round:
     the clipped updates (sensitivity ``clipping_norm``, noise multiplier ``z_u``)
-    and the count of clipped updates (sensitivity 1, noise std ``count_stddev``).
-    Together they are one Gaussian mechanism with noise multiplier
-    ``(z_u**-2 + count_stddev**-2) ** -0.5``; this returns the ``z_u`` that makes
-    that equal to ``noise_multiplier``. (Flower's wrapper uses ``2 * count_stddev``
-    here, the sensitivity-1/2 of centred bits, which it does not centre.)
+    and the count of unclipped updates (noise std ``count_stddev``, sensitivity
+    ``s``: 1 for the bits ``b``, 1/2 for the centred bits ``b - 1/2``). Together
+    they are one Gaussian mechanism with noise multiplier ``(z_u**-2 +
+    (count_stddev / s)**-2) ** -0.5``; this returns the ``z_u`` that makes that
+    equal to ``noise_multiplier``: ``(z**-2 - (count_stddev / s)**-2) ** -0.5``
+    (centred: Andrew et al.'s ``(z**-2 - (2 sigma_b)**-2) ** -0.5``).
 
     Raises
     ------
     ValueError
-        Unless ``0 < noise_multiplier < count_stddev``.
+        Unless ``0 < noise_multiplier < count_stddev / s``.
     """
-    if not 0 < noise_multiplier < count_stddev:
+    scaled = count_stddev / COUNT_SENSITIVITY[count_release]
+    if not 0 < noise_multiplier < scaled:
         raise ValueError(
             f"noise_multiplier ({noise_multiplier:g}) must be in "
-            f"(0, count_stddev = {count_stddev:g})"
+            f"(0, count_stddev / sensitivity = {scaled:g})"
         )
-    return float((noise_multiplier**-2 - count_stddev**-2) ** -0.5)
+    return float((noise_multiplier**-2 - scaled**-2) ** -0.5)

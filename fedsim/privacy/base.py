@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 
 from fedsim.core.experiment import Experiment
 from fedsim.learn.data import FederatedData
-from fedsim.learn.training import LossFn, TrainStats, cross_entropy, train_epochs
+from fedsim.learn.training import (
+    LossFn,
+    Penalty,
+    TrainStats,
+    cross_entropy,
+    train_epochs,
+)
 
 #: Cumulative epsilon of a client (reply metric) or of the server (dp-fedavg).
 EPSILON = "epsilon"
@@ -53,10 +59,17 @@ class NoPrivacy:
         device: torch.device,
         state: RecordDict,
         loss: LossFn = cross_entropy,
+        penalty: Penalty | None = None,
     ) -> tuple[TrainStats, dict[str, float]]:
         """Run :func:`fedsim.learn.training.train_epochs`; no extra metrics."""
         stats = train_epochs(
-            model, loader, optimizer, epochs=epochs, device=device, loss=loss
+            model,
+            loader,
+            optimizer,
+            epochs=epochs,
+            device=device,
+            loss=loss,
+            penalty=penalty,
         )
         return stats, {}
 

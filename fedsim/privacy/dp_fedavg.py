@@ -30,8 +30,11 @@ and is accounted as one Poisson-subsampled Gaussian step with noise multiplier
   it is left out of Flower's clipping (its clipped update is 0 either way) and,
   with adaptive clipping, counted as unclipped.
 - **Adaptive clipping.** The count is of *unclipped* updates, over ``D``, as
-  in the paper (Flower counts clipped ones over the replies), noised with
-  sensitivity 1, clamped to ``[0, 1]`` as TF-Privacy does, and the new norm
+  in the paper (Flower counts clipped ones over the replies), centred by
+  default as in the paper and TF-Privacy (``privacy.count-release``: each
+  client adds ``b - 1/2``, sensitivity 1/2; ``uncentred``: ``b``, sensitivity
+  1; a client that did not reply adds 0, i.e. counts as half unclipped when
+  centred), clamped to ``[0, 1]`` as TF-Privacy does, and the new norm
   applies from the next round: the aggregate is noised with the norm that
   clipped it (Flower 1.41 updated the norm first). The noise is split between
   updates and count with fedsim's formula
@@ -132,11 +135,14 @@ def count_stddev(cfg: PrivacyConfig, expected: float) -> float:
 def check_adaptive_noise(cfg: PrivacyConfig, sigma: float, expected: float) -> None:
     """Adaptive clipping spends part of the noise on the clipped count."""
     stddev = count_stddev(cfg, expected)
-    if cfg.clipping == "adaptive" and sigma >= stddev:
+    scaled = stddev / accounting.COUNT_SENSITIVITY[cfg.count_release]
+    if cfg.clipping == "adaptive" and sigma >= scaled:
+        centred = " / 1/2 (centred count)" if cfg.count_release == "centred" else ""
         raise ConfigError(
             f"privacy.noise-multiplier: {sigma:.4g} must be < clipped-count-stddev "
-            f"= {stddev:g} with adaptive clipping ({expected:g} clients per round); "
-            "raise privacy.clipped-count-stddev or use privacy.clipping = 'fixed'"
+            f"= {stddev:g}{centred} with adaptive clipping ({expected:g} clients per "
+            "round); raise privacy.clipped-count-stddev or use privacy.clipping = "
+            "'fixed'"
         )
 
 
@@ -259,6 +265,7 @@ class DpFedAvg(NoPrivacy):
                 initial_clipping_norm=cfg.clipping_norm,
                 target_unclipped_quantile=cfg.target_unclipped_quantile,
                 clip_norm_lr=cfg.clip_norm_lr,
+                count_release=cfg.count_release,
             )
         else:
             wrapped = FixedClipping(

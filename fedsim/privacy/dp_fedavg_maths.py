@@ -9,8 +9,10 @@ al., 2021) releases
   number of replies that came back, so one client moves the sum by at most
   ``C`` and the noise is ``z`` times that whatever the replies;
 - with adaptive clipping, the fraction of updates left unclipped,
-  ``(sum_i 1[|update_i| <= C] + N(0, sigma_b^2)) / D``, clamped to ``[0, 1]``,
-  which moves the norm geometrically towards the target quantile.
+  ``(sum_i (b_i - 1/2) + N(0, sigma_b^2)) / D + 1/2`` with ``b_i = 1[|update_i|
+  <= C]`` (centred, sensitivity 1/2; or uncentred ``(sum_i b_i + N(0,
+  sigma_b^2)) / D``, sensitivity 1), clamped to ``[0, 1]``, which moves the
+  norm geometrically towards the target quantile.
 
 The functions here compute those pieces; the strategy wrappers in
 :mod:`fedsim.privacy.dp_fedavg` feed them messages. Randomness comes from a
@@ -80,18 +82,31 @@ def add_noise(
 
 
 def noisy_unclipped_fraction(
-    unclipped: int, count_stddev: float, denominator: float, rng: np.random.Generator
+    unclipped: int,
+    count_stddev: float,
+    denominator: float,
+    rng: np.random.Generator,
+    *,
+    replies: int | None = None,
 ) -> float:
     """Noisy share of updates the norm left unclipped, clamped to ``[0, 1]``.
 
-    ``(unclipped + N(0, count_stddev^2)) / denominator`` (Andrew et al.,
-    Algorithm 1, with the fixed denominator), clamped as TF-Privacy's quantile
-    estimator does: the noise can push it outside ``[0, 1]``, and an unclamped
-    value would move the norm further than any real fraction can.
+    Uncentred (``replies`` None): ``(unclipped + N(0, count_stddev^2)) /
+    denominator`` (Andrew et al., Algorithm 1, with the fixed denominator).
+    Centred (``replies``: the clients counted): each adds ``b - 1/2``, so
+    ``(unclipped - replies / 2 + N(0, count_stddev^2)) / denominator + 1/2``
+    (TF-Privacy's ``QuantileEstimatorQuery``; sensitivity 1/2). Clamped as
+    TF-Privacy's quantile estimator does: the noise can push it outside
+    ``[0, 1]``, and an unclamped value would move the norm further than any
+    real fraction can.
     """
     if denominator <= 0:
         raise ValueError(f"denominator must be > 0, got {denominator}")
-    noisy = (unclipped + float(rng.normal(0.0, count_stddev))) / denominator
+    noise = float(rng.normal(0.0, count_stddev))
+    if replies is None:
+        noisy = (unclipped + noise) / denominator
+    else:
+        noisy = (unclipped - replies / 2 + noise) / denominator + 0.5
     return min(max(noisy, 0.0), 1.0)
 
 
@@ -111,16 +126,20 @@ def next_clipping_norm(
     )
 
 
-def adaptive_noise_ratio(noise_multiplier: float, count_stddev: float) -> float:
+def adaptive_noise_ratio(
+    noise_multiplier: float, count_stddev: float, sensitivity: float = 1.0
+) -> float:
     """How much more noise the updates get than the accounted noise multiplier
-    when the clipped count shares it: ``z_u / z = (1 - (z / sigma_b)^2)^-1/2``
-    (see :func:`fedsim.privacy.accounting.adaptive_update_noise`)."""
-    if not 0 < noise_multiplier < count_stddev:
+    when the count (of ``sensitivity`` 1, or 1/2 centred) shares it: ``z_u / z
+    = (1 - (z s / sigma_b)^2)^-1/2`` (see
+    :func:`fedsim.privacy.accounting.adaptive_update_noise`)."""
+    scaled = count_stddev / sensitivity
+    if not 0 < noise_multiplier < scaled:
         raise ValueError(
             f"noise_multiplier ({noise_multiplier:g}) must be in "
-            f"(0, count_stddev = {count_stddev:g})"
+            f"(0, count_stddev / sensitivity = {scaled:g})"
         )
-    return float((1 - (noise_multiplier / count_stddev) ** 2) ** -0.5)
+    return float((1 - (noise_multiplier / scaled) ** 2) ** -0.5)
 
 
 def poisson_sample(

@@ -269,20 +269,26 @@ class FixedClipping(DifferentialPrivacyServerSideFixedClipping):
 
 
 def log_noise_split(
-    noise_multiplier: float, update_noise_multiplier: float, count_stddev: float
+    noise_multiplier: float,
+    update_noise_multiplier: float,
+    count_stddev: float,
+    count_release: str = "uncentred",
 ) -> None:
     """Log how adaptive clipping splits the accounted noise (a warning when the
     updates get at least :data:`SIGNIFICANT_NOISE_RATIO` times it)."""
-    ratio = maths.adaptive_noise_ratio(noise_multiplier, count_stddev)
+    ratio = maths.adaptive_noise_ratio(
+        noise_multiplier, count_stddev, accounting.COUNT_SENSITIVITY[count_release]
+    )
     significant = ratio >= SIGNIFICANT_NOISE_RATIO
     log(
         WARNING if significant else INFO,
         "dp-fedavg adaptive clipping: noise multiplier %.4g is accounted for the "
         "updates and the clipped count together; the updates get %.4g (%.2fx) "
-        "and the count a std of %.4g%s",
+        "and the %s count a std of %.4g%s",
         noise_multiplier,
         update_noise_multiplier,
         ratio,
+        count_release,
         count_stddev,
         "; raise privacy.clipped-count-stddev to give the updates less"
         if significant
@@ -310,7 +316,11 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
     noise_multiplier : float
         The accounted noise multiplier of updates and count together.
     count_stddev : float
-        Noise std of the unclipped count (sensitivity 1); > noise_multiplier.
+        Noise std of the unclipped count; > noise_multiplier times the count's
+        sensitivity.
+    count_release : {"centred", "uncentred"}
+        Each client counts ``b - 1/2`` (sensitivity 1/2, Andrew et al. and
+        TF-Privacy) or ``b`` (sensitivity 1); the noise split follows.
     denominator : float
         Clients the round is calibrated for.
     rng : numpy.random.Generator
@@ -331,6 +341,7 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         initial_clipping_norm: float,
         target_unclipped_quantile: float,
         clip_norm_lr: float,
+        count_release: str,
     ):
         super().__init__(
             strategy,
@@ -342,14 +353,17 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             clipped_count_stddev=count_stddev,
         )
         self.noise_multiplier = accounting.adaptive_update_noise(
-            noise_multiplier, count_stddev
+            noise_multiplier, count_stddev, count_release
         )
+        self.count_release = count_release
         self.target_unclipped_quantile = target_unclipped_quantile
         self.denominator = denominator
         self.rng = rng
         self._zero_updates = 0
         self._next_norm: float | None = None
-        log_noise_split(noise_multiplier, self.noise_multiplier, count_stddev)
+        log_noise_split(
+            noise_multiplier, self.noise_multiplier, count_stddev, count_release
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -364,8 +378,13 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
     def _noisy_fraction(self, count: int, total: int) -> float:
         # Flower passes the clipped count among the ``total`` updates it clipped.
         unclipped = total - count + self._zero_updates
+        counted = total + self._zero_updates
         return maths.noisy_unclipped_fraction(
-            unclipped, self.clipped_count_stddev, self.denominator, self.rng
+            unclipped,
+            self.clipped_count_stddev,
+            self.denominator,
+            self.rng,
+            replies=counted if self.count_release == "centred" else None,
         )
 
     def _geometric_update(self, clipped_fraction: float) -> None:

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -33,8 +32,10 @@ from torch.utils.data import DataLoader
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.learn.data import FederatedData
+from fedsim.learn.tasks import task_for
 from fedsim.learn.training import (
     LossFn,
+    Penalty,
     TrainHooks,
     TrainStats,
     cross_entropy,
@@ -180,6 +181,32 @@ class DpSgdGuard(TrainHooks):
             self.before = []
 
 
+def penalty_after_noise(
+    optimizer: torch.optim.Optimizer, penalty: Penalty
+) -> torch.utils.hooks.RemovableHandle:
+    """Add ``penalty``'s gradient to every parameter's privatised gradient
+    right before ``optimizer`` (the optimizer Opacus wraps) updates them.
+
+    Opacus replaces each gradient by the clipped, noised mean of the
+    per-example gradients, so a term outside the per-example loss would be
+    dropped silently; a term of the parameters alone can be added afterwards
+    as post-processing, at no privacy cost.
+    """
+
+    def hook(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(penalty(), params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.add_(g)
+
+    return optimizer.register_step_pre_hook(hook)  # type: ignore[arg-type]
+
+
 class DpSgd(NoPrivacy):
     """DP-SGD with Opacus in every client, accounted over the whole run.
 
@@ -213,8 +240,11 @@ class DpSgd(NoPrivacy):
         device: torch.device,
         state: RecordDict,
         loss: LossFn = cross_entropy,
+        penalty: Penalty | None = None,
     ) -> tuple[TrainStats, dict[str, float]]:
-        """One round of DP-SGD; reports the cumulative ``epsilon``."""
+        """One round of DP-SGD; reports the cumulative ``epsilon``. ``loss`` is
+        clipped per example; ``penalty``'s gradient is added after clipping and
+        noise (:func:`penalty_after_noise`)."""
         from opacus import PrivacyEngine
 
         exp, cfg = self.experiment, self.experiment.privacy
@@ -251,6 +281,9 @@ class DpSgd(NoPrivacy):
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
             )
+        handle = None
+        if penalty is not None:
+            handle = penalty_after_noise(private_optimizer.original_optimizer, penalty)
         try:
             if (len(private_loader), 1 / len(private_loader)) != (
                 per_round // epochs,
@@ -272,6 +305,8 @@ class DpSgd(NoPrivacy):
                     hooks=DpSgdGuard(private_model, sigma),
                 )
         finally:
+            if handle is not None:
+                handle.remove()
             private_model.to_standard_module()  # remove Opacus' hooks from `model`
         history = list(engine.accountant.history)
         save_history(state, history)  # what Opacus accounted is what was spent
@@ -307,7 +342,9 @@ class DpSgd(NoPrivacy):
                 f"DP-SGD: {problems[0]}"
             )
         if experiment.peft.method == "none":
-            probe_per_sample_gradients(model, data, experiment.model.name)
+            probe_per_sample_gradients(
+                model, data, experiment.model.name, task_for(experiment).loss
+            )
         cfg = experiment.privacy
         if cfg.noise_multiplier == 0:
             for pid in range(experiment.federation.clients):
@@ -330,10 +367,11 @@ class DpSgd(NoPrivacy):
 
 
 def probe_per_sample_gradients(
-    model: nn.Module, data: FederatedData, model_name: str
+    model: nn.Module, data: FederatedData, model_name: str, loss: LossFn = cross_entropy
 ) -> None:
-    """One Opacus backward pass on two examples; every parameter must get a
-    per-example gradient of the right shape (raises :class:`ConfigError`)."""
+    """One Opacus backward pass of ``loss`` (the task's) on two examples; every
+    parameter must get a per-example gradient of the right shape (raises
+    :class:`ConfigError`)."""
     from opacus import GradSampleModule
 
     probe = copy.deepcopy(model).cpu()
@@ -343,7 +381,7 @@ def probe_per_sample_gradients(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            F.cross_entropy(wrapped(x), y).backward()
+            loss(wrapped, x, y).backward()
         named = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
         check_grad_samples(named, len(y))
     except (PerSampleGradientError, RuntimeError, ValueError) as err:

@@ -30,15 +30,22 @@ module per stage:
   ends early when its score (clean accuracy + the previous stage's clean/robust
   ratio x robust accuracy, from the clients' evaluation of the model up to the
   stage with its head) has not improved for ``strategy.patience`` rounds.
-- At a stage's end every client measures how far PGD examples (at the stage's
-  radius) move the finished module's output (mean L2 norm, custom action
-  ``train.perturbation``); the next stage's radius is ``sqrt(mean^2 / dim)``
-  (the reference's ``int_adv_norm = inf``), scaled by ``alpha``, which starts
-  at ``strategy.eps-quantile``.
-- Adaptive Perturbation Adjustment: after every round of a later stage,
-  ``alpha`` goes up by 0.1 when the recent clean/robust accuracy ratio exceeds
-  1.05 x the previous stage's, down by 0.1 (not below ``eps-quantile``) when it
-  is under 0.95 x.
+- At a stage's end every client measures how far adversarial inputs move the
+  finished module's output (custom action ``train.perturbation``): PGD at the
+  stage's radius times the ``alpha`` of the stage's best score, maximising the
+  feature distance ``sum_b ||m(x'_b) - m(x_b)||^2 / B`` (the reference's
+  ``feature_adv_loss`` in ``moduleclient.py``;
+  :func:`fedsim.learn.robust.feature_pgd`), then the mean L2 norm of
+  ``m(x') - m(x)``; the next stage's radius is ``sqrt(mean^2 / dim)`` (the
+  reference's ``int_adv_norm = inf``), scaled by ``alpha``, which starts at
+  ``strategy.eps-quantile``.
+- Adaptive Perturbation Adjustment on the reference's schedule
+  (:func:`fedsim.strategies.fedprophet.maths.apa_due`): in a later stage,
+  after its ``k``-th round with ``k > int(0.05 R)`` and ``k`` a multiple of
+  ``int(0.1 R)`` (``R``: rounds per stage), ``alpha`` goes up by 0.1 when the
+  mean clean/robust accuracy ratio of the last five evaluations exceeds 1.05 x
+  the previous stage's, down by 0.1 (not below ``eps-quantile``) when it is
+  under 0.95 x.
 
 Evaluation (personalised data, shared model): each client evaluates the
 modules up to the stage with the stage's head (the full model at the last
@@ -52,9 +59,14 @@ Deviations from the reference code:
 - Memory is counted from shapes (float32, SGD momentum: one buffer), not
   profiled; DMA checks memory only (the reference also bounds FLOPs by the
   slowest sampled client's time).
-- PGD attacks the stage's cross-entropy (the ``mu`` term, 1e-6 by default, is
-  left out of the attack); the input-space radius of stage 1 is
-  ``strategy.epsilon``.
+- Training PGD attacks the stage's cross-entropy on its head (the reference
+  attacks the whole stage loss: the ``mu`` term, 1e-6 by default, and the
+  prophet loss); the input-space radius of stage 1 is ``strategy.epsilon``.
+- APA's period is at least one round (the reference's ``int(0.1 R)`` is 0,
+  and its modulo fails, below 10 rounds a stage). The stage ends after
+  ``strategy.patience`` rounds without improvement (the reference:
+  ``int(0.1 R)``), and every evaluation counts (the reference skips the
+  first ``int(0.05 R)`` rounds of a stage when tracking the best score).
 - At a stage's end the reference restores the stage's best model; here the
   last one is kept. No warm-up rounds without adversarial training, no
   learning-rate decay per stage.
@@ -119,6 +131,7 @@ FAMILY = Family(
     client="fedsim.clients.fedprophet:FedProphetClient",
     options=Options,
     global_model=False,
+    server_state=True,
     actions=("perturbation",),
     check="fedsim.learn.cascade:check_budget",
 )

@@ -1,5 +1,6 @@
 """FedProphet's server-side rules as pure functions: masked averaging, the
-intermediate-feature epsilon, Adaptive Perturbation Adjustment, Differentiated
+intermediate-feature epsilon, Adaptive Perturbation Adjustment and its
+schedule, Differentiated
 Module Assignment, the stage-advance test."""
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def adjust_alpha(
     if recent < 0.95 * last_stage_ratio:
         return max(floor, alpha - 0.1)
     return alpha
+
+
+def apa_due(round_in_stage: int, rounds_per_stage: int) -> bool:
+    """Whether APA adjusts ``alpha`` after the stage's ``round_in_stage``-th
+    round (1-based): the reference's schedule (``module_scheduler.py``), past
+    the first ``int(0.05 * rounds_per_stage)`` rounds, every
+    ``int(0.1 * rounds_per_stage)`` rounds (at least every round: the
+    reference's period is 0, a division by zero, below 10 rounds a stage)."""
+    period = max(1, int(0.1 * rounds_per_stage))
+    return (
+        round_in_stage > int(0.05 * rounds_per_stage) and round_in_stage % period == 0
+    )
 
 
 def prophet_modules(stage: int, memory: Sequence[int], budget: float) -> int:

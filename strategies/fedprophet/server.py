@@ -35,6 +35,7 @@ from fedsim.protocol.rounds import exchange, per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 from fedsim.strategies.fedprophet.maths import (
     adjust_alpha,
+    apa_due,
     feature_epsilon,
     masked_average,
     prophet_modules,
@@ -81,6 +82,8 @@ class FedProphet(FedAvg):
         self.stage, self.stage_start = 0, 1
         self.epsilon, self.bounded = options.epsilon, True
         self.alpha, self.last_ratio = 1.0, 1.0
+        #: ``alpha`` at the stage's best score (the measurement's radius).
+        self.best_alpha = 1.0
         self.ratios: list[float] = []
         self.best, self.since_best = -math.inf, 0
         #: The clean/robust ratio at the stage's best score so far.
@@ -197,14 +200,16 @@ class FedProphet(FedAvg):
             if score > self.best:
                 self.best, self.since_best = score, 0
                 self.best_ratio = self.ratios[-1] if self.ratios else self.last_ratio
+                self.best_alpha = self.alpha
             else:
                 self.since_best += 1
-        if self.stage > 0:
+        in_stage = server_round - self.stage_start + 1
+        if self.stage > 0 and apa_due(in_stage, self.rounds_per_stage):
             self.alpha = adjust_alpha(
                 self.alpha, self.ratios, self.last_ratio, self.options.eps_quantile
             )
         done = should_advance(
-            server_round - self.stage_start + 1,
+            in_stage,
             self.rounds_per_stage,
             self.since_best,
             self.options.patience,
@@ -214,11 +219,12 @@ class FedProphet(FedAvg):
 
     def advance(self, server_round: int, grid: Grid, *, timeout: float) -> None:
         """Next stage: its inputs' epsilon from the feature perturbations that
-        adversarial inputs cause at the output of the finished module."""
+        adversarial inputs (at the stage's best ``alpha``, as the reference)
+        cause at the output of the finished module."""
         config = {
             STAGE: self.stage,
             PROPHETS: 0,
-            EPSILON: self.epsilon * self.alpha,
+            EPSILON: self.epsilon * self.best_alpha,
             BOUNDED: int(self.bounded),
         }
         nodes = list(grid.get_node_ids())
@@ -235,11 +241,41 @@ class FedProphet(FedAvg):
             norms = [float(m["perturbation"]) for m in ok]  # type: ignore[arg-type]
             self.epsilon = feature_epsilon(norms, dim)
             self.bounded = all(float(m["feature-min"]) >= 0 for m in ok)  # type: ignore[arg-type]
-        self.alpha = self.options.eps_quantile
+        self.alpha = self.best_alpha = self.options.eps_quantile
         self.last_ratio = self.best_ratio
         self.ratios, self.best, self.since_best = [], -math.inf, 0
         self.stage += 1
         self.stage_start = server_round + 1
+
+    # -- resume ------------------------------------------------------------------
+    #: Scalar attributes of the stage coordination (with ``arrays``, ``ratios``:
+    #: everything later rounds depend on).
+    SCALARS = (
+        "stage",
+        "stage_start",
+        "epsilon",
+        "bounded",
+        "alpha",
+        "best_alpha",
+        "last_ratio",
+        "best",
+        "since_best",
+        "best_ratio",
+    )
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The model and heads, and the stage coordination (stage, APA, DMA)."""
+        state: dict[str, Any] = {k: getattr(self, k) for k in self.SCALARS}
+        state["arrays"] = {k: np.array(v) for k, v in self.arrays.items()}
+        state["ratios"] = list(self.ratios)
+        return state
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state`."""
+        for key in self.SCALARS:
+            setattr(self, key, type(getattr(self, key))(state[key]))
+        self.arrays = {k: np.asarray(v) for k, v in state["arrays"].items()}
+        self.ratios = [float(r) for r in state["ratios"]]
 
 
 def build(setup: ServerSetup) -> FedProphet:

@@ -46,24 +46,38 @@ class FLoRA(FedAvg):
         Names of the adapted linear modules (``<module>.weight`` are model keys).
     trained : sequence of str
         State-dict keys of the parameters trained in full.
+    transposed : sequence of str
+        Adapted modules whose weight is ``d_in x d_out`` (``Conv1D``): their
+        update is added transposed.
     **kwargs
         Flower ``FedAvg`` options (sampling fractions, minimum nodes...).
     """
 
     def __init__(
-        self, *, adapted: Sequence[str], trained: Sequence[str], **kwargs: Any
+        self,
+        *,
+        adapted: Sequence[str],
+        trained: Sequence[str],
+        transposed: Sequence[str] = (),
+        **kwargs: Any,
     ):
         super().__init__(**with_message_keys(kwargs))
         if not adapted:
             raise ValueError("adapted: at least one adapted module is required")
         self.adapted = tuple(adapted)
         self.trained = tuple(trained)
+        self.transposed = frozenset(transposed)
         self._global: ArrayRecord | None = None
 
     @classmethod
     def from_layout(cls, layout: LoraLayout, **kwargs: Any) -> Self:
         """The strategy for a resolved :class:`fedsim.learn.lora.LoraLayout`."""
-        return cls(adapted=layout.adapted, trained=layout.trained, **kwargs)
+        return cls(
+            adapted=layout.adapted,
+            trained=layout.trained,
+            transposed=layout.transposed,
+            **kwargs,
+        )
 
     @property
     def changing(self) -> tuple[str, ...]:
@@ -154,6 +168,8 @@ class FLoRA(FedAvg):
         for module, delta in applied.items():
             key = f"{module}.weight"
             weight = global_arrays[key].numpy()
+            if module in self.transposed:  # Conv1D stores d_in x d_out
+                delta = delta.T
             merged[key] = Array(
                 (weight.astype(np.float64) + delta).astype(weight.dtype)
             )

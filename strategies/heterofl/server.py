@@ -26,7 +26,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.capacity import capacity_of
 from fedsim.core.messages import ARRAYS, CONFIG
-from fedsim.learn.capacity import Plan, slice_arrays, width_plan
+from fedsim.learn.capacity import (
+    HEAD,
+    LABEL_SPLIT,
+    Plan,
+    slice_arrays,
+    sub_model,
+    width_plan,
+)
+from fedsim.learn.training import evaluate
 from fedsim.protocol.rounds import per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 from fedsim.strategies.heterofl.maths import aggregate_nested
@@ -49,13 +57,17 @@ class HeteroFL(FedAvg):
     ----------
     plan_of : callable
         Partition id -> that client's :data:`~fedsim.learn.capacity.Plan`.
+    mask : bool
+        Label-split aggregation: the head's row of a class is averaged over
+        the replies whose label split (record ``label-split``) holds it.
     **kwargs
         Flower ``FedAvg`` options (sampling fractions, minimum nodes...).
     """
 
-    def __init__(self, plan_of: Callable[[int], Plan], **kwargs: Any):
+    def __init__(self, plan_of: Callable[[int], Plan], *, mask: bool, **kwargs: Any):
         super().__init__(**with_message_keys(kwargs))
         self.plan_of = plan_of
+        self.mask = mask
         #: The global model the current round's slices were cut from.
         self.current: dict[str, np.ndarray] = {}
 
@@ -101,10 +113,40 @@ class HeteroFL(FedAvg):
                     f"node {msg.metadata.src_node_id} uploaded arrays the global "
                     f"model does not have: {sorted(unknown)[0]!r}"
                 )
-        new = aggregate_nested(self.current, uploads)
+        rows = None
+        if self.mask:
+            rows = [self.head_rows(msg) for msg in valid]
+        new = aggregate_nested(self.current, uploads, rows)
         contents = [msg.content for msg in valid]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return array_record(new), metrics
+
+    def head_rows(self, msg: Message) -> dict[str, list[int]]:
+        """The head rows a reply counts for: its label split."""
+        if LABEL_SPLIT not in msg.content:
+            raise ValueError(
+                f"node {msg.metadata.src_node_id} sent no {LABEL_SPLIT!r} record "
+                "(strategy.mask is on)"
+            )
+        labels = [int(c) for c in msg.content[LABEL_SPLIT][LABEL_SPLIT]]  # type: ignore[union-attr]
+        return {f"{HEAD}.weight": labels, f"{HEAD}.bias": labels}
+
+
+def width_metrics(setup: ServerSetup, arrays: ArrayRecord) -> dict[str, float]:
+    """Loss and accuracy on the held-out test set of the global model's slice
+    at every width of ``strategy.capacities`` below 1 (``loss-w0.5``,
+    ``accuracy-w0.5``...): what each capacity's model gets globally (no scaler,
+    no mask: the reference's global evaluation)."""
+    full = setup.model
+    full.load_state_dict(arrays.to_torch_state_dict())
+    out: dict[str, float] = {}
+    for ratio in sorted(set(setup.options.capacities)):
+        if ratio >= 1.0:
+            continue
+        stats = evaluate(sub_model(full, ratio), setup.data.test, device=setup.device)
+        out[f"loss-w{ratio:g}"] = stats.loss
+        out[f"accuracy-w{ratio:g}"] = stats.accuracy
+    return out
 
 
 def plans(model: Any, capacities: Sequence[float]) -> Callable[[int], Plan]:
@@ -116,5 +158,7 @@ def plans(model: Any, capacities: Sequence[float]) -> Callable[[int], Plan]:
 def build(setup: ServerSetup) -> HeteroFL:
     """HeteroFL over the experiment's model and ``strategy.capacities``."""
     return HeteroFL(
-        plans(setup.model, setup.options.capacities), **setup.fedavg_options()
+        plans(setup.model, setup.options.capacities),
+        mask=setup.options.mask,
+        **setup.fedavg_options(),
     )

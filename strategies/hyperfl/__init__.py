@@ -55,7 +55,7 @@ Message contract (keys from :mod:`fedsim.core.messages`):
 from dataclasses import dataclass
 
 from fedsim.core.family import Family
-from fedsim.core.schema import at_least, non_negative, option, positive
+from fedsim.core.schema import at_least, non_negative, one_of, option, positive
 
 #: Why the families do not run under sample-level DP.
 DP_SGD_REJECTED = (
@@ -96,6 +96,19 @@ class Options:
         "gradient norm clip, separately for the hypernetwork and the embedding",
         positive,
     )
+    head_bias: bool = option(
+        True,
+        "whether the hypernetwork's output heads have a bias (the reference's); "
+        "either way the upload carries the generated weights' gradients (README, "
+        "privacy audit)",
+    )
+    share: str = option(
+        "all",
+        "what of the hypernetwork travels: 'all' (the reference) or 'trunk' (the "
+        "output heads stay private with the embedding: the privacy audit's "
+        "mitigation of the analytic attack)",
+        one_of("all", "trunk"),
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,9 @@ FAMILY = Family(
     options=Options,
     privacy=("none",),
     global_model=False,
+    server_state=True,
     rejects=_REJECTS,
-    audit="fedsim.audit.replay:hypernetwork",
+    audit="fedsim.audit.hypernetwork:hypernetwork",
 )
 
 LPM_FAMILY = Family(
@@ -132,8 +146,10 @@ LPM_FAMILY = Family(
     peft=("lora",),
     privacy=("none",),
     global_model=False,
+    server_state=True,
     rejects=_REJECTS,
     check="fedsim.learn.hypernet:check_lpm",
+    audit="fedsim.audit.hypernetwork:lpm_hypernetwork",
 )
 
 #: Both families (the entry points ``hyperfl`` and ``hyperfl-lpm`` load this).

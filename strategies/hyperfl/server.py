@@ -18,8 +18,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.messages import ARRAYS
-from fedsim.core.seeding import derive_seed
-from fedsim.learn.hypernet import HyperNetwork, extractor_shapes, lora_shapes
+from fedsim.learn.hypernet import (
+    extractor_shapes,
+    initial_hypernetwork,
+    is_shared,
+    lora_shapes,
+)
 from fedsim.protocol.rounds import standard_round
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 
@@ -87,21 +91,17 @@ class HyperFL(FedAvg):
         )
 
 
-def initial_hypernetwork(
-    shapes: dict[str, torch.Size], options: Any, seed: int
-) -> HyperNetwork:
-    """The seeded round-1 hypernetwork (PyTorch's default ``nn.Linear`` init)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "hypernetwork"))
-        return HyperNetwork(
-            shapes, embedding_dim=options.embedding_dim, hidden_dim=options.hidden_dim
-        )
-
-
 def _strategy(setup: ServerSetup, shapes: dict[str, torch.Size]) -> HyperFL:
     net = initial_hypernetwork(shapes, setup.options, setup.experiment.seed)
+    share = setup.options.share
     return HyperFL(
-        ArrayRecord({k: v.detach().cpu() for k, v in net.state_dict().items()}),
+        ArrayRecord(
+            {
+                k: v.detach().cpu()
+                for k, v in net.state_dict().items()
+                if is_shared(k, share)
+            }
+        ),
         **setup.fedavg_options(),
     )
 

@@ -1,9 +1,8 @@
-"""Pa3dFL's formulas: self-attention over client embeddings, the plain mean of
-the general parameters, the general core's initialisation."""
+"""Pa3dFL's formulas: the similarity-attention aggregation of client
+embeddings (Eq. 9), the plain mean of the general parameters (Eq. 6)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -11,29 +10,29 @@ import torch
 
 
 def attention_aggregate(
-    embeddings: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor
+    encoded: torch.Tensor, temperatures: torch.Tensor
 ) -> torch.Tensor:
-    """Every client's embedding aggregated with all clients' by self-attention.
+    """Every client's embedding of every layer, aggregated over all clients by
+    self-attention (Pa3dFL's Eq. 9).
 
-    ``E' = E + softmax(Q K^T / sqrt(d)) V`` with ``Q = E Wq^T``, ``K = E Wk^T``,
-    ``V = E Wv^T`` (rows: clients; ``d``: the key size; the softmax over each
-    row).
+    ``s_i = E' e'_i`` (the similarities of client ``i``'s encoded embedding
+    with every client's), ``e_i^(l) = E'^T softmax(s_i / tau_l)``.
 
     Parameters
     ----------
-    embeddings : torch.Tensor
-        ``(clients, d)``.
-    wq, wk, wv : torch.Tensor
-        ``(d, d)`` projections (``nn.Linear`` weights).
+    encoded : torch.Tensor
+        ``E'``: the encoded embeddings, ``(clients, d)``.
+    temperatures : torch.Tensor
+        ``tau_l`` of each layer, ``(layers,)``, positive.
 
     Returns
     -------
     torch.Tensor
-        ``(clients, d)``.
+        ``(layers, clients, d)``.
     """
-    q, k, v = embeddings @ wq.T, embeddings @ wk.T, embeddings @ wv.T
-    scores = torch.softmax(q @ k.T / math.sqrt(k.shape[1]), dim=1)
-    return embeddings + scores @ v
+    scores = encoded @ encoded.T  # (i, j): e'_j . e'_i
+    weights = torch.softmax(scores[None] / temperatures[:, None, None], dim=2)
+    return weights @ encoded
 
 
 def plain_mean(uploads: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -47,10 +46,3 @@ def plain_mean(uploads: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
         ).astype(np.asarray(uploads[0][k]).dtype)
         for k in sorted(keys)
     }
-
-
-def core_for(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The ``G`` whose ``U @ G @ V`` is closest to ``weight`` in Frobenius norm
-    (``pinv(U) W pinv(V)``)."""
-    w = weight.reshape(weight.shape[0], -1)
-    return torch.linalg.pinv(u) @ w @ torch.linalg.pinv(v)

@@ -1,5 +1,5 @@
-"""Pa3dFL's server: general cores averaged, personal factors generated per
-client from attention-aggregated embeddings (see :mod:`fedsim.strategies.pa3dfl`).
+"""Pa3dFL's server: general parameters averaged, personal parameters generated
+per client from attention-aggregated embeddings (see :mod:`fedsim.strategies.pa3dfl`).
 
 The family has no global model: :meth:`Pa3dFL.run_round` runs FedAvg's round
 shape with empty arrays, and :meth:`Pa3dFL.configure_train` /
@@ -7,6 +7,8 @@ shape with empty arrays, and :meth:`Pa3dFL.configure_train` /
 """
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -21,26 +23,33 @@ from torch import nn
 from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.capacity import Plan, block, chain
-from fedsim.learn.decomposed import LEFT, RIGHT, personal_plan, personal_shapes
+from fedsim.learn.decomposed import (
+    GENERAL,
+    PERSONAL,
+    Factors,
+    factors_of,
+    general_for,
+    personal_plan,
+)
 from fedsim.learn.hypernet import HyperNetwork
 from fedsim.protocol.rounds import WithoutGlobalModel, per_node
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 from fedsim.strategies.heterofl.server import plans
-from fedsim.strategies.pa3dfl.maths import attention_aggregate, core_for, plain_mean
+from fedsim.strategies.pa3dfl.maths import attention_aggregate, plain_mean
 
 
 class Generator(nn.Module):
-    """Client embeddings -> self-attention -> hypernetwork -> full-width ``U``
-    and ``V`` of every layer, per client.
+    """Client embeddings -> encoder -> self-attention per layer -> one decoder
+    per layer -> the full-width personal parameters ``<layer>.v``, per client.
 
     Parameters
     ----------
     clients : int
         Number of clients (one embedding each, N(0, 1) initialised).
     shapes : mapping of str to shape
-        Full-width shapes of the personal factors.
+        Full-width shape of each layer's ``v`` (keys: the ``<layer>.v`` names).
     embedding_dim, hidden_dim : int
-        Embedding size; hypernetwork hidden width.
+        Embedding size; hidden width of each decoder.
     """
 
     def __init__(
@@ -52,24 +61,32 @@ class Generator(nn.Module):
         hidden_dim: int,
     ):
         super().__init__()
-        self.embeddings = nn.Parameter(torch.randn(clients, embedding_dim))
-        self.query = nn.Linear(embedding_dim, embedding_dim, bias=False)
-        self.key = nn.Linear(embedding_dim, embedding_dim, bias=False)
-        self.value = nn.Linear(embedding_dim, embedding_dim, bias=False)
-        self.hypernetwork = HyperNetwork(
-            shapes, embedding_dim=embedding_dim, hidden_dim=hidden_dim
+        d = embedding_dim
+        self.embeddings = nn.Parameter(torch.randn(clients, d))
+        self.encoder = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        #: ``log tau_l`` of each layer, ``tau`` starting at ``sqrt(d)``.
+        self.log_temperatures = nn.Parameter(
+            torch.full((len(shapes),), math.log(d) / 2)
+        )
+        self.decoders = nn.ModuleList(
+            HyperNetwork({name: shape}, embedding_dim=d, hidden_dim=hidden_dim)
+            for name, shape in shapes.items()
         )
 
     def aggregated(self) -> torch.Tensor:
-        """Every client's embedding after self-attention over all of them."""
-        return attention_aggregate(
-            self.embeddings, self.query.weight, self.key.weight, self.value.weight
-        )
+        """``(layers, clients, d)``: every client's embedding of every layer."""
+        encoded = self.encoder(self.embeddings)
+        return attention_aggregate(encoded, self.log_temperatures.exp())
 
     def personal(self, partitions: Iterable[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """Full-width personal factors of the given clients."""
+        """Full-width personal parameters of the given clients."""
         mixed = self.aggregated()
-        return {pid: self.hypernetwork(mixed[pid]) for pid in partitions}
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for pid in partitions:
+            out[pid] = {}
+            for layer, decoder in enumerate(self.decoders):
+                out[pid].update(decoder(mixed[layer, pid]))
+        return out
 
 
 def sliced(factors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
@@ -86,9 +103,9 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
     generator : Generator
         Embeddings, attention and hypernetwork.
     general : dict of str to ndarray
-        The initial general cores ``<layer>.G``.
+        The initial general parameters ``<layer>.u``.
     plan_of : callable
-        Partition id -> the client's personal-factor plan.
+        Partition id -> the leading block of each ``<layer>.v`` it holds.
     hyper_lr, hyper_momentum : float
         The generator's SGD settings.
     **kwargs
@@ -116,7 +133,7 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         self.sent_to: dict[int, int] = {}
 
     def content_for(self, partition_id: int) -> dict[str, torch.Tensor]:
-        """The general cores and the client's generated personal factors."""
+        """The general parameters and the client's generated personal ones."""
         with torch.no_grad():
             full = self.generator.personal([partition_id])[partition_id]
         own = sliced(full, self.plan_of(partition_id))
@@ -151,7 +168,8 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Plain mean of the general cores; one pFedHN step of the generator."""
+        """Plain mean of the general parameters (Eq. 6); one pFedHN step of
+        the generator."""
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
@@ -170,7 +188,7 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         return None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def step_generator(self, uploads: dict[int, dict[str, np.ndarray]]) -> None:
-        """Move every client's generated factors toward its trained ones:
+        """Move every client's generated ``v`` toward its trained one:
         gradient ``J^T (sent - returned)``, averaged over the clients."""
         self.optimizer.zero_grad(set_to_none=True)
         generated = self.generator.personal(uploads)
@@ -183,49 +201,84 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
         (surrogate / len(uploads)).backward()
         self.optimizer.step()
 
+    # -- resume ------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The general parameters, the generator (embeddings, encoder,
+        temperatures, decoders) and its optimiser's momentum."""
+        params = list(self.generator.parameters())
+        momentum = [
+            self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params
+        ]
+        return {
+            "general": {k: np.array(v) for k, v in self.general.items()},
+            "generator": {
+                k: v.detach().cpu().numpy().copy()
+                for k, v in self.generator.state_dict().items()
+            },
+            "momentum": [
+                None if m is None else m.detach().cpu().numpy().copy() for m in momentum
+            ],
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state`."""
+        self.general = {k: np.asarray(v) for k, v in state["general"].items()}
+        self.generator.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in state["generator"].items()}
+        )
+        self.optimizer.state.clear()
+        params = list(self.generator.parameters())
+        for param, buf in zip(params, state["momentum"], strict=True):
+            if buf is not None:
+                self.optimizer.state[param] = {
+                    "momentum_buffer": torch.from_numpy(np.array(buf))
+                }
+
 
 def factor_plans(
-    model: nn.Module, capacities: Sequence[float], rank: int
+    model: nn.Module, capacities: Sequence[float], factors: dict[str, Factors]
 ) -> Callable[[int], Plan]:
-    """Partition id -> the leading blocks of ``U`` / ``V`` at its width."""
+    """Partition id -> the leading block of every ``<layer>.v`` at its width."""
     width_of = plans(model, capacities)
-    return lambda pid: personal_plan(width_of(pid), rank)
+    return lambda pid: personal_plan(width_of(pid), factors)
 
 
-def initial_general(model: nn.Module, generator: Generator) -> dict[str, np.ndarray]:
-    """Each layer's ``G`` closest to the initial model's weight, given the mean
-    generated full-width ``U`` and ``V`` (:func:`core_for`)."""
+def initial_general(
+    model: nn.Module, generator: Generator, factors: dict[str, Factors]
+) -> dict[str, np.ndarray]:
+    """Each layer's ``u`` whose composition with the mean generated full-width
+    ``v`` is closest to the initial model's weight (:func:`general_for`)."""
     with torch.no_grad():
         generated = generator.personal(range(generator.embeddings.shape[0]))
-        mean = {
-            k: torch.stack([g[k] for g in generated.values()]).mean(0)
-            for k in generator.hypernetwork.shapes
-        }
-        return {
-            f"{name}.G": core_for(
-                layer.weight.detach().cpu(),
-                mean[f"{name}.{LEFT}"],
-                mean[f"{name}.{RIGHT}"],
-            ).numpy()
-            for name, layer in chain(model)
-        }
+        out = {}
+        for name, layer in chain(model):
+            key = f"{name}.{PERSONAL}"
+            mean = torch.stack([g[key] for g in generated.values()]).mean(0)
+            u = general_for(layer.weight.detach().cpu(), mean, factors[name].r1)
+            out[f"{name}.{GENERAL}"] = u.numpy()
+        return out
 
 
 def build(setup: ServerSetup) -> Pa3dFL:
     """Pa3dFL over the experiment's model, ``strategy.capacities`` and keys."""
     opts, model = setup.options, setup.model
+    factors = factors_of(model, opts.capacities)
+    shapes = {
+        f"{name}.{PERSONAL}": torch.Size(f.personal_shape)
+        for name, f in factors.items()
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(setup.experiment.seed, "pa3dfl-generator"))
         generator = Generator(
             setup.experiment.federation.clients,
-            personal_shapes(model, opts.rank),
+            shapes,
             embedding_dim=opts.embedding_dim,
             hidden_dim=opts.hidden_dim,
         )
     return Pa3dFL(
         generator,
-        initial_general(model, generator),
-        factor_plans(model, opts.capacities, opts.rank),
+        initial_general(model, generator, factors),
+        factor_plans(model, opts.capacities, factors),
         hyper_lr=opts.hyper_lr,
         hyper_momentum=opts.hyper_momentum,
         **setup.fedavg_options(),

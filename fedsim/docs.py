@@ -12,6 +12,7 @@ fails when a generated part and the code disagree.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from fedsim.core.loading import (
 
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
 FAMILY_START, FAMILY_END = "<!-- family:start -->", "<!-- family:end -->"
+TABLE_START, TABLE_END = "<!-- families:start -->", "<!-- families:end -->"
 FLWR_CONFIG = "[tool.flwr.app.config]"
 #: where the family pages live, relative to the repository root
 FAMILY_DIR = Path("docs") / "families"
@@ -116,6 +118,16 @@ def family_page(family: Family, current: str | None) -> str:
     return replace_block(current, FAMILY_START, FAMILY_END, block)
 
 
+def families_table(link_dir: str) -> str:
+    """Every registered family, a row each, linked to its page in ``link_dir``."""
+    lines = ["| family | what it is |", "| --- | --- |"]
+    lines += [
+        f"| [`{name}`]({link_dir}{name}.md) | {family.summary} |"
+        for name, family in sorted(registry.families().items())
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def families_index() -> str:
     """``docs/families/index.md``: every registered family, a line each."""
     lines = [
@@ -127,11 +139,7 @@ def families_index() -> str:
         "| family | what it is |",
         "| --- | --- |",
     ]
-    lines += [
-        f"| [`{name}`]({name}.md) | {family.summary} |"
-        for name, family in sorted(registry.families().items())
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines[:-2]) + "\n" + families_table("")
 
 
 def key_files(root: Path) -> list[Path]:
@@ -145,6 +153,15 @@ def generated(root: Path) -> dict[Path, str]:
     out: dict[Path, str] = {}
     for path in key_files(root):
         out[path] = with_reference(path.read_text(encoding="utf-8"))
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    for path in pages:
+        text = out.get(path) or (
+            path.read_text(encoding="utf-8") if path.exists() else ""
+        )
+        if TABLE_START in text:
+            rel = os.path.relpath(root / FAMILY_DIR, path.parent).replace(os.sep, "/")
+            table = families_table("" if rel == "." else f"{rel}/")
+            out[path] = replace_block(text, TABLE_START, TABLE_END, table)
     for name, family in sorted(registry.families().items()):
         page = root / FAMILY_DIR / f"{name}.md"
         current = page.read_text(encoding="utf-8") if page.exists() else None

@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from fedsim.core import registry
 from fedsim.core.loading import load_experiment
 from fedsim.core.sweeps import load_sweep
-from fedsim.docs import with_flower_config, with_reference
+from fedsim.docs import FAMILY_DIR, generated, key_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_key_reference_is_current() -> None:
+def test_generated_files_are_current() -> None:
+    """The key reference, the family pages and pyproject's Flower config (`flwr
+    run .` from a checkout runs the packaged quickstart) match the code."""
+    stale = [
+        str(path.relative_to(ROOT))
+        for path, text in generated(ROOT).items()
+        if not path.exists() or path.read_text(encoding="utf-8") != text
+    ]
+    assert not stale, f"run `python -m fedsim.docs` to refresh {stale}"
+    assert key_files(ROOT), "no page carries the experiment-key reference"
+
+
+def test_every_family_has_its_page() -> None:
+    pages = {p.stem for p in (ROOT / FAMILY_DIR).glob("*.md")} - {"index"}
+    assert pages == set(registry.families())
+
+
+def test_readme_links_resolve() -> None:
+    """Relative links of the README name files that exist; anchors name headings."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert with_reference(text) == text, "run `python -m fedsim.docs` to refresh"
-
-
-def test_pyproject_flower_config_is_current() -> None:
-    """`flwr run .` from a checkout runs the packaged quickstart."""
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert with_flower_config(text) == text, "run `python -m fedsim.docs` to refresh"
+    slugs = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", text, re.M)
+    }
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (ROOT / path).exists():
+            broken.append(target)
+        elif not path and anchor not in slugs:
+            broken.append(target)
+    assert not broken, broken
 
 
 def test_every_experiment_file_is_valid() -> None:

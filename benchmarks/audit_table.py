@@ -1,4 +1,4 @@
-"""The privacy-audit table of the README: every attack that applies against what
+"""The privacy-audit table of the docs: every attack that applies against what
 FedAvg, FedAvg under DP-SGD, FLoRA and HyperFL (with and without its mitigations)
 upload, at local batch size 8 (one step on the client's 8 images) and 1 (8 steps
 of one image); activation inversion against split learning's cut activations

@@ -1,4 +1,4 @@
-"""The baselines table of the README: FedAvg, FedProx, SCAFFOLD, FedAdam,
+"""The baselines table of the docs: FedAvg, FedProx, SCAFFOLD, FedAdam,
 FedYogi and FedAvgM on digits with Dirichlet(0.1) label skew, 20 clients, 30 %
 of them training each round.
 

@@ -1,4 +1,4 @@
-"""The capacity-heterogeneity table of the README: HeteroFL (as the reference
+"""The capacity-heterogeneity table of the docs: HeteroFL (as the reference
 code runs it, and without its scaler and masking), Pa3dFL and FedProphet on one
 capacity mix, against FedAvg at full size (plain and with end-to-end PGD
 training), over 3 seeds, with each paper's claim beside its row.

@@ -1,4 +1,4 @@
-"""The instruction-tuning table of the README: FLoRA, FedIT (homogeneous r = 8
+"""The instruction-tuning table of the docs: FLoRA, FedIT (homogeneous r = 8
 and heterogeneous ranks 16/8/4/2) and full fine-tuning (FedAvg) of a LLaMA-shaped
 causal LM, mean ± std over seeds.
 

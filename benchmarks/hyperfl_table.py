@@ -1,4 +1,4 @@
-"""The HyperFL table of the README: HyperFL against FedAvg's global model,
+"""The HyperFL table of the docs: HyperFL against FedAvg's global model,
 personalised FedAvg (FedAvg-FT) and local-only training, over seeds.
 
 Usage::

@@ -1,4 +1,4 @@
-"""The LoRA results table of the README: FLoRA, FedIT (continuing adapters),
+"""The LoRA results table of the docs: FLoRA, FedIT (continuing adapters),
 FedIT's averaging in FLoRA's merge-and-restart round (``fedit-merge``) and
 full-model FedAvg fine-tuning of one pre-trained base, homogeneous and
 heterogeneous ranks, over seeds.

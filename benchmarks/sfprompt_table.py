@@ -1,4 +1,4 @@
-"""The SFPrompt table of the README: SFPrompt, U-shaped split fine-tuning and
+"""The SFPrompt table of the docs: SFPrompt, U-shaped split fine-tuning and
 federated full fine-tuning (FedAvg of the whole pre-trained ViT, the paper's
 baseline) on one federation, over seeds.
 

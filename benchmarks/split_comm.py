@@ -1,4 +1,4 @@
-"""The SFPrompt / AMAQ table of the README: communication per round, accuracy.
+"""The SFPrompt / AMAQ table of the docs: communication per round, accuracy.
 
 Usage::
 

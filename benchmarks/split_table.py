@@ -1,4 +1,4 @@
-"""The split-learning table of the README: SplitFed V1 / V2, U-shaped (float and
+"""The split-learning table of the docs: SplitFed V1 / V2, U-shaped (float and
 int8 across the cut) and FedAvg on the same federation, model and data.
 
 Usage::

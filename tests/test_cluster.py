@@ -208,7 +208,8 @@ def test_placement_counts_clients_per_node_and_round():
 def test_compose_publishes_the_superlink_on_loopback_by_default():
     """The plain-text SuperLink of docker/compose.yaml (any SuperNode, any
     run) is published on 127.0.0.1 unless FEDSIM_SUPERLINK_HOST says
-    otherwise, as the README says; no other service publishes a port."""
+    otherwise, as the several-hosts guide says; no other service publishes a
+    port."""
     from pathlib import Path
 
     import yaml
@@ -222,5 +223,5 @@ def test_compose_publishes_the_superlink_on_loopback_by_default():
                 published[(name, service)] = spec["ports"]
     bound = "${FEDSIM_SUPERLINK_HOST-127.0.0.1}:${FEDSIM_SUPERLINK_PORT-9093}:9093"
     assert published == {("compose.yaml", "superlink"): [bound]}
-    readme = (root / "README.md").read_text()
-    assert "FEDSIM_SUPERLINK_HOST" in readme
+    guide = (root / "docs" / "how-to" / "several-hosts.md").read_text()
+    assert "FEDSIM_SUPERLINK_HOST" in guide

@@ -1,7 +1,7 @@
 """The experiment's sections: one frozen dataclass per TOML table.
 
 Every key is declared next to its field (:func:`fedsim.core.schema.option`):
-default, one-line help, check. The validator, the README reference and Flower's
+default, one-line help, check. The validator, the key reference of the docs and Flower's
 flat run-config all come from these declarations. ``[strategy]`` holds the
 family's name and the family's own option table (see :mod:`fedsim.core.family`).
 """

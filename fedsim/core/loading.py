@@ -406,7 +406,7 @@ def reference(strategy: str | None = None) -> list[tuple[str, str, str]]:
 
 
 def reference_markdown() -> str:
-    """The experiment-file reference table of the README, then one table per
+    """The experiment-file reference table of the docs, then one table per
     family that has options of its own."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, help_text in reference():

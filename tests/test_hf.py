@@ -426,3 +426,25 @@ def test_dp_sgd_trains_lora_on_an_hf_model_and_rejects_full_training(
     full = load_experiment(None, alpaca(hf_assets, hf_assets.llama, *dp))
     with pytest.raises(ConfigError, match="cannot be trained in full with DP-SGD"):
         preflight(full)
+
+
+def test_the_summary_table_of_a_causal_lm_run_shows_its_perplexity(
+    tmp_path: Path,
+) -> None:
+    """A causal LM has no accuracy: the CLI's summary names its perplexity."""
+    from rich.console import Console
+
+    from fedsim.engine.console import summary_table
+
+    summary = {
+        "status": "completed",
+        "rounds_completed": 2,
+        "rounds": 2,
+        "final": {"loss": 2.0, "perplexity": 7.389, "evaluate_perplexity": 8.0},
+    }
+    console = Console(record=True, width=100)
+    console.print(summary_table(summary, tmp_path))
+    text = console.export_text()
+    assert "server perplexity" in text and "7.3890" in text
+    assert "federated perplexity" in text and "8.0000" in text
+    assert "accuracy" not in text

@@ -36,12 +36,14 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_column("value", justify="right")
     final = summary.get("final", {})
     headline = summary.get("headline", "server")
+    # a causal language model has no accuracy: its headline is the perplexity
+    quality = "perplexity" if "perplexity" in final else "accuracy"
     rows = [
         ("status", str(summary.get("status"))),
         ("rounds", f"{summary.get('rounds_completed')}/{summary.get('rounds')}"),
-        (f"{_HEADLINE[headline]} accuracy", fmt(final.get("accuracy"))),
+        (f"{_HEADLINE[headline]} {quality}", fmt(final.get(quality))),
         (f"{_HEADLINE[headline]} loss", fmt(final.get("loss"))),
-        ("federated accuracy", fmt(final.get("evaluate_accuracy"))),
+        (f"federated {quality}", fmt(final.get(f"evaluate_{quality}"))),
         ("client failures", str(summary.get("failures", 0))),
         ("wall time", f"{summary.get('wall_seconds') or 0:.1f} s"),
     ]

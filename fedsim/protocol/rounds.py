@@ -26,7 +26,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from fedsim.core.messages import CONFIG, METRICS, PARTITION_ID, SERVER_ROUND
@@ -87,6 +95,42 @@ class WithoutGlobalModel:
         """FedAvg's round shape (through ``hooks``) with empty arrays."""
         standard_round(hooks, server_round, ArrayRecord(), grid, timeout=timeout)
         return None
+
+
+class SharedPart:
+    """Mixin for a FedAvg-shaped strategy whose server holds only the part of
+    the model every client shares (a body, a hypernetwork) in ``shared``, with
+    no global model to evaluate: :func:`standard_round` over ``shared``, the
+    round returns None, and ``shared`` is the server state a resume restores.
+    Put it before the Flower strategy in the bases."""
+
+    #: The current shared part.
+    shared: ArrayRecord
+
+    def run_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        grid: Grid,
+        *,
+        timeout: float,
+        hooks: Any,
+    ) -> ArrayRecord | None:
+        """FedAvg's round (through ``hooks``) over the shared part."""
+        new = standard_round(hooks, server_round, self.shared, grid, timeout=timeout)
+        if new is not None:
+            self.shared = new
+        return None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The shared part's arrays, in order."""
+        return {"shared": {k: a.numpy() for k, a in self.shared.items()}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpointed shared part."""
+        self.shared = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in state["shared"].items()}
+        )
 
 
 def exchange(

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.messages import ARRAYS
@@ -24,11 +22,11 @@ from fedsim.learn.hypernet import (
     is_shared,
     lora_shapes,
 )
-from fedsim.protocol.rounds import standard_round
+from fedsim.protocol.rounds import SharedPart
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 
 
-class HyperFL(FedAvg):
+class HyperFL(SharedPart, FedAvg):
     """Example-weighted average of the clients' hypernetworks.
 
     Parameters
@@ -43,22 +41,6 @@ class HyperFL(FedAvg):
         super().__init__(**with_message_keys(kwargs))
         #: The current shared hypernetwork.
         self.shared = initial
-
-    def run_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord | None,
-        grid: Grid,
-        *,
-        timeout: float,
-        hooks: Any,
-    ) -> ArrayRecord | None:
-        """FedAvg's round over the hypernetwork (through the outermost wrapper
-        ``hooks``); there is no global model to return."""
-        new = standard_round(hooks, server_round, self.shared, grid, timeout=timeout)
-        if new is not None:
-            self.shared = new
-        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -78,17 +60,6 @@ class HyperFL(FedAvg):
                     f"hypernetwork's (first difference: {extra[0]!r})"
                 )
         return super().aggregate_train(server_round, replies)
-
-    # -- resume (see fedsim.engine.checkpoint) ---------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The current hypernetwork (its arrays in order)."""
-        return {"shared": {k: a.numpy() for k, a in self.shared.items()}}
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpointed hypernetwork."""
-        self.shared = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in state["shared"].items()}
-        )
 
 
 def _strategy(setup: ServerSetup, shapes: dict[str, torch.Size]) -> HyperFL:

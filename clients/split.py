@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.core.experiment import Experiment
@@ -33,17 +32,22 @@ from fedsim.learn.amaq import Amaq
 from fedsim.learn.base import build_model
 from fedsim.learn.codecs import CODECS, decode, encode
 from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim.learn.hf_split import prepare
 from fedsim.learn.split import (
     Segment,
     batch_plan,
+    context_arrays,
     cut_points,
+    cut_tensor,
     from_record,
     load_optimizer,
     optimizer_arrays,
+    received,
     seeded,
     split_model,
     to_record,
 )
+from fedsim.learn.tasks import task_for
 from fedsim.learn.training import make_optimizer
 
 #: ``context.state`` keys: the client's segment weights, its optimiser state,
@@ -78,7 +82,9 @@ class SplitClient:
         self.experiment = experiment
         self.options = experiment.strategy.options
         self.device = device
-        self.model = build_model(experiment.model, info, experiment.seed).to(device)
+        built = build_model(experiment.model, info, experiment.seed)
+        self.model = prepare(built, experiment).to(device)
+        self.task = task_for(experiment)
         cuts = cut_points(
             self.model, self.options.cut, getattr(self.options, "tail", None)
         )
@@ -173,7 +179,7 @@ class SplitClient:
 
     def head_output(
         self, data: ClientData, server_round: int, batch: np.ndarray, t: int
-    ) -> torch.Tensor:
+    ) -> Any:
         """The first segment's output on batch ``t`` (dropout seeded by run,
         round, partition and batch, so a recomputation is the same)."""
         seed = derive_seed(
@@ -187,15 +193,23 @@ class SplitClient:
     def upload(
         self, data: ClientData, server_round: int, plan: list[np.ndarray], t: int
     ) -> RecordDict:
-        """The message carrying batch ``t``'s activations (and labels)."""
+        """The message carrying batch ``t``'s activations (their context, and
+        the task's targets: the labels, a causal LM's tokens)."""
         with torch.no_grad():
             out = self.head_output(data, server_round, plan[t], t)
-        arrays = encode(self.codec, ACTIVATIONS, out.cpu().numpy())
+        arrays = encode(self.codec, ACTIVATIONS, cut_tensor(out).cpu().numpy())
+        arrays.update(context_arrays(out))
         if self.sends_labels:
-            arrays[LABELS] = data.train.y[plan[t]]
+            arrays[LABELS] = self.targets(data, plan[t]).cpu().numpy()
         return RecordDict(
             {CUT: to_record(arrays), METRICS: MetricRecord({BATCHES: len(plan)})}
         )
+
+    def targets(self, data: ClientData, batch: np.ndarray) -> torch.Tensor:
+        """What the loss of ``batch`` needs besides the logits (the task's)."""
+        x = torch.from_numpy(data.train.x[batch]).to(self.device)
+        y = torch.from_numpy(data.train.y[batch]).to(self.device)
+        return self.task.targets(x, y)
 
     def final(
         self, plan: list[np.ndarray], data: ClientData, cursor: dict[str, Any]
@@ -256,7 +270,9 @@ class SplitClient:
         optimizer.zero_grad(set_to_none=True)
         out = self.head_output(data, server_round, plan[t], t)
         progress = (server_round - 1 + (t + 1) / len(plan)) / self.experiment.rounds
-        self.backward_cut(out, torch.from_numpy(gradient).to(self.device), progress)
+        self.backward_cut(
+            cut_tensor(out), torch.from_numpy(gradient).to(self.device), progress
+        )
         optimizer.step()
         cursor["batch"] = t + 1
         if t + 1 == len(plan):
@@ -302,20 +318,22 @@ class UshapeClient(SplitClient):
         optimizer, cursor = self.restore(state)
         plan = self.plan(data, server_round, cursor)
         t = int(cursor["batch"])
-        body = decode(self.codec, ACTIVATIONS, from_record(content.array_records[CUT]))
+        cut = from_record(content.array_records[CUT])
+        body = decode(self.codec, ACTIVATIONS, cut)
         h = torch.from_numpy(body).to(self.device).requires_grad_(True)
-        y = torch.from_numpy(data.train.y[plan[t]]).to(self.device)
+        targets = self.targets(data, plan[t])
         seed = derive_seed(
             self.experiment.seed, "split-tail", server_round, data.partition_id, t
         )
         optimizer.zero_grad(set_to_none=True)
         self.model.train()
         with seeded(seed, self.device):
-            loss = F.cross_entropy(self.segments[-1](h), y)
+            loss = self.task.logits_loss(self.segments[-1](received(cut, h)), targets)
         loss.backward()
         optimizer.step()
-        cursor["loss-sum"] = float(cursor["loss-sum"]) + float(loss.detach()) * len(y)
-        cursor["seen"] = int(cursor["seen"]) + len(y)
+        n = len(plan[t])
+        cursor["loss-sum"] = float(cursor["loss-sum"]) + float(loss.detach()) * n
+        cursor["seen"] = int(cursor["seen"]) + n
         self.save(state, optimizer, cursor)
         assert h.grad is not None
         arrays = encode(self.codec, GRADIENT, h.grad.cpu().numpy())

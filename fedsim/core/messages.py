@@ -32,8 +32,12 @@ CUT = "cut"
 ACTIVATIONS = "activations"
 #: Name prefix (in CUT) of the encoded gradient of a batch, both directions.
 GRADIENT = "gradient"
-#: Name (in CUT) of a batch's labels (SplitFed: client -> server).
+#: Name (in CUT) of a batch's labels (SplitFed: client -> server; a causal LM's
+#: are its tokenised batch, :meth:`fedsim.learn.tasks.CausalLM.targets`).
 LABELS = "labels"
+#: Name prefix (in CUT) of arrays that travel beside the activations uncoded
+#: (a Hugging Face model's padding mask, ``context.mask``), both directions.
+CONTEXT = "context"
 #: Custom action: apply the gradient of batch t, reply batch t+1's activations.
 SPLIT_STEP = "split_step"
 #: Custom action (U-shaped): run the tail on the body's output, reply its gradient.

@@ -10,6 +10,12 @@ own state-dict names:
 - ``vit``: ``embed`` (patch, class and positional embeddings), ``blocks.0`` ...
   ``blocks.<depth-1>``, ``pool`` (final LayerNorm of the class token), ``head``.
 
+Hugging Face models (``model.name = "hf"``) are cut at their blocks
+(:mod:`fedsim.learn.hf_split`: ``model.layers.1``, ``transformer.h.1``...); a
+stage there passes a :class:`fedsim.learn.hf_split.Carry` (hidden states and
+padding mask) to the next, and :func:`cut_tensor` / :func:`cut_context` /
+:func:`join` say what crosses a cut.
+
 A cut names the last stage before it (or gives that stage's index in the list).
 :func:`split_model` cuts a model at one or more cuts into :class:`Segment` s
 that share the model's modules: ``segments[0](x)`` feeds ``segments[1]``, and so
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +34,15 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedsim.core.errors import ConfigError
+from fedsim.core.messages import CONTEXT
+from fedsim.learn import hf_split
+from fedsim.learn.hf_split import cut_context as cut_context
+from fedsim.learn.hf_split import cut_tensor as cut_tensor
+from fedsim.learn.hf_split import join as join
 from fedsim.learn.models import CNN, MLP, ViT
 
 #: ``(name, forward, parameter prefixes)`` of one stage.
-Stage = tuple[str, Callable[[torch.Tensor], torch.Tensor], tuple[str, ...]]
+Stage = tuple[str, Callable[[Any], Any], tuple[str, ...]]
 
 #: Where each packaged model is cut when ``split.cut`` is empty.
 DEFAULT_CUT = {MLP: "body.2", CNN: "features.4", ViT: "blocks.0"}
@@ -55,6 +67,8 @@ def stages(model: nn.Module) -> list[Stage]:
     ConfigError
         For a model that split learning cannot cut.
     """
+    if hf_split.is_hf(model):
+        return hf_split.stages(model)  # type: ignore[arg-type]
     if isinstance(model, MLP):
         return _sequential(model, ["body", "head"])
     if isinstance(model, CNN):
@@ -74,8 +88,8 @@ def stages(model: nn.Module) -> list[Stage]:
         ]
         return [embed, *blocks, *tail]
     raise ConfigError(
-        f"model.name: split learning cuts the packaged 'mlp', 'cnn' and 'vit', not "
-        f"{type(model).__name__}"
+        f"model.name: split learning cuts the packaged 'mlp', 'cnn' and 'vit' and "
+        f"'hf' transformers, not {type(model).__name__}"
     )
 
 
@@ -88,15 +102,19 @@ def cut_index(model: nn.Module, cut: str, key: str = "split.cut") -> int:
     """Index of the last stage before ``cut`` (a stage name or its index; empty:
     the model's default cut). ``key`` names the config key in errors."""
     names = stage_names(model)
+    hf = hf_split.is_hf(model)
     if not cut:
-        cut = DEFAULT_CUT[type(model)]
+        cut = hf_split.default_cut(names) if hf else DEFAULT_CUT[type(model)]
     if cut.isdigit() and int(cut) < len(names):
         return int(cut)
     if cut in names:
         return names.index(cut)
+    if hf and cut == "head":  # the output layer of every architecture
+        return len(names) - 1
+    shown = names if len(names) <= 8 else [*names[:4], "...", *names[-3:]]
     raise ConfigError(
         f"{key}: {cut!r} is not a stage of this model; use one of "
-        f"{', '.join(names)} (or its index)"
+        f"{', '.join(shown)} (or its index)"
     )
 
 
@@ -137,14 +155,24 @@ class Segment:
         The model whose modules the segment runs (shared, not copied).
     stages : sequence of Stage
         The segment's stages, in forward order.
+    carried : frozenset of str, optional
+        The state-dict names its weights carry (``state`` / ``load``); None:
+        all it owns (LoRA: only the trainable ones,
+        :func:`fedsim.learn.hf_split.carried`).
     """
 
-    def __init__(self, model: nn.Module, stages: Sequence[Stage]):
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[Stage],
+        carried: frozenset[str] | None = None,
+    ):
         self.model = model
         self.stages = tuple(stages)
         self.prefixes = tuple(p for _, _, prefixes in self.stages for p in prefixes)
+        self.carried = carried
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         for _, forward, _ in self.stages:
             x = forward(x)
         return x
@@ -159,20 +187,28 @@ class Segment:
         return key.startswith(self.prefixes)
 
     def parameters(self) -> list[nn.Parameter]:
-        """The segment's parameters, in the model's order."""
-        return [p for n, p in self.model.named_parameters() if self.owns(n)]
+        """The segment's trainable parameters, in the model's order."""
+        return [
+            p
+            for n, p in self.model.named_parameters()
+            if self.owns(n) and p.requires_grad
+        ]
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The segment's state-dict entries (CPU copies)."""
+    def _entries(self) -> dict[str, torch.Tensor]:
         return {
-            k: v.detach().cpu().clone()
+            k: v
             for k, v in self.model.state_dict().items()
-            if self.owns(k)
+            if self.owns(k) and (self.carried is None or k in self.carried)
         }
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The segment's state-dict entries it carries (CPU copies)."""
+        return {k: v.detach().cpu().clone() for k, v in self._entries().items()}
+
     def load(self, arrays: Mapping[str, torch.Tensor | np.ndarray]) -> None:
-        """Copy ``arrays`` (exactly this segment's entries) into the model."""
-        own = {k: v for k, v in self.model.state_dict().items() if self.owns(k)}
+        """Copy ``arrays`` (exactly this segment's carried entries) into the
+        model."""
+        own = self._entries()
         if set(arrays) != set(own):
             missing = sorted(set(own) ^ set(arrays))
             raise ValueError(f"segment arrays differ from the segment's: {missing[:3]}")
@@ -194,8 +230,9 @@ def split_model(model: nn.Module, cuts: Sequence[int]) -> list[Segment]:
     bounds = [-1, *cuts, len(all_stages) - 1]
     if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
         raise ValueError(f"cuts {list(cuts)} leave an empty segment")
+    carried = hf_split.carried(model)
     return [
-        Segment(model, all_stages[a + 1 : b + 1])
+        Segment(model, all_stages[a + 1 : b + 1], carried)
         for a, b in zip(bounds, bounds[1:], strict=False)
     ]
 
@@ -232,6 +269,20 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.default_generator.set_state(saved)
+
+
+def context_arrays(value: Any) -> dict[str, np.ndarray]:
+    """The arrays that travel beside a cut value's tensor, named
+    ``context.<name>`` (:func:`cut_context`)."""
+    return {f"{CONTEXT}.{k}": v for k, v in cut_context(value).items()}
+
+
+def received(cut: Mapping[str, np.ndarray], tensor: torch.Tensor) -> Any:
+    """A received cut tensor with the ``context.*`` arrays of its message, as
+    the next stage takes it (:func:`join`)."""
+    prefix = f"{CONTEXT}."
+    context = {k[len(prefix) :]: v for k, v in cut.items() if k.startswith(prefix)}
+    return join(tensor, context)
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

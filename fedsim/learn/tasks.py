@@ -29,7 +29,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import DataConfig, Experiment, ModelConfig
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.learn.data import Arrays, FederatedData, federated_data
-from fedsim.learn.text import TARGET, is_text, tokenize_rows
+from fedsim.learn.text import TARGET, is_text, tokenize_rows, trim
 from fedsim.learn.training import cross_entropy, evaluate
 
 
@@ -54,6 +54,15 @@ class Task(Protocol):
         """The metrics of ``model`` on a split."""
         ...
 
+    def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the loss of a batch needs besides the logits (split learning
+        sends it to the side holding the loss)."""
+        ...
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch from its logits and :meth:`targets`."""
+        ...
+
 
 @dataclass(frozen=True)
 class Classification:
@@ -71,6 +80,13 @@ class Classification:
         return TaskMetrics(
             {"loss": stats.loss, "accuracy": stats.accuracy}, stats.examples
         )
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The labels."""
+        return y
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
 
 
 def token_losses(logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -91,7 +107,15 @@ class CausalLM:
     batch_size: int = 8
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        total, count = token_losses(model(x), x)
+        return self.logits_loss(model(x), x)
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The tokenised batch (cut to its longest row): next-token prediction's
+        labels are the tokens, its kinds say which are in the loss."""
+        return trim(x)  # type: ignore[no-any-return]
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total, count = token_losses(logits, targets)
         return total / max(count, 1)
 
     @torch.no_grad()

@@ -166,6 +166,8 @@ def _family(
         check="fedsim.strategies.split.server:check",
         actions=_ACTIONS,
         audit=_AUDIT,
+        peft=("none", "lora"),
+        model="fedsim.learn.hf_split:prepare",
     )
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -36,14 +35,19 @@ from fedsim.core.messages import (
     SPLIT_TAIL,
 )
 from fedsim.core.seeding import derive_seed
+from fedsim.learn import hf_split
 from fedsim.learn.codecs import CODECS, Codec, decode, encode
 from fedsim.learn.split import (
     Segment,
+    context_arrays,
     cut_points,
+    cut_tensor,
     from_record,
+    received,
     split_model,
     to_record,
 )
+from fedsim.learn.tasks import Classification, Task, task_for
 from fedsim.learn.training import make_optimizer
 from fedsim.protocol.rounds import exchange
 from fedsim.protocol.setup import ServerSetup
@@ -58,9 +62,11 @@ def cuts(model: nn.Module, options: Any) -> list[int]:
 
 def check(experiment: Experiment, model: nn.Module, data: Any) -> None:
     """Pre-run check: the cuts exist in this model and leave every side a
-    stage (ConfigError before anything is written)."""
+    stage; LoRA and Hugging Face limits (:func:`fedsim.learn.hf_split.check`).
+    ConfigError before anything is written."""
     options = experiment.strategy.options
     cuts(model, options)
+    hf_split.check(experiment, model)
     if options.min_bits >= options.max_bits:
         raise ConfigError(
             f"split.min-bits: {options.min_bits} must be < split.max-bits "
@@ -79,11 +85,21 @@ class ServerSegment:
         ``optimizer``, ``lr``, ``momentum``, ``weight-decay``.
     device : torch.device
         Where the segment lives.
+    task : Task
+        The loss of a segment that ends in the logits (default: cross-entropy
+        of class logits).
     """
 
-    def __init__(self, segment: Segment, train: TrainConfig, device: torch.device):
+    def __init__(
+        self,
+        segment: Segment,
+        train: TrainConfig,
+        device: torch.device,
+        task: Task | None = None,
+    ):
         self.segment = segment
         self.device = device
+        self.task = task if task is not None else Classification()
         # A frozen segment (SFPrompt's body) passes gradients, steps nothing.
         trains = any(p.requires_grad for p in segment.parameters())
         self.optimizer = make_optimizer(segment.parameters(), train) if trains else None
@@ -96,25 +112,33 @@ class ServerSegment:
         return torch.from_numpy(values).to(self.device).requires_grad_(True)
 
     def step(
-        self, activations: np.ndarray, labels: np.ndarray
+        self,
+        activations: np.ndarray,
+        labels: np.ndarray,
+        cut: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, float]:
-        """A segment ending in the loss: forward, cross-entropy, backward, step.
-        Returns the loss's gradient with respect to ``activations``, and the
-        loss."""
+        """A segment ending in the loss: forward, the task's loss, backward,
+        step. ``cut``: the message's arrays (their ``context.*`` go with the
+        activations). Returns the loss's gradient with respect to
+        ``activations``, and the loss."""
         a = self._input(activations)
         y = torch.from_numpy(labels).to(self.device)
-        loss = F.cross_entropy(self.segment(a), y)
+        loss = self.task.logits_loss(self.segment(received(cut or {}, a)), y)
         loss.backward()
         self.optimizer.step()
         assert a.grad is not None
         return a.grad.cpu().numpy(), float(loss.detach())
 
-    def forward(self, activations: np.ndarray) -> np.ndarray:
-        """A body: its output (the graph is kept for :meth:`backward`)."""
+    def forward(
+        self, activations: np.ndarray, cut: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A body: its output, and the ``context.*`` arrays that go with it
+        (the graph is kept for :meth:`backward`)."""
         a = self._input(activations)
-        out = self.segment(a)
-        self._pending = (a, out)
-        return out.detach().cpu().numpy()
+        out = self.segment(received(cut or {}, a))
+        tensor = cut_tensor(out)
+        self._pending = (a, tensor)
+        return tensor.detach().cpu().numpy(), context_arrays(out)
 
     def backward(self, gradient: np.ndarray) -> np.ndarray:
         """Backward from the gradient of the body's output, step; the gradient
@@ -147,7 +171,9 @@ class Session:
             return None
         cut = from_record(reply.array_records[CUT])
         labels = cut[LABELS]
-        gradient, loss = self.server.step(decode(self.codec, ACTIVATIONS, cut), labels)
+        gradient, loss = self.server.step(
+            decode(self.codec, ACTIVATIONS, cut), labels, cut
+        )
         self.loss_sum += loss * len(labels)
         self.examples += len(labels)
         return SPLIT_STEP, RecordDict(
@@ -168,9 +194,9 @@ class UshapeSession(Session):
             return SPLIT_STEP, RecordDict(
                 {CUT: to_record(encode(self.codec, GRADIENT, grad))}
             )
-        out = self.server.forward(decode(self.codec, ACTIVATIONS, cut))
+        out, context = self.server.forward(decode(self.codec, ACTIVATIONS, cut), cut)
         return SPLIT_TAIL, RecordDict(
-            {CUT: to_record(encode(self.codec, ACTIVATIONS, out))}
+            {CUT: to_record({**encode(self.codec, ACTIVATIONS, out), **context})}
         )
 
 
@@ -212,7 +238,10 @@ class SplitStrategy(FedAvg):
     def server_of(self, segments: list[Segment]) -> ServerSegment:
         """The server segment of ``segments``, with a fresh optimiser."""
         return ServerSegment(
-            self.server_segment(segments), self.experiment.train, self.device
+            self.server_segment(segments),
+            self.experiment.train,
+            self.device,
+            task_for(self.experiment),
         )
 
     def sessions(self, nodes: list[int], server_round: int) -> dict[int, Session]:
@@ -303,7 +332,9 @@ class SplitStrategy(FedAvg):
         client, _ = hooks.aggregate_train(server_round, [done[n] for n in finished])
         if client is None:
             raise RoundFailed(f"round {server_round}: no client segment to average")
-        merged = {k: v.numpy() for k, v in client.items()}
+        # the round's arrays, where they did not travel (a frozen LoRA base)
+        merged = {k: v.numpy() for k, v in arrays.items()}
+        merged.update({k: v.numpy() for k, v in client.items()})
         merged.update(self.server_state(sessions, weights))
         return to_record(merged)
 

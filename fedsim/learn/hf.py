@@ -18,6 +18,7 @@ are named ``hf.<the model's own names>``.
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -170,16 +171,38 @@ def build_hf(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     return HFModel(model, cfg.task, processor)
 
 
+def merged(model: nn.Module) -> nn.Module:
+    """``model``, or where PEFT layers were injected into it in place (split
+    learning's LoRA) a copy with each merged into its base layer (PEFT's own
+    ``merge``) and replaced by it."""
+    import sys
+
+    if "peft" not in sys.modules:  # no PEFT layer without PEFT imported
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        layer: Any = model.get_submodule(name)
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    return model
+
+
 def export(model: nn.Module, folder: Path) -> None:
-    """Save the final model under ``folder``: an :class:`HFModel` (LoRA already
-    merged into its weights) with ``save_pretrained`` and its tokenizer or
+    """Save the final model under ``folder``: an :class:`HFModel` (LoRA merged
+    into its weights, :func:`merged`) with ``save_pretrained`` and its tokenizer or
     processor, reloadable with the task's ``AutoModelFor...``; any other model's
     state dict as ``model.safetensors``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, HFModel):
-        model.hf.save_pretrained(folder)
+        merged(model).hf.save_pretrained(folder)
         if model.processor is not None:
             model.processor.save_pretrained(folder)
         return

@@ -401,6 +401,6 @@ def check(experiment: Any, model: nn.Module) -> None:
         )
     if experiment.audit.enabled and cfg.task != "image-classification":
         raise ConfigError(
-            "audit.enabled: the split audit reconstructs image inputs from the "
+            "audit.attack: the split audit reconstructs image inputs from the "
             "cut activations; a Hugging Face text model's inputs are tokens"
         )

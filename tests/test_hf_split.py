@@ -111,7 +111,8 @@ def test_client_part_then_server_part_is_the_whole_model(
     if arch != "bert":
         task = CausalLM()
         whole_loss = model.hf(
-            input_ids=x[:, 0], attention_mask=(x[:, 1] > 0).long(),
+            input_ids=x[:, 0],
+            attention_mask=(x[:, 1] > 0).long(),
             labels=torch.where(x[:, 1] == 2, x[:, 0], -100),
         ).loss
         split_loss = task.logits_loss(logits, task.targets(x, torch.zeros(3)))
@@ -129,8 +130,9 @@ def test_gradient_at_the_cut_is_autograd_of_the_whole_model(
     """The server's gradient of the cut activations (ServerSegment.step, the
     task's loss) equals ``torch.autograd.grad`` of the unsplit model's loss
     with respect to the cut block's output, caught by a forward hook."""
-    from fedsim.core.experiment import TrainConfig
     from fedsim.strategies.split.server import ServerSegment
+
+    from fedsim.core.experiment import TrainConfig
 
     model, vocab = model_of(arch, hf_assets)
     for module in model.modules():  # the server segment trains: no dropout
@@ -219,7 +221,8 @@ def test_split_lora_training_is_centralized_lora_training(
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".layers.1." in n for n in trained)
     bad = [
-        n for n in trained
+        n
+        for n in trained
         if not np.allclose(final[n].numpy(), state[n].numpy(), rtol=1e-4, atol=1e-6)
     ]
     assert not bad, (bad, trained)
@@ -261,7 +264,9 @@ def test_ushape_lora_run_exports_a_merged_model_with_its_last_loss(
     last = rows[(2, None, "server", "loss")]
     assert last < rows[(0, None, "server", "loss")]
     assert rows[(2, None, "server", "perplexity")] == pytest.approx(math.exp(last))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / MODEL_DIR, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / MODEL_DIR, local_files_only=True
+    )
     again = CausalLM().evaluate(
         HFModel(hf, "causal-lm"), data.test, device=torch.device("cpu")
     )
@@ -288,7 +293,9 @@ def test_bad_cuts_and_unsupported_pairings_exit_2(
             "audit.attack: the split audit reconstructs image inputs",
         ),
         (
-            alpaca(hf_assets, None, "strategy.name=sfprompt", "split.cut=model.layers.0"),
+            alpaca(
+                hf_assets, None, "strategy.name=sfprompt", "split.cut=model.layers.0"
+            ),
             "model.name: sfprompt prompts the packaged 'vit'",
         ),
         (

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.core.errors import ConfigError, RoundFailed
-from fedsim.core.experiment import Experiment, TrainConfig
+from fedsim.core.experiment import Experiment
 from fedsim.core.messages import (
     ACTIVATIONS,
     ARRAYS,
@@ -39,19 +39,16 @@ from fedsim.learn import hf_split
 from fedsim.learn.codecs import CODECS, Codec, decode, encode
 from fedsim.learn.split import (
     Segment,
-    context_arrays,
     cut_points,
-    cut_tensor,
     from_record,
-    received,
     split_model,
     to_record,
 )
-from fedsim.learn.tasks import Classification, Task, task_for
-from fedsim.learn.training import make_optimizer
+from fedsim.learn.tasks import task_for
 from fedsim.protocol.rounds import exchange
 from fedsim.protocol.setup import ServerSetup
 from fedsim.strategies.split.maths import serving_order, weighted_average
+from fedsim.strategies.split.segment import ServerSegment
 
 
 def cuts(model: nn.Module, options: Any) -> list[int]:
@@ -72,86 +69,6 @@ def check(experiment: Experiment, model: nn.Module, data: Any) -> None:
             f"split.min-bits: {options.min_bits} must be < split.max-bits "
             f"({options.max_bits})"
         )
-
-
-class ServerSegment:
-    """The server's segment in one session, with its own optimiser.
-
-    Parameters
-    ----------
-    segment : Segment
-        The stages the server runs.
-    train : TrainConfig
-        ``optimizer``, ``lr``, ``momentum``, ``weight-decay``.
-    device : torch.device
-        Where the segment lives.
-    task : Task
-        The loss of a segment that ends in the logits (default: cross-entropy
-        of class logits).
-    """
-
-    def __init__(
-        self,
-        segment: Segment,
-        train: TrainConfig,
-        device: torch.device,
-        task: Task | None = None,
-    ):
-        self.segment = segment
-        self.device = device
-        self.task = task if task is not None else Classification()
-        # A frozen segment (SFPrompt's body) passes gradients, steps nothing.
-        trains = any(p.requires_grad for p in segment.parameters())
-        self.optimizer = make_optimizer(segment.parameters(), train) if trains else None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _input(self, values: np.ndarray) -> torch.Tensor:
-        self.segment.model.train()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        return torch.from_numpy(values).to(self.device).requires_grad_(True)
-
-    def step(
-        self,
-        activations: np.ndarray,
-        labels: np.ndarray,
-        cut: dict[str, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """A segment ending in the loss: forward, the task's loss, backward,
-        step. ``cut``: the message's arrays (their ``context.*`` go with the
-        activations). Returns the loss's gradient with respect to
-        ``activations``, and the loss."""
-        a = self._input(activations)
-        y = torch.from_numpy(labels).to(self.device)
-        loss = self.task.logits_loss(self.segment(received(cut or {}, a)), y)
-        loss.backward()
-        self.optimizer.step()
-        assert a.grad is not None
-        return a.grad.cpu().numpy(), float(loss.detach())
-
-    def forward(
-        self, activations: np.ndarray, cut: dict[str, np.ndarray] | None = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """A body: its output, and the ``context.*`` arrays that go with it
-        (the graph is kept for :meth:`backward`)."""
-        a = self._input(activations)
-        out = self.segment(received(cut or {}, a))
-        tensor = cut_tensor(out)
-        self._pending = (a, tensor)
-        return tensor.detach().cpu().numpy(), context_arrays(out)
-
-    def backward(self, gradient: np.ndarray) -> np.ndarray:
-        """Backward from the gradient of the body's output, step; the gradient
-        with respect to the body's input."""
-        if self._pending is None:
-            raise RuntimeError("backward before forward")
-        a, out = self._pending
-        self._pending = None
-        out.backward(torch.from_numpy(gradient).to(self.device))
-        if self.optimizer is not None:
-            self.optimizer.step()
-        assert a.grad is not None
-        return a.grad.cpu().numpy()
 
 
 class Session:

@@ -3,7 +3,9 @@ Learning Meets Split Learning", AAAI 2022) and U-shaped split learning
 (Vepakomma et al., "Split learning for health", 2018).
 
 The model is cut (:mod:`fedsim.learn.split`; ``split.cut`` names the last stage
-the client runs, empty for the model's default). The client runs the first
+the client runs, empty for the model's default; a Hugging Face model is cut at
+a block named by its module path, :mod:`fedsim.learn.hf_split`, and its padding
+mask travels beside the hidden states as ``context.mask``). The client runs the first
 segment, the server the rest; activations go up, gradients of the cut
 activations come down, every tensor in the messages (so the recorded bytes are
 what crosses the cut). ``split.quantization`` picks the codec of both
@@ -47,12 +49,12 @@ named ``<prefix>.<codec array>``, see :func:`fedsim.learn.codecs.encode`):
 - ``train`` down: ``arrays`` (the global client segment(s), the model's state-dict
   names), ``config`` (``server-round``).
 - ``train`` up, and ``train.split_step`` up while batches remain: ``cut``
-  (``activations.*`` of the next batch; SplitFed also ``labels``), ``metrics``
-  (``batches``).
+  (``activations.*`` of the next batch, ``context.*`` with an HF model;
+  SplitFed also ``labels``), ``metrics`` (``batches``).
 - ``train.split_step`` down: ``cut`` (``gradient.*`` of the cut activations of
   the client's last batch), ``config``.
 - ``train.split_tail`` down (U-shaped): ``cut`` (``activations.*``: the body's
-  output); up: ``cut`` (``gradient.*`` of the body's output).
+  output, and its ``context.*``); up: ``cut`` (``gradient.*`` of the body's output).
 - ``train.split_step`` up after the last batch: ``arrays`` (the client
   segment(s) after the round), ``metrics`` (``num-examples``, ``batches``;
   U-shaped also ``loss``).
@@ -84,6 +86,16 @@ Client/server segment API (for families built on this one, e.g. SFPrompt):
 
 U-shaped training keeps one body copy per client, as V1 (the clients run
 concurrently).
+
+LoRA (``peft.method = "lora"``, the family's ``model`` hook
+:func:`fedsim.learn.hf_split.prepare`, applied by the client to its own build
+too): adapters injected in place on every side, the base frozen; segments then
+carry only their trainable arrays (the adapters), so ``train`` sends and the
+replies return adapters, averaged as any segment weight and kept across rounds
+(the round's global arrays keep the frozen base). One rank for every client.
+The loss is the task's (:meth:`fedsim.learn.tasks.Task.logits_loss`); what
+SplitFed sends as ``labels`` is :meth:`~fedsim.learn.tasks.Task.targets` (a
+causal LM's tokens).
 """
 
 from dataclasses import dataclass
@@ -106,8 +118,9 @@ class Options:
 
     cut: str = option(
         "",
-        "last stage the client runs (name or index, see fedsim.learn.split); "
-        "empty: mlp body.2, cnn features.4, vit blocks.0",
+        "last stage the client runs (name or index, see fedsim.learn.split; an "
+        "hf model's block by its module path, e.g. model.layers.1); empty: mlp "
+        "body.2, cnn features.4, vit blocks.0, hf the first block",
     )
     quantization: str = option(
         "none",

@@ -280,9 +280,25 @@ def test_bad_cuts_and_unsupported_pairings_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Each: exit 2, one line naming the key, nothing written."""
+    from fedsim.learn.tiny import make_folder
+
     monkeypatch.chdir(tmp_path)
     lora = ("strategy.name=sfl-v1", *LORA)
+    vit = make_folder(tmp_path / "vit", "vit")
+    capsys.readouterr()  # its progress bars
     cases = [
+        (
+            [
+                "strategy.name=sfl-v1",
+                "model.name=hf",
+                f"model.path={vit}",
+                "model.task=image-classification",
+            ],
+            "split.cut: split learning cuts Hugging Face models of the classes "
+            "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel"
+            ", BertForSequenceClassification; 'image-classification' loaded a "
+            "ViTForImageClassification",
+        ),
         (
             alpaca(hf_assets, None, *lora, "split.cut=model.layers.7"),
             "split.cut: 'model.layers.7' is not a stage of this model; use one of "

@@ -171,7 +171,7 @@ def build_hf(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     return HFModel(model, cfg.task, processor)
 
 
-def merged(model: nn.Module) -> nn.Module:
+def merged(model: HFModel) -> HFModel:
     """``model``, or where PEFT layers were injected into it in place (split
     learning's LoRA) a copy with each merged into its base layer (PEFT's own
     ``merge``) and replaced by it."""
@@ -185,7 +185,7 @@ def merged(model: nn.Module) -> nn.Module:
     if not names:
         return model
     model = copy.deepcopy(model)
-    for name in names:
+    for name in names:  # PEFT's own merge, then the base layer in its place
         layer: Any = model.get_submodule(name)
         layer.merge()
         parent, _, child = name.rpartition(".")
@@ -202,7 +202,8 @@ def export(model: nn.Module, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, HFModel):
-        merged(model).hf.save_pretrained(folder)
+        hf: Any = merged(model).hf
+        hf.save_pretrained(folder)
         if model.processor is not None:
             model.processor.save_pretrained(folder)
         return

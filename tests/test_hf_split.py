@@ -4,8 +4,9 @@ cut is autograd's on the whole model, split LoRA training is centralized LoRA
 training on the same batches, a U-shaped LoRA run exports a merged model that
 reloads with its last server loss, and bad cuts / unsupported pairings exit 2.
 
-Models are tiny random-init folders made offline (:mod:`tests.hf_assets`), or
-built from a config here (Mistral, Qwen2 with sliding-window layers)."""
+Models are tiny random-init folders made offline (:mod:`tests.hf_assets`,
+:mod:`fedsim.learn.tiny` for the ViT), or built from a config here (Mistral,
+Qwen2 with sliding-window layers)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ from tests.test_hf import alpaca, classification
 def load(folder: Path, task: str = "causal-lm") -> HFModel:
     import transformers as tf
 
-    auto = (
-        tf.AutoModelForCausalLM
-        if task == "causal-lm"
-        else tf.AutoModelForSequenceClassification
-    )
+    auto = {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+    }[task]
     return HFModel(auto.from_pretrained(folder, local_files_only=True), task).eval()
 
 
@@ -69,8 +70,11 @@ def configured(arch: str) -> HFModel:
 
 
 def batch(vocab: int, seed: int = 0) -> torch.Tensor:
-    """Three tokenised rows, two of them right-padded; targets after token 2."""
+    """Three tokenised rows, two of them right-padded; targets after token 2
+    (``vocab`` 0: three 8x8 images)."""
     g = torch.Generator().manual_seed(seed)
+    if not vocab:
+        return torch.rand(3, 1, 8, 8, generator=g)
     x = torch.zeros(3, 2, 10, dtype=torch.long)
     x[:, 0] = torch.randint(3, vocab, (3, 10), generator=g)
     x[:, 1] = 2
@@ -80,24 +84,33 @@ def batch(vocab: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def model_of(arch: str, assets: HfAssets) -> tuple[HFModel, int]:
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedsim.learn.tiny import make_folder
+
+    return make_folder(tmp_path_factory.mktemp("vit"), "vit")
+
+
+def model_of(arch: str, assets: HfAssets, vit: Path) -> tuple[HFModel, int]:
     if arch in ("mistral", "qwen2"):
         return configured(arch), 64
+    if arch == "vit":
+        return load(vit, "image-classification"), 0
     task = "sequence-classification" if arch == "bert" else "causal-lm"
     model = load(getattr(assets, arch), task)
     return model, int(model.hf.config.vocab_size)
 
 
-ARCHS = ["llama", "gpt2", "bert", "mistral", "qwen2"]
+ARCHS = ["llama", "gpt2", "bert", "mistral", "qwen2", "vit"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_client_part_then_server_part_is_the_whole_model(
-    arch: str, hf_assets: HfAssets
+    arch: str, hf_assets: HfAssets, vit_folder: Path
 ) -> None:
     """At every block cut, client part -> (tensor + padding mask on the wire)
     -> server part gives the unsplit model's logits and loss."""
-    model, vocab = model_of(arch, hf_assets)
+    model, vocab = model_of(arch, hf_assets, vit_folder)
     x = batch(vocab)
     names = stage_names(model)
     with torch.no_grad():
@@ -108,7 +121,7 @@ def test_client_part_then_server_part_is_the_whole_model(
             wire = {**context_arrays(out)}
             logits = tail(received(wire, cut_tensor(out).clone()))
             torch.testing.assert_close(logits, whole, rtol=0, atol=1e-6)
-    if arch != "bert":
+    if vocab and arch != "bert":
         task = CausalLM()
         whole_loss = model.hf(
             input_ids=x[:, 0],
@@ -123,9 +136,9 @@ def block_of(model: HFModel, name: str) -> torch.nn.Module:
     return model.hf.get_submodule(name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
 def test_gradient_at_the_cut_is_autograd_of_the_whole_model(
-    arch: str, hf_assets: HfAssets
+    arch: str, hf_assets: HfAssets, vit_folder: Path
 ) -> None:
     """The server's gradient of the cut activations (ServerSegment.step, the
     task's loss) equals ``torch.autograd.grad`` of the unsplit model's loss
@@ -134,11 +147,11 @@ def test_gradient_at_the_cut_is_autograd_of_the_whole_model(
 
     from fedsim.core.experiment import TrainConfig
 
-    model, vocab = model_of(arch, hf_assets)
+    model, vocab = model_of(arch, hf_assets, vit_folder)
     for module in model.modules():  # the server segment trains: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    task = Classification() if arch == "bert" else CausalLM()
+    task = Classification() if arch in ("bert", "vit") else CausalLM()
     x = batch(vocab, seed=1)
     y = torch.tensor([0, 1, 1])
     cut = stage_names(model)[1]  # the client: the embeddings and block 0
@@ -280,24 +293,17 @@ def test_bad_cuts_and_unsupported_pairings_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Each: exit 2, one line naming the key, nothing written."""
-    from fedsim.learn.tiny import make_folder
-
     monkeypatch.chdir(tmp_path)
     lora = ("strategy.name=sfl-v1", *LORA)
-    vit = make_folder(tmp_path / "vit", "vit")
-    capsys.readouterr()  # its progress bars
     cases = [
         (
-            [
-                "strategy.name=sfl-v1",
-                "model.name=hf",
-                f"model.path={vit}",
-                "model.task=image-classification",
-            ],
+            classification(
+                hf_assets, f"model.path={hf_assets.llama}", "strategy.name=sfl-v1"
+            ),
             "split.cut: split learning cuts Hugging Face models of the classes "
             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel"
-            ", BertForSequenceClassification; 'image-classification' loaded a "
-            "ViTForImageClassification",
+            ", BertForSequenceClassification, ViTForImageClassification; "
+            "'sequence-classification' loaded a LlamaForSequenceClassification",
         ),
         (
             alpaca(hf_assets, None, *lora, "split.cut=model.layers.7"),

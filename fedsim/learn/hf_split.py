@@ -20,6 +20,10 @@ architecture is described explicitly (:data:`ARCHITECTURES`, keyed by the
 - BERT (``BertForSequenceClassification``): ``bert.embeddings``,
   ``bert.encoder.layer.<i>`` (the bidirectional padding mask), ``bert.pooler``,
   ``classifier`` (dropout, then the linear layer).
+- ViT (``ViTForImageClassification``): ``vit.embeddings`` (of the images as
+  :meth:`fedsim.learn.hf.HFModel.pixels` prepares them), ``vit.layers.<i>``,
+  ``vit.layernorm``, ``classifier`` (of the class token). Images have no
+  padding: plain tensors cross the cut.
 
 ``head`` also names the output layer of every architecture (the default
 ``split.tail``). Between stages a batch travels as a :class:`Carry`: the
@@ -274,6 +278,39 @@ def _bert(model: HFModel) -> list[Stage]:
     ]
 
 
+# -- ViT ---------------------------------------------------------------------------
+def _vit(model: HFModel) -> list[Stage]:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    hf = model.hf
+    body, config = hf.vit, hf.config
+
+    def block(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        layer = body.layers[index]
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            mask = create_bidirectional_mask(
+                config=config, inputs_embeds=h, attention_mask=None
+            )
+            return layer(h, mask)  # type: ignore[no-any-return]
+
+        return run
+
+    return [
+        (
+            "vit.embeddings",
+            lambda x: body.embeddings(model.pixels(x)),
+            ("hf.vit.embeddings.",),
+        ),
+        *[
+            (f"vit.layers.{i}", block(i), (f"hf.vit.layers.{i}.",))
+            for i in range(len(body.layers))
+        ],
+        ("vit.layernorm", body.layernorm, ("hf.vit.layernorm.",)),
+        ("classifier", lambda h: hf.classifier(h[:, 0, :]), ("hf.classifier.",)),
+    ]
+
+
 #: ``transformers`` class name -> the stages of a model of that class.
 ARCHITECTURES: dict[str, Callable[[HFModel], list[Stage]]] = {
     "LlamaForCausalLM": _decoder(_llama_kind),
@@ -281,6 +318,7 @@ ARCHITECTURES: dict[str, Callable[[HFModel], list[Stage]]] = {
     "Qwen2ForCausalLM": _decoder(_qwen2_kind),
     "GPT2LMHeadModel": _gpt2,
     "BertForSequenceClassification": _bert,
+    "ViTForImageClassification": _vit,
 }
 
 

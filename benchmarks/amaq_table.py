@@ -4,7 +4,7 @@ over seeds.
 Usage::
 
     python benchmarks/amaq_table.py [--out DIR] [--seeds 0,1,2] [--set KEY=VALUE ...]
-                                    [--read SWEEP_DIR] [--write-docs]
+                                    [--reuse] [--write-docs]
 
 One ``fedsim sweep`` of ``experiments/sfl_v1_amaq_digits.toml`` (SplitFed V1,
 the ``cnn`` cut after its second convolution, 5 clients, 10 rounds) over seeds
@@ -22,10 +22,12 @@ each row's total bytes relative to AMAQ's so the match is visible.
 
 Prints mean ± std over seeds of the global model's final accuracy (the
 server's held-out test set), bytes up and down per round (all clients) and
-over the run, the mean bit width the clients sent, and whether AMAQ's accuracy
-interval separates from each other row's. ``--write-docs`` writes the table and
-the separation lines into ``docs/methods/sfprompt-amaq.md`` (block
-``amaq-equal-bytes``).
+over the run, the mean bit width the clients sent, AMAQ's accuracy minus each
+row's on the same seed (mean ± std of the paired differences), and whether
+AMAQ's accuracy interval separates from each other row's (and whether the
+paired differences' mean ± std excludes 0). ``--reuse`` tabulates the sweep
+already in ``--out``. ``--write-docs`` writes the table and the separation
+lines into ``docs/methods/sfprompt-amaq.md`` (block ``amaq-equal-bytes``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from cli_run import markdown
 from pages import write_block
-from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
+from seeds import ROOT, interval, mean_std, seeds_argument, separated, sweep_runs
 
 from fedsim import analysis
 
@@ -97,6 +99,14 @@ def read(sweep_dir: Path) -> dict[str, list[Path]]:
     return runs
 
 
+def paired(amaq: list[dict[str, float]], other: list[dict[str, float]]) -> str:
+    """Mean ± std over seeds of AMAQ's accuracy minus ``other``'s on the same
+    seed (runs in seed order)."""
+    return mean_std(
+        [a["accuracy"] - b["accuracy"] for a, b in zip(amaq, other, strict=True)]
+    )
+
+
 def table(measured: dict[str, list[dict[str, float]]]) -> str:
     """The Markdown table and the separation lines."""
     amaq_mb = sum(r["mb"] for r in measured["amaq"]) / len(measured["amaq"])
@@ -105,6 +115,7 @@ def table(measured: dict[str, list[dict[str, float]]]) -> str:
             "`split.quantization`": LABELS.get(name, name),
             "seeds": str(len(m)),
             "accuracy": mean_std([r["accuracy"] for r in m]),
+            "amaq - this (paired)": paired(measured["amaq"], m),
             "up/round (MB)": mean_std([r["up"] for r in m]),
             "down/round (MB)": mean_std([r["down"] for r in m]),
             "total (MB)": mean_std([r["mb"] for r in m], 2),
@@ -120,7 +131,13 @@ def table(measured: dict[str, list[dict[str, float]]]) -> str:
             continue
         apart = separated(amaq, [r["accuracy"] for r in m])
         verdict = "intervals separate" if apart else "intervals overlap"
-        lines.append(f"- accuracy, `amaq` vs {LABELS.get(name, name)}: {verdict}")
+        diffs = [a - r["accuracy"] for a, r in zip(amaq, m, strict=True)]
+        lo, hi = interval(diffs)
+        signed = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+        lines.append(
+            f"- accuracy, `amaq` vs {LABELS.get(name, name)}: {verdict}; "
+            f"paired difference {signed}"
+        )
     return "\n".join(lines)
 
 
@@ -129,11 +146,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/tables"))
     parser.add_argument("--seeds", type=seeds_argument, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--read", type=Path, help="tabulate this finished sweep")
+    parser.add_argument(
+        "--reuse", action="store_true", help="tabulate the sweep in --out"
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    if args.read:
-        runs = read(args.read)
+    if args.reuse:
+        runs = read(args.out / NAME)
     else:
         runs = sweep_runs(
             BASE, VARIANTS, args.seeds, args.out, name=NAME, overrides=args.overrides

@@ -11,7 +11,10 @@ the ``cnn`` cut after its second convolution, 5 clients, 10 rounds) over seeds
 x ``split.quantization``: float32 (``none``), fixed ``int8`` and ``int4``,
 ``amaq`` (learned per-channel widths, its budget annealed 8 -> 4 bits over the
 run), ``anneal`` 8 -> 4 (every channel at one width that falls uniformly over
-the rounds: 8, 8, 7, 7, 6, 6, 5, 5, 4, 4) and ``anneal`` 6 -> 6 (fixed 6 bits).
+the rounds: 8, 8, 7, 7, 6, 6, 5, 5, 4, 4) and ``anneal`` 6 -> 6 (fixed 6 bits);
+a second sweep does the same at half the budget, where quantisation error is
+larger: ``amaq`` 4 -> 2 (widths in 1..8), ``anneal`` 4 -> 2 (4, 4, 4, 3, 3, 3,
+3, 2, 2, 2) and fixed 3 bits.
 
 Equal bytes: ``int8`` and ``int4`` cannot match AMAQ's bytes (they bracket
 them); the two ``anneal`` rows can, to the extent integer widths allow: both
@@ -63,6 +66,29 @@ VARIANTS = (
         "split.anneal-end-bits": 6,
     },
 )
+#: The same at half the budget, where the quantisation error is larger.
+LOW_NAME = "amaq-low-bits"
+LOW_VARIANTS = (
+    {
+        "name": "amaq",
+        "split.quantization": "amaq",
+        "split.min-bits": 1,
+        "split.amaq-start-bits": 4.0,
+        "split.amaq-end-bits": 2.0,
+    },
+    {
+        "name": "anneal-4-2",
+        "split.quantization": "anneal",
+        "split.anneal-start-bits": 4,
+        "split.anneal-end-bits": 2,
+    },
+    {
+        "name": "fixed-3",
+        "split.quantization": "anneal",
+        "split.anneal-start-bits": 3,
+        "split.anneal-end-bits": 3,
+    },
+)
 LABELS = {
     "none": "`none` (float32)",
     "int8": "`int8` (fixed)",
@@ -71,10 +97,23 @@ LABELS = {
     "anneal-8-4": "`anneal` 8 -> 4 (uniform, per round)",
     "fixed-6": "`anneal` 6 -> 6 (fixed 6 bits)",
 }
+LOW_LABELS = {
+    "amaq": "`amaq` (learned widths in 1..8, budget 4 -> 2)",
+    "anneal-4-2": "`anneal` 4 -> 2 (uniform, per round)",
+    "fixed-3": "`anneal` 3 -> 3 (fixed 3 bits)",
+}
+#: Each sweep: its name, variants and row labels.
+SWEEPS = ((NAME, VARIANTS, LABELS), (LOW_NAME, LOW_VARIANTS, LOW_LABELS))
 
 
-def measure(run_dir: Path) -> dict[str, float]:
-    """One run: final server accuracy, bytes per round and in all, mean bits."""
+#: The width of the codecs that send no per-channel ``bits`` (so record no
+#: ``mean-bits``).
+NOMINAL_BITS = {"none": 32.0, "int8": 8.0, "int4": 4.0}
+
+
+def measure(run_dir: Path, name: str) -> dict[str, float]:
+    """One run of variant ``name``: final server accuracy, bytes per round and
+    in all, mean bits."""
     frame = analysis.load_runs([run_dir])
     server = analysis.round_metric(frame, "accuracy", "server")
     comm = analysis.communication(frame)
@@ -85,7 +124,7 @@ def measure(run_dir: Path) -> dict[str, float]:
         "up": float(comm["bytes_up"].mean() / 1e6),
         "down": float(comm["bytes_down"].mean() / 1e6),
         "mb": float(comm["bytes"].sum() / 1e6),
-        "bits": float(bits["value"].mean()) if len(bits) else 32.0,
+        "bits": float(bits["value"].mean()) if len(bits) else NOMINAL_BITS[name],
     }
 
 
@@ -107,15 +146,17 @@ def paired(amaq: list[dict[str, float]], other: list[dict[str, float]]) -> str:
     )
 
 
-def table(measured: dict[str, list[dict[str, float]]]) -> str:
+def table(measured: dict[str, list[dict[str, float]]], labels: dict[str, str]) -> str:
     """The Markdown table and the separation lines."""
     amaq_mb = sum(r["mb"] for r in measured["amaq"]) / len(measured["amaq"])
     rows = [
         {
-            "`split.quantization`": LABELS.get(name, name),
+            "`split.quantization`": labels.get(name, name),
             "seeds": str(len(m)),
             "accuracy": mean_std([r["accuracy"] for r in m]),
-            "amaq - this (paired)": paired(measured["amaq"], m),
+            "amaq - this (paired)": ""
+            if name == "amaq"
+            else paired(measured["amaq"], m),
             "up/round (MB)": mean_std([r["up"] for r in m]),
             "down/round (MB)": mean_std([r["down"] for r in m]),
             "total (MB)": mean_std([r["mb"] for r in m], 2),
@@ -135,7 +176,7 @@ def table(measured: dict[str, list[dict[str, float]]]) -> str:
         lo, hi = interval(diffs)
         signed = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
         lines.append(
-            f"- accuracy, `amaq` vs {LABELS.get(name, name)}: {verdict}; "
+            f"- accuracy, `amaq` vs {labels.get(name, name)}: {verdict}; "
             f"paired difference {signed}"
         )
     return "\n".join(lines)
@@ -151,14 +192,23 @@ def main() -> int:
     )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    if args.reuse:
-        runs = read(args.out / NAME)
-    else:
-        runs = sweep_runs(
-            BASE, VARIANTS, args.seeds, args.out, name=NAME, overrides=args.overrides
-        )
-    measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
-    text = table(measured)
+    parts = []
+    for name, variants, labels in SWEEPS:
+        if args.reuse:
+            runs = read(args.out / name)
+        else:
+            runs = sweep_runs(
+                BASE,
+                variants,
+                args.seeds,
+                args.out,
+                name=name,
+                overrides=args.overrides,
+            )
+        measured = {v: [measure(d, v) for d in dirs] for v, dirs in runs.items()}
+        budget = "8 -> 4" if name == NAME else "4 -> 2"
+        parts.append(f"Budget {budget} bits:\n\n{table(measured, labels)}")
+    text = "\n\n".join(parts)
     print(text)
     if args.write_docs:
         write_block("methods/sfprompt-amaq.md", NAME, text, script=__file__)

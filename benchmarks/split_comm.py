@@ -1,4 +1,7 @@
-"""The SFPrompt / AMAQ table of the docs: communication per round, accuracy.
+"""Split experiments in-process, one seed each: bytes per round, accuracy.
+
+A quick look; the docs' seeded tables are ``sfprompt_table.py`` and
+``amaq_table.py``.
 
 Usage::
 

@@ -29,6 +29,7 @@ from fedsim.core.messages import (
 )
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.amaq import Amaq
+from fedsim.learn.anneal import Annealed
 from fedsim.learn.base import build_model
 from fedsim.learn.codecs import CODECS, decode, encode
 from fedsim.learn.data import ClientData, DatasetInfo
@@ -118,11 +119,15 @@ class SplitClient:
         self.load_own(state.array_records[WEIGHTS].to_torch_state_dict())
         optimizer = self.optimizer()
         load_optimizer(optimizer, state.array_records[OPTIMIZER].to_torch_state_dict())
-        self.restore_codec(state)
-        return optimizer, dict(state.config_records[CURSOR])
+        cursor = dict(state.config_records[CURSOR])
+        self.restore_codec(state, int(cursor["round"]))
+        return optimizer, cursor
 
-    def restore_codec(self, state: RecordDict) -> None:
-        """An adaptive codec's learner (AMAQ's gate) from ``context.state``."""
+    def restore_codec(self, state: RecordDict, server_round: int) -> None:
+        """An adaptive codec's learner (AMAQ's gate) from ``context.state``; a
+        scheduled codec (``anneal``) at ``server_round``'s bit width."""
+        if isinstance(self.codec, Annealed):
+            self.codec.at_round(server_round, self.experiment.rounds)
         if isinstance(self.codec, Amaq):
             record = state.array_records[CODEC] if CODEC in state else ArrayRecord()
             self.codec.load(record.to_torch_state_dict())
@@ -244,7 +249,7 @@ class SplitClient:
         cursor: dict[str, Any],
     ) -> RecordDict:
         """Open the round's batches: reply batch 0 (the weights are loaded)."""
-        self.restore_codec(state)
+        self.restore_codec(state, server_round)
         plan = self.plan(data, server_round, cursor)
         if not plan:
             return self.final(plan, data, cursor)

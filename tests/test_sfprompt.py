@@ -235,3 +235,27 @@ def test_config_errors_name_the_key() -> None:
     exp = experiment("split.tail=head")
     with pytest.raises(ConfigError, match="split.tail"):
         sfprompt_check(exp, build_model(exp.model, data.info, exp.seed), data)
+
+
+def test_the_full_fine_tuning_baseline_is_the_split_experiment_under_fedavg(
+    tmp_path: Path,
+) -> None:
+    """``experiments/fedavg_full_vit.toml`` (SFPrompt's baseline, federated full
+    fine-tuning) is ``split_ushape_vit.toml`` without ``[split]`` under FedAvg,
+    as ``benchmarks/sfprompt_table.py`` derives it: the same pre-trained model,
+    data, federation, rounds and local budget."""
+    import tomllib
+
+    import tomli_w
+
+    from fedsim.core.schema import as_table
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    base = tomllib.loads((root / "split_ushape_vit.toml").read_text())
+    derived = {k: v for k, v in base.items() if k != "split"}
+    derived["name"], derived["strategy"] = "fedavg-full-vit", {"name": "fedavg"}
+    path = tmp_path / "derived.toml"
+    path.write_text(tomli_w.dumps(derived))
+    baseline = load_experiment(root / "fedavg_full_vit.toml")
+    assert as_table(baseline) == as_table(load_experiment(path))
+    assert baseline.strategy.name == "fedavg" and baseline.model.pretrain == "digits"

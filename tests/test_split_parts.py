@@ -236,6 +236,8 @@ def test_a_family_section_may_not_be_an_experiment_section() -> None:
         "split.amaq-end-bits",
         "split.amaq-weight",
         "split.amaq-lr",
+        "split.anneal-start-bits",
+        "split.anneal-end-bits",
     }
     with pytest.raises(ValueError, match="section 'train' is an experiment section"):
         option_keys(replace(V1, section="train"))

@@ -132,6 +132,19 @@ def amaq(options: Any) -> Codec:
     return amaq_codec(options)
 
 
+def anneal(options: Any) -> Codec:
+    """One bit width for every channel, annealed over the rounds
+    (:mod:`fedsim.learn.anneal`, AMAQ's wire format: imported when chosen)."""
+    from fedsim.learn.anneal import annealed_codec
+
+    return annealed_codec(options)
+
+
+def bit_width(value: int) -> str | None:
+    """Option check of a bit width the packed wire format carries."""
+    return None if 1 <= value <= 16 else "must be in 1..16"
+
+
 #: ``split.quantization`` name -> factory(options) of the codec. Open: another
 #: codec registers itself here (``CODECS["name"] = factory``).
 CODECS: dict[str, Callable[[Any], Codec]] = {
@@ -139,6 +152,7 @@ CODECS: dict[str, Callable[[Any], Codec]] = {
     "int8": lambda options: FixedBits(8),
     "int4": lambda options: FixedBits(4),
     "amaq": amaq,
+    "anneal": anneal,
 }
 
 

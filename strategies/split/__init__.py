@@ -13,8 +13,10 @@ what crosses the cut). ``split.quantization`` picks the codec of both
 learned per-channel bit widths, :mod:`fedsim.learn.amaq`, whose gate the client
 learns and keeps in its ``context.state`` across rounds; the clients' last
 replies then carry ``mean-bits``, the mean bit width of the activations they
-sent that round). ``sfprompt`` (:mod:`fedsim.strategies.split.sfprompt`) builds on
-U-shaped split learning.
+sent that round; ``anneal``: one bit width for every channel, falling uniformly
+from ``split.anneal-start-bits`` to ``split.anneal-end-bits`` over the rounds,
+:mod:`fedsim.learn.anneal`, AMAQ's comparator at its budget). ``sfprompt``
+(:mod:`fedsim.strategies.split.sfprompt`) builds on U-shaped split learning.
 
 - ``sfl-v1``: the sampled clients run concurrently; the server keeps one copy of
   the server segment per client (each starts the round from the global one and
@@ -103,7 +105,7 @@ from dataclasses import dataclass
 from fedsim.core.family import Family
 from fedsim.core.messages import SPLIT_STEP, SPLIT_TAIL
 from fedsim.core.schema import at_least, fraction, option, positive
-from fedsim.learn.codecs import codec_name
+from fedsim.learn.codecs import bit_width, codec_name
 
 _NO_DP = (
     "split learning shares activations and gradients per batch, which neither "
@@ -125,7 +127,8 @@ class Options:
     quantization: str = option(
         "none",
         "codec of activations up and gradients down: none, int8, int4 "
-        "(per-channel scale and zero point), amaq (learned per-channel bits)",
+        "(per-channel scale and zero point), amaq (learned per-channel bits), "
+        "anneal (one bit width, annealed over the rounds)",
         codec_name,
     )
     min_bits: int = option(2, "fewest bits per value of an adaptive codec", at_least(1))
@@ -138,6 +141,15 @@ class Options:
     )
     amaq_weight: float = option(10.0, "AMAQ: weight of the bit penalty", positive)
     amaq_lr: float = option(0.2, "AMAQ: Adam learning rate of the gate", positive)
+    anneal_start_bits: int = option(
+        8, "anneal: bit width of every channel in the first round", bit_width
+    )
+    anneal_end_bits: int = option(
+        4,
+        "anneal: bit width in the last round (uniform steps between; equal to "
+        "anneal-start-bits for fixed precision)",
+        bit_width,
+    )
 
 
 @dataclass(frozen=True)

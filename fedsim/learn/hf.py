@@ -11,8 +11,8 @@ The loaded model sits inside :class:`HFModel`, an ``nn.Module`` whose
 ``forward(x)`` returns logits, so the training loop, LoRA, DP-SGD and the
 families call it as any built-in model: ``x`` is a tokenised batch
 ``(b, 2, L)`` (:mod:`fedsim.learn.text`, cut to its longest row here: dynamic
-padding) or an image batch ``(b, c, h, w)`` in [0, 1] (resized to the model's
-image size and normalised with the processor's mean and std). Its parameters
+padding) or an image batch ``(b, c, h, w)`` in [0, 1] (through the image
+processor saved with the model: :meth:`HFModel.pixels`). Its parameters
 are named ``hf.<the model's own names>``.
 """
 
@@ -119,7 +119,7 @@ class HFModel(nn.Module):
         super().__init__()
         self.hf = model
         self.task = task
-        self.processor = processor
+        self.processor: Any = processor
         self.image_size = self.channels = 0
         mean = std = None
         if task == "image-classification":
@@ -136,9 +136,25 @@ class HFModel(nn.Module):
         )
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] as the model's ``pixel_values``."""
+        """Images in [0, 1] as the model's ``pixel_values``: the image
+        processor's own call (its resize, resample and normalisation; the data
+        are rescaled already, so ``do_rescale=False``), grey images repeated
+        over the model's channels. Without a processor, or for inputs that
+        need gradients (the privacy audit's inversions), the differentiable
+        equivalent in torch: bilinear resize to the model's image size,
+        normalised with the processor's mean and std (the processor rounds to
+        8 bits when it resizes; this path does not)."""
         if x.shape[1] != self.channels:
             x = x.mean(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
+        if self.processor is not None and not x.requires_grad:
+            out = self.processor(
+                images=list(x.detach().float().cpu().numpy()),
+                do_rescale=False,
+                input_data_format="channels_first",
+                data_format="channels_first",
+                return_tensors="pt",
+            )["pixel_values"]
+            return out.to(device=x.device, dtype=self.hf.dtype)  # type: ignore[no-any-return]
         if self.image_size and x.shape[-1] != self.image_size:
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear"

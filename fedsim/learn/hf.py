@@ -39,6 +39,39 @@ AUTO_CLASSES = {
 }
 
 
+#: ``model.dtype`` -> the dtype its floating arrays travel in. Flower's arrays
+#: are numpy arrays and numpy has no bfloat16: a bfloat16 model's arrays travel
+#: as float32 (exact: every bfloat16 is a float32, and loading them back into
+#: the bfloat16 model restores the same values), a float16 model's as float16.
+WIRE_DTYPES = {"float32": "float32", "bfloat16": "float32", "float16": "float16"}
+
+
+def wire_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype a model's floating arrays travel in (:data:`WIRE_DTYPES`;
+    float32 for every model but ``hf``)."""
+    name = WIRE_DTYPES[cfg.dtype] if cfg.name == "hf" else "float32"
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def to_wire(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating one cast to ``dtype`` (CPU)."""
+    return {
+        k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()
+        for k, v in tensors.items()
+    }
+
+
+def _bfloat16_as_float32(
+    module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any
+) -> None:
+    """State-dict hook: bfloat16 entries as float32 (see :data:`WIRE_DTYPES`)."""
+    for key, value in state.items():
+        if key.startswith(prefix) and value.dtype == torch.bfloat16:
+            state[key] = value.float()
+
+
 def _source(cfg: ModelConfig) -> tuple[str, bool]:
     """The path or hub id, and whether it is a local folder."""
     if not cfg.path:
@@ -120,6 +153,8 @@ class HFModel(nn.Module):
         self.hf = model
         self.task = task
         self.processor: Any = processor
+        if model.dtype == torch.bfloat16:
+            self.register_state_dict_post_hook(_bfloat16_as_float32)
         self.image_size = self.channels = 0
         mean = std = None
         if task == "image-classification":

@@ -45,6 +45,11 @@ class FedAvg(FlowerFedAvg):
         return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
 
-def build(setup: ServerSetup) -> FedAvg:
-    """FedAvg, sampling from all ``federation.clients``."""
+def build(setup: ServerSetup) -> FlowerFedAvg:
+    """FedAvg, sampling from all ``federation.clients``. Under DP-FedAvg,
+    Flower's own: the DP wrappers compute the mean themselves
+    (:class:`fedsim.privacy.dp_fedavg_wrappers.FixedDenominatorMean`) and accept
+    only FedAvg's own ``aggregate_train``."""
+    if setup.experiment.privacy.mechanism == "dp-fedavg":
+        return FlowerFedAvg(**setup.fedavg_options())
     return FedAvg(**setup.fedavg_options())

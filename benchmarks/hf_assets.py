@@ -6,14 +6,16 @@ Usage::
 
     python benchmarks/hf_assets.py [--out runs/hf] [--steps 300]
 
-- Tokenizer: byte-level BPE (vocab 1024) trained with ``tokenizers`` on the
+- Tokenizer: byte-level BPE (at most 1024 tokens; 426 are learnt from this
+  small vocabulary) trained with ``tokenizers`` on the
   pre-training text and the instruction rows.
 - Model: ``LlamaConfig`` hidden 64, 2 layers, 4 heads (2 KV heads), SwiGLU 170,
   random init (seed 0), then ``--steps`` AdamW steps (lr 3e-3, batch 16 blocks
-  of 64 tokens) of next-token prediction on the pre-training text: every
-  ``.py`` file of the installed ``fedsim`` package and this repository's
-  README (text any checkout has). Saved with ``save_pretrained`` to
-  ``OUT/llama-pretrained``.
+  of 64 tokens) of next-token prediction on the pre-training text
+  (:func:`pretraining_text`: 6,000 seeded sentences over the tasks' words, no
+  instruction template; the same in every checkout, unlike the repository's
+  own files, which the previous version used). Saved with ``save_pretrained``
+  to ``OUT/llama-pretrained``.
 - Data: ``OUT/instruct.json``, ``--rows`` (200) Alpaca rows of four word
   tasks over a fixed vocabulary (name the first word, reverse the words, say a
   word twice, sort numbers), seeded; the tokenizer is trained on the first 600
@@ -28,7 +30,6 @@ import random
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
     "red green blue small large fast slow cat dog bird fish tree river stone "
     "light dark warm cold apple bread water fire cloud rain sun moon"
@@ -60,10 +61,44 @@ def instructions(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def pretraining_text() -> list[str]:
-    from fedsim.learn.tiny import default_texts
+ADJECTIVES = "small large fast slow light dark warm cold".split()
+NOUNS = (
+    "cat dog bird fish tree river stone apple bread water fire cloud rain sun moon"
+).split()
+COLOURS = "red green blue".split()
 
-    return [*default_texts(), (ROOT / "README.md").read_text(encoding="utf-8")]
+
+def pretraining_text(sentences: int = 6000, seed: int = 0) -> list[str]:
+    """The pre-training corpus: ``sentences`` plain sentences over the
+    instruction tasks' words, drawn from a generator seeded with ``seed``
+    (so the corpus is the same on every machine and in every checkout: it
+    depends on this function only, not on the repository's files). Four kinds,
+    in turn: a description ("the small cat is red."), a list of 3-6 words,
+    counting up from a number ("three four five six"), a sentence naming
+    two things ("the bird and the river."). None has the instruction template;
+    counting shows the numbers' order, which the sorting task asks for."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(sentences):
+        kind = i % 4
+        if kind == 0:
+            words = [
+                "the",
+                rng.choice(ADJECTIVES),
+                rng.choice(NOUNS),
+                "is",
+                rng.choice(COLOURS + ADJECTIVES),
+            ]
+            out.append(" ".join(words) + ".")
+        elif kind == 1:
+            out.append(" ".join(rng.sample(WORDS, rng.randint(3, 6))))
+        elif kind == 2:
+            start = rng.randrange(6)
+            out.append(" ".join(NUMBERS[start : start + rng.randint(2, 4)]))
+        else:
+            a, b = rng.sample(NOUNS, 2)
+            out.append(f"the {a} and the {b}.")
+    return out
 
 
 def pretrain(folder: Path, steps: int, seed: int = 0) -> float:

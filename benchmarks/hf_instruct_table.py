@@ -6,17 +6,21 @@ Usage::
 
     python benchmarks/hf_assets.py --out runs/hf
     fedsim sweep experiments/llama_instruct.toml --out runs/llama-instruct
-    python benchmarks/hf_instruct_table.py runs/llama-instruct/<sweep folder>
+    python benchmarks/hf_instruct_table.py runs/llama-instruct/<sweep folder> \
+        [--write-docs]
 
 Reads every run directory under the folder given and prints, per method, the
 base's server-side loss (round 0), the final server-side loss and perplexity on
 the held-out rows, and the bytes sent down and up over the run (all clients,
-rounds and phases), each as mean ± std (sample std) over the seeds.
+rounds and phases), each as mean ± std (sample std) over the seeds. With
+``--write-docs`` the table goes into docs/tutorials/hugging-face.md (block
+``hf-instruct``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +58,26 @@ def numbers(run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     rows = []
     for run_dir in sorted(p.parent for p in args.folder.rglob("metrics.parquet")):
         rows.append({"method": method(run_dir), **numbers(run_dir)})
     table = pd.DataFrame(rows)
     columns = [c for c in table.columns if c != "method"]
-    print("| method | seeds | " + " | ".join(columns) + " |")
-    print("|---|---:|" + "---:|" * len(columns))
+    lines = [
+        "| method | seeds | " + " | ".join(columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
     for name, group in table.groupby("method", sort=False):
-        cells = [
-            f"{group[c].mean():.3f} ± {group[c].std(ddof=1):.3f}" for c in columns
-        ]
-        print(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+        cells = [f"{group[c].mean():.3f} ± {group[c].std(ddof=1):.3f}" for c in columns]
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if args.write_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pages import write_block
+
+        write_block("tutorials/hugging-face.md", "hf-instruct", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from fedsim.core.messages import ARRAYS, LORA_RANK, LORA_SCALING, METRICS
 from fedsim.core.seeding import derive_seed
 from fedsim.learn.base import build_model
 from fedsim.learn.data import ClientData, DatasetInfo
+from fedsim.learn.hf import to_wire, wire_dtype
 from fedsim.learn.lora import (
     adapter_state,
     inject_lora,
@@ -37,8 +38,9 @@ class LoraClient:
     Message contract (see :mod:`fedsim.strategies.flora`): receives ``arrays`` (the
     changing part of the global model); replies ``arrays`` (adapters under
     ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` and the fully trained
-    parameters) and ``metrics`` with ``loss``, ``num-examples``, ``lora-rank``,
-    ``lora-scaling``.
+    parameters, in the model's wire dtype: :func:`fedsim.learn.hf.wire_dtype`,
+    float16 for a float16 model, else float32) and ``metrics`` with ``loss``,
+    ``num-examples``, ``lora-rank``, ``lora-scaling``.
 
     Parameters
     ----------
@@ -120,6 +122,7 @@ class LoraClient:
             )
             arrays = adapter_state(self.base, self.layout)
             arrays.update({k: p.detach().cpu().clone() for k, p in trained.items()})
+            arrays = to_wire(arrays, wire_dtype(exp.model))
         finally:
             model.unload()
             with torch.no_grad():

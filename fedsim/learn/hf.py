@@ -11,8 +11,8 @@ The loaded model sits inside :class:`HFModel`, an ``nn.Module`` whose
 ``forward(x)`` returns logits, so the training loop, LoRA, DP-SGD and the
 families call it as any built-in model: ``x`` is a tokenised batch
 ``(b, 2, L)`` (:mod:`fedsim.learn.text`, cut to its longest row here: dynamic
-padding) or an image batch ``(b, c, h, w)`` in [0, 1] (resized to the model's
-image size and normalised with the processor's mean and std). Its parameters
+padding) or an image batch ``(b, c, h, w)`` in [0, 1] (through the image
+processor saved with the model: :meth:`HFModel.pixels`). Its parameters
 are named ``hf.<the model's own names>``.
 """
 
@@ -38,6 +38,39 @@ AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
 }
+
+
+#: ``model.dtype`` -> the dtype its floating arrays travel in. Flower's arrays
+#: are numpy arrays and numpy has no bfloat16: a bfloat16 model's arrays travel
+#: as float32 (exact: every bfloat16 is a float32, and loading them back into
+#: the bfloat16 model restores the same values), a float16 model's as float16.
+WIRE_DTYPES = {"float32": "float32", "bfloat16": "float32", "float16": "float16"}
+
+
+def wire_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype a model's floating arrays travel in (:data:`WIRE_DTYPES`;
+    float32 for every model but ``hf``)."""
+    name = WIRE_DTYPES[cfg.dtype] if cfg.name == "hf" else "float32"
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def to_wire(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating one cast to ``dtype`` (CPU)."""
+    return {
+        k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()
+        for k, v in tensors.items()
+    }
+
+
+def _bfloat16_as_float32(
+    module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any
+) -> None:
+    """State-dict hook: bfloat16 entries as float32 (see :data:`WIRE_DTYPES`)."""
+    for key, value in state.items():
+        if key.startswith(prefix) and value.dtype == torch.bfloat16:
+            state[key] = value.float()
 
 
 def _source(cfg: ModelConfig) -> tuple[str, bool]:
@@ -120,7 +153,9 @@ class HFModel(nn.Module):
         super().__init__()
         self.hf = model
         self.task = task
-        self.processor = processor
+        self.processor: Any = processor
+        if model.dtype == torch.bfloat16:
+            self.register_state_dict_post_hook(_bfloat16_as_float32)
         self.image_size = self.channels = 0
         mean = std = None
         if task == "image-classification":
@@ -137,9 +172,25 @@ class HFModel(nn.Module):
         )
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] as the model's ``pixel_values``."""
+        """Images in [0, 1] as the model's ``pixel_values``: the image
+        processor's own call (its resize, resample and normalisation; the data
+        are rescaled already, so ``do_rescale=False``), grey images repeated
+        over the model's channels. Without a processor, or for inputs that
+        need gradients (the privacy audit's inversions), the differentiable
+        equivalent in torch: bilinear resize to the model's image size,
+        normalised with the processor's mean and std (the processor rounds to
+        8 bits when it resizes; this path does not)."""
         if x.shape[1] != self.channels:
             x = x.mean(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
+        if self.processor is not None and not x.requires_grad:
+            out = self.processor(
+                images=list(x.detach().float().cpu().numpy()),
+                do_rescale=False,
+                input_data_format="channels_first",
+                data_format="channels_first",
+                return_tensors="pt",
+            )["pixel_values"]
+            return out.to(device=x.device, dtype=self.hf.dtype)  # type: ignore[no-any-return]
         if self.image_size and x.shape[-1] != self.image_size:
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear"

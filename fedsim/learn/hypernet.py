@@ -213,15 +213,20 @@ def lora_shapes(model: nn.Module, peft: PeftConfig) -> dict[str, torch.Size]:
     adapted module ``m`` (``peft.targets``), ``m.lora_A.default.weight`` (``r x
     d_in``) and ``m.lora_B.default.weight`` (``d_out x r``) with ``r =
     peft.rank``, PEFT's parameter names once :func:`fedsim.learn.lora.inject_lora`
-    wrapped ``model``."""
+    wrapped ``model``. ``d_in x d_out`` is read from the weight: ``nn.Linear``
+    stores ``d_out x d_in``, GPT-2's ``Conv1D`` ``d_in x d_out``
+    (``fan_in_fan_out``, :attr:`fedsim.learn.lora.LoraLayout.transposed`)."""
     layout = lora_layout(model, peft)
     shapes: dict[str, torch.Size] = {}
     for name in layout.adapted:
-        layer = model.get_submodule(name)
-        assert isinstance(layer, nn.Linear)
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor) and weight.dim() == 2
+        d_out, d_in = weight.shape
+        if name in layout.transposed:
+            d_in, d_out = d_out, d_in
         a, b = (f"{name}.{kind}.{ADAPTER}.weight" for kind in (LORA_A, LORA_B))
-        shapes[a] = torch.Size((peft.rank, layer.in_features))
-        shapes[b] = torch.Size((layer.out_features, peft.rank))
+        shapes[a] = torch.Size((peft.rank, d_in))
+        shapes[b] = torch.Size((d_out, peft.rank))
     return shapes
 
 

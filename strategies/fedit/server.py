@@ -73,7 +73,11 @@ class FedIT(FLoRA):
         (none before the first aggregation)."""
         self._global = arrays
         down = {k: arrays[k] for k in self.trained}
-        down.update({k: Array(v.astype(np.float32)) for k, v in self.shared.items()})
+        # the factors travel in the dtype of the weights they adapt (the wire's)
+        dtype = (
+            next(iter(self.base.values())).numpy().dtype if self.base else np.float32
+        )
+        down.update({k: Array(v.astype(dtype)) for k, v in self.shared.items()})
         return FedAvg.configure_train(
             self, server_round, ArrayRecord(array_dict=down), config, grid
         )

@@ -166,6 +166,12 @@ CLAIMS: tuple[tuple[str, str, Callable[[Stats], str]], ...] = (
         lambda s: better(s, "pa3dfl", "heterofl", "clean smallest"),
     ),
     (
+        "pa3dfl",
+        "Pa3dFL: higher local accuracy than HeteroFL without the reference's "
+        "label-split masking (nothing masked at test time)",
+        lambda s: better(s, "pa3dfl", "heterofl-plain", "clean mean"),
+    ),
+    (
         "heterofl",
         "HeteroFL: mixed widths keep the global model near full-size FedAvg",
         lambda s: parity(s, "heterofl", "fedavg", "global"),

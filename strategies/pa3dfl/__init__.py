@@ -60,7 +60,7 @@ appendix of algorithmic details) leaves open, and the choice made here:
 - ``theta_u`` is then rescaled per layer so that the composed weight has the
   initial weight's norm (:func:`fedsim.learn.decomposed.scaled_general_for`):
   the least-squares fit alone keeps about a quarter of each weight's norm, the
-  mlp's logits start about 60 times too small and the clients barely train
+  mlp's logits start about 37 times too small and the clients barely train
   (digits benchmark: 0.36 mean local accuracy after 15 rounds, train loss
   2.2 -> 1.8; see docs/methods/capacity.md).
 - The generator's gradient is the sum of the clients' pFedHN gradients (one

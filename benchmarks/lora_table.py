@@ -17,6 +17,8 @@ set, the mean ``aggregation-error`` over rounds, bytes down + up summed over
 all clients, rounds and phases, and the run's wall time; then which pairs'
 intervals separate. ``--set`` applies to every experiment (e.g. ``--set
 rounds=3`` for a quick check). Runs go to ``DIR/lora`` (default ``runs/tables``).
+``--write-docs`` also writes the table and the separations into
+``docs/methods/lora.md`` (block ``lora``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import markdown
+from pages import write_block
 from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
 
 BASE = ROOT / "experiments/flora_r8.toml"
@@ -111,6 +114,11 @@ def main() -> int:
     parser.add_argument(
         "--with-fedavg", action="store_true", help="add " + FEDAVG["name"]
     )
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into docs/methods/lora.md",
+    )
     args = parser.parse_args()
     variants = [*VARIANTS, FEDAVG] if args.with_fedavg else list(VARIANTS)
     warm_cache(args.seeds, args.overrides)
@@ -118,15 +126,19 @@ def main() -> int:
         BASE, variants, args.seeds, args.out, name="lora", overrides=args.overrides
     )
     measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
-    print(markdown([row(n, m) for n, m in measured.items()], ("experiment",)))
-    print()
+    lines = [markdown([row(n, m) for n, m in measured.items()], ("experiment",))]
+    lines.append("")
     for a, b in [(a, b) for a, b in PAIRS if a in measured and b in measured]:
         for key in ("final", "mean"):
             apart = separated(
                 [r[key] for r in measured[a]], [r[key] for r in measured[b]]
             )
             verdict = "intervals separate" if apart else "intervals overlap"
-            print(f"- {a} vs {b}, {key} accuracy: {verdict}")
+            lines.append(f"- {a} vs {b}, {key} accuracy: {verdict}")
+    text = "\n".join(lines)
+    print(text)
+    if args.write_docs:
+        write_block("methods/lora.md", "lora", text)
     return 0
 
 

@@ -23,6 +23,7 @@ from fedsim.learn.decomposed import (
     compose,
     factors_of,
     general_for,
+    scaled_general_for,
 )
 from fedsim.learn.models import CNN, MLP
 from fedsim.strategies.pa3dfl.maths import attention_aggregate, plain_mean
@@ -126,6 +127,25 @@ def test_general_init_is_the_least_squares_fit() -> None:
         assert (compose(other, v, noisy.shape) - noisy).norm() >= best
 
 
+def test_scaled_general_init_keeps_the_fit_direction_and_the_weight_norm() -> None:
+    torch.manual_seed(1)
+    v = torch.randn(4, 3, 5, dtype=torch.float64)  # R2 = 4 < what 12 x 5 needs
+    weight = torch.randn(12, 5, dtype=torch.float64)
+    fit = general_for(weight, v, 4)
+    scaled = scaled_general_for(weight, v, 4)
+    composed = compose(scaled, v, weight.shape)
+    # numpy oracle: the norm of the weight the factors compose to
+    np.testing.assert_allclose(
+        np.linalg.norm(composed.numpy()), np.linalg.norm(weight.numpy()), rtol=1e-12
+    )
+    assert np.linalg.norm(compose(fit, v, weight.shape).numpy()) < np.linalg.norm(
+        weight.numpy()
+    )  # the plain fit is too small: only part of the weight is expressible
+    ratio = scaled.numpy() / fit.numpy()
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)  # same direction
+    assert ratio.flat[0] > 1
+
+
 def strategy(clients: int = 3) -> tuple[Pa3dFL, MLP]:
     torch.manual_seed(0)
     model = MLP(64, 8, 10, 0.0)
@@ -179,7 +199,8 @@ def test_a_round_sizes_personal_factors_averages_general_steps_generator(
         np.testing.assert_allclose(strat.general[k], g + 2, rtol=1e-5, atol=1e-6)
 
     # oracle: the vector-Jacobian product of the generated (sliced) factors with
-    # delta = sent - returned = 0.5 * sent, averaged, then SGD's first step
+    # delta = sent - returned = 0.5 * sent, summed over the clients (pFedHN's
+    # per-client step), then SGD's first step
     outs, deltas = [], []
     generated = before.personal(range(3))
     plan_of = factor_plans(model, CAPACITIES, factors_of(model, CAPACITIES))
@@ -187,7 +208,7 @@ def test_a_round_sizes_personal_factors_averages_general_steps_generator(
         for name, shape in plan_of(pid).items():
             value = generated[pid][name][tuple(slice(0, s) for s in shape)]
             outs.append(value)
-            deltas.append(0.5 * value.detach() / 3)
+            deltas.append(0.5 * value.detach())
     params = list(before.parameters())
     grads = torch.autograd.grad(outs, params, grad_outputs=deltas)
     for (name, new), old, g in zip(strat.generator.named_parameters(), params, grads):

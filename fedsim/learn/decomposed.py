@@ -134,6 +134,21 @@ def general_for(weight: torch.Tensor, v: torch.Tensor, r1: int) -> torch.Tensor:
     return m @ torch.linalg.pinv(v.reshape(r2, blocks * inputs))
 
 
+def scaled_general_for(weight: torch.Tensor, v: torch.Tensor, r1: int) -> torch.Tensor:
+    """:func:`general_for`, rescaled so that its :func:`compose` with ``v`` has
+    the Frobenius norm of ``weight``.
+
+    The least-squares fit keeps only the part of ``weight`` that the rank-``R2``
+    blocks can express (about a quarter of its norm for the packaged ``mlp``);
+    a network of such layers passes about ``4^-depth`` of its input's scale to
+    the logits and barely trains. Rescaling keeps the fit's direction and the
+    initial model's per-layer scale (its initialiser's variance).
+    """
+    u = general_for(weight, v, r1)
+    norm = compose(u, v, weight.shape).norm()
+    return u * (weight.norm() / norm) if norm > 0 else u
+
+
 class DecomposedModel(nn.Module):
     """A width-sliced model whose weights are ``compose(u, v)``.
 

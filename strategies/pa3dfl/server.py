@@ -28,8 +28,8 @@ from fedsim.learn.decomposed import (
     PERSONAL,
     Factors,
     factors_of,
-    general_for,
     personal_plan,
+    scaled_general_for,
 )
 from fedsim.learn.hypernet import HyperNetwork
 from fedsim.protocol.rounds import WithoutGlobalModel, per_node
@@ -189,7 +189,8 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
 
     def step_generator(self, uploads: dict[int, dict[str, np.ndarray]]) -> None:
         """Move every client's generated ``v`` toward its trained one:
-        gradient ``J^T (sent - returned)``, averaged over the clients."""
+        gradient ``sum_i J_i^T (sent_i - returned_i)`` over the round's clients
+        (pFedHN's per-client step, taken for all of them at once)."""
         self.optimizer.zero_grad(set_to_none=True)
         generated = self.generator.personal(uploads)
         surrogate = torch.zeros(())
@@ -198,7 +199,7 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
             for name, value in own.items():
                 delta = value.detach() - torch.from_numpy(np.array(up[name]))
                 surrogate = surrogate + (value * delta).sum()
-        (surrogate / len(uploads)).backward()
+        surrogate.backward()
         self.optimizer.step()
 
     # -- resume ------------------------------------------------------------------
@@ -247,14 +248,15 @@ def initial_general(
     model: nn.Module, generator: Generator, factors: dict[str, Factors]
 ) -> dict[str, np.ndarray]:
     """Each layer's ``u`` whose composition with the mean generated full-width
-    ``v`` is closest to the initial model's weight (:func:`general_for`)."""
+    ``v`` is closest to the initial model's weight, rescaled to that weight's
+    norm (:func:`scaled_general_for`)."""
     with torch.no_grad():
         generated = generator.personal(range(generator.embeddings.shape[0]))
         out = {}
         for name, layer in chain(model):
             key = f"{name}.{PERSONAL}"
             mean = torch.stack([g[key] for g in generated.values()]).mean(0)
-            u = general_for(layer.weight.detach().cpu(), mean, factors[name].r1)
+            u = scaled_general_for(layer.weight.detach().cpu(), mean, factors[name].r1)
             out[f"{name}.{GENERAL}"] = u.numpy()
         return out
 

@@ -49,9 +49,9 @@ DEFAULT = (
 
 def run(path: str, overrides: list[str]) -> dict[str, str]:
     """One experiment in-process; its table row."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsim.flwr_private import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     file, _, extra = path.partition(":")
     sets = [*overrides, *(e for e in extra.split(",") if e)]
     exp = load_experiment(ROOT / file, sets)

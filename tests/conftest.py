@@ -162,11 +162,11 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
 @pytest.fixture
 def task_identity() -> Iterable[None]:
     """Messages take their run id from the process identity a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsim.flwr_private import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+    set_task_identity(None, None, None)
 
 
 def reply_metadata(src: int, reply_to: str, message_type: str) -> Metadata:

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.logger import log
 
 from fedsim.audit.analytic import NotApplicable, analytic
 from fedsim.audit.inverting import Surface, invert
@@ -52,6 +51,7 @@ from fedsim.core.family import load
 from fedsim.core.messages import ACTIVATIONS, ARRAYS, CUT
 from fedsim.core.rundir import ATTACK_PSNR, AUDIT_PHASE, RECOVERED, per_attack
 from fedsim.core.seeding import derive_seed
+from fedsim.flwr_private import log
 from fedsim.learn.data import FederatedData
 
 #: Folder of the run directory holding the reconstruction grids.

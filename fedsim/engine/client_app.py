@@ -7,7 +7,7 @@ its method ``<action>``: the client contract is
 parsing, the dataset and its partitions, the client algorithm with its model) is
 built once per client process and cached, so a Ray actor that simulates many
 clients over many rounds builds it once. Importing the module makes Flower's
-``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.flwr_private.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
 loaded back once in a resumed run (:mod:`fedsim.engine.client_state`): by the
@@ -48,8 +48,8 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import arrays
 from fedsim.engine.client_state import RELAYED, ClientStateStore
+from fedsim.flwr_private import arrays
 from fedsim.learn.data import FederatedData
 from fedsim.learn.device import resolve_device
 from fedsim.learn.tasks import task_data

@@ -37,12 +37,12 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import linkstate, placement
+from fedsim.engine import placement
 from fedsim.engine.recorder import RunRecorder
+from fedsim.flwr_private import linkstate
 from fedsim.protocol.wrapping import DelegatingStrategy
 
 _RENAMED = {NUM_EXAMPLES: "examples"}
-
 #: ``observer(server_round, messages, replies, partition_of)``.
 Observer = Callable[[int, list[Message], list[Message], Mapping[int, int]], None]
 
@@ -214,7 +214,7 @@ class RecordingGrid(Grid):
 
         Flower's grids pause 0.1 s (simulation) to 3 s between polls. In
         simulation (a LinkState that signals its waiters, see
-        :mod:`fedsim.engine.linkstate`) this waits for a reply to be stored and
+        :mod:`fedsim.flwr_private.linkstate`) this waits for a reply to be stored and
         pulls the replies that came; everywhere else it polls, the pause
         starting at 1 ms and growing 1.5x per empty poll up to 50 ms, back to
         1 ms whenever a reply arrives. Either way every pending message is
@@ -270,7 +270,7 @@ class RecordingGrid(Grid):
         last time, slowest first; clients not seen yet first of all, in the
         given order. The simulation runtime hands clients out in push order to
         whichever actor has room (two calls each, short clients several to a
-        call, :mod:`fedsim.engine.vce`): longest processing time first shortens
+        call, :mod:`fedsim.flwr_private.vce`): longest processing time first shortens
         the round's tail. Replies are sorted by partition whatever the order, so
         results do not depend on it."""
 

@@ -14,8 +14,8 @@ clients' saved states of later rounds are dropped, and the rounds after the
 checkpoint run.
 
 Importing this module indexes Flower's in-memory LinkState by destination node
-(:mod:`fedsim.engine.linkstate`): in simulation the runtime shares this process;
-and reads arrays without ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+(:mod:`fedsim.flwr_private.linkstate`): in simulation the runtime shares this process;
+and reads arrays without ``np.load``'s header parse (:mod:`fedsim.flwr_private.arrays`).
 
 ``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
 makes round ``r`` fail once it has run, before anything of it is recorded.
@@ -50,11 +50,12 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine import arrays, checkpoint, linkstate
+from fedsim.engine import checkpoint
 from fedsim.engine.client_state import ClientStateStore
 from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
 from fedsim.engine.recording import RecordingGrid, RecordingStrategy
 from fedsim.engine.rounds import RoundDriver
+from fedsim.flwr_private import arrays, linkstate
 from fedsim.learn.base import build_model
 from fedsim.learn.device import resolve_device
 from fedsim.learn.hf import export

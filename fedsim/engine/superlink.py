@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import psutil
 import tomli_w
 
-from fedsim.engine import cluster, vce
+from fedsim.engine import cluster, simulation_process
 from fedsim.engine.lifeline import Lifeline, die_with_parent
 from fedsim.engine.processes import free_port, stop_processes, stop_tree
 
@@ -94,7 +94,7 @@ def flower_home(
     simulations run on a loopback Ray, or on the cluster at ``ray_address``:
     :func:`fedsim.engine.cluster.environment`)."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
-    launcher = vce.write_launcher(home / "bin")
+    launcher = simulation_process.write_launcher(home / "bin")
     env = {
         **cluster.environment(os.environ, ray_address),
         "FLWR_HOME": str(home),

@@ -5,7 +5,8 @@ Usage::
     python benchmarks/split_comm.py [--set KEY=VALUE ...] [EXP[:KEY=VALUE,...] ...]
 
 Runs each experiment in this process through the real strategy, the real
-client algorithm, the real :class:`fedsim.engine.recording.RecordingGrid` (which
+client algorithm, the real
+:class:`fedsim.engine.server.exchange_recording.RecordingGrid` (which
 counts the bytes of every message exactly as in a Flower run) and the round
 driver with the server-side evaluation, but without Flower's simulation
 runtime: messages are answered at once by the client algorithm of their node
@@ -34,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from fedsim.core import registry  # noqa: E402
 from fedsim.core.loading import load_experiment  # noqa: E402
-from fedsim.engine.recorder import RunRecorder  # noqa: E402
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy  # noqa: E402
-from fedsim.engine.rounds import RoundDriver  # noqa: E402
-from fedsim.engine.server_app import build  # noqa: E402
+from fedsim.engine.server.run_recorder import RunRecorder  # noqa: E402
+from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy  # noqa: E402
+from fedsim.engine.server.round_driver import RoundDriver  # noqa: E402
+from fedsim.engine.server.server_app import build  # noqa: E402
 from fedsim.learn.training import evaluate  # noqa: E402
 from tests.test_split import InProcessGrid  # noqa: E402
 

@@ -207,7 +207,7 @@ def reply(
 def strategy_for(exp: Any) -> Any:
     """The family's server strategy for ``exp``, built as the ServerApp builds it."""
     from fedsim.core import registry
-    from fedsim.engine.server_app import build
+    from fedsim.engine.server.server_app import build
 
     return registry.family(exp.strategy.name).load_server()(build(exp))
 
@@ -333,10 +333,10 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     """Drive ``rounds`` rounds of the experiment's split family in-process;
     returns the final global arrays, the grid and the recorder."""
     from fedsim.core import registry
-    from fedsim.engine.recorder import RunRecorder
-    from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-    from fedsim.engine.rounds import RoundDriver
-    from fedsim.engine.server_app import build
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
+    from fedsim.engine.server.round_driver import RoundDriver
+    from fedsim.engine.server.server_app import build
 
     setup = build(exp)
     family = registry.family(exp.strategy.name)

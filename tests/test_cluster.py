@@ -1,4 +1,4 @@
-"""Where a simulation's Ray runs (:mod:`fedsim.engine.cluster`): a local run
+"""Where a simulation's Ray runs (:mod:`fedsim.engine.host.cluster`): a local run
 listens on loopback only and ignores ``RAY_ADDRESS``; ``resources.ray-address``
 attaches to an existing cluster after a pre-run check against the cluster's
 nodes (the two-node cluster test is in tests/test_ray_cluster.py)."""
@@ -11,7 +11,8 @@ import pytest
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
-from fedsim.engine import cluster, simulation_process
+from fedsim.engine.host import cluster
+from fedsim.engine.server import simulation_process
 from fedsim.flwr_private import ray_backend
 from tests.runs import STRAY_RAY, fedsim
 
@@ -142,7 +143,8 @@ def test_client_state_and_placement_travel_with_the_message(
 
     from fedsim.core.loading import RESUME_KEY, RUN_DIR_KEY
     from fedsim.core.messages import CONFIG, PARTITION_ID, SERVER_ROUND
-    from fedsim.engine import client_state, placement
+    from fedsim.engine.client import client_state
+    from fedsim.engine.server import placement
     from fedsim.flwr_private import vce
 
     run_dir = tmp_path / "run"
@@ -194,7 +196,7 @@ def test_client_state_and_placement_travel_with_the_message(
 
 
 def test_placement_counts_clients_per_node_and_round():
-    from fedsim.engine.placement import Placement
+    from fedsim.engine.server.placement import Placement
 
     p = Placement()
     for rnd, phase, node in [(1, "train", "a"), (1, "train", "b"), (1, "train", "a")]:

@@ -21,8 +21,8 @@ from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.rundir import aggregate_replies, read_metrics
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
 from tests.conftest import ScriptedGrid, reply, strategy_for
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -19,7 +19,7 @@ from fedsim.flwr_private import linkstate, version
 
 
 def test_installed_where_the_server_app_runs():
-    import fedsim.engine.server_app  # noqa: F401
+    import fedsim.engine.server.server_app  # noqa: F401
 
     assert linkstate.install()
     assert version.supported()

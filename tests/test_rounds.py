@@ -16,9 +16,9 @@ from fedsim.core.errors import RunStopped
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from fedsim.engine.rounds import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
+from fedsim.engine.server.round_driver import RoundDriver
 from tests.conftest import ScriptedGrid, reply
 
 

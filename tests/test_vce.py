@@ -32,9 +32,10 @@ from simulation_state import RUN, identity, simulation_state  # noqa: F401
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
-from fedsim.engine import simulation_process, superlink
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid
+from fedsim.engine.host import superlink
+from fedsim.engine.server import simulation_process
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid
 from fedsim.flwr_private import linkstate, ray_backend, vce
 
 #: Flower's own loop and worker, whatever the tests install.

@@ -96,7 +96,7 @@ class Auditor:
     data : FederatedData
         The seeded partitions, to score reconstructions.
     recorder : Any
-        The run's :class:`fedsim.engine.recorder.RunRecorder`.
+        The run's :class:`fedsim.engine.server.run_recorder.RunRecorder`.
     surface : str
         The family's ``Family.audit`` (``"module:callable"``).
     """

@@ -2,8 +2,8 @@
 
 Flower's simulation runtime starts Ray with ``ray.init(**init_args)`` (its Ray
 backend's ``init_args``). fedsim's launcher
-(:mod:`fedsim.engine.simulation_process`) adds its own init args there
-(:func:`fedsim.engine.simulation_process.init_args`), from the simulation
+(:mod:`fedsim.engine.server.simulation_process`) adds its own init args there
+(:func:`fedsim.engine.server.simulation_process.init_args`), from the simulation
 process's environment, which the runner sets on the private SuperLink
 (:func:`environment`):
 
@@ -18,7 +18,7 @@ process's environment, which the runner sets on the private SuperLink
   "127.0.0.1")`` is not enough: Ray 2.55 turns 127.0.0.1 into the host's
   address (``resolve_ip_for_localhost``) and then listens on every interface.
   The dashboard stays off (Flower's default). Flower's SuperLink listens on
-  127.0.0.1 already (:func:`fedsim.engine.superlink.superlink_command`).
+  127.0.0.1 already (:func:`fedsim.engine.host.superlink.superlink_command`).
 - **attached run** (``resources.ray-address = "HOST:PORT"``):
   ``address=HOST:PORT``. fedsim never starts or stops anything on the cluster:
   its runner stops only the processes it started (the simulation process is
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.core.errors import ConfigError
-from fedsim.engine.simulation_process import ADDRESS_VARIABLE, LOCAL_ONLY
+from fedsim.engine.server.simulation_process import ADDRESS_VARIABLE, LOCAL_ONLY
 
 #: Ray's own variable naming a cluster for ``ray.init()`` to attach to.
 RAY_ADDRESS = "RAY_ADDRESS"
@@ -144,14 +144,14 @@ _surveys: dict[str, tuple[float, tuple[Node, ...]]] = {}
 def survey(address: str) -> tuple[Node, ...]:
     """The live nodes of the cluster at ``address`` and the fedsim each runs,
     found by a short-lived driver in a process of its own (``python -m
-    fedsim.engine.cluster ADDRESS``: this process's Ray, if any, is left
+    fedsim.engine.host.cluster ADDRESS``: this process's Ray, if any, is left
     alone); reused for :data:`SURVEY_TTL` seconds."""
     now = time.monotonic()
     if address in _surveys and now - _surveys[address][0] < SURVEY_TTL:
         return _surveys[address][1]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "fedsim.engine.cluster", address],
+            [sys.executable, "-m", "fedsim.engine.host.cluster", address],
             capture_output=True,
             text=True,
             timeout=300,

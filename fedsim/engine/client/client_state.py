@@ -13,7 +13,7 @@ its first message.
 A client writes at round ``r`` only while round ``r`` runs, and the newest
 three files of each partition are kept: the server closes round ``r - 1``
 (and writes its resume checkpoint) while round ``r`` runs
-(:mod:`fedsim.engine.rounds`), so the checkpoint covers round ``r - 2`` at
+(:mod:`fedsim.engine.server.round_driver`), so the checkpoint covers round ``r - 2`` at
 least, and whatever the moment a run dies, one file is from a round it
 covers. A resume first deletes the files of rounds after its checkpoint
 (:meth:`ClientStateStore.prune_after`), so the newest remaining file is the

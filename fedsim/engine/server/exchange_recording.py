@@ -37,8 +37,8 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import placement
-from fedsim.engine.recorder import RunRecorder
+from fedsim.engine.server import placement
+from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.flwr_private import linkstate
 from fedsim.protocol.wrapping import DelegatingStrategy
 

@@ -18,7 +18,7 @@ round (0.43 -> 0.36 s) and 0.16 of the 2 cores in Ray's daemons. Above about
 1 MiB the copies of an inlined object cost as much as the store. A value the
 user set in the environment (``RAY_max_direct_call_object_size``) wins.
 
-``ray.init`` arguments (:func:`init_args`, see :mod:`fedsim.engine.cluster`):
+``ray.init`` arguments (:func:`init_args`, see :mod:`fedsim.engine.host.cluster`):
 ``address="local"`` without a cluster (never attaching to one by accident), the
 cluster's address with one.
 """
@@ -32,7 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsim.engine import client_state, placement
+from fedsim.engine.client import client_state
+
+from fedsim.engine.server import placement
 from fedsim.flwr_private import ray_backend, vce
 
 #: Set on the private SuperLink (and so the simulation process) of a run that
@@ -61,7 +63,7 @@ def ray_defaults() -> None:
 
 def init_args(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """fedsim's ``ray.init`` arguments for the simulation process (see
-    :mod:`fedsim.engine.cluster`)."""
+    :mod:`fedsim.engine.host.cluster`)."""
     address = env.get(ADDRESS_VARIABLE, "")
     if address:
         return {"address": address}

@@ -3,15 +3,15 @@
 Closing a round is one job, done here whether or not the family has a global
 model: server-side evaluation of the global model on the held-out test set when
 the family declares one (``Family.global_model``), the checkpoint, the audit,
-then :meth:`fedsim.engine.recorder.RunRecorder.end_round` (rows,
+then :meth:`fedsim.engine.server.run_recorder.RunRecorder.end_round` (rows,
 ``metrics.parquet``, trackers; the CLI's progress reads the file), then the
-resume checkpoint (:mod:`fedsim.engine.checkpoint`), written once the round's
+resume checkpoint (:mod:`fedsim.engine.server.resume_checkpoint`), written once the round's
 rows are in the file. A resumed run starts at the round after its checkpoint.
 
 A round is closed while the next one runs: the next round starts from the new
 global arrays as soon as they are aggregated, and the closing job runs in the
 server's thread once the next round's first messages are out
-(:meth:`fedsim.engine.recording.RecordingGrid.defer`), while its clients train,
+(:meth:`fedsim.engine.server.exchange_recording.RecordingGrid.defer`), while its clients train,
 instead of while every client waits. What the resume checkpoint keeps of the
 server (global arrays, strategy states, random generators) is taken when the
 round ends, before the next round draws from it; the closing job touches none
@@ -31,8 +31,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid
 from fedsim.protocol.rounds import run_round
 
 #: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).

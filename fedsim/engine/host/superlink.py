@@ -26,9 +26,11 @@ from typing import Any, TypeVar
 import psutil
 import tomli_w
 
-from fedsim.engine import cluster, simulation_process
-from fedsim.engine.lifeline import Lifeline, die_with_parent
-from fedsim.engine.processes import free_port, stop_processes, stop_tree
+from fedsim.engine.host import cluster
+
+from fedsim.engine.server import simulation_process
+from fedsim.engine.host.lifeline import Lifeline, die_with_parent
+from fedsim.engine.host.processes import free_port, stop_processes, stop_tree
 
 STARTUP_TIMEOUT = 60.0
 T = TypeVar("T")
@@ -92,7 +94,7 @@ def flower_home(
     ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
     ``root-certificates``), and the environment for Flower's commands (its
     simulations run on a loopback Ray, or on the cluster at ``ray_address``:
-    :func:`fedsim.engine.cluster.environment`)."""
+    :func:`fedsim.engine.host.cluster.environment`)."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     launcher = simulation_process.write_launcher(home / "bin")
     env = {

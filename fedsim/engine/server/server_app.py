@@ -3,11 +3,11 @@
 The engine builds the data, the model and the initial arrays once
 (:class:`fedsim.protocol.setup.ServerSetup`), the family's server side builds its
 strategy from them, privacy wraps it, recording wraps that, and
-:class:`fedsim.engine.rounds.RoundDriver` runs and closes every round through
-:class:`fedsim.engine.recording.RecordingGrid`.
+:class:`fedsim.engine.server.round_driver.RoundDriver` runs and closes every round through
+:class:`fedsim.engine.server.exchange_recording.RecordingGrid`.
 
 After every completed round the resume checkpoint is written
-(:mod:`fedsim.engine.checkpoint`); with ``resume`` in the run-config
+(:mod:`fedsim.engine.server.resume_checkpoint`); with ``resume`` in the run-config
 (``fedsim run --resume``) the run continues from it: the strategies' state, the
 global arrays, the random generators and the recorder are restored, the
 clients' saved states of later rounds are dropped, and the rounds after the
@@ -50,11 +50,11 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine import checkpoint
-from fedsim.engine.client_state import ClientStateStore
-from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from fedsim.engine.rounds import RoundDriver
+from fedsim.engine.server import resume_checkpoint
+from fedsim.engine.client.client_state import ClientStateStore
+from fedsim.engine.server.run_recorder import RunRecorder, create_run_dir, headline_of
+from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
+from fedsim.engine.server.round_driver import RoundDriver
 from fedsim.flwr_private import arrays, linkstate
 from fedsim.learn.base import build_model
 from fedsim.learn.device import resolve_device
@@ -124,32 +124,32 @@ def run(
         seed=exp.seed,
     )
     run_dir = recorder.run_dir
-    digest = checkpoint.config_digest(run_dir)
+    digest = resume_checkpoint.config_digest(run_dir)
     arrays = setup.initial if family.global_model else None
     start = 1
     if resume:
         if family.resume:
             raise ConfigError(f"--resume: strategy {family.name!r}: {family.resume}")
-        saved = checkpoint.check_resumable(run_dir)
-        checkpoint.restore_strategy(strategy, saved["strategy"])
-        arrays = checkpoint.arrays_record(saved["arrays"])
+        saved = resume_checkpoint.check_resumable(run_dir)
+        resume_checkpoint.restore_strategy(strategy, saved["strategy"])
+        arrays = resume_checkpoint.arrays_record(saved["arrays"])
         recorder.resume(saved["round"], saved["recorder"])
         ClientStateStore(run_dir).prune_after(saved["round"])
-        checkpoint.restore_rng(saved["rng"])
+        resume_checkpoint.restore_rng(saved["rng"])
         start = saved["round"] + 1
 
     def save(server_round: int, arrays: ArrayRecord | None) -> Callable[[], None]:
         taken = {
             "round": server_round,
             "config": digest,
-            "arrays": checkpoint.arrays_state(arrays),
-            "strategy": copy.deepcopy(checkpoint.strategy_state(strategy)),
-            "rng": checkpoint.rng_state(),
+            "arrays": resume_checkpoint.arrays_state(arrays),
+            "strategy": copy.deepcopy(resume_checkpoint.strategy_state(strategy)),
+            "rng": resume_checkpoint.rng_state(),
         }
 
         def write() -> None:
             tree = {**taken, "recorder": recorder.resume_state()}
-            checkpoint.write_checkpoint(run_dir, tree)
+            resume_checkpoint.write_checkpoint(run_dir, tree)
 
         return write
 

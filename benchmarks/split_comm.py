@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from fedsim.core import registry  # noqa: E402
 from fedsim.core.loading import load_experiment  # noqa: E402
 from fedsim.engine.server.run_recorder import RunRecorder  # noqa: E402
-from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy  # noqa: E402
+from fedsim.engine.server.exchange_recording import RecordingGrid  # noqa: E402
+from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.engine.server.round_driver import RoundDriver  # noqa: E402
 from fedsim.engine.server.server_app import build  # noqa: E402
 from fedsim.learn.training import evaluate  # noqa: E402
@@ -69,7 +70,7 @@ def run(path: str, overrides: list[str]) -> dict[str, str]:
         partitions = {100 + i: i for i in range(exp.federation.clients)}
         fake = InProcessGrid(partitions, exp, setup.data)
         grid = RecordingGrid(
-            fake, recorder, num_clients=exp.federation.clients, min_replies=1
+            fake, recorder, num_clients=exp.federation.clients
         )
         RoundDriver(
             RecordingStrategy(strategy, recorder, seed=exp.seed),

@@ -334,7 +334,8 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     returns the final global arrays, the grid and the recorder."""
     from fedsim.core import registry
     from fedsim.engine.server.run_recorder import RunRecorder
-    from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
+    from fedsim.engine.server.exchange_recording import RecordingGrid
+    from fedsim.engine.server.strategy_recording import RecordingStrategy
     from fedsim.engine.server.round_driver import RoundDriver
     from fedsim.engine.server.server_app import build
 
@@ -345,7 +346,7 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     partitions = {100 + i: i for i in range(exp.federation.clients)}
     fake = InProcessGrid(partitions, exp, setup.data)
     grid = RecordingGrid(
-        fake, recorder, num_clients=exp.federation.clients, min_replies=1
+        fake, recorder, num_clients=exp.federation.clients
     )
     driver = RoundDriver(
         RecordingStrategy(strategy, recorder, seed=exp.seed),

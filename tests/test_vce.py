@@ -195,7 +195,7 @@ def test_server_grid_collects_replies_as_they_are_stored(tmp_path, monkeypatch):
     exp = load_experiment(None, ["federation.clients=6"])
     recorder = RunRecorder(tmp_path, exp)
     grid = RecordingGrid(
-        flower_grid, recorder, num_clients=6, min_replies=1, assign=True
+        flower_grid, recorder, num_clients=6, assign=True
     )
     partition_of = grid.partitions()
 

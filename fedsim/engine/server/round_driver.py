@@ -1,18 +1,30 @@
-"""The round driver: runs every round of a family and closes it.
+"""The round driver: runs every round of a family under the round's rules, and
+closes it.
+
+The round's rules (:class:`RoundRules`, the grid the family's strategy talks
+to): the round's opening training exchange fails the round
+(:class:`fedsim.core.errors.RoundFailed`) with fewer successful replies than
+``federation.min-replies`` (a family's own exchanges, ``train.<action>``, may
+address fewer nodes, e.g. one at a time, and check what their round needs
+themselves); and every exchange's replies come back in partition order, since
+they arrive in an order that depends on timing and floating-point sums over
+them (every weighted average) must not.
 
 Closing a round is one job, done here whether or not the family has a global
 model: server-side evaluation of the global model on the held-out test set when
-the family declares one (``Family.global_model``), the checkpoint, the audit,
-then :meth:`fedsim.engine.server.run_recorder.RunRecorder.end_round` (rows,
+the family declares one (``Family.global_model``), the global model saved
+(``checkpoints/global.npz``), the audit, then
+:meth:`fedsim.engine.server.run_recorder.RunRecorder.end_round` (rows,
 ``metrics.parquet``, trackers; the CLI's progress reads the file), then the
-resume checkpoint (:mod:`fedsim.engine.server.resume_checkpoint`), written once the round's
-rows are in the file. A resumed run starts at the round after its checkpoint.
+resume checkpoint (:mod:`fedsim.engine.server.resume_checkpoint`), written once
+the round's rows are in the file. A resumed run starts at the round after its
+resume checkpoint.
 
 A round is closed while the next one runs: the next round starts from the new
 global arrays as soon as they are aggregated, and the closing job runs in the
 server's thread once the next round's first messages are out
-(:meth:`fedsim.engine.server.exchange_recording.RecordingGrid.defer`), while its clients train,
-instead of while every client waits. What the resume checkpoint keeps of the
+(:meth:`fedsim.engine.server.transport.Transport.defer`), while its clients
+train, instead of while every client waits. What the resume checkpoint keeps of the
 server (global arrays, strategy states, random generators) is taken when the
 round ends, before the next round draws from it; the closing job touches none
 of it (the audit and robust evaluation draw from their own generators). The
@@ -26,20 +38,94 @@ still holds the round up: the replies are collected after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
-from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.core.errors import RoundFailed
 from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.protocol.rounds import run_round
 
 #: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).
 Evaluate = Callable[[ArrayRecord], dict[str, float]]
 #: Takes what the rounds after a completed round depend on, (round, arrays),
-#: when the round ends; returns what writes it, once the round's rows are in.
-Checkpoint = Callable[[int, ArrayRecord | None], Callable[[], None]]
+#: when the round ends; returns what writes the resume checkpoint, once the
+#: round's rows are in.
+ResumeSave = Callable[[int, ArrayRecord | None], Callable[[], None]]
+
+
+class RoundRules(Grid):
+    """The grid a round runs on: ``grid`` (recording every exchange) under the
+    round's rules (see module doc); everything else is ``grid``'s."""
+
+    def __init__(self, grid: RecordingGrid, *, min_replies: int):
+        self.grid = grid
+        self.min_replies = min_replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """``grid``'s exchange; the round fails on too few training replies;
+        the replies in partition order."""
+        messages = list(messages)
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self._enough(messages, replies, timeout)
+        return sorted(replies, key=self.grid.partition_of)
+
+    def _enough(
+        self, messages: list[Message], replies: list[Message], timeout: float | None
+    ) -> None:
+        ok = sum(not reply.has_error() for reply in replies)
+        if ok >= self.min_replies:
+            return
+        silent = len(messages) - len(replies)
+        late = (
+            f"; {silent} did not reply within federation.round-timeout = "
+            f"{timeout:g} s"
+            if silent
+            else ""
+        )
+        raise RoundFailed(
+            f"round {self.grid.round_of(messages[0])}: {ok} of {len(messages)} "
+            "clients replied, fewer than federation.min-replies = "
+            f"{self.min_replies}{late}"
+        )
+
+    # -- the rest is the recording grid's ------------------------------------------
+    def partitions(self) -> dict[int, int]:
+        return self.grid.partitions()
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
+
+    def get_node_ids(self) -> list[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
 
 
 class SimulatedCrash(RuntimeError):
@@ -54,7 +140,8 @@ class RoundDriver:
     strategy : Strategy
         The outermost strategy (the family's, wrapped by privacy and recording).
     grid : RecordingGrid
-        The ServerApp's grid, recording per-client rows.
+        The ServerApp's grid, recording per-client rows; the strategy talks to
+        it under the round's rules (:class:`RoundRules`).
     recorder : RunRecorder
         Where rows, checkpoints and the summary go.
     evaluate : callable, optional
@@ -64,9 +151,13 @@ class RoundDriver:
         Rounds to run.
     timeout : float
         Seconds to wait for the replies of one exchange.
-    checkpoint : callable, optional
+    min_replies : int
+        Fewest successful training replies a round needs
+        (``federation.min-replies``).
+    resume_save : callable, optional
         Called with each completed round and its global arrays when the round
-        ends; what it returns is called once the round's rows are written.
+        ends; what it returns (writing the resume checkpoint) is called once
+        the round's rows are written.
     crash_in_round : int, optional
         Tests only: raise :class:`SimulatedCrash` when this round has run and
         before anything of it is recorded, as a crash would.
@@ -84,18 +175,20 @@ class RoundDriver:
         evaluate: Evaluate | None,
         rounds: int,
         timeout: float,
-        checkpoint: Checkpoint | None = None,
+        min_replies: int = 1,
+        resume_save: ResumeSave | None = None,
         crash_in_round: int | None = None,
         after_round: Callable[[int], None] | None = None,
     ):
         self.after_round = after_round
         self.strategy = strategy
         self.grid = grid
+        self.rules = RoundRules(grid, min_replies=min_replies)
         self.recorder = recorder
         self.evaluate = evaluate
         self.rounds = rounds
         self.timeout = timeout
-        self.checkpoint = checkpoint
+        self.resume_save = resume_save
         self.crash_in_round = crash_in_round
 
     def run(self, initial: ArrayRecord | None, *, start: int = 1) -> ArrayRecord | None:
@@ -108,7 +201,7 @@ class RoundDriver:
             self.grid.server_round = server_round
             try:
                 arrays = run_round(
-                    self.strategy, server_round, arrays, self.grid, timeout=self.timeout
+                    self.strategy, server_round, arrays, self.rules, timeout=self.timeout
                 )
             finally:  # the previous round, if no message went out
                 self.grid.run_deferred()
@@ -118,19 +211,19 @@ class RoundDriver:
     def _closing(
         self, server_round: int, arrays: ArrayRecord | None
     ) -> Callable[[], None]:
-        """The job that closes ``server_round``: the checkpoint's state is taken
-        now; the job evaluates and checkpoints the global model (if any), runs
-        the audit, ends the round, then writes the resume checkpoint."""
+        """The job that closes ``server_round``: the resume checkpoint's state
+        is taken now; the job evaluates and saves the global model (if any),
+        runs the audit, ends the round, then writes the resume checkpoint."""
         save = None
-        if self.checkpoint is not None and server_round > 0:
-            save = self.checkpoint(server_round, arrays)
+        if self.resume_save is not None and server_round > 0:
+            save = self.resume_save(server_round, arrays)
 
         def close() -> None:
             if server_round == self.crash_in_round:
                 raise SimulatedCrash(f"simulated crash in round {server_round}")
             if self.evaluate is not None and arrays is not None:
                 self.recorder.server(server_round, self.evaluate(arrays))
-                self.recorder.checkpoint(
+                self.recorder.save_global_model(
                     server_round, {k: a.numpy() for k, a in arrays.items()}
                 )
             if self.after_round is not None:

@@ -258,7 +258,9 @@ class RunRecorder:
         for name, value in metrics.items():
             self._server.append((server_round, None, "server", name, float(value)))
 
-    def checkpoint(self, server_round: int, arrays: Mapping[str, Any]) -> Path:
+    def save_global_model(
+        self, server_round: int, arrays: Mapping[str, Any]
+    ) -> Path:
         """Save the global model's arrays as ``checkpoints/global.npz`` (atomic).
 
         The file holds the arrays under their state-dict names and the round

@@ -2,9 +2,10 @@
 
 The engine builds the data, the model and the initial arrays once
 (:class:`fedsim.protocol.setup.ServerSetup`), the family's server side builds its
-strategy from them, privacy wraps it, recording wraps that, and
-:class:`fedsim.engine.server.round_driver.RoundDriver` runs and closes every round through
-:class:`fedsim.engine.server.exchange_recording.RecordingGrid`.
+strategy from them, privacy wraps it, recording wraps that
+(:mod:`fedsim.engine.server.strategy_recording`), and
+:class:`fedsim.engine.server.round_driver.RoundDriver` runs and closes every
+round through :class:`fedsim.engine.server.exchange_recording.RecordingGrid`.
 
 After every completed round the resume checkpoint is written
 (:mod:`fedsim.engine.server.resume_checkpoint`); with ``resume`` in the run-config
@@ -14,8 +15,9 @@ clients' saved states of later rounds are dropped, and the rounds after the
 checkpoint run.
 
 Importing this module indexes Flower's in-memory LinkState by destination node
-(:mod:`fedsim.flwr_private.linkstate`): in simulation the runtime shares this process;
-and reads arrays without ``np.load``'s header parse (:mod:`fedsim.flwr_private.arrays`).
+(:mod:`fedsim.flwr_private.linkstate`): in simulation the runtime shares this
+process; and reads arrays without ``np.load``'s header parse
+(:mod:`fedsim.flwr_private.arrays`).
 
 ``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
 makes round ``r`` fail once it has run, before anything of it is recorded.
@@ -50,11 +52,12 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine.server import resume_checkpoint
 from fedsim.engine.client.client_state import ClientStateStore
-from fedsim.engine.server.run_recorder import RunRecorder, create_run_dir, headline_of
-from fedsim.engine.server.exchange_recording import RecordingGrid, RecordingStrategy
+from fedsim.engine.server import resume_checkpoint
+from fedsim.engine.server.exchange_recording import RecordingGrid
 from fedsim.engine.server.round_driver import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder, create_run_dir, headline_of
+from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.flwr_private import arrays, linkstate
 from fedsim.learn.base import build_model
 from fedsim.learn.device import resolve_device
@@ -170,7 +173,6 @@ def run(
         grid,
         recorder,
         num_clients=exp.federation.clients,
-        min_replies=exp.federation.min_replies,
         experiment=experiment,
         partitions=partitions,
         assign=assign,
@@ -184,7 +186,8 @@ def run(
         evaluate=evaluate_global if family.global_model else None,
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
-        checkpoint=save,
+        min_replies=exp.federation.min_replies,
+        resume_save=save,
         after_round=auditor.after_round if auditor else None,
         crash_in_round=int(crash) if crash else None,
     ).run(arrays, start=start)

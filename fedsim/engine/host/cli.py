@@ -233,8 +233,8 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     """Validate the whole sweep, run what is left, print a table of its runs."""
     from fedsim.engine.host.cluster import note_ignored
-    from fedsim.engine.host.progress import PlainDisplay
     from fedsim.engine.host.local_simulation import read_summary
+    from fedsim.engine.host.progress import PlainDisplay
     from fedsim.engine.host.sweep import execute, plan
 
     work = plan(args.sweep, args.overrides, args.out)

@@ -34,7 +34,6 @@ from fedsim.core.loading import (
 from fedsim.core.rundir import SUMMARY_FILE, ended, read_summary, write_json
 from fedsim.engine.host.lifeline import stop_signals
 from fedsim.engine.host.processes import descendants, stop_tree
-from fedsim.engine.server.run_recorder import summary_base
 from fedsim.engine.host.superlink import (
     PrivateSuperLink,
     SimulationError,
@@ -42,6 +41,7 @@ from fedsim.engine.host.superlink import (
     log_tail,
     spawn,
 )
+from fedsim.engine.server.run_recorder import summary_base
 
 LOGS_DIR = "logs"
 T = TypeVar("T")

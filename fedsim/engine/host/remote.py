@@ -31,7 +31,6 @@ from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY
 from fedsim.core.rundir import SUMMARY_FILE
 from fedsim.engine.host.lifeline import stop_signals
-from fedsim.engine.host.processes import stop_tree
 from fedsim.engine.host.local_simulation import (
     LOGS_DIR,
     Outcome,
@@ -39,6 +38,7 @@ from fedsim.engine.host.local_simulation import (
     settle,
     write_app,
 )
+from fedsim.engine.host.processes import stop_tree
 from fedsim.engine.host.superlink import (
     SimulationError,
     executable,

@@ -27,10 +27,9 @@ import psutil
 import tomli_w
 
 from fedsim.engine.host import cluster
-
-from fedsim.engine.server import simulation_process
 from fedsim.engine.host.lifeline import Lifeline, die_with_parent
 from fedsim.engine.host.processes import free_port, stop_processes, stop_tree
+from fedsim.engine.server import simulation_process
 
 STARTUP_TIMEOUT = 60.0
 T = TypeVar("T")

@@ -201,7 +201,11 @@ class RoundDriver:
             self.grid.server_round = server_round
             try:
                 arrays = run_round(
-                    self.strategy, server_round, arrays, self.rules, timeout=self.timeout
+                    self.strategy,
+                    server_round,
+                    arrays,
+                    self.rules,
+                    timeout=self.timeout,
                 )
             finally:  # the previous round, if no message went out
                 self.grid.run_deferred()

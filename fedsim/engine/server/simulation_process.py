@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.engine.client import client_state
-
 from fedsim.engine.server import placement
 from fedsim.flwr_private import ray_backend, vce
 

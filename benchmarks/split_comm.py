@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from fedsim.core import registry  # noqa: E402
 from fedsim.core.loading import load_experiment  # noqa: E402
-from fedsim.engine.server.run_recorder import RunRecorder  # noqa: E402
 from fedsim.engine.server.exchange_recording import RecordingGrid  # noqa: E402
-from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.engine.server.round_driver import RoundDriver  # noqa: E402
+from fedsim.engine.server.run_recorder import RunRecorder  # noqa: E402
 from fedsim.engine.server.server_app import build  # noqa: E402
+from fedsim.engine.server.strategy_recording import RecordingStrategy  # noqa: E402
 from fedsim.learn.training import evaluate  # noqa: E402
 from tests.test_split import InProcessGrid  # noqa: E402
 

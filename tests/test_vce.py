@@ -288,7 +288,7 @@ def test_superlinks_start_the_launcher(tmp_path):
 def test_launcher_installs_before_flowers_runtime_starts():
     """What the launcher runs before Flower's entry point, in a fresh interpreter."""
     code = (
-        "from fedsim.engine import simulation_process as sp\n"
+        "from fedsim.engine.server import simulation_process as sp\n"
         "from fedsim.flwr_private import vce\n"
         "assert sp.install()\n"
         "from flwr.server.superlink.fleet.vce import vce_api\n"
@@ -325,7 +325,7 @@ def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
     Ray puts the 0.5 MB one in the store too."""
     code = (
         "import sys\n"
-        "from fedsim.engine import simulation_process\n"
+        "from fedsim.engine.server import simulation_process\n"
         "if sys.argv[1] == 'tuned':\n"
         "    simulation_process.ray_defaults()\n"
         "import ray\n"

@@ -165,18 +165,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     this process runs in it (:mod:`fedsim.core.locking`)."""
     from fedsim.engine.host.local_simulation import LOGS_DIR
 
-    remote = args.superlink is not None
-    if not remote and (args.root_certificates or args.insecure or args.remote_out):
-        flag = "--root-certificates" if args.root_certificates else "--insecure"
-        flag = "--remote-out" if args.remote_out else flag
-        raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
     request = front_door.Request(
         args.experiment,
         args.overrides,
         args.out,
         resume=args.resume,
         ray_address=args.ray_address,
-        connection=_connection(args) if remote else None,
+        superlink=args.superlink,
+        root_certificates=args.root_certificates,
+        insecure=args.insecure,
         remote_out=args.remote_out,
     )
 

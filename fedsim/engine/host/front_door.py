@@ -42,11 +42,12 @@ class Request:
     None) and ``KEY=VALUE`` overrides; ``out``: where run directories go
     (``out_flag`` names it in errors); ``resume``: a run directory to continue
     instead; ``ray_address``: the Ray cluster to run the clients on (overrides
-    ``resources.ray-address``); ``connection``: an existing SuperLink
-    (:class:`fedsim.engine.host.remote.Connection`) instead of a private
-    simulation, ``remote_out`` the run directories' folder as its host sees
-    it; ``who``: what holds the run directory's lock (in the error another
-    process gets)."""
+    ``resources.ray-address``); ``superlink``: an existing SuperLink's
+    ``HOST:PORT`` instead of a private simulation, trusted through
+    ``root_certificates`` or ``insecure``
+    (:class:`fedsim.engine.host.remote.Connection`), ``remote_out`` the run
+    directories' folder as its host sees it; ``who``: what holds the run
+    directory's lock (in the error another process gets)."""
 
     experiment: str | Path | None = None
     overrides: Sequence[str] = ()
@@ -54,7 +55,9 @@ class Request:
     out_flag: str = "--out"
     resume: str | Path | None = None
     ray_address: str | None = None
-    connection: Any = None
+    superlink: str | None = None
+    root_certificates: Path | None = None
+    insecure: bool = False
     remote_out: str | Path | None = None
     who: str = "fedsim run"
 
@@ -129,15 +132,26 @@ def _start(
     from fedsim.core.locking import locked
     from fedsim.engine.host import cluster
     from fedsim.engine.host.local_simulation import simulate
-    from fedsim.engine.host.remote import run_remote
+    from fedsim.engine.host.remote import Connection, run_remote
     from fedsim.engine.host.superlink import start_during
     from fedsim.engine.server.run_recorder import check_out, create_run_dir
 
-    remote = request.connection is not None
+    remote = request.superlink is not None
+    if not remote and (
+        request.root_certificates or request.insecure or request.remote_out
+    ):
+        flag = "--root-certificates" if request.root_certificates else "--insecure"
+        flag = "--remote-out" if request.remote_out else flag
+        raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
     if remote and request.resume:
         raise ConfigError("--resume: not with --superlink (private simulations only)")
     if remote and request.ray_address:
         raise ConfigError("--ray-address: not with --superlink (simulations only)")
+    connection = None
+    if request.superlink is not None:
+        connection = Connection(
+            request.superlink, request.root_certificates, request.insecure
+        )
     out: Path | None = None
     if request.resume:
         if Path(request.resume).is_dir():  # before anything is read: a live run
@@ -169,11 +183,11 @@ def _start(
         remote_dir = Path(request.remote_out) / run_dir.name
     progress = Progress(display(exp), run_dir, exp, done=done)
     try:
-        if remote:
+        if connection is not None:
             outcome = run_remote(
                 exp,
                 run_dir,
-                request.connection,
+                connection,
                 remote_dir=remote_dir,
                 on_poll=progress.poll,
             )

@@ -206,7 +206,7 @@ def raw(rounds: int) -> dict[str, Any]:
 
 # -- plain Flower ----------------------------------------------------------------
 def plain_flower(rounds: int, clients: int = 10) -> dict[str, Any]:
-    from fedsim.engine import processes, superlink
+    from fedsim.engine.host import processes, superlink
 
     work = Path(tempfile.mkdtemp(prefix="plain-flower-"))
     app = work / "app"

@@ -8,7 +8,8 @@ Usage::
     python benchmarks/split_comm.py [--set KEY=VALUE ...] [EXP[:KEY=VALUE,...] ...]
 
 Runs each experiment in this process through the real strategy, the real
-client algorithm, the real :class:`fedsim.engine.recording.RecordingGrid` (which
+client algorithm, the real
+:class:`fedsim.engine.server.exchange_recording.RecordingGrid` (which
 counts the bytes of every message exactly as in a Flower run) and the round
 driver with the server-side evaluation, but without Flower's simulation
 runtime: messages are answered at once by the client algorithm of their node
@@ -37,10 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from fedsim.core import registry  # noqa: E402
 from fedsim.core.loading import load_experiment  # noqa: E402
-from fedsim.engine.recorder import RunRecorder  # noqa: E402
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy  # noqa: E402
-from fedsim.engine.rounds import RoundDriver  # noqa: E402
-from fedsim.engine.server_app import build  # noqa: E402
+from fedsim.engine.server.exchange_recording import RecordingGrid  # noqa: E402
+from fedsim.engine.server.round_driver import RoundDriver  # noqa: E402
+from fedsim.engine.server.run_recorder import RunRecorder  # noqa: E402
+from fedsim.engine.server.server_app import build  # noqa: E402
+from fedsim.engine.server.strategy_recording import RecordingStrategy  # noqa: E402
 from fedsim.learn.training import evaluate  # noqa: E402
 from tests.test_split import InProcessGrid  # noqa: E402
 
@@ -52,9 +54,9 @@ DEFAULT = (
 
 def run(path: str, overrides: list[str]) -> dict[str, str]:
     """One experiment in-process; its table row."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsim.flwr_private import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     file, _, extra = path.partition(":")
     sets = [*overrides, *(e for e in extra.split(",") if e)]
     exp = load_experiment(ROOT / file, sets)
@@ -71,7 +73,7 @@ def run(path: str, overrides: list[str]) -> dict[str, str]:
         partitions = {100 + i: i for i in range(exp.federation.clients)}
         fake = InProcessGrid(partitions, exp, setup.data)
         grid = RecordingGrid(
-            fake, recorder, num_clients=exp.federation.clients, min_replies=1
+            fake, recorder, num_clients=exp.federation.clients
         )
         RoundDriver(
             RecordingStrategy(strategy, recorder, seed=exp.seed),

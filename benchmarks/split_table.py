@@ -20,7 +20,7 @@ each, here every client is in every exchange of V1 and U-shaped; V2 addresses
 one client per exchange). For V2 (one message in flight at a time) the
 difference of the last two is what the runtime adds per exchange (Flower's
 own simulation engine picked messages up every 0.1 s; fedsim's launcher wakes
-it when a message is stored, see ``fedsim.engine.vce``).
+it when a message is stored, see ``fedsim.flwr_private.vce``).
 """
 
 from __future__ import annotations

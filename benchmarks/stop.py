@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from cli_run import markdown
 
-from fedsim.engine.processes import living
+from fedsim.engine.host.processes import living
 
 ARGS = ("rounds=500", "federation.clients=2", "model.name=mlp")
 

@@ -1,8 +1,9 @@
 """fedsim: federated-learning simulation on Flower and Ray.
 
-``fedsim.run(...)`` launches a run from Python (:func:`fedsim.engine.launch.run`),
-``fedsim.sweep(...)`` a sweep (:func:`fedsim.engine.sweep.sweep`); both are
-imported on first use, so that ``import fedsim.core`` stays light.
+``fedsim.run(...)`` launches a run from Python
+(:func:`fedsim.engine.host.front_door.run`), ``fedsim.sweep(...)`` a sweep
+(:func:`fedsim.engine.host.sweep.sweep`); both are imported on first use, so
+that ``import fedsim.core`` stays light.
 """
 
 from typing import Any
@@ -13,11 +14,11 @@ __all__ = ["__version__", "run", "sweep"]
 
 def __getattr__(name: str) -> Any:
     if name == "run":
-        from fedsim.engine.launch import run
+        from fedsim.engine.host.front_door import run
 
         return run
     if name == "sweep":
-        from fedsim.engine.sweep import sweep
+        from fedsim.engine.host.sweep import sweep
 
         return sweep
     raise AttributeError(f"module 'fedsim' has no attribute {name!r}")

@@ -2,6 +2,6 @@
 
 import sys
 
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 
 sys.exit(main())

@@ -162,11 +162,11 @@ def four_client_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shar
 @pytest.fixture
 def task_identity() -> Iterable[None]:
     """Messages take their run id from the process identity a ServerApp has."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsim.flwr_private import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+    set_task_identity(None, None, None)
 
 
 def reply_metadata(src: int, reply_to: str, message_type: str) -> Metadata:
@@ -207,7 +207,7 @@ def reply(
 def strategy_for(exp: Any) -> Any:
     """The family's server strategy for ``exp``, built as the ServerApp builds it."""
     from fedsim.core import registry
-    from fedsim.engine.server_app import build
+    from fedsim.engine.server.server_app import build
 
     return registry.family(exp.strategy.name).load_server()(build(exp))
 
@@ -333,10 +333,11 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     """Drive ``rounds`` rounds of the experiment's split family in-process;
     returns the final global arrays, the grid and the recorder."""
     from fedsim.core import registry
-    from fedsim.engine.recorder import RunRecorder
-    from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-    from fedsim.engine.rounds import RoundDriver
-    from fedsim.engine.server_app import build
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.exchange_recording import RecordingGrid
+    from fedsim.engine.server.strategy_recording import RecordingStrategy
+    from fedsim.engine.server.round_driver import RoundDriver
+    from fedsim.engine.server.server_app import build
 
     setup = build(exp)
     family = registry.family(exp.strategy.name)
@@ -345,7 +346,7 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     partitions = {100 + i: i for i in range(exp.federation.clients)}
     fake = InProcessGrid(partitions, exp, setup.data)
     grid = RecordingGrid(
-        fake, recorder, num_clients=exp.federation.clients, min_replies=1
+        fake, recorder, num_clients=exp.federation.clients
     )
     driver = RoundDriver(
         RecordingStrategy(strategy, recorder, seed=exp.seed),

@@ -19,8 +19,9 @@ from flwr.app import Context, Message, RecordDict
 from fedsim import privacy
 from fedsim.core.messages import PARTITION_ID
 from fedsim.core.rundir import read_metrics
-from fedsim.engine import client_app, server_app
-from fedsim.engine.runner import run_config_of
+from fedsim.engine.client import client_app
+from fedsim.engine.server import server_app
+from fedsim.engine.host.local_simulation import run_config_of
 from tests.conftest import ScriptedGrid
 
 #: Metrics that measure time, not the computation.

@@ -11,7 +11,7 @@ import pytest
 import fedsim
 from fedsim.core.errors import ConfigError
 from fedsim.core.rundir import METRICS_FILE
-from fedsim.engine.launch import NotebookDisplay, PlainDisplay
+from fedsim.engine.host.progress import NotebookDisplay, PlainDisplay
 from tests.runs import SMALL, CliRun, console_script_env
 
 TIMING = ("seconds", "elapsed")

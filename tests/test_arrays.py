@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fedsim.engine import arrays
+from fedsim.flwr_private import arrays
 
 rng = np.random.default_rng(0)
 

@@ -30,7 +30,7 @@ from fedsim.core.family import load
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, PARTITION_ID, SERVER_ROUND
 from fedsim.core.seeding import derive_seed
-from fedsim.engine.server_app import build
+from fedsim.engine.server.server_app import build
 from fedsim.learn.training import make_loader
 from tests.conftest import ScriptedGrid, reply, training_rows
 
@@ -279,7 +279,7 @@ class ClientGrid(ScriptedGrid):
 
 
 def _run(exp: Any, run_dir: Path) -> pd.DataFrame:
-    from fedsim.engine.server_app import recorder_for, run
+    from fedsim.engine.server.server_app import recorder_for, run
 
     recorder = recorder_for(exp, run_dir)
     with recorder.recording():
@@ -351,7 +351,7 @@ def test_the_audited_run_trains_exactly_as_the_run_without(
     from rich.console import Console
 
     from fedsim import analysis
-    from fedsim.engine.launch import audit_note
+    from fedsim.engine.host.progress import audit_note
 
     frame = analysis.load_runs([tmp_path / "plain", tmp_path / "audited"])
     table = analysis.comparison(frame)

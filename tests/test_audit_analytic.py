@@ -25,7 +25,7 @@ from fedsim.core import registry
 from fedsim.core.family import load
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, SERVER_ROUND
-from fedsim.engine.server_app import build
+from fedsim.engine.server.server_app import build
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 #: The issue's bar for an analytic recovery (an exact copy is ~130 dB in float32).

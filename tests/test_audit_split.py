@@ -23,7 +23,7 @@ from fedsim.core.family import load
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ACTIVATIONS, ARRAYS, CONFIG, CUT, SERVER_ROUND
 from fedsim.core.seeding import derive_seed
-from fedsim.engine.server_app import build
+from fedsim.engine.server.server_app import build
 from fedsim.learn.codecs import FixedBits, decode
 from fedsim.learn.split import batch_plan, from_record
 from tests.conftest import TINY_SFPROMPT, InProcessGrid, training_rows
@@ -243,7 +243,7 @@ def test_the_attack_must_fit_the_upload() -> None:
 
 
 def _run(exp: Any, run_dir: Path) -> pd.DataFrame:
-    from fedsim.engine.server_app import recorder_for, run
+    from fedsim.engine.server.server_app import recorder_for, run
 
     recorder = recorder_for(exp, run_dir)
     with recorder.recording():

@@ -15,7 +15,7 @@ from fedsim.core.rundir import (
     SUMMARY_FILE,
     read_metrics,
 )
-from fedsim.engine.client_state import ClientStateStore
+from fedsim.engine.client.client_state import ClientStateStore
 from tests.runs import SharedRun
 
 pytestmark = pytest.mark.slow

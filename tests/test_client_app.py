@@ -19,7 +19,7 @@ from flwr.app import (
 from fedsim.core.loading import load_experiment, to_run_config
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import client_app
+from fedsim.engine.client import client_app
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import make_loader

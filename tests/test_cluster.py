@@ -1,4 +1,4 @@
-"""Where a simulation's Ray runs (:mod:`fedsim.engine.cluster`): a local run
+"""Where a simulation's Ray runs (:mod:`fedsim.engine.host.cluster`): a local run
 listens on loopback only and ignores ``RAY_ADDRESS``; ``resources.ray-address``
 attaches to an existing cluster after a pre-run check against the cluster's
 nodes (the two-node cluster test is in tests/test_ray_cluster.py)."""
@@ -11,7 +11,9 @@ import pytest
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
-from fedsim.engine import cluster
+from fedsim.engine.host import cluster
+from fedsim.engine.server import simulation_process
+from fedsim.flwr_private import ray_backend
 from tests.runs import STRAY_RAY, fedsim
 
 
@@ -54,22 +56,21 @@ def test_the_simulation_environment_says_where_ray_runs():
     base = {"RAY_ADDRESS": "10.0.0.1:6379", "PATH": "/bin", cluster.LOCAL_ONLY: "1"}
     local = cluster.environment(base, "")
     assert local == {"PATH": "/bin", cluster.LOCAL_ONLY: "0"}
-    assert cluster.init_args(local) == {"address": "local", "include_dashboard": False}
+    assert simulation_process.init_args(local) == {"address": "local", "include_dashboard": False}
     attached = cluster.environment(base, "10.0.0.5:6379")
     assert attached == {"PATH": "/bin", cluster.ADDRESS_VARIABLE: "10.0.0.5:6379"}
-    assert cluster.init_args(attached) == {"address": "10.0.0.5:6379"}
+    assert simulation_process.init_args(attached) == {"address": "10.0.0.5:6379"}
     assert cluster.ignored_ray_address("", {}) == ""
 
 
 def test_flowers_backend_gets_fedsims_init_args(monkeypatch):
     """Flower's Ray backend passes its ``init_args`` to ``ray.init``;
     fedsim's are added to them (and win)."""
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
+    RayBackend = ray_backend.ray_backend()
     calls = []
     monkeypatch.setattr(RayBackend, "init_ray", lambda self, cfg: calls.append(cfg))
-    cluster.install()
-    cluster.install()  # once only
+    assert ray_backend.add_init_args(simulation_process.init_args)
+    assert ray_backend.add_init_args(simulation_process.init_args)  # once only
     monkeypatch.setenv(cluster.ADDRESS_VARIABLE, "10.0.0.5:6379")
     RayBackend.init_ray(None, {"init_args": {"num_cpus": 2, "address": "auto"}})
     assert calls == [{"init_args": {"num_cpus": 2, "address": "10.0.0.5:6379"}}]
@@ -142,7 +143,9 @@ def test_client_state_and_placement_travel_with_the_message(
 
     from fedsim.core.loading import RESUME_KEY, RUN_DIR_KEY
     from fedsim.core.messages import CONFIG, PARTITION_ID, SERVER_ROUND
-    from fedsim.engine import client_state, placement, vce
+    from fedsim.engine.client import client_state
+    from fedsim.engine.server import placement
+    from fedsim.flwr_private import vce
 
     run_dir = tmp_path / "run"
     store = client_state.ClientStateStore(run_dir)
@@ -179,7 +182,9 @@ def test_client_state_and_placement_travel_with_the_message(
     stores = {3: Store()}
     config = ConfigRecord({PARTITION_ID: 1, SERVER_ROUND: 3})
     message = Message(RecordDict({CONFIG: config}), dst_node_id=3, message_type="train")
-    (reply,) = vce.process_messages(backend, stores, [message])
+    (reply,) = vce.process_messages(
+        backend, stores, [message], simulation_process.RELAY
+    )
     assert dict(seen[0]["acc"]) == {"n": 5}  # restored before the call
     assert client_state.RELAYED in seen[0]
     saved_round, saved = store.load(1)
@@ -191,7 +196,7 @@ def test_client_state_and_placement_travel_with_the_message(
 
 
 def test_placement_counts_clients_per_node_and_round():
-    from fedsim.engine.placement import Placement
+    from fedsim.engine.server.placement import Placement
 
     p = Placement()
     for rnd, phase, node in [(1, "train", "a"), (1, "train", "b"), (1, "train", "a")]:

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.processes import free_port
-from fedsim.engine.remote import Connection, supernodes
+from fedsim.engine.host.processes import free_port
+from fedsim.engine.host.remote import Connection, supernodes
 from tests.conftest import fedsim, sets
 
 pytestmark = pytest.mark.compose

@@ -22,7 +22,7 @@ from fedsim.core.loading import (
     to_run_config,
     to_toml,
 )
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +90,8 @@ def test_pyproject_flower_config_matches_quickstart() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {
-        "serverapp": "fedsim.engine.server_app:app",
-        "clientapp": "fedsim.engine.client_app:app",
+        "serverapp": "fedsim.engine.server.server_app:app",
+        "clientapp": "fedsim.engine.client.client_app:app",
     }
     assert app["config"] == {**to_run_config(load_experiment(None)), "run-dir": ""}
 

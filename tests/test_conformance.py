@@ -35,9 +35,10 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import CONFIG, SERVER_ROUND
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
-from fedsim.engine import checkpoint, cli
-from fedsim.engine.recorder import create_run_dir
-from fedsim.engine.rounds import SimulatedCrash
+from fedsim.engine.host import cli
+from fedsim.engine.server import resume_checkpoint
+from fedsim.engine.server.run_recorder import create_run_dir
+from fedsim.engine.server.round_driver import SimulatedCrash
 from tests import inprocess
 from tests.conformance import bad_values, conformance_experiment, family_names, plugins
 
@@ -135,7 +136,7 @@ def test_family_runs_records_every_message_and_resumes_exactly(
     cut = create_run_dir(tmp_path / "cut", exp)
     with pytest.raises(SimulatedCrash):
         inprocess.simulate(exp, cut, crash=2)  # round 2 ran, then the process died
-    assert checkpoint.check_resumable(cut)["round"] == 1
+    assert resume_checkpoint.check_resumable(cut)["round"] == 1
     if family.resume:
         with pytest.raises(ConfigError, match=f"--resume: strategy {name!r}"):
             inprocess.simulate(exp, cut, resume=True)

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core import registry
 from fedsim.core.registry import FamilyError
-from fedsim.engine import checkpoint, cli
+from fedsim.engine.host import cli
+from fedsim.engine.server import resume_checkpoint
 from fedsim.protocol import contract
 
 
@@ -50,12 +51,12 @@ def test_a_family_must_declare_the_server_state_its_strategy_keeps() -> None:
 def test_the_checkpoint_saves_every_stateful_strategy_of_the_chain() -> None:
     inner = Counting()
     inner.rounds = 4
-    saved = checkpoint.unpack(checkpoint.pack(checkpoint.strategy_state(inner)))
+    saved = resume_checkpoint.unpack(resume_checkpoint.pack(resume_checkpoint.strategy_state(inner)))
     fresh = Counting()
-    checkpoint.restore_strategy(Wrapper(fresh), saved)
+    resume_checkpoint.restore_strategy(Wrapper(fresh), saved)
     assert fresh.rounds == 4
     with pytest.raises(ValueError, match="the strategy is"):
-        checkpoint.restore_strategy(FedAvg(), saved)
+        resume_checkpoint.restore_strategy(FedAvg(), saved)
 
 
 def test_the_router_reaches_clients_through_the_client_protocol() -> None:

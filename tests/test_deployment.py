@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.processes import free_port, stop_tree
-from fedsim.engine.remote import Connection, register_supernode, supernodes
-from fedsim.engine.superlink import (
+from fedsim.engine.host.processes import free_port, stop_tree
+from fedsim.engine.host.remote import Connection, register_supernode, supernodes
+from fedsim.engine.host.superlink import (
     Tls,
     executable,
     flower_home,

@@ -22,7 +22,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES
-from fedsim.engine.recorder import RunRecorder
+from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.privacy import base as pbase
 from fedsim.privacy import dp_fedavg
 from fedsim.privacy import dp_fedavg_maths as maths

@@ -21,9 +21,10 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import from_run_config, load_experiment, to_run_config
 from fedsim.core.messages import ARRAYS, NUM_EXAMPLES
 from fedsim.core.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy, array_bytes
-from fedsim.engine.rounds import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid, array_bytes
+from fedsim.engine.server.strategy_recording import RecordingStrategy
+from fedsim.engine.server.round_driver import RoundDriver
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy
@@ -119,7 +120,7 @@ def test_wrappers_forward_a_family_round_and_rows_sum_its_exchanges(
     budget = PrivacyBudgetStrategy(family, num_clients=3, target_epsilon=1.0)
     strategy = RecordingStrategy(budget, recorder, seed=0)
     fake = PingGrid({11: 0, 12: 1, 13: 2})
-    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1)
+    grid = RecordingGrid(fake, recorder, num_clients=3)
     initial = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     driver = RoundDriver(
         strategy, grid, recorder, evaluate=None, rounds=2, timeout=10.0
@@ -166,7 +167,7 @@ def test_a_round_closes_without_a_global_model(tmp_path: Path) -> None:
 
     driver = RoundDriver(
         Private(),
-        grid=RecordingGrid(ScriptedGrid({}), recorder, num_clients=2, min_replies=1),
+        grid=RecordingGrid(ScriptedGrid({}), recorder, num_clients=2),
         recorder=recorder,
         evaluate=None,
         rounds=3,

@@ -28,8 +28,9 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.locking import LOCK_FILE, locked, owner_of
 from fedsim.core.rundir import CHECKPOINTS_DIR, RESUME_CHECKPOINT, SUMMARY_FILE
-from fedsim.engine import checkpoint, cli
-from fedsim.engine.recorder import create_run_dir
+from fedsim.engine.host import cli
+from fedsim.engine.server import resume_checkpoint
+from fedsim.engine.server.run_recorder import create_run_dir
 from fedsim.learn import data
 
 SMALL = ["data.dataset=synthetic", "data.size=200", "federation.clients=2"]
@@ -61,8 +62,8 @@ def failed_run(tmp_path: Path) -> Path:
     """A run directory that failed after checkpointing round 1."""
     exp = load_experiment(None, SMALL)
     run_dir = create_run_dir(tmp_path, exp)
-    digest = checkpoint.config_digest(run_dir)
-    checkpoint.write_checkpoint(run_dir, {"round": 1, "config": digest})
+    digest = resume_checkpoint.config_digest(run_dir)
+    resume_checkpoint.write_checkpoint(run_dir, {"round": 1, "config": digest})
     (run_dir / SUMMARY_FILE).write_text(json.dumps({"status": "failed"}))
     return run_dir
 
@@ -133,7 +134,7 @@ def test_a_sweep_whose_directory_or_run_is_in_use_exits_2_writing_nothing(
         assert listing(out) == before
     # one of its runs, unfinished, is being resumed on its own: not cleared
     from fedsim.core.loading import to_toml
-    from fedsim.engine.sweep import plan
+    from fedsim.engine.host.sweep import plan
 
     work = plan(sweep, [], out)
     run_dir = work.run_dir(work.todo[0])
@@ -210,7 +211,7 @@ def test_a_truncated_resume_checkpoint_is_one_line(tmp_path: Path) -> None:
     path = run_dir / CHECKPOINTS_DIR / RESUME_CHECKPOINT
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ConfigError, match=r"--resume: .*resume.npz is damaged"):
-        checkpoint.check_resumable(run_dir)
+        resume_checkpoint.check_resumable(run_dir)
 
 
 def test_report_out_naming_a_file_and_an_out_of_range_seed_are_one_line(

@@ -21,8 +21,10 @@ from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.rundir import aggregate_replies, read_metrics
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.engine.server.round_driver import RoundRules
+from fedsim.engine.server.strategy_recording import RecordingStrategy
 from tests.conftest import ScriptedGrid, reply, strategy_for
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -105,7 +107,7 @@ def test_recording_grid_orders_nodes_by_partition_and_records_bytes(
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
     fake = FakeGrid({907: 2, 13: 0, 555: 1}, fail={1})
-    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1)
+    grid = RoundRules(RecordingGrid(fake, recorder, num_clients=3), min_replies=1)
     assert grid.get_node_ids() == [13, 555, 907]
     down = ArrayRecord([np.zeros((10, 10), dtype=np.float32)])
     replies = grid.send_and_receive(train_messages(grid.get_node_ids(), down))
@@ -137,7 +139,7 @@ def test_simulated_nodes_get_partitions_assigned_without_a_query(
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
     fake = FakeGrid({907: 0, 13: 2, 555: 1})  # node config the server never asks
-    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1, assign=True)
+    grid = RecordingGrid(fake, recorder, num_clients=3, assign=True)
     assert grid.partitions() == {13: 0, 555: 1, 907: 2}  # sorted node ids
     assert fake.sent == []  # no discovery message
     shared = ArrayRecord([np.zeros(4, dtype=np.float32)])
@@ -170,10 +172,8 @@ class SilentGrid(FakeGrid):
 def test_too_few_replies_fail_the_round(tmp_path: Path) -> None:
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
-    grid = RecordingGrid(
-        FakeGrid({1: 0, 2: 1, 3: 2}, fail={0, 1}),
-        recorder,
-        num_clients=3,
+    grid = RoundRules(
+        RecordingGrid(FakeGrid({1: 0, 2: 1, 3: 2}, fail={0, 1}), recorder, num_clients=3),
         min_replies=2,
     )
     down = ArrayRecord([np.zeros(3, dtype=np.float32)])
@@ -187,7 +187,7 @@ def test_the_round_that_ends_the_run_records_every_failure(tmp_path: Path) -> No
     exp = load_experiment(None, ["federation.clients=3"])
     recorder = RunRecorder(tmp_path, exp)
     fake = SilentGrid({1: 0, 2: 1, 3: 2}, fail={0}, silent={1})
-    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=2)
+    grid = RoundRules(RecordingGrid(fake, recorder, num_clients=3), min_replies=2)
     down = ArrayRecord([np.zeros(3, dtype=np.float32)])
     with recorder.recording():
         recorder.server(0, {"accuracy": 0.1, "loss": 2.0})
@@ -269,9 +269,7 @@ def test_sampling_depends_on_the_seed_alone(tmp_path: Path) -> None:
         )
         recorder = RunRecorder(tmp_path / f"{seed}-{server_round}-{noise}", exp)
         partitions = {100 + 7 * i: i for i in range(10)}
-        grid = RecordingGrid(
-            FakeGrid(partitions), recorder, num_clients=10, min_replies=1
-        )
+        grid = RecordingGrid(FakeGrid(partitions), recorder, num_clients=10)
         strategy = RecordingStrategy(strategy_for(exp), recorder, seed=seed)
         for _ in range(noise):
             random.random()
@@ -337,7 +335,9 @@ def test_slowest_clients_of_the_last_round_are_pushed_first(tmp_path: Path) -> N
     exp = load_experiment(None, ["federation.clients=4"])
     recorder = RunRecorder(tmp_path, exp)
     fake = TimedGrid({40: 3, 10: 0, 30: 2, 20: 1})
-    grid = RecordingGrid(fake, recorder, num_clients=4, min_replies=1, assign=True)
+    grid = RoundRules(
+        RecordingGrid(fake, recorder, num_clients=4, assign=True), min_replies=1
+    )
     down = ArrayRecord([np.zeros(3, dtype=np.float32)])
     order = [10, 20, 30, 40]
     first = grid.send_and_receive(train_messages(order[:3], down))

@@ -283,7 +283,7 @@ def test_fedit_round_one_a_is_drawn_per_client_unless_shared(a_init) -> None:
 
 
 def test_fedit_server_state_round_trips(tmp_path) -> None:
-    from fedsim.engine import checkpoint
+    from fedsim.engine.server import resume_checkpoint
     from fedsim.strategies.fedit.server import FedIT
 
     server = FedIT(
@@ -293,7 +293,7 @@ def test_fedit_server_state_round_trips(tmp_path) -> None:
         rank=3,
     )
     server.shared = global_adapters(adapters_of([3, 2]), [1.0, 1.0], [2.0, 4.0], rank=3)
-    saved = checkpoint.unpack(checkpoint.pack(server.checkpoint_state()))
+    saved = resume_checkpoint.unpack(resume_checkpoint.pack(server.checkpoint_state()))
     again = FedIT(adapted=["layer"], trained=[], base=server.base, rank=3)
     again.restore_state(saved)
     assert set(again.shared) == {A, B}

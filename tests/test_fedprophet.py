@@ -14,7 +14,7 @@ from fedsim.clients.fedprophet import FedProphetClient
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
-from fedsim.engine import checkpoint
+from fedsim.engine.server import resume_checkpoint
 from fedsim.learn.cascade import atoms, aux_head, build_cascade, partition
 from fedsim.learn.models import CNN, MLP
 from fedsim.learn.robust import feature_pgd, pgd
@@ -247,7 +247,7 @@ def test_dma_content_masked_round_and_stage_advance(task_identity: None) -> None
     assert sent and all(m.content["config"]["epsilon"] == 0.1 for m in sent)
     # the server state survives a checkpoint into a fresh strategy
     strat.ratios = [1.5, 2.5]
-    state = checkpoint.unpack(checkpoint.pack(strat.checkpoint_state()))
+    state = resume_checkpoint.unpack(resume_checkpoint.pack(strat.checkpoint_state()))
     fresh = FedProphet(
         dict(arrays), cascade.part, cascade.names, opts, rounds=4, min_available_nodes=2
     )

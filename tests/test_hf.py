@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, LORA_SCALING, METRICS, NUM_EXAMPLES
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 from fedsim.learn.text import CONTEXT, PAD, TARGET, tokenize_rows, trim
 from tests.hf_assets import HfAssets
 
@@ -307,8 +307,8 @@ def test_exported_model_reloads_with_the_last_server_loss(
     gives the last server-side eval loss on the held-out split."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedsim.engine.recorder import RunRecorder
-    from fedsim.engine.server_app import MODEL_DIR, run
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.server_app import MODEL_DIR, run
     from fedsim.learn.hf import HFModel
     from fedsim.learn.tasks import CausalLM, task_data
     from tests.conftest import InProcessGrid
@@ -402,7 +402,7 @@ def test_dp_sgd_trains_lora_on_an_hf_model_and_rejects_full_training(
     reports the accountant's epsilon. Full training of the HF causal LM is
     refused before the run (Opacus finds no per-example gradients for some of
     its layers)."""
-    from fedsim.engine.launch import preflight
+    from fedsim.engine.host.checks import preflight
     from fedsim.learn.tasks import task_data
     from fedsim.privacy.accounting import epsilon as accountant_epsilon
     from fedsim.privacy.accounting import planned_steps
@@ -434,7 +434,7 @@ def test_the_summary_table_of_a_causal_lm_run_shows_its_perplexity(
     """A causal LM has no accuracy: the CLI's summary names its perplexity."""
     from rich.console import Console
 
-    from fedsim.engine.console import summary_table
+    from fedsim.engine.host.console import summary_table
 
     summary = {
         "status": "completed",

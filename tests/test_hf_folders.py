@@ -13,7 +13,7 @@ import pytest
 
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import DataConfig
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 from fedsim.learn import femnist_like
 from fedsim.learn.data import _split, federated_data, load_arrays
 

@@ -165,9 +165,10 @@ class HyperGrid(ScriptedGrid):
 def test_a_round_averages_the_hypernetwork_and_evaluates_with_it(
     task_identity: None, tmp_path: Path
 ) -> None:
-    from fedsim.engine.recorder import RunRecorder
-    from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-    from fedsim.engine.rounds import RoundDriver
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.exchange_recording import RecordingGrid
+    from fedsim.engine.server.strategy_recording import RecordingStrategy
+    from fedsim.engine.server.round_driver import RoundDriver
 
     exp = load_experiment(None, ["strategy.name=hyperfl", *SMALL])
     shapes = extractor_shapes(MLP(6, 5, 3, 0.0))
@@ -175,7 +176,7 @@ def test_a_round_averages_the_hypernetwork_and_evaluates_with_it(
     family = HyperFL(ArrayRecord({k: Array(v) for k, v in initial.items()}))
     recorder = RunRecorder(tmp_path, exp, headline="evaluate")
     fake = HyperGrid({11: 0, 12: 1, 13: 2})
-    grid = RecordingGrid(fake, recorder, num_clients=3, min_replies=1)
+    grid = RecordingGrid(fake, recorder, num_clients=3)
     strategy = RecordingStrategy(family, recorder, seed=0)
     RoundDriver(strategy, grid, recorder, evaluate=None, rounds=2, timeout=5).run(None)
     for key, value in initial.items():  # each round adds the mean pid, 1

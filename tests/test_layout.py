@@ -17,12 +17,26 @@ INSTALLED_AS = {"strategies": "fedsim.strategies", "clients": "fedsim.clients"}
 #: Which fedsim layers each layer may import (besides itself).
 ALLOWED = {
     "core": set(),
-    "learn": {"core"},
-    "protocol": {"core", "learn"},
-    "privacy": {"core", "learn", "protocol"},
+    # the one importer of Flower's private API (tests/test_flwr_private.py)
+    "flwr_private": {"core"},
+    "learn": {"core", "flwr_private"},
+    "protocol": {"core", "learn", "flwr_private"},
+    "privacy": {"core", "learn", "protocol", "flwr_private"},
     "analysis": {"core"},
-    "audit": {"core", "learn"},
-    "engine": {"core", "learn", "protocol", "privacy", "analysis", "audit"},
+    "audit": {"core", "learn", "flwr_private"},
+    # the engine by the process each part runs in: the Ray actors' ClientApp,
+    # the simulation process's ServerApp (it relays the clients' state), the
+    # host the user starts (it reads what the ServerApp writes: run directory,
+    # resume checkpoint)
+    "engine.client": {"core", "learn", "protocol", "privacy", "flwr_private"},
+    "engine.server": {
+        "core", "learn", "protocol", "privacy", "analysis", "audit", "flwr_private",
+        "engine.client",
+    },
+    "engine.host": {
+        "core", "learn", "protocol", "privacy", "analysis", "audit", "flwr_private",
+        "engine.client", "engine.server",
+    },
 }
 MAX_LINES = 450
 
@@ -77,7 +91,11 @@ def graph() -> dict[str, set[str]]:
 
 def layer(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if parts[0] == "fedsim" and len(parts) > 1 else None
+    if parts[0] != "fedsim" or len(parts) < 2:
+        return None
+    if parts[1] == "engine" and len(parts) > 2:
+        return f"engine.{parts[2]}"
+    return parts[1]
 
 
 def test_no_import_cycle() -> None:
@@ -200,3 +218,14 @@ def test_installed_fedsim_adds_no_top_level_strategies_or_clients(tmp_path) -> N
         cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert out == ["None", "None"], out
+
+
+def test_the_engine_is_grouped_by_the_process_each_part_runs_in() -> None:
+    """Every engine module lies in ``host``, ``server`` or ``client``."""
+    loose = [
+        name
+        for name in modules()
+        if name.startswith("fedsim.engine.")
+        and layer(name) not in ("engine.host", "engine.server", "engine.client")
+    ]
+    assert not loose, loose

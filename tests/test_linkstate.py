@@ -15,17 +15,17 @@ from flwr.app import Message, RecordDict
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from simulation_state import RUN, identity, simulation_state  # noqa: F401
 
-from fedsim.engine import linkstate
+from fedsim.flwr_private import linkstate, version
 
 
 def test_installed_where_the_server_app_runs():
-    import fedsim.engine.server_app  # noqa: F401
+    import fedsim.engine.server.server_app  # noqa: F401
 
     assert linkstate.install()
-    assert linkstate.supported()
+    assert version.supported()
     assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
     assert InMemoryLinkState.store_message_ins is linkstate.store_message_ins
-    assert not linkstate.supported("1.42.0")
+    assert not version.supported("1.42.0")
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -16,7 +16,7 @@ from fedsim.core.capacity import capacity_of
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, NUM_EXAMPLES, SERVER_ROUND
-from fedsim.engine import checkpoint
+from fedsim.engine.server import resume_checkpoint
 from fedsim.learn.capacity import sub_model, width_plan
 from fedsim.learn.decomposed import (
     DecomposedModel,
@@ -261,7 +261,7 @@ def test_server_state_survives_a_checkpoint(task_identity: None) -> None:
         strat.aggregate_train(
             rnd, [grid.answer(m, f"m{i}") for i, m in enumerate(messages)]
         )
-    state = checkpoint.unpack(checkpoint.pack(strat.checkpoint_state()))
+    state = resume_checkpoint.unpack(resume_checkpoint.pack(strat.checkpoint_state()))
     fresh, _ = strategy()
     fresh.restore_state(state)
     for pid in range(3):

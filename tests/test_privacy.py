@@ -448,7 +448,7 @@ def test_preflight_rejects_models_without_per_example_gradients() -> None:
 def test_cli_rejects_batchnorm_before_training(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedsim.engine import cli
+    from fedsim.engine.host import cli
     from fedsim.learn import base
 
     monkeypatch.setattr(base, "build_model", lambda cfg, info, seed: BatchNormNet())

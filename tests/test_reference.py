@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import fedavg
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import PARTITION_ID
 from fedsim.core.rundir import SUMMARY_FILE
-from fedsim.engine.recorder import create_run_dir
+from fedsim.engine.server.run_recorder import create_run_dir
 from tests.inprocess import comparable, simulate
 
 pytestmark = pytest.mark.usefixtures("task_identity")

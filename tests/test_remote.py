@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fedsim.core.errors import ConfigError
-from fedsim.engine import cli
-from fedsim.engine.remote import Connection, _json_reply
-from fedsim.engine.superlink import SimulationError, flower_home
+from fedsim.engine.host import cli
+from fedsim.engine.host.remote import Connection, _json_reply
+from fedsim.engine.host.superlink import SimulationError, flower_home
 
 
 def test_connection_tables_follow_flowers_config_keys(tmp_path: Path) -> None:

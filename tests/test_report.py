@@ -13,7 +13,7 @@ from test_analysis import rows_a, rows_b, write_run
 
 from fedsim import analysis
 from fedsim.analysis import plots
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -32,10 +32,10 @@ from fedsim.core.rundir import (
     CONFIG_FILE,
     SUMMARY_FILE,
 )
-from fedsim.engine import checkpoint, server_app
-from fedsim.engine.client_state import ClientStateStore, from_bytes, to_bytes
-from fedsim.engine.recorder import create_run_dir
-from fedsim.engine.rounds import SimulatedCrash
+from fedsim.engine.server import resume_checkpoint, server_app
+from fedsim.engine.client.client_state import ClientStateStore, from_bytes, to_bytes
+from fedsim.engine.server.run_recorder import create_run_dir
+from fedsim.engine.server.round_driver import SimulatedCrash
 from tests.conftest import fedsim, sets
 from tests.inprocess import comparable, new_process, simulate
 
@@ -100,7 +100,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
         simulate(exp, cut, crash=2)  # round 2 ran, then the process died
     summary = json.loads((cut / SUMMARY_FILE).read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 1
-    saved = checkpoint.check_resumable(cut)
+    saved = resume_checkpoint.check_resumable(cut)
     assert saved["round"] == 1
     simulate(exp, cut, resume=True)
 
@@ -111,7 +111,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     assert [r["after_round"] for r in summary["resumed"]] == [1]
     with pytest.raises(ConfigError, match="ended with status 'completed'"):
-        checkpoint.check_resumable(cut)
+        resume_checkpoint.check_resumable(cut)
 
 
 # -- the pieces ------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_pack_round_trips_json_values_and_arrays_exactly() -> None:
         "x": [0.1, float("nan"), None, "s", big],
         "a": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "e": np.zeros(0)},
     }
-    back = checkpoint.unpack(checkpoint.pack(tree))
+    back = resume_checkpoint.unpack(resume_checkpoint.pack(tree))
     assert back["round"] == 3 and back["x"][0] == 0.1 and back["x"][4] == big
     assert np.isnan(back["x"][1]) and back["x"][2:4] == [None, "s"]
     assert back["a"]["w"].dtype == np.float32
@@ -135,10 +135,10 @@ def test_generators_continue_where_they_were_captured() -> None:
     np.random.seed(2)
     torch.manual_seed(3)
     random.random(), np.random.rand(3), torch.rand(2)
-    saved = checkpoint.unpack(checkpoint.pack(checkpoint.rng_state()))
+    saved = resume_checkpoint.unpack(resume_checkpoint.pack(resume_checkpoint.rng_state()))
     expected = (random.random(), np.random.rand(3), torch.rand(2))
     new_process()
-    checkpoint.restore_rng(saved)
+    resume_checkpoint.restore_rng(saved)
     got = (random.random(), np.random.rand(3), torch.rand(2))
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
@@ -178,8 +178,8 @@ def _failed_run(tmp_path: Path) -> Path:
     the refusals read only the directory)."""
     exp = load_experiment(None, list(MECHANISMS["fedavg"]))
     run_dir = create_run_dir(tmp_path, exp)
-    digest = checkpoint.config_digest(run_dir)
-    checkpoint.write_checkpoint(run_dir, {"round": 1, "config": digest})
+    digest = resume_checkpoint.config_digest(run_dir)
+    resume_checkpoint.write_checkpoint(run_dir, {"round": 1, "config": digest})
     (run_dir / SUMMARY_FILE).write_text(json.dumps({"status": "failed"}))
     return run_dir
 
@@ -187,19 +187,19 @@ def _failed_run(tmp_path: Path) -> Path:
 def test_resume_refuses_a_changed_config_a_finished_run_and_no_checkpoint(
     tmp_path: Path,
 ) -> None:
-    assert checkpoint.check_resumable(_failed_run(tmp_path / "ok"))["round"] == 1
+    assert resume_checkpoint.check_resumable(_failed_run(tmp_path / "ok"))["round"] == 1
     run_dir = _failed_run(tmp_path / "a")
     (run_dir / CONFIG_FILE).write_text(
         (run_dir / CONFIG_FILE).read_text().replace("rounds = 3", "rounds = 4")
     )
     with pytest.raises(ConfigError, match="config.toml changed"):
-        checkpoint.check_resumable(run_dir)
+        resume_checkpoint.check_resumable(run_dir)
     early = _failed_run(tmp_path / "b")
     (early / CHECKPOINTS_DIR / "resume.npz").unlink()
     with pytest.raises(ConfigError, match="no checkpoint"):
-        checkpoint.check_resumable(early)
+        resume_checkpoint.check_resumable(early)
     with pytest.raises(ConfigError, match="not a run directory"):
-        checkpoint.check_resumable(tmp_path)
+        resume_checkpoint.check_resumable(tmp_path)
 
 
 def test_cli_resume_refuses_a_changed_key_with_exit_2_and_one_line(
@@ -216,7 +216,7 @@ def test_cli_resume_refuses_a_changed_key_with_exit_2_and_one_line(
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     (run_dir / SUMMARY_FILE).write_text(json.dumps({**summary, "status": "completed"}))
     with pytest.raises(ConfigError, match="ended with status 'completed'"):
-        checkpoint.check_resumable(run_dir)
+        resume_checkpoint.check_resumable(run_dir)
 
 
 # -- one run through the CLI and Flower ---------------------------------------------

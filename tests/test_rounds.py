@@ -16,9 +16,10 @@ from fedsim.core.errors import RunStopped
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from fedsim.engine.rounds import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.engine.server.strategy_recording import RecordingStrategy
+from fedsim.engine.server.round_driver import RoundDriver
 from tests.conftest import ScriptedGrid, reply
 
 
@@ -72,7 +73,7 @@ def drive(
     recorder = RunRecorder(tmp_path, exp)
     family = Counting(stop)
     grid = RecordingGrid(
-        LoggingGrid(log), recorder, num_clients=2, min_replies=1, assign=True
+        LoggingGrid(log), recorder, num_clients=2, assign=True
     )
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
@@ -95,7 +96,7 @@ def drive(
         evaluate=evaluate,
         rounds=rounds,
         timeout=5.0,
-        checkpoint=checkpoint,
+        resume_save=checkpoint,
     )
     initial = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
     with recorder.recording():
@@ -147,7 +148,7 @@ def test_a_deferred_job_runs_once_after_the_push(
     exp = load_experiment(None, ["federation.clients=2"])
     log: list[tuple[str, float]] = []
     grid = RecordingGrid(
-        LoggingGrid(log), RunRecorder(tmp_path, exp), num_clients=2, min_replies=1
+        LoggingGrid(log), RunRecorder(tmp_path, exp), num_clients=2
     )
     grid.defer(lambda: log.append(("job", 0.0)))
     with pytest.raises(RuntimeError, match="deferred job already"):

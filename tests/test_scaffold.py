@@ -15,7 +15,7 @@ from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.messages import ARRAYS, CONTROL
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import checkpoint
+from fedsim.engine.server import resume_checkpoint
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.training import make_loader
@@ -112,11 +112,11 @@ def test_one_round_with_partial_participation_equals_option_ii() -> None:
             strategy.control[k], c[k] + dc / 3, rtol=1e-4, atol=1e-6
         )
     # the server's c goes through the resume checkpoint
-    saved = checkpoint.unpack(
-        checkpoint.pack({"s": checkpoint.strategy_state(strategy)})
+    saved = resume_checkpoint.unpack(
+        resume_checkpoint.pack({"s": resume_checkpoint.strategy_state(strategy)})
     )
     fresh = build(ServerSetup(exp, data, model, initial, CPU))
-    checkpoint.restore_strategy(fresh, saved["s"])
+    resume_checkpoint.restore_strategy(fresh, saved["s"])
     assert all(np.array_equal(fresh.control[k], strategy.control[k]) for k in names)
 
 

@@ -17,7 +17,7 @@ from fedsim.core import registry
 from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
-from fedsim.engine import checkpoint
+from fedsim.engine.server import resume_checkpoint
 from fedsim.protocol.setup import ServerSetup
 from tests.conftest import ScriptedGrid, reply
 
@@ -54,7 +54,7 @@ def run(s: Any, x: dict[str, np.ndarray], rounds: range) -> list[dict[str, np.nd
     grid = ScriptedGrid({1: 0, 2: 1, 3: 2})
     out = []
     for t in rounds:
-        list(s.configure_train(t, checkpoint.arrays_record(x), ConfigRecord(), grid))
+        list(s.configure_train(t, resume_checkpoint.arrays_record(x), ConfigRecord(), grid))
         replies = [
             reply({k: x[k] + d[k] for k in x}, {NUM_EXAMPLES: n}, src=i + 1)
             for i, (d, n) in enumerate(zip(round_updates(t), WEIGHTS, strict=True))
@@ -171,9 +171,9 @@ def test_optimiser_state_survives_the_resume_checkpoint(name: str) -> None:
     whole = run(strategy(exp), x0(), range(1, 4))
     first = strategy(exp)
     half = run(first, x0(), range(1, 3))
-    saved = checkpoint.unpack(checkpoint.pack({"s": checkpoint.strategy_state(first)}))
+    saved = resume_checkpoint.unpack(resume_checkpoint.pack({"s": resume_checkpoint.strategy_state(first)}))
     resumed = strategy(exp)
-    checkpoint.restore_strategy(resumed, saved["s"])
+    resume_checkpoint.restore_strategy(resumed, saved["s"])
     assert saved["s"][0]["state"]  # the state is really there
     (last,) = run(resumed, half[-1], range(3, 4))
     for k in SHAPES:

@@ -27,7 +27,7 @@ from fedsim.core.messages import (
     NUM_EXAMPLES,
     PARTITION_ID,
 )
-from fedsim.engine.server_app import build
+from fedsim.engine.server.server_app import build
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.learn.models import ViT

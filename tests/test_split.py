@@ -23,7 +23,7 @@ from fedsim.core.messages import (
     SPLIT_STEP,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine.server_app import build
+from fedsim.engine.server.server_app import build
 from fedsim.learn.codecs import decode
 from fedsim.learn.split import batch_plan, from_record
 from fedsim.strategies.split.maths import serving_order

@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 from fedsim.core.loading import load_experiment
-from fedsim.engine import cli
-from fedsim.engine.lifeline import GRACE, Lifeline, stop_signals
-from fedsim.engine.runner import settle
+from fedsim.engine.host import cli, front_door
+from fedsim.engine.host.lifeline import GRACE, Lifeline, stop_signals
+from fedsim.engine.host.local_simulation import settle
 
 #: A parent holding a Lifeline. It starts a child, which starts a grandchild in
 #: a new session and exits (so the grandchild is re-parented before the parent
@@ -33,7 +33,7 @@ PARENT = textwrap.dedent(
     """
     import subprocess, sys, tempfile, time
     from pathlib import Path
-    from fedsim.engine.lifeline import TICK, Lifeline
+    from fedsim.engine.host.lifeline import TICK, Lifeline
 
     lifeline = Lifeline()
     home = Path(tempfile.mkdtemp(prefix="fedsim-test-home-"))
@@ -163,7 +163,7 @@ def test_ctrl_c_during_preflight_is_one_line_and_exit_130(
     def interrupted(exp: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "preflight", interrupted)
+    monkeypatch.setattr(front_door, "preflight", interrupted)
     code = cli.main(["run", "--out", str(tmp_path / "runs")])
     captured = capsys.readouterr()
     assert code == 130

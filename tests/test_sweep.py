@@ -15,7 +15,7 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedsim.core.sweeps import sweep_points
-from fedsim.engine.sweep import SWEEP_INDEX, plan
+from fedsim.engine.host.sweep import SWEEP_INDEX, plan
 from tests.conftest import CliRun, fedsim
 
 #: The settings of the shared small run (``tests.conftest.SMALL``) on a 2x2 grid

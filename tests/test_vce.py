@@ -32,9 +32,11 @@ from simulation_state import RUN, identity, simulation_state  # noqa: F401
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
-from fedsim.engine import linkstate, superlink, vce
-from fedsim.engine.recorder import RunRecorder
-from fedsim.engine.recording import RecordingGrid
+from fedsim.engine.host import superlink
+from fedsim.engine.server import simulation_process
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.flwr_private import linkstate, ray_backend, vce
 
 #: Flower's own loop and worker, whatever the tests install.
 FLOWERS_PICK_UP = vce_api.add_messages_to_queue
@@ -193,7 +195,7 @@ def test_server_grid_collects_replies_as_they_are_stored(tmp_path, monkeypatch):
     exp = load_experiment(None, ["federation.clients=6"])
     recorder = RunRecorder(tmp_path, exp)
     grid = RecordingGrid(
-        flower_grid, recorder, num_clients=6, min_replies=1, assign=True
+        flower_grid, recorder, num_clients=6, assign=True
     )
     partition_of = grid.partitions()
 
@@ -272,8 +274,8 @@ def test_a_reply_wakes_its_waiter_and_no_other():
 def test_superlinks_start_the_launcher(tmp_path):
     home, env = superlink.flower_home(superlink.loopback(9093))
     try:
-        found = shutil.which(vce.COMMAND, path=env["PATH"])
-        assert found == str(home / "bin" / vce.COMMAND)
+        found = shutil.which(simulation_process.COMMAND, path=env["PATH"])
+        assert found == str(home / "bin" / simulation_process.COMMAND)
         out = subprocess.run(
             [found, "--help"], env=env, capture_output=True, text=True, timeout=120
         )
@@ -286,12 +288,13 @@ def test_superlinks_start_the_launcher(tmp_path):
 def test_launcher_installs_before_flowers_runtime_starts():
     """What the launcher runs before Flower's entry point, in a fresh interpreter."""
     code = (
-        "from fedsim.engine import vce\n"
-        "assert vce.install()\n"
+        "from fedsim.engine.server import simulation_process as sp\n"
+        "from fedsim.flwr_private import vce\n"
+        "assert sp.install()\n"
         "from flwr.server.superlink.fleet.vce import vce_api\n"
         "from flwr.server.superlink.linkstate.in_memory_linkstate import "
         "InMemoryLinkState as S\n"
-        "from fedsim.engine import linkstate\n"
+        "from fedsim.flwr_private import linkstate\n"
         "assert vce_api.add_messages_to_queue is vce.add_messages_to_queue\n"
         "assert vce_api.worker is vce.worker\n"
         "assert S.get_message_ins is linkstate.get_message_ins\n"
@@ -299,7 +302,7 @@ def test_launcher_installs_before_flowers_runtime_starts():
         "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
         "assert RayBackend.build.pipelined\n"
         "build = RayBackend.build\n"
-        "assert vce.install() and RayBackend.build is build\n"
+        "assert sp.install() and RayBackend.build is build\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
@@ -308,12 +311,12 @@ def test_launcher_installs_before_flowers_runtime_starts():
 
 
 def test_ray_defaults_keep_a_value_the_user_set(monkeypatch):
-    monkeypatch.delenv(vce.INLINE_VARIABLE, raising=False)
-    vce.ray_defaults()
-    assert os.environ[vce.INLINE_VARIABLE] == str(vce.INLINE_BYTES)
-    monkeypatch.setenv(vce.INLINE_VARIABLE, "12345")
-    vce.ray_defaults()
-    assert os.environ[vce.INLINE_VARIABLE] == "12345"
+    monkeypatch.delenv(simulation_process.INLINE_VARIABLE, raising=False)
+    simulation_process.ray_defaults()
+    assert os.environ[simulation_process.INLINE_VARIABLE] == str(simulation_process.INLINE_BYTES)
+    monkeypatch.setenv(simulation_process.INLINE_VARIABLE, "12345")
+    simulation_process.ray_defaults()
+    assert os.environ[simulation_process.INLINE_VARIABLE] == "12345"
 
 
 def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
@@ -322,9 +325,9 @@ def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
     Ray puts the 0.5 MB one in the store too."""
     code = (
         "import sys\n"
-        "from fedsim.engine import vce\n"
+        "from fedsim.engine.server import simulation_process\n"
         "if sys.argv[1] == 'tuned':\n"
-        "    vce.ray_defaults()\n"
+        "    simulation_process.ray_defaults()\n"
         "import ray\n"
         "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
         "@ray.remote(num_cpus=1)\n"
@@ -336,7 +339,7 @@ def test_ray_passes_replies_up_to_a_mebibyte_inside_task_calls():
         "print([bool(where[r]['node_ids']) for r in refs])\n"
         "ray.shutdown()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != vce.INLINE_VARIABLE}
+    env = {k: v for k, v in os.environ.items() if k != simulation_process.INLINE_VARIABLE}
     stored = {}
     for mode in ("tuned", "ray"):
         out = subprocess.run(
@@ -358,7 +361,7 @@ def test_pipeline_gives_each_actor_two_messages_at_once():
 
     pool = BasicActorPool.__new__(BasicActorPool)
     pool.pool, pool.num_actors, pool._future_to_actor = ["a", "b"], 2, {}
-    vce.pipeline(pool)
+    ray_backend.pipeline(pool)
     assert pool.num_actors == 4 and sorted(pool.pool) == ["a", "a", "b", "b"]
     futures = [
         pool.submit(lambda actor, *job: (actor, job[2]), (None, None, str(i), None))
@@ -368,7 +371,7 @@ def test_pipeline_gives_each_actor_two_messages_at_once():
     assert sorted(busy) == ["a", "a", "b", "b"] and not pool.is_actor_available()
     pool.add_actor_back_to_pool(futures[0])
     assert pool.pool == [busy[0]]
-    vce.pipeline(pool, tasks=3)  # from the actors listed now
+    ray_backend.pipeline(pool, tasks=3)  # from the actors listed now
     assert pool.pool == [busy[0]] * 3 and pool.num_actors == 3
 
 

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.logger import log
 
 from fedsim.audit.analytic import NotApplicable, analytic
 from fedsim.audit.inverting import Surface, invert
@@ -52,6 +51,7 @@ from fedsim.core.family import load
 from fedsim.core.messages import ACTIVATIONS, ARRAYS, CUT
 from fedsim.core.rundir import ATTACK_PSNR, AUDIT_PHASE, RECOVERED, per_attack
 from fedsim.core.seeding import derive_seed
+from fedsim.flwr_private import log
 from fedsim.learn.data import FederatedData
 
 #: Folder of the run directory holding the reconstruction grids.
@@ -96,7 +96,7 @@ class Auditor:
     data : FederatedData
         The seeded partitions, to score reconstructions.
     recorder : Any
-        The run's :class:`fedsim.engine.recorder.RunRecorder`.
+        The run's :class:`fedsim.engine.server.run_recorder.RunRecorder`.
     surface : str
         The family's ``Family.audit`` (``"module:callable"``).
     """

@@ -15,8 +15,8 @@ A run directory (``runs/<name>-<timestamp>``) holds:
   recorded before the key existed are ``server`` runs.
 - ``checkpoints/global.npz``: the latest global model.
 - ``checkpoints/resume.npz``: what ``fedsim run --resume`` continues from
-  (:mod:`fedsim.engine.checkpoint`), and ``checkpoints/clients/``: the
-  clients' private state (:mod:`fedsim.engine.client_state`).
+  (:mod:`fedsim.engine.server.resume_checkpoint`), and ``checkpoints/clients/``: the
+  clients' private state (:mod:`fedsim.engine.client.client_state`).
 
 The engine's run recorder writes run directories; :mod:`fedsim.analysis` and the
 CLI's progress display read them. This module is what both sides agree on; being

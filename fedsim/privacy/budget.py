@@ -31,7 +31,7 @@ class PrivacyBudgetStrategy(DelegatingStrategy):
     Adds ``epsilon-max``, ``epsilon-mean`` (over the clients that replied) and
     ``clients-declined`` to the aggregated train metrics. Once every client of
     the federation has declined (a spent budget never comes back) the run stops
-    cleanly with :class:`fedsim.engine.recorder.RunStopped`.
+    cleanly with :class:`fedsim.engine.server.run_recorder.RunStopped`.
     """
 
     def __init__(self, strategy: Strategy, *, num_clients: int, target_epsilon: float):

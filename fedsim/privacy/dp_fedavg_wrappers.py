@@ -26,10 +26,9 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore import log
-from flwr.supercore.differential_privacy import get_norm
 
 from fedsim.core.seeding import derive_seed
+from fedsim.flwr_private import log, norm
 from fedsim.privacy import accounting
 from fedsim.privacy import dp_fedavg_maths as maths
 from fedsim.protocol.wrapping import DelegatingStrategy
@@ -54,7 +53,7 @@ SIGNIFICANT_NOISE_RATIO = 2.0
 def _is_zero_update(reply: Message, current: Sequence[np.ndarray]) -> bool:
     records = list(reply.content.array_records.values())
     return bool(records) and all(
-        get_norm(
+        norm(
             [
                 np.subtract(x, y)
                 for x, y in zip(r.to_numpy_ndarrays(), current, strict=True)

@@ -3,7 +3,7 @@
 Two typed protocols say what a family's two sides provide:
 
 - :class:`ClientAlgorithm`: the client side (``Family.client``). The ClientApp's
-  router (:mod:`fedsim.engine.client_app`) calls ``train`` / ``evaluate`` and one
+  router (:mod:`fedsim.engine.client.client_app`) calls ``train`` / ``evaluate`` and one
   method per custom action the family declares (``Family.actions``), all with
   the same signature (:data:`ClientMethod`).
 - :class:`ServerState`: what a server strategy that keeps state across rounds

@@ -1,7 +1,7 @@
 """Rounds of any shape.
 
 A family's server side is a Flower message-API ``Strategy``. The round driver
-(:mod:`fedsim.engine.rounds`) runs each round through :func:`run_round`:
+(:mod:`fedsim.engine.server.round_driver`) runs each round through :func:`run_round`:
 
 - a strategy without ``run_round`` gets :func:`standard_round` (FedAvg's shape:
   ``configure_train`` -> replies -> ``aggregate_train``, then the same for

@@ -104,7 +104,7 @@ class FedIT(FLoRA):
         self.shared, self._pending = self._pending, {}
         return arrays, error
 
-    # -- resume (see fedsim.engine.checkpoint) ---------------------------------
+    # -- resume (see fedsim.engine.server.resume_checkpoint) ---------------------
     def checkpoint_state(self) -> dict[str, Any]:
         """The global factors."""
         return {"shared": dict(self.shared)}

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.capacity import capacity_of
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+from fedsim.flwr_private import valid_replies
 from fedsim.learn.cascade import (
     BOUNDED,
     EPSILON,
@@ -139,7 +140,7 @@ class FedProphet(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Masked averaging: each array over the clients that trained it."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = valid_replies(self, replies, validate=False)
         if not valid:
             return None, None
         uploads = [

@@ -19,6 +19,7 @@ from fedsim.core.messages import (
     NUM_EXAMPLES,
     PARTITION_ID,
 )
+from fedsim.flwr_private import valid_replies
 from fedsim.learn.lora import LoraLayout, lora_layout, lora_pairs
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 from fedsim.strategies.flora.maths import (
@@ -112,7 +113,7 @@ class FLoRA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Merge the replies' adapters into the global model sent this round."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        valid = valid_replies(self, replies)
         if not valid or self._global is None:
             return None, None
         # Replies arrive in any order; a fixed order makes the merged model (its

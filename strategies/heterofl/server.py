@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.core.capacity import capacity_of
 from fedsim.core.messages import ARRAYS, CONFIG
+from fedsim.flwr_private import valid_replies
 from fedsim.learn.capacity import (
     HEAD,
     LABEL_SPLIT,
@@ -102,7 +103,7 @@ class HeteroFL(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each entry of the global model: the mean over the replies holding it."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = valid_replies(self, replies, validate=False)
         if not valid:
             return None, None
         uploads = [numpy_arrays(msg.content[ARRAYS]) for msg in valid]  # type: ignore[arg-type]

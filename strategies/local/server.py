@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedsim.flwr_private import valid_replies
 from fedsim.protocol.rounds import WithoutGlobalModel
 from fedsim.protocol.setup import ServerSetup
 
@@ -20,7 +21,7 @@ class LocalOnly(WithoutGlobalModel, FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The clients' weighted training metrics; no arrays."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = valid_replies(self, replies, validate=False)
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedsim.core.messages import ARRAYS, CONFIG
 from fedsim.core.seeding import derive_seed
+from fedsim.flwr_private import valid_replies
 from fedsim.learn.capacity import Plan, block, chain
 from fedsim.learn.decomposed import (
     GENERAL,
@@ -170,7 +171,7 @@ class Pa3dFL(WithoutGlobalModel, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Plain mean of the general parameters (Eq. 6); one pFedHN step of
         the generator."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = valid_replies(self, replies, validate=False)
         if not valid:
             return None, None
         uploads = {

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, CONTROL, NUM_EXAMPLES
+from fedsim.flwr_private import valid_replies
 from fedsim.protocol.setup import ServerSetup, with_message_keys
 from fedsim.strategies.scaffold.maths import server_update
 
@@ -74,7 +75,7 @@ class Scaffold(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """``x += eta_g mean(y_i - x)``, ``c += sum(dc_i) / N`` over the clients
         that trained (``num-examples`` > 0)."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = valid_replies(self, replies, validate=False)
         trained = [
             m
             for m in valid

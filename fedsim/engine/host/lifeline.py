@@ -13,7 +13,7 @@ Two layers:
   SuperExec follows by itself (Flower starts it with ``--parent-pid``), but the
   simulation process and Ray do not: they are re-parented and train on.
 - :class:`Lifeline`: a small watchdog process (``python -m
-  fedsim.engine.lifeline``) started first, in its own session so that Ctrl-C in
+  fedsim.engine.host.lifeline``) started first, in its own session so that Ctrl-C in
   the terminal does not reach it. fedsim tells it the PIDs of the processes it
   starts over a pipe; the watchdog keeps following their descendants (every
   :data:`TICK` seconds, remembering those re-parented since), and when the pipe
@@ -86,7 +86,7 @@ class Lifeline:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedsim.engine.lifeline"],
+            [sys.executable, "-m", "fedsim.engine.host.lifeline"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -283,7 +283,7 @@ def watchdog(fd: int) -> None:
 
 
 def main() -> None:
-    """Entry point of ``python -m fedsim.engine.lifeline`` (stdin: the pipe)."""
+    """Entry point of ``python -m fedsim.engine.host.lifeline`` (stdin: the pipe)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)  # only the pipe's end stops the watch
     print("ready", flush=True)

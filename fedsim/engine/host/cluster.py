@@ -1,9 +1,10 @@
 """Where a simulation's Ray runs: a private Ray on loopback, or an existing cluster.
 
 Flower's simulation runtime starts Ray with ``ray.init(**init_args)`` (its Ray
-backend's ``init_args``). fedsim's launcher (:mod:`fedsim.engine.vce`) adds its
-own init args there (:func:`install`), from the simulation process's
-environment, which the runner sets on the private SuperLink
+backend's ``init_args``). fedsim's launcher
+(:mod:`fedsim.engine.server.simulation_process`) adds its own init args there
+(:func:`fedsim.engine.server.simulation_process.init_args`), from the simulation
+process's environment, which the runner sets on the private SuperLink
 (:func:`environment`):
 
 - **local run** (``resources.ray-address`` empty): ``address="local"``, so a
@@ -17,7 +18,7 @@ environment, which the runner sets on the private SuperLink
   "127.0.0.1")`` is not enough: Ray 2.55 turns 127.0.0.1 into the host's
   address (``resolve_ip_for_localhost``) and then listens on every interface.
   The dashboard stays off (Flower's default). Flower's SuperLink listens on
-  127.0.0.1 already (:func:`fedsim.engine.superlink.superlink_command`).
+  127.0.0.1 already (:func:`fedsim.engine.host.superlink.superlink_command`).
 - **attached run** (``resources.ray-address = "HOST:PORT"``):
   ``address=HOST:PORT``. fedsim never starts or stops anything on the cluster:
   its runner stops only the processes it started (the simulation process is
@@ -50,14 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.core.errors import ConfigError
+from fedsim.engine.server.simulation_process import ADDRESS_VARIABLE, LOCAL_ONLY
 
-#: Set on the private SuperLink (and so the simulation process) of a run that
-#: attaches to a cluster: its ``HOST:PORT``.
-ADDRESS_VARIABLE = "FEDSIM_RAY_ADDRESS"
 #: Ray's own variable naming a cluster for ``ray.init()`` to attach to.
 RAY_ADDRESS = "RAY_ADDRESS"
-#: Ray's switch of multi-node mode ("0": a node addressed at 127.0.0.1).
-LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 KEY = "resources.ray-address"
 
 
@@ -100,33 +97,6 @@ def on_cluster(exp: Any, address: str, flag: str) -> Any:
         return from_run_config({**to_run_config(exp), KEY: address})
     except ConfigError as err:
         raise ConfigError(f"{flag}: {err}") from None
-
-
-def init_args(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """fedsim's ``ray.init`` arguments for the simulation process (see module
-    doc)."""
-    address = env.get(ADDRESS_VARIABLE, "")
-    if address:
-        return {"address": address}
-    return {"address": "local", "include_dashboard": False}
-
-
-def install() -> None:
-    """Add :func:`init_args` to the ``init_args`` Flower's Ray backend passes
-    to ``ray.init`` (idempotent)."""
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-    if getattr(RayBackend.init_ray, "fedsim", False):
-        return
-    init_ray = RayBackend.init_ray
-
-    def with_fedsim_args(self: Any, backend_config: Any) -> None:
-        given = backend_config.setdefault("init_args", {})
-        backend_config["init_args"] = {**given, **init_args()}
-        init_ray(self, backend_config)
-
-    with_fedsim_args.fedsim = True  # type: ignore[attr-defined]
-    RayBackend.init_ray = with_fedsim_args
 
 
 # -- the pre-run check of an attached run ------------------------------------------
@@ -174,14 +144,14 @@ _surveys: dict[str, tuple[float, tuple[Node, ...]]] = {}
 def survey(address: str) -> tuple[Node, ...]:
     """The live nodes of the cluster at ``address`` and the fedsim each runs,
     found by a short-lived driver in a process of its own (``python -m
-    fedsim.engine.cluster ADDRESS``: this process's Ray, if any, is left
+    fedsim.engine.host.cluster ADDRESS``: this process's Ray, if any, is left
     alone); reused for :data:`SURVEY_TTL` seconds."""
     now = time.monotonic()
     if address in _surveys and now - _surveys[address][0] < SURVEY_TTL:
         return _surveys[address][1]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "fedsim.engine.cluster", address],
+            [sys.executable, "-m", "fedsim.engine.host.cluster", address],
             capture_output=True,
             text=True,
             timeout=300,

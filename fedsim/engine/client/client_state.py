@@ -13,7 +13,7 @@ its first message.
 A client writes at round ``r`` only while round ``r`` runs, and the newest
 three files of each partition are kept: the server closes round ``r - 1``
 (and writes its resume checkpoint) while round ``r`` runs
-(:mod:`fedsim.engine.rounds`), so the checkpoint covers round ``r - 2`` at
+(:mod:`fedsim.engine.server.round_driver`), so the checkpoint covers round ``r - 2`` at
 least, and whatever the moment a run dies, one file is from a round it
 covers. A resume first deletes the files of rounds after its checkpoint
 (:meth:`ClientStateStore.prune_after`), so the newest remaining file is the
@@ -23,7 +23,7 @@ In simulation the state travels with the message: Flower's runtime sends a
 client's ``Context`` to the Ray actor with each message and takes it back with
 the reply, so the simulation process, on the host of the run directory,
 saves and restores it (:func:`relay_before`, :func:`relay_after`, called by
-:mod:`fedsim.engine.vce`) and marks it :data:`RELAYED` so that the ClientApp
+:mod:`fedsim.flwr_private.vce`) and marks it :data:`RELAYED` so that the ClientApp
 leaves the store alone. Which node of a Ray cluster ran the client does not
 matter: a resumed run finds every client's state.
 
@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedsim.core.loading import RESUME_KEY, RUN_DIR_KEY, SWEEP_KEY
 from fedsim.core.messages import EXPERIMENT, PARTITION_ID, SERVER_ROUND
 from fedsim.core.rundir import CHECKPOINTS_DIR, CLIENT_STATE_DIR, atomic_write
+from fedsim.flwr_private import recorddict_from_bytes, recorddict_to_bytes
 
 #: Keys of ``context.state`` starting with this prefix are the engine's own
 #: bookkeeping (a sweep's owner, the restore marker), never saved.
@@ -67,14 +66,12 @@ _NAME = re.compile(r"^(\d+)\.pb$")
 
 def to_bytes(state: RecordDict) -> bytes:
     """A ``RecordDict`` as Flower serialises it."""
-    return bytes(recorddict_to_proto(state).SerializeToString())
+    return recorddict_to_bytes(state)
 
 
 def from_bytes(data: bytes) -> RecordDict:
     """Inverse of :func:`to_bytes`."""
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
+    return recorddict_from_bytes(data)
 
 
 class ClientStateStore:

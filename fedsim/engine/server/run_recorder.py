@@ -45,8 +45,8 @@ from fedsim.core.rundir import (
     write_json,
 )
 from fedsim.core.rundir import atomic_write as _atomic_write
-from fedsim.engine.finite import check_loss
-from fedsim.engine.placement import Placement
+from fedsim.engine.server.finite import check_loss
+from fedsim.engine.server.placement import Placement
 
 #: Per-client metrics summed over the exchanges of a round (one row per metric
 #: per (round, client, phase), whatever the number of exchanges).
@@ -206,7 +206,7 @@ class RunRecorder:
         A client that answers several exchanges in a phase of a round keeps one
         row per metric: :data:`ADDITIVE` metrics are summed, others take the
         latest value. A non-finite ``loss`` fails the round unless
-        ``train.allow-nonfinite`` (:func:`fedsim.engine.finite.check_loss`).
+        ``train.allow-nonfinite`` (:func:`fedsim.engine.server.finite.check_loss`).
         """
         check_loss(self.experiment, server_round, phase, client, metrics)
         self._merge(server_round, phase, client, metrics)
@@ -236,7 +236,8 @@ class RunRecorder:
 
     def placed(self, server_round: int, phase: str, node: Any) -> None:
         """A client of a phase ran on Ray node ``node`` (id, address; None: not
-        known): ``summary.json``'s ``placement`` (:mod:`fedsim.engine.placement`)."""
+        known): ``summary.json``'s ``placement``
+        (:mod:`fedsim.engine.server.placement`)."""
         if node is not None:
             self.placement.served(server_round, phase, node)
 
@@ -257,7 +258,9 @@ class RunRecorder:
         for name, value in metrics.items():
             self._server.append((server_round, None, "server", name, float(value)))
 
-    def checkpoint(self, server_round: int, arrays: Mapping[str, Any]) -> Path:
+    def save_global_model(
+        self, server_round: int, arrays: Mapping[str, Any]
+    ) -> Path:
         """Save the global model's arrays as ``checkpoints/global.npz`` (atomic).
 
         The file holds the arrays under their state-dict names and the round

@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 import psutil
 import tomli_w
 
-from fedsim.engine import cluster, vce
-from fedsim.engine.lifeline import Lifeline, die_with_parent
-from fedsim.engine.processes import free_port, stop_processes, stop_tree
+from fedsim.engine.host import cluster
+from fedsim.engine.host.lifeline import Lifeline, die_with_parent
+from fedsim.engine.host.processes import free_port, stop_processes, stop_tree
+from fedsim.engine.server import simulation_process
 
 STARTUP_TIMEOUT = 60.0
 T = TypeVar("T")
@@ -92,9 +93,9 @@ def flower_home(
     ``connection`` (a ``[superlink.<name>]`` table: ``address``, ``insecure`` or
     ``root-certificates``), and the environment for Flower's commands (its
     simulations run on a loopback Ray, or on the cluster at ``ray_address``:
-    :func:`fedsim.engine.cluster.environment`)."""
+    :func:`fedsim.engine.host.cluster.environment`)."""
     home = Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
-    launcher = vce.write_launcher(home / "bin")
+    launcher = simulation_process.write_launcher(home / "bin")
     env = {
         **cluster.environment(os.environ, ray_address),
         "FLWR_HOME": str(home),

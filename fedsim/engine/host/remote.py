@@ -30,10 +30,16 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.experiment import Experiment
 from fedsim.core.loading import RUN_DIR_KEY
 from fedsim.core.rundir import SUMMARY_FILE
-from fedsim.engine.lifeline import stop_signals
-from fedsim.engine.processes import stop_tree
-from fedsim.engine.runner import LOGS_DIR, Outcome, run_config_of, settle, write_app
-from fedsim.engine.superlink import (
+from fedsim.engine.host.lifeline import stop_signals
+from fedsim.engine.host.local_simulation import (
+    LOGS_DIR,
+    Outcome,
+    run_config_of,
+    settle,
+    write_app,
+)
+from fedsim.engine.host.processes import stop_tree
+from fedsim.engine.host.superlink import (
     SimulationError,
     executable,
     flower_home,
@@ -167,7 +173,8 @@ def submit(
     """Submit the app with run-config ``config`` to the SuperLink and follow it
     to the end (``flwr run --stream``, its output in ``logs/flower.log``).
 
-    Returns ``(status, reason)`` as :func:`fedsim.engine.runner.launch` does.
+    Returns ``(status, reason)`` as
+    :func:`fedsim.engine.host.local_simulation.submit_and_follow` does.
     An interrupt stops the run on the SuperLink (``flwr stop``) too.
     """
     logs.mkdir(parents=True, exist_ok=True)

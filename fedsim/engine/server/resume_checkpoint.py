@@ -14,13 +14,14 @@ leaves the previous checkpoint whole). It holds:
   clients;
 - ``rng``: the server process's Python ``random``, numpy and torch generator
   states (Flower's sampler draws from ``random``, which
-  :class:`fedsim.engine.recording.RecordingStrategy` also reseeds per phase);
+  :class:`fedsim.engine.server.strategy_recording.RecordingStrategy` also
+  reseeds per phase);
 - ``recorder``: the failures recorded so far and the run's elapsed seconds.
 
 Clients keep their private state (DP-SGD accountants, HyperFL's embedding and
 head, the local baseline's model) in Flower's ``context.state``, which lives in
 the simulation runtime and dies with it; it is saved by the client side
-(:mod:`fedsim.engine.client_state`).
+(:mod:`fedsim.engine.client.client_state`).
 
 A strategy takes part by implementing
 :class:`fedsim.protocol.contract.ServerState` (``checkpoint_state() -> dict`` of

@@ -9,14 +9,15 @@ others. Flower 1.41's engine moves messages between them by polling:
   before its first client started, and a split-learning round of 40 exchanges
   spent 3.6 of its 4.1 s there;
 - the ServerApp's grid polls for replies (fedsim's grid waits on the LinkState
-  instead, see :meth:`fedsim.engine.recording.RecordingGrid._send_and_wait`).
+  instead, see :class:`fedsim.engine.server.transport.Transport`).
 
 fedsim's SuperLinks find a ``flwr-simulation`` launcher first on their ``PATH``
-(:func:`write_launcher`, in the SuperLink's private ``FLWR_HOME``); it calls
-:func:`install` and then Flower's own ``flwr-simulation`` entry point, so the
-runtime is Flower's, with these replacements made before it starts:
+(:mod:`fedsim.engine.server.simulation_process`, in the SuperLink's private
+``FLWR_HOME``); it calls :func:`install` and then Flower's own
+``flwr-simulation`` entry point, so the runtime is Flower's, with these
+replacements made before it starts:
 
-- the LinkState methods of :mod:`fedsim.engine.linkstate` (indexed pick-up,
+- the LinkState methods of :mod:`fedsim.flwr_private.linkstate` (indexed pick-up,
   stores that wake their waiters);
 - ``vce_api.add_messages_to_queue`` (:func:`add_messages_to_queue`): the same
   loop (every node with a message gets its next one, one per node per sweep,
@@ -42,7 +43,8 @@ runtime is Flower's, with these replacements made before it starts:
   traceback (Ray's own error quoted it with Ray's header). At 8 a call, the
   1,000-client round went from 1.73-1.75x to 1.52-1.56x the clients'
   compute;
-- ``RayBackend.build`` and ``terminate`` (:func:`pipeline`): each actor holds
+- ``RayBackend.build`` and ``terminate``
+  (:func:`fedsim.flwr_private.ray_backend.pipeline`): each actor holds
   two calls at once, one running and one queued in Ray, so it starts the
   next client as soon as one ends instead of idling while the reply travels
   back and the next message travels out (1.8 ms a message here). With 1,000
@@ -51,54 +53,73 @@ runtime is Flower's, with these replacements made before it starts:
   time, so an actor's memory (and a GPU share) is unchanged.
 
 Nothing is replaced on another Flower version than 1.41 (the launcher then
-runs Flower's runtime unchanged), nor in a SuperLink fedsim did not start.
+runs Flower's runtime unchanged, with one warning per skipped patch), nor in a
+SuperLink fedsim did not start.
 
-The launcher also sets one Ray default before Ray starts (:func:`ray_defaults`):
-messages and replies up to 1 MiB travel inside Ray's task calls instead of
-through its shared-memory object store (Ray's threshold is 100 KiB). A message
-is read once, by one actor on the same machine, so the store's set-up per
-object (create, seal, pin, release through the raylet) is pure cost: with the
-quickstart's 154 KB CNN it took 17% of a round (0.43 -> 0.36 s) and 0.16 of
-the 2 cores in Ray's daemons. Above about 1 MiB the copies of an inlined
-object cost as much as the store. A value the user set in the environment
-(``RAY_max_direct_call_object_size``) wins.
+What fedsim does around each client's run in the simulation process (restore
+and save its state, tag the reply with the Ray node that ran it) comes in as a
+:class:`Relay` given to :func:`install`: this package knows Flower, not fedsim.
 """
 
 from __future__ import annotations
 
-import os
-import stat
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import ERROR
-from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
 from uuid import uuid4
 
-from fedsim.engine import client_state, cluster, linkstate, placement
+from fedsim.flwr_private import linkstate, ray_backend, version
 
 #: Longest pause between two sweeps (Flower's fixed pause): the stop event is
 #: checked at least this often.
 SWEEP = 0.1
-#: Messages each Ray actor holds at once (one running, the others queued).
-TASKS_PER_ACTOR = 2
 #: Most messages one Ray call carries (see :func:`batch_size`).
 BATCH = 8
 #: Seconds of client work one Ray call carries at most (see :func:`batch_size`):
 #: a call costs about 2 ms of CPU, 4% of this.
 CALL_SECONDS = 0.05
-#: Ray's largest object passed inside a task call (bytes), see module doc.
-INLINE_BYTES = 2**20
-#: Ray reads its system settings from ``RAY_<name>`` variables in every process
-#: it starts (they inherit the simulation process's environment).
-INLINE_VARIABLE = "RAY_max_direct_call_object_size"
-#: The launcher's file name: the command Flower's SuperExec starts.
-COMMAND = "flwr-simulation"
+VCE = "flwr.server.superlink.fleet.vce.vce_api"
+#: Flower's functions this module replaces or calls, and their parameters.
+PATCHED = {
+    f"{VCE}.add_messages_to_queue": ("state", "queue", "nodes_mapping", "f_stop"),
+    f"{VCE}.worker": (
+        "messageins_queue", "messageres_queue", "node_info_store", "backend",
+        "f_stop", "metrics",
+    ),
+    "flwr.simulation.ray_transport.ray_actor.ClientAppActor.run": (
+        "client_app_fn", "message", "cid", "context",
+    ),
+    "flwr.simulation.app.flwr_simulation": (),
+}
+#: What a run loses where the replacements are skipped.
+LOSES = "waits up to 0.1 s per hand-off and makes one Ray call a message"
+
+
+def _nothing(*_: Any) -> None:
+    """A relay step that does nothing."""
+
+
+@dataclass(frozen=True)
+class Relay:
+    """What fedsim does around each client's run, in the simulation process.
+
+    ``before(config, context)`` once the node's context is retrieved, before
+    the Ray call; ``after(config, context)`` once the reply's context is back;
+    ``tag(reply, ray_node_id, address)`` on each reply (``config``: the
+    message's ``config`` record)."""
+
+    before: Callable[[Any, Any], None] = _nothing
+    after: Callable[[Any, Any], None] = _nothing
+    tag: Callable[[Any, str, str], None] = _nothing
+
+
+#: The relay :func:`worker` uses (set by :func:`install`).
+_relay = Relay()
 
 
 def add_messages_to_queue(
@@ -199,15 +220,20 @@ class Failed:
 
 
 def process_messages(
-    backend: Any, node_info_store: dict[int, Any], messages: Sequence[Any]
+    backend: Any,
+    node_info_store: dict[int, Any],
+    messages: Sequence[Any],
+    relay: Relay | None = None,
 ) -> list[Any]:
     """Run ``messages`` in one call to one actor of ``backend`` (a built
     ``RayBackend``); one reply each, in order: the ClientApp's, tagged with
-    the Ray node that ran it (:mod:`fedsim.engine.placement`), or an error
-    reply as Flower's worker sends one when the run raised. A client's state
-    is restored and saved here (:func:`fedsim.engine.client_state.relay_before`),
-    whichever node ran it."""
+    the Ray node that ran it (``relay.tag``), or an error reply as Flower's
+    worker sends one when the run raised. ``relay.before`` / ``relay.after``
+    run around each client's call, whichever node runs it (by default the
+    :class:`Relay` :func:`install` was given)."""
     import ray
+
+    relay = relay or _relay
     from flwr.common.constant import PARTITION_ID_KEY
 
     outcomes: list[Any] = []
@@ -217,7 +243,7 @@ def process_messages(
             context = node_info_store[message.metadata.dst_node_id].retrieve_context(
                 run_id=message.metadata.run_id
             )
-            client_state.relay_before(_config(message), context)
+            relay.before(_config(message), context)
             jobs.append((message, str(context.node_config[PARTITION_ID_KEY]), context))
             outcomes.append(None)
         except Exception as ex:  # pylint: disable=broad-exception-caught
@@ -253,9 +279,9 @@ def process_messages(
         node_info_store[message.metadata.dst_node_id].update_context(
             message.metadata.run_id, context=context
         )
-        client_state.relay_after(_config(message), context)
+        relay.after(_config(message), context)
         if node[0]:
-            placement.tag(reply, *node)
+            relay.tag(reply, *node)
         replies.append(reply)
     return replies
 
@@ -301,17 +327,14 @@ def run_jobs(
     return time.perf_counter() - started, node, outcomes
 
 
-def ray_defaults() -> None:
-    """Ray's settings for a simulation on one machine (see module doc); call
-    before Ray starts. Settings the environment already has are kept."""
-    os.environ.setdefault(INLINE_VARIABLE, str(INLINE_BYTES))
-
-
-def install() -> bool:
-    """Make the replacements (see module doc); False, and nothing replaced,
-    on a Flower version they were not written for."""
-    if not linkstate.supported():
+def install(given: Relay | None = None) -> bool:
+    """Make the replacements (see module doc), with ``given`` around each
+    client's run; False, and nothing replaced, on a Flower version they were
+    not written for (warning once)."""
+    if not version.patchable("vce", LOSES):
         return False
+    global _relay
+    _relay = given or Relay()
     # the simulation runtime's modules, imported before it starts
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate import in_memory_linkstate  # noqa: F401
@@ -319,71 +342,12 @@ def install() -> bool:
     linkstate.install()
     vce_api.add_messages_to_queue = add_messages_to_queue
     vce_api.worker = worker
-    _pipeline_ray_backend()
+    ray_backend.pipeline_actors()
     return True
 
 
-def pipeline(pool: Any, tasks: int = TASKS_PER_ACTOR) -> None:
-    """List every actor of Flower's ``BasicActorPool`` ``tasks`` times: the
-    pool hands an actor to each message it submits and takes it back with the
-    reply, and the runtime runs one worker thread per listed actor, so each
-    actor gets up to ``tasks`` messages at once (Ray runs an actor's calls one
-    after another, in order)."""
-    actors = list(dict.fromkeys(pool.pool))
-    pool.pool = actors * tasks
-    pool.num_actors = len(pool.pool)
-
-
-def _pipeline_ray_backend() -> None:
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-    if getattr(RayBackend.build, "pipelined", False):
-        return
-    build, terminate = RayBackend.build, RayBackend.terminate
-
-    def pipelined_build(self: Any, app_fn: Any) -> None:
-        build(self, app_fn)
-        pipeline(self.pool)
-
-    def terminate_once(self: Any) -> None:
-        if self.pool:  # each actor once, however often it is listed
-            pipeline(self.pool, tasks=1)
-        terminate(self)
-
-    pipelined_build.pipelined = True  # type: ignore[attr-defined]
-    RayBackend.build = pipelined_build
-    RayBackend.terminate = terminate_once
-
-
-def write_launcher(folder: Path) -> Path:
-    """``folder/flwr-simulation``: this interpreter, :func:`install`, then
-    Flower's ``flwr-simulation``. Put ``folder`` first on the SuperLink's
-    ``PATH``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    launcher = folder / COMMAND
-    # pip's trampoline: the shell runs this file again with the interpreter
-    # (a shebang line breaks on a path with spaces), for which the first lines
-    # are a string
-    launcher.write_text(
-        "#!/bin/sh\n"
-        f'\'\'\'exec\' "{sys.executable}" "$0" "$@"\n'
-        "' '''\n"
-        "from fedsim.engine.vce import main\n"
-        "\n"
-        "main()\n",
-        "utf-8",
-    )
-    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
-    return launcher
-
-
-def main() -> None:
-    """The launcher's entry: Flower's ``flwr-simulation`` after
-    :func:`ray_defaults`, :func:`install` and fedsim's ``ray.init`` arguments
-    (:func:`fedsim.engine.cluster.install`: a loopback Ray, or the cluster)."""
-    ray_defaults()
-    cluster.install()
-    install()
+def run_flower_simulation() -> None:
+    """Flower's own ``flwr-simulation`` entry point (reads ``sys.argv``)."""
     from flwr.simulation.app import flwr_simulation
 
     flwr_simulation()

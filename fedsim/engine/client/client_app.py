@@ -7,10 +7,10 @@ its method ``<action>``: the client contract is
 parsing, the dataset and its partitions, the client algorithm with its model) is
 built once per client process and cached, so a Ray actor that simulates many
 clients over many rounds builds it once. Importing the module makes Flower's
-``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+``Array.numpy`` skip ``np.load``'s header parse (:mod:`fedsim.flwr_private.arrays`).
 
 A client's ``context.state`` is saved to the run directory after each reply and
-loaded back once in a resumed run (:mod:`fedsim.engine.client_state`): by the
+loaded back once in a resumed run (:mod:`fedsim.engine.client.client_state`): by the
 simulation process in simulation, here in deployment.
 """
 
@@ -48,8 +48,8 @@ from fedsim.core.messages import (
     SERVER_ROUND,
 )
 from fedsim.core.seeding import derive_seed
-from fedsim.engine import arrays
-from fedsim.engine.client_state import RELAYED, ClientStateStore
+from fedsim.engine.client.client_state import RELAYED, ClientStateStore
+from fedsim.flwr_private import arrays
 from fedsim.learn.data import FederatedData
 from fedsim.learn.device import resolve_device
 from fedsim.learn.tasks import task_data
@@ -116,7 +116,7 @@ def experiment_config(
 def state_store(config: Mapping[str, Any]) -> ClientStateStore | None:
     """The client-state store of the run directory in an experiment's
     run-config, where this process sees that directory (see
-    :mod:`fedsim.engine.client_state` for the deployment caveat)."""
+    :mod:`fedsim.engine.client.client_state` for the deployment caveat)."""
     run_dir = str(config.get(RUN_DIR_KEY, ""))
     if not run_dir or not Path(run_dir).is_dir():
         return None

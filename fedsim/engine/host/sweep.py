@@ -4,8 +4,9 @@
 the sweep file (:mod:`fedsim.core.sweeps`) and runs every pre-run check before
 anything is written, then runs the experiments in one Flower run: one
 SuperLink, one Ray session, the same SuperNodes and actors, the experiments one
-after another (:func:`fedsim.engine.runner.simulate_sweep`). Experiments with
-another ``federation.clients`` or ``[resources]`` get a Flower run of their own.
+after another (:func:`fedsim.engine.host.local_simulation.simulate_sweep`).
+Experiments with another ``federation.clients`` or ``[resources]`` get a Flower
+run of their own.
 
 The sweep directory ``<out>/<sweep file stem>/`` holds one ordinary run
 directory per experiment (``000-seed=0_data.alpha=0.1``...) and ``sweep.json``,
@@ -28,23 +29,23 @@ from fedsim.core.loading import to_toml
 from fedsim.core.locking import check_free, locked
 from fedsim.core.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json
 from fedsim.core.sweeps import SweepPoint, load_sweep
-from fedsim.engine.launch import (
-    Display,
-    PlainDisplay,
-    Progress,
-    QuietDisplay,
-    default_display,
-    in_notebook,
-    preflight,
-)
-from fedsim.engine.recorder import check_out
-from fedsim.engine.runner import (
+from fedsim.engine.host.checks import preflight
+from fedsim.engine.host.local_simulation import (
     LOGS_DIR,
     Outcome,
     ray_group,
     read_summary,
     simulate_sweep,
 )
+from fedsim.engine.host.progress import (
+    Display,
+    PlainDisplay,
+    Progress,
+    QuietDisplay,
+    default_display,
+    in_notebook,
+)
+from fedsim.engine.server.run_recorder import check_out
 
 SWEEP_INDEX = "sweep.json"
 #: Statuses of an experiment that a re-run of the sweep keeps.

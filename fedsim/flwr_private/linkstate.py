@@ -8,7 +8,7 @@ round's 100 messages in flight the sweep never rests: py-spy put 88 % of the
 simulation process's samples there, a whole core taken from the clients.
 
 :func:`install` replaces methods of that class. fedsim's simulation launcher
-(:mod:`fedsim.engine.vce`) calls it before Flower's runtime starts; the
+(:mod:`fedsim.flwr_private.vce`) calls it before Flower's runtime starts; the
 ServerApp calls it too when imported (a simulation on a SuperLink fedsim did not
 start, where the class is already loaded):
 
@@ -22,7 +22,8 @@ The one difference: Flower's query also deleted *other* nodes' expired messages
 as a side effect; here they are deleted when their own node asks, or when the
 server pulls their replies (``get_message_res`` checks them too). The SQL
 LinkState and every other method are untouched. The replacement is installed
-only on the Flower version it was written against (1.41), and only in a process
+only on the Flower version it was written against (1.41; on another one it
+warns once, :func:`fedsim.flwr_private.version.patchable`), and only in a process
 that already holds Flower's in-memory LinkState (the simulation runtime's): the
 module that defines it pulls in the SuperLink's database stack (about 1 s of
 imports) that a deployed ServerApp does not need.
@@ -31,9 +32,10 @@ Two more replacements make the runtime's hand-offs wake their reader instead of
 waiting for its next poll: ``store_message_ins`` and ``store_message_res`` also
 notify the state's :class:`Signals` (the pick-up then lists the nodes with a
 message in the order their messages were pushed, :func:`pending_nodes`).
-:func:`wait_for_messages` is what ``fedsim.engine.vce``'s pick-up waits on (a
-message for some node was stored), :func:`wait_for_replies` what the
-ServerApp's grid waits on (a reply to one of its messages was stored).
+:func:`wait_for_messages` is what :mod:`fedsim.flwr_private.vce`'s pick-up waits
+on (a message for some node was stored), :func:`wait_for_replies` what the
+ServerApp's transport (:mod:`fedsim.engine.server.transport`) waits on (a reply
+to one of its messages was stored).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-import flwr
 from flwr.app import Message
 from flwr.supercore.date import now
+
+from fedsim.flwr_private import version
 
 if TYPE_CHECKING:
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
@@ -211,17 +214,28 @@ def get_message_ins(
     return found
 
 
-def supported(version: str | None = None) -> bool:
-    """Whether this replacement was written for the installed Flower."""
-    return (version or flwr.__version__).startswith("1.41.")
+#: Flower's methods this module replaces, and their parameters
+#: (:mod:`fedsim.flwr_private.contract` checks them).
+PATCHED = {
+    f"{MODULE}.InMemoryLinkState.store_message_ins": ("self", "message"),
+    f"{MODULE}.InMemoryLinkState.store_message_res": ("self", "message"),
+    f"{MODULE}.InMemoryLinkState.get_message_ins": (
+        "self", "node_id", "limit", "run_id",
+    ),
+    f"{MODULE}.InMemoryLinkState._check_stored_messages": (
+        "self", "message_ids", "run_id",
+    ),
+}
+#: What a run loses where the replacement is skipped.
+LOSES = "polls Flower's LinkState, O(nodes x messages) a sweep, instead of waking"
 
 
 def install() -> bool:
     """Replace the three methods (once; idempotent). False, and nothing changed,
-    where Flower's version is not the one this module was written against or
-    this process holds no in-memory LinkState."""
+    where this process holds no in-memory LinkState, or where Flower's version
+    is not the one this module was written against (warning once)."""
     module = sys.modules.get(MODULE)
-    if not supported() or module is None:
+    if module is None or not version.patchable("linkstate", LOSES):
         return False
     with _install_lock:
         cls: Any = module.InMemoryLinkState

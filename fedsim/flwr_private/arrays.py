@@ -26,9 +26,11 @@ import numpy as np
 from flwr.app import Array
 from flwr.common.constant import SType
 
+from fedsim.flwr_private import version
+
 _MAGIC = b"\x93NUMPY"
 #: Flower's own ``Array.numpy`` (the fallback).
-_FLOWER = Array.numpy
+FLOWERS_NUMPY = Array.numpy
 
 
 def read_npy(data: bytes, dtype: str, shape: Any) -> np.ndarray | None:
@@ -65,9 +67,17 @@ def numpy(self: Array) -> np.ndarray:
         out = read_npy(self.data, self.dtype, self.shape)
         if out is not None:
             return out
-    return _FLOWER(self)  # type: ignore[no-any-return]
+    return FLOWERS_NUMPY(self)  # type: ignore[no-any-return]
 
 
-def install() -> None:
-    """Make :func:`numpy` Flower's ``Array.numpy`` in this process."""
+#: Flower's method this module replaces, and its parameters.
+PATCHED = {"flwr.app.Array.numpy": ("self",)}
+
+
+def install() -> bool:
+    """Make :func:`numpy` Flower's ``Array.numpy`` in this process; False, and
+    nothing replaced, on another Flower version (warning once)."""
+    if not version.patchable("arrays", "reads arrays with np.load, ~50 us each"):
+        return False
     Array.numpy = numpy  # type: ignore[method-assign]
+    return True

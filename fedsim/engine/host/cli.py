@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ from rich.table import Table
 from fedsim import __version__
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError
-from fedsim.core.loading import load_experiment
-from fedsim.engine.console import ConsoleDisplay, fmt, summary_table
-from fedsim.engine.launch import Progress, preflight
+from fedsim.engine.host import front_door
+from fedsim.engine.host.console import ConsoleDisplay, fmt, summary_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -155,109 +153,41 @@ def _superlink_options(
 
 
 def _connection(args: argparse.Namespace) -> Any:
-    """The :class:`fedsim.engine.remote.Connection` the options describe."""
-    from fedsim.engine.remote import Connection
+    """The :class:`fedsim.engine.host.remote.Connection` the options describe."""
+    from fedsim.engine.host.remote import Connection
 
     return Connection(args.superlink, args.root_certificates, args.insecure)
 
 
-def resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path, int]:
-    """The experiment, run directory and last checkpointed round of ``--resume``.
-
-    The experiment is the run directory's ``config.toml``; an experiment file or
-    ``--set`` given as well must resolve to the same experiment.
-    """
-    from fedsim.core.loading import to_run_config
-    from fedsim.core.rundir import CONFIG_FILE
-    from fedsim.engine.checkpoint import check_resumable
-
-    run_dir = Path(args.resume).resolve()
-    saved = check_resumable(run_dir)
-    exp = load_experiment(str(run_dir / CONFIG_FILE), [])
-    refusal = registry.family(exp.strategy.name).resume
-    if refusal:
-        raise ConfigError(f"--resume: strategy {exp.strategy.name!r}: {refusal}")
-    if args.experiment or args.overrides:
-        source = args.experiment or str(run_dir / CONFIG_FILE)
-        given = to_run_config(load_experiment(source, args.overrides))
-        stored = to_run_config(exp)
-        changed = sorted(k for k in {*given, *stored} if given.get(k) != stored.get(k))
-        if changed:
-            raise ConfigError(
-                f"--resume: {changed[0]} = {given.get(changed[0])!r} differs from "
-                f"the run's {stored.get(changed[0])!r}; a resumed run continues the "
-                "same experiment"
-            )
-    return exp, run_dir, int(saved["round"])
-
-
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    """``fedsim run``: the run directory is locked while this process runs in
-    it (:mod:`fedsim.core.locking`)."""
-    with ExitStack() as stack:
-        return _cmd_run(args, console, stack)
+    """``fedsim run``: :func:`fedsim.engine.host.front_door.start` with the
+    options, a summary table, an exit code. The run directory is locked while
+    this process runs in it (:mod:`fedsim.core.locking`)."""
+    from fedsim.engine.host.local_simulation import LOGS_DIR
 
+    request = front_door.Request(
+        args.experiment,
+        args.overrides,
+        args.out,
+        resume=args.resume,
+        ray_address=args.ray_address,
+        superlink=args.superlink,
+        root_certificates=args.root_certificates,
+        insecure=args.insecure,
+        remote_out=args.remote_out,
+    )
 
-def _cmd_run(args: argparse.Namespace, console: Console, stack: ExitStack) -> int:
-    from fedsim.core.locking import locked
-    from fedsim.engine import cluster
-    from fedsim.engine.recorder import check_out, create_run_dir
-    from fedsim.engine.remote import run_remote
-    from fedsim.engine.runner import LOGS_DIR, simulate
-    from fedsim.engine.superlink import start_during
-
-    remote = args.superlink is not None
-    if not remote and (args.root_certificates or args.insecure or args.remote_out):
-        flag = "--root-certificates" if args.root_certificates else "--insecure"
-        flag = "--remote-out" if args.remote_out else flag
-        raise ConfigError(f"{flag}: only with --superlink HOST:PORT")
-    if remote and args.resume:
-        raise ConfigError("--resume: not with --superlink (private simulations only)")
-    if remote and args.ray_address:
-        raise ConfigError("--ray-address: not with --superlink (simulations only)")
-    connection = _connection(args) if remote else None
-    out: Path | None = None
-    if args.resume:
-        if Path(args.resume).is_dir():  # before anything is read: a live run
-            stack.enter_context(locked(Path(args.resume), "fedsim run --resume"))
-        exp, resumed, done = resumed_experiment(args)
-    else:
-        exp, done = load_experiment(args.experiment, args.overrides), -1
-        out = check_out(args.out)
-    if args.ray_address is not None:  # on --resume too: results do not change
-        exp = cluster.on_cluster(exp, args.ray_address, "--ray-address")
-    if not remote:
-        cluster.note_ignored(exp.resources.ray_address)
-
-    def prepare() -> Path:
-        preflight(exp, local=not remote)
-        return resumed if out is None else create_run_dir(out, exp)
-
-    # a local run's SuperLink starts while the experiment is checked
-    where = exp.resources.ray_address
-    superlink, run_dir = (None, prepare()) if remote else start_during(prepare, where)
-    if out is None:
-        console.print(f"resuming after round {done}: {run_dir}", highlight=False)
-    else:
-        stack.enter_context(locked(run_dir, "fedsim run"))
-        console.print(f"run directory: {run_dir}")
-    remote_dir = Path(args.remote_out) / run_dir.name if args.remote_out else None
-    progress = Progress(ConsoleDisplay(console), run_dir, exp, done=done)
-    try:
-        if connection is not None:
-            outcome = run_remote(
-                exp, run_dir, connection, remote_dir=remote_dir, on_poll=progress.poll
-            )
+    def announce(started: front_door.Started) -> None:
+        if started.resumed:
+            line = f"resuming after round {started.done}: {started.run_dir}"
+            console.print(line, highlight=False)
         else:
-            outcome = simulate(
-                exp,
-                run_dir,
-                on_poll=progress.poll,
-                resume=bool(args.resume),
-                superlink=superlink,
-            )
-    finally:
-        progress.close()
+            console.print(f"run directory: {started.run_dir}")
+
+    started, outcome = front_door.start(
+        request, lambda exp: ConsoleDisplay(console), announce=announce
+    )
+    run_dir = started.run_dir
     console.print(summary_table(outcome.summary, run_dir))
     reason = outcome.summary.get("reason")
     if outcome.status == "stopped" and reason:
@@ -273,8 +203,8 @@ def _cmd_run(args: argparse.Namespace, console: Console, stack: ExitStack) -> in
 
 def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
     """Register the given public keys, then list the SuperNodes and their status."""
-    from fedsim.engine.remote import register_supernode, supernodes
-    from fedsim.engine.superlink import SimulationError
+    from fedsim.engine.host.remote import register_supernode, supernodes
+    from fedsim.engine.host.superlink import SimulationError
 
     connection = _connection(args)
     try:
@@ -299,10 +229,10 @@ def cmd_supernodes(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     """Validate the whole sweep, run what is left, print a table of its runs."""
-    from fedsim.engine.cluster import note_ignored
-    from fedsim.engine.launch import PlainDisplay
-    from fedsim.engine.runner import read_summary
-    from fedsim.engine.sweep import execute, plan
+    from fedsim.engine.host.cluster import note_ignored
+    from fedsim.engine.host.local_simulation import read_summary
+    from fedsim.engine.host.progress import PlainDisplay
+    from fedsim.engine.host.sweep import execute, plan
 
     work = plan(args.sweep, args.overrides, args.out)
     note_ignored(work.points[0].experiment.resources.ray_address if work.points else "")
@@ -360,7 +290,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Comparison table of the runs, and one PNG per plot view in ``--out``."""
     from fedsim import analysis
     from fedsim.analysis import plots
-    from fedsim.engine.recorder import check_out
+    from fedsim.engine.server.run_recorder import check_out
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target: {args.target!r} must be in (0, 1]")

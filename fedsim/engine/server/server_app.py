@@ -2,20 +2,22 @@
 
 The engine builds the data, the model and the initial arrays once
 (:class:`fedsim.protocol.setup.ServerSetup`), the family's server side builds its
-strategy from them, privacy wraps it, recording wraps that, and
-:class:`fedsim.engine.rounds.RoundDriver` runs and closes every round through
-:class:`fedsim.engine.recording.RecordingGrid`.
+strategy from them, privacy wraps it, recording wraps that
+(:mod:`fedsim.engine.server.strategy_recording`), and
+:class:`fedsim.engine.server.round_driver.RoundDriver` runs and closes every
+round through :class:`fedsim.engine.server.exchange_recording.RecordingGrid`.
 
 After every completed round the resume checkpoint is written
-(:mod:`fedsim.engine.checkpoint`); with ``resume`` in the run-config
+(:mod:`fedsim.engine.server.resume_checkpoint`); with ``resume`` in the run-config
 (``fedsim run --resume``) the run continues from it: the strategies' state, the
 global arrays, the random generators and the recorder are restored, the
 clients' saved states of later rounds are dropped, and the rounds after the
 checkpoint run.
 
 Importing this module indexes Flower's in-memory LinkState by destination node
-(:mod:`fedsim.engine.linkstate`): in simulation the runtime shares this process;
-and reads arrays without ``np.load``'s header parse (:mod:`fedsim.engine.arrays`).
+(:mod:`fedsim.flwr_private.linkstate`): in simulation the runtime shares this
+process; and reads arrays without ``np.load``'s header parse
+(:mod:`fedsim.flwr_private.arrays`).
 
 ``FEDSIM_TEST_CRASH_IN_ROUND=<r>`` in the ServerApp's environment (tests only)
 makes round ``r`` fail once it has run, before anything of it is recorded.
@@ -50,11 +52,13 @@ from fedsim.core.loading import (
     SWEEP_KEY,
     from_run_config,
 )
-from fedsim.engine import arrays, checkpoint, linkstate
-from fedsim.engine.client_state import ClientStateStore
-from fedsim.engine.recorder import RunRecorder, create_run_dir, headline_of
-from fedsim.engine.recording import RecordingGrid, RecordingStrategy
-from fedsim.engine.rounds import RoundDriver
+from fedsim.engine.client.client_state import ClientStateStore
+from fedsim.engine.server import resume_checkpoint
+from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.engine.server.round_driver import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder, create_run_dir, headline_of
+from fedsim.engine.server.strategy_recording import RecordingStrategy
+from fedsim.flwr_private import arrays, linkstate
 from fedsim.learn.base import build_model
 from fedsim.learn.device import resolve_device
 from fedsim.learn.hf import export
@@ -123,32 +127,32 @@ def run(
         seed=exp.seed,
     )
     run_dir = recorder.run_dir
-    digest = checkpoint.config_digest(run_dir)
+    digest = resume_checkpoint.config_digest(run_dir)
     arrays = setup.initial if family.global_model else None
     start = 1
     if resume:
         if family.resume:
             raise ConfigError(f"--resume: strategy {family.name!r}: {family.resume}")
-        saved = checkpoint.check_resumable(run_dir)
-        checkpoint.restore_strategy(strategy, saved["strategy"])
-        arrays = checkpoint.arrays_record(saved["arrays"])
+        saved = resume_checkpoint.check_resumable(run_dir)
+        resume_checkpoint.restore_strategy(strategy, saved["strategy"])
+        arrays = resume_checkpoint.arrays_record(saved["arrays"])
         recorder.resume(saved["round"], saved["recorder"])
         ClientStateStore(run_dir).prune_after(saved["round"])
-        checkpoint.restore_rng(saved["rng"])
+        resume_checkpoint.restore_rng(saved["rng"])
         start = saved["round"] + 1
 
     def save(server_round: int, arrays: ArrayRecord | None) -> Callable[[], None]:
         taken = {
             "round": server_round,
             "config": digest,
-            "arrays": checkpoint.arrays_state(arrays),
-            "strategy": copy.deepcopy(checkpoint.strategy_state(strategy)),
-            "rng": checkpoint.rng_state(),
+            "arrays": resume_checkpoint.arrays_state(arrays),
+            "strategy": copy.deepcopy(resume_checkpoint.strategy_state(strategy)),
+            "rng": resume_checkpoint.rng_state(),
         }
 
         def write() -> None:
             tree = {**taken, "recorder": recorder.resume_state()}
-            checkpoint.write_checkpoint(run_dir, tree)
+            resume_checkpoint.write_checkpoint(run_dir, tree)
 
         return write
 
@@ -169,7 +173,6 @@ def run(
         grid,
         recorder,
         num_clients=exp.federation.clients,
-        min_replies=exp.federation.min_replies,
         experiment=experiment,
         partitions=partitions,
         assign=assign,
@@ -183,7 +186,8 @@ def run(
         evaluate=evaluate_global if family.global_model else None,
         rounds=exp.rounds,
         timeout=exp.federation.round_timeout,
-        checkpoint=save,
+        min_replies=exp.federation.min_replies,
+        resume_save=save,
         after_round=auditor.after_round if auditor else None,
         crash_in_round=int(crash) if crash else None,
     ).run(arrays, start=start)

@@ -32,16 +32,16 @@ from fedsim.core.loading import (
     to_run_config,
 )
 from fedsim.core.rundir import SUMMARY_FILE, ended, read_summary, write_json
-from fedsim.engine.lifeline import stop_signals
-from fedsim.engine.processes import descendants, stop_tree
-from fedsim.engine.recorder import summary_base
-from fedsim.engine.superlink import (
+from fedsim.engine.host.lifeline import stop_signals
+from fedsim.engine.host.processes import descendants, stop_tree
+from fedsim.engine.host.superlink import (
     PrivateSuperLink,
     SimulationError,
     executable,
     log_tail,
     spawn,
 )
+from fedsim.engine.server.run_recorder import summary_base
 
 LOGS_DIR = "logs"
 T = TypeVar("T")
@@ -62,8 +62,8 @@ def write_app(app_dir: Path, config: dict[str, Any], description: str) -> None:
                 "app": {
                     "publisher": "fedsim",
                     "components": {
-                        "serverapp": "fedsim.engine.server_app:app",
-                        "clientapp": "fedsim.engine.client_app:app",
+                        "serverapp": "fedsim.engine.server.server_app:app",
+                        "clientapp": "fedsim.engine.client.client_app:app",
                     },
                     "config": config,
                 }
@@ -129,7 +129,7 @@ def submit_command(app_dir: Path, federation: str | None = None) -> list[str]:
     return [executable("flwr"), "run", str(app_dir), "fedsim", "--stream", *extra]
 
 
-def launch(
+def submit_and_follow(
     config: dict[str, Any],
     federation: str,
     logs: Path,
@@ -154,7 +154,7 @@ def launch(
     ``interrupted``). SIGINT/SIGTERM stop the run once; from the first one (or
     the end of the app) until ``finish`` returns, further ones are ignored
     (:class:`StopSignals`). Should this process die without cleaning up, the
-    SuperLink's :class:`fedsim.engine.lifeline.Lifeline` watchdog stops what it
+    SuperLink's :class:`fedsim.engine.host.lifeline.Lifeline` watchdog stops what it
     started. The SuperLink's log ends up in ``logs/superlink.log``.
     """
     logs.mkdir(parents=True, exist_ok=True)
@@ -220,10 +220,10 @@ def settle(
 ) -> Outcome:
     """How the run in ``run_dir`` ended, written into its ``summary.json``.
 
-    ``status``/``reason`` from :func:`launch` win; otherwise a run that still
+    ``status``/``reason`` from :func:`submit_and_follow` win; otherwise a run that still
     says ``running`` (or never started) failed, with the log's tail as reason.
     Fields the ServerApp never wrote (a run stopped before it started) come
-    from ``exp`` (:func:`fedsim.engine.recorder.summary_base`).
+    from ``exp`` (:func:`fedsim.engine.server.run_recorder.summary_base`).
     """
     written = read_summary(run_dir)
     summary = {**(summary_base(exp) if exp is not None else {}), **written}
@@ -256,12 +256,13 @@ def simulate(
 
     ``on_poll`` is called about every ``poll_interval`` seconds while the run goes
     (the CLI refreshes its progress display there). ``resume``: continue the
-    run in ``run_dir`` from its checkpoint (:mod:`fedsim.engine.checkpoint`).
-    ``superlink``: one the caller started already (see :func:`launch`).
+    run in ``run_dir`` from its checkpoint
+    (:mod:`fedsim.engine.server.resume_checkpoint`).
+    ``superlink``: one the caller started already (see :func:`submit_and_follow`).
     """
     logs = run_dir / LOGS_DIR
     before = read_summary(run_dir).get("finished_at")  # a resumed run's last end
-    return launch(
+    return submit_and_follow(
         {**run_config_of(exp, run_dir, resume=resume), ASSIGN_KEY: True},
         federation_config(exp),
         logs,
@@ -298,7 +299,7 @@ def simulate_sweep(
         {"config": run_config_of(exp, run_dir), RUN_DIR_KEY: str(run_dir)}
         for exp, run_dir in runs
     ]
-    return launch(
+    return submit_and_follow(
         {SWEEP_KEY: json.dumps(entries), ASSIGN_KEY: True},
         federation,
         logs,

@@ -1,6 +1,6 @@
 """Which Ray node served each client: placement you can see.
 
-In fedsim's simulation runtime (:mod:`fedsim.engine.vce`) the Ray call that
+In fedsim's simulation runtime (:mod:`fedsim.flwr_private.vce`) the Ray call that
 ran a client returns the id and address of the Ray node its actor lives on;
 the runtime tags the client's reply with them (:func:`tag`, a config record
 of fedsim's own), the server's grid takes the tag off again before anything

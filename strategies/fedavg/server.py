@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsim.core.messages import ARRAYS, METRICS
+from fedsim.flwr_private import valid_replies
 from fedsim.protocol.setup import ServerSetup
 from fedsim.strategies.fedavg.maths import weighted_mean
 
@@ -32,7 +33,7 @@ class FedAvg(FlowerFedAvg):
             for a in msg.content[ARRAYS].values()  # type: ignore[union-attr]
         ):
             return super().aggregate_train(server_round, replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid = valid_replies(self, replies)
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]

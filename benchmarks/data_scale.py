@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from typing import Any
 
 import psutil
 
+PAGE = "how-to/datasets.md"
 SCRATCH = Path(os.environ.get("FEDSIM_BENCH_SCRATCH", "/tmp/fedsim-data-scale"))
 FEATURE_BYTES = 28 * 28 * 4
 
@@ -112,16 +114,30 @@ def _pss(proc: psutil.Process) -> int:
         return 0
 
 
-def _is_actor(proc: psutil.Process) -> bool:
+def _role(proc: psutil.Process, root: psutil.Process) -> str:
+    """What a process of the run is: the CLI host, a Ray actor (a client
+    worker), or the name of its program (Flower's SuperLink and simulation,
+    which hosts the ServerApp, Ray's raylet, GCS, dashboard, ...)."""
+    if proc.pid == root.pid:
+        return "cli-host"
     try:
         line = " ".join(proc.cmdline())
+        name = proc.name()
     except psutil.Error:
-        return False
-    return "ClientAppActor" in line or "default_worker.py" in line
+        return "gone"
+    if "ClientAppActor" in line or "default_worker.py" in line:
+        return "actor"
+    words = [w for w in line.split() if "/" not in w and not w.startswith("-")]
+    return (words[0] if words else name)[:32]
 
 
 def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
-    """Run ``fedsim run file``; PSS peaks and the time of each closed round."""
+    """Run ``fedsim run file``; PSS peaks and the time of each closed round.
+
+    Each second: the PSS of every process under the CLI host. Reported: the
+    peak of their sum, the peak of the actors' sum, the largest single
+    actor's peak, the time of that peak, and what each role held at the
+    peak of the sum (where the memory goes)."""
     env = {**os.environ, "FEDSIM_CACHE": str(cache)}
     if old_tree:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -151,15 +167,24 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     root = psutil.Process(host.pid)
-    peak = peak_actors = 0
+    peak = peak_actors = peak_actor = 0
+    at_peak: dict[str, int] = {}
+    peak_s = 0.0
     while host.poll() is None:
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
-        sizes = [(_pss(p), _is_actor(p)) for p in procs]
-        peak = max(peak, sum(s for s, _ in sizes))
-        peak_actors = max(peak_actors, sum(s for s, actor in sizes if actor))
+        sizes = [(_pss(p), _role(p, root)) for p in procs]
+        actors = [size for size, role in sizes if role == "actor"]
+        peak_actors = max(peak_actors, sum(actors))
+        peak_actor = max([peak_actor, *actors])
+        if sum(s for s, _ in sizes) > peak:
+            peak = sum(s for s, _ in sizes)
+            peak_s = time.monotonic() - started
+            at_peak = {}
+            for size, role in sizes:
+                at_peak[role] = at_peak.get(role, 0) + size
         time.sleep(1.0)
     reader.join(timeout=10)
     if host.returncode != 0:
@@ -167,6 +192,9 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
     return {
         "peak_pss_gb": peak / 1e9,
         "peak_actors_pss_gb": peak_actors / 1e9,
+        "peak_one_actor_pss_gb": peak_actor / 1e9,
+        "peak_at_s": peak_s,
+        "at_peak_gb": {k: v / 1e9 for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
         "wall_s": time.monotonic() - started,
         "round_s": rounds,  # round -> seconds from launch (0: initial evaluation)
     }
@@ -176,25 +204,28 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     old = args.mode == "baseline"
     for writers in args.writers:
-        folder, images = dataset(writers, args.rows)
-        file = experiment(folder, writers, sampled=10, rounds=2, old=old)
-        cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
-        got = measure(file, cache, args.old_tree if old else "")
-        if old:  # it trains on the train split only: its size is what it holds
-            import datasets
+        for rows in args.rows:
+            folder, images = dataset(writers, rows)
+            file = experiment(folder, writers, sampled=10, rounds=2, old=old)
+            cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
+            got = measure(file, cache, args.old_tree if old else "")
+            shutil.rmtree(cache, ignore_errors=True)
+            if old:  # it trains on the train split only: its size is what it holds
+                import datasets
 
-            images = len(datasets.load_from_disk(str(folder))["train"])
-        size = images * FEATURE_BYTES / 1e9
-        got |= {"writers": writers, "images": images, "dataset_gb": size}
-        got["peak_over_dataset"] = got["peak_pss_gb"] / size
-        print(json.dumps(got), flush=True)
-        results.append(got)
+                images = len(datasets.load_from_disk(str(folder))["train"])
+            size = images * FEATURE_BYTES / 1e9
+            got |= {"writers": writers, "rows": rows, "images": images, "dataset_gb": size}
+            got["peak_over_dataset"] = got["peak_pss_gb"] / size
+            print(json.dumps(got), flush=True)
+            results.append(got)
     return results
 
 
 def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
     (writers,) = args.writers
-    folder, images = dataset(writers, args.rows)
+    (rows,) = args.rows
+    folder, images = dataset(writers, rows)
     file = experiment(folder, writers, sampled=100, rounds=3)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
     results = []
@@ -205,13 +236,53 @@ def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
         got |= {
             "cache": state,
             "writers": writers,
+            "rows": rows,
             "images": images,
+            "dataset_gb": images * FEATURE_BYTES / 1e9,
+            "round0_s": at[0],
             "first_round_s": at[1],
             "per_round_s": [at[r] - at[r - 1] for r in sorted(at) if r >= 2],
         }
         print(json.dumps(got), flush=True)
         results.append(got)
     return results
+
+
+def _where(got: dict[str, Any]) -> str:
+    parts = list(got["at_peak_gb"].items())[:4]
+    return ", ".join(f"{role} {gb:.2f}" for role, gb in parts)
+
+
+def memory_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| dataset (float32, train + test) | writers x rows | peak PSS, all processes "
+        "| ratio to the dataset | peak PSS, both actors | peak PSS, one actor "
+        "| at the peak (GB) |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    rows = [
+        f"| {g['dataset_gb']:.2f} GB ({g['images']:,} images) | {g['writers']:,} x {g['rows']:g} "
+        f"| {g['peak_pss_gb']:.2f} GB | {g['peak_over_dataset']:.2f}x "
+        f"| {g['peak_actors_pss_gb']:.2f} GB | {g['peak_one_actor_pss_gb']:.2f} GB "
+        f"| {_where(g)} |"
+        for g in results
+    ]
+    return "\n".join([head, *rows])
+
+
+def femnist_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| cache | images (writers x mean rows) | round 0 (server evaluation) "
+        "| time to the first round | per round (rounds 2, 3) | peak PSS, all / one actor "
+        "|\n| --- | --- | --- | --- | --- | --- |"
+    )
+    rows = [
+        f"| {g['cache']} | {g['images']:,} ({g['writers']:,} x {g['rows']:g}; "
+        f"{g['dataset_gb']:.2f} GB) | {g['round0_s']:.0f} s | {g['first_round_s']:.0f} s "
+        f"| {', '.join(f'{s:.0f} s' for s in g['per_round_s'])} "
+        f"| {g['peak_pss_gb']:.2f} / {g['peak_one_actor_pss_gb']:.2f} GB |"
+        for g in results
+    ]
+    return "\n".join([head, *rows])
 
 
 def main() -> int:
@@ -221,15 +292,27 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help="femnist: FEDSIM_CACHE to use")
     parser.add_argument("--repeat", type=int, default=2, help="femnist: runs")
     parser.add_argument("--writers", type=int, nargs="+")
-    parser.add_argument("--rows", type=float, default=100.0, help="mean per writer")
+    parser.add_argument("--rows", type=float, nargs="+", help="mean rows per writer")
+    parser.add_argument(
+        "--write-docs", action="store_true", help=f"write the table into docs/{PAGE}"
+    )
     args = parser.parse_args()
     if args.writers is None:
-        args.writers = {"memory": [350, 3500], "femnist": [3500]}.get(args.mode, [350])
+        args.writers = {"memory": [1000], "femnist": [3500]}.get(args.mode, [1000])
+    if args.rows is None:
+        args.rows = {"memory": [127.5, 1275.0], "femnist": [226.0]}.get(args.mode, [127.5])
     SCRATCH.mkdir(parents=True, exist_ok=True)
     results = femnist(args) if args.mode == "femnist" else memory(args)
     out = SCRATCH / f"{args.mode}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
+    table = femnist_table(results) if args.mode == "femnist" else memory_table(results)
+    print(table)
+    if args.write_docs and args.mode != "baseline":
+        from pages import write_block
+
+        block = {"memory": "data-scale-memory", "femnist": "data-scale-femnist"}
+        write_block(PAGE, block[args.mode], table)
     return 0
 
 

@@ -11,15 +11,20 @@ of the sum, the peak of the actors' sum, the time from launch to each closed
 round, and the dataset's size (its float32 features, train + test, the size of
 the arrays every process used to load whole).
 
-    python benchmarks/data_scale.py memory [--writers 350 3500] [--rows 100]
-    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 100]
-    python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350]
+    python benchmarks/data_scale.py memory [--writers 1000] [--rows 127.5 1275] [--reuse]
+    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 226]
+    python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350 --rows 100]
 
 ``memory``: one run per dataset size with a cold cache (the CLI's pre-run check
-builds the memory-mapped cache entry) and 10 clients sampled per round.
+builds the memory-mapped cache entry) and 10 clients sampled per round; by
+default 1,000 writers with 127.5 and 1,275 rows on average: 0.4 and 4 GB of
+float32 features.
 ``femnist``: one client per writer, 100 sampled per round, 3 rounds; the time
 to the first round with a cold cache (the first run builds the entry) and a
 warm one (``--cache``: a cache an earlier run filled), and per round.
+Each ``memory`` measurement is saved as ``SCRATCH/memory-<writers>x<rows>.json``;
+``--reuse`` tabulates a saved one instead of measuring that size again (sizes
+measured one at a time, then written together with ``--write-docs``).
 ``baseline``: the ``memory`` run with an earlier fedsim (``--old-tree``: a
 checkout of it, e.g. ``git archive 35053c0 | tar -x -C DIR``, put first on
 ``PYTHONPATH``) that loads the whole ``.npz`` cache in every process; it reads
@@ -121,14 +126,16 @@ def _role(proc: psutil.Process, root: psutil.Process) -> str:
     if proc.pid == root.pid:
         return "cli-host"
     try:
-        line = " ".join(proc.cmdline())
+        argv = proc.cmdline()
         name = proc.name()
     except psutil.Error:
         return "gone"
+    line = " ".join(argv)
     if "ClientAppActor" in line or "default_worker.py" in line:
         return "actor"
-    words = [w for w in line.split() if "/" not in w and not w.startswith("-")]
-    return (words[0] if words else name)[:32]
+    if argv and "python" in Path(argv[0]).name and len(argv) > 1:  # the script
+        argv = argv[2:] if argv[1] == "-m" else argv[1:]
+    return Path(argv[0]).name[:32] if argv else name
 
 
 def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
@@ -205,6 +212,11 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     old = args.mode == "baseline"
     for writers in args.writers:
         for rows in args.rows:
+            saved = SCRATCH / f"{args.mode}-{writers}x{rows:g}.json"
+            if args.reuse and saved.is_file():
+                results.append(json.loads(saved.read_text()))
+                print(f"reused {saved}", flush=True)
+                continue
             folder, images = dataset(writers, rows)
             file = experiment(folder, writers, sampled=10, rounds=2, old=old)
             cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
@@ -217,6 +229,7 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
             size = images * FEATURE_BYTES / 1e9
             got |= {"writers": writers, "rows": rows, "images": images, "dataset_gb": size}
             got["peak_over_dataset"] = got["peak_pss_gb"] / size
+            saved.write_text(json.dumps(got, indent=1))
             print(json.dumps(got), flush=True)
             results.append(got)
     return results
@@ -293,6 +306,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="femnist: runs")
     parser.add_argument("--writers", type=int, nargs="+")
     parser.add_argument("--rows", type=float, nargs="+", help="mean rows per writer")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="memory: take a size's measurement from its saved JSON when there is one",
+    )
     parser.add_argument(
         "--write-docs", action="store_true", help=f"write the table into docs/{PAGE}"
     )

@@ -11,8 +11,8 @@ of the sum, the peak of the actors' sum, the time from launch to each closed
 round, and the dataset's size (its float32 features, train + test, the size of
 the arrays every process used to load whole).
 
-    python benchmarks/data_scale.py memory [--writers 1000] [--rows 127.5 1275] [--reuse]
-    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 226]
+    python benchmarks/data_scale.py memory [--rows 127.5 1275] [--reuse]
+    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 226] [--reuse]
     python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350 --rows 100]
 
 ``memory``: one run per dataset size with a cold cache (the CLI's pre-run check
@@ -22,9 +22,10 @@ float32 features.
 ``femnist``: one client per writer, 100 sampled per round, 3 rounds; the time
 to the first round with a cold cache (the first run builds the entry) and a
 warm one (``--cache``: a cache an earlier run filled), and per round.
-Each ``memory`` measurement is saved as ``SCRATCH/memory-<writers>x<rows>.json``;
-``--reuse`` tabulates a saved one instead of measuring that size again (sizes
-measured one at a time, then written together with ``--write-docs``).
+Each ``memory`` measurement is saved as ``SCRATCH/memory-<writers>x<rows>.json``
+and each ``femnist`` pair of runs as ``SCRATCH/timing-<writers>x<rows>.json``;
+``--reuse`` tabulates a saved one instead of measuring again (sizes measured
+one at a time, then written together with ``--write-docs``).
 ``baseline``: the ``memory`` run with an earlier fedsim (``--old-tree``: a
 checkout of it, e.g. ``git archive 35053c0 | tar -x -C DIR``, put first on
 ``PYTHONPATH``) that loads the whole ``.npz`` cache in every process; it reads
@@ -133,8 +134,8 @@ def _role(proc: psutil.Process, root: psutil.Process) -> str:
     line = " ".join(argv)
     if "ClientAppActor" in line or "default_worker.py" in line:
         return "actor"
-    if argv and "python" in Path(argv[0]).name and len(argv) > 1:  # the script
-        argv = argv[2:] if argv[1] == "-m" else argv[1:]
+    if argv and "python" in Path(argv[0]).name:  # the script or module it runs
+        argv = [a for a in argv[1:] if a not in ("-u", "-m")]
     return Path(argv[0]).name[:32] if argv else name
 
 
@@ -201,7 +202,9 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
         "peak_actors_pss_gb": peak_actors / 1e9,
         "peak_one_actor_pss_gb": peak_actor / 1e9,
         "peak_at_s": peak_s,
-        "at_peak_gb": {k: v / 1e9 for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
+        "at_peak_gb": {
+            k: v / 1e9 for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])
+        },
         "wall_s": time.monotonic() - started,
         "round_s": rounds,  # round -> seconds from launch (0: initial evaluation)
     }
@@ -227,7 +230,12 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 
                 images = len(datasets.load_from_disk(str(folder))["train"])
             size = images * FEATURE_BYTES / 1e9
-            got |= {"writers": writers, "rows": rows, "images": images, "dataset_gb": size}
+            got |= {
+                "writers": writers,
+                "rows": rows,
+                "images": images,
+                "dataset_gb": size,
+            }
             got["peak_over_dataset"] = got["peak_pss_gb"] / size
             saved.write_text(json.dumps(got, indent=1))
             print(json.dumps(got), flush=True)
@@ -238,6 +246,10 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
     (writers,) = args.writers
     (rows,) = args.rows
+    saved = SCRATCH / f"timing-{writers}x{rows:g}.json"
+    if args.reuse and saved.is_file():
+        print(f"reused {saved}", flush=True)
+        return json.loads(saved.read_text())  # type: ignore[no-any-return]
     folder, images = dataset(writers, rows)
     file = experiment(folder, writers, sampled=100, rounds=3)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
@@ -258,6 +270,7 @@ def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         print(json.dumps(got), flush=True)
         results.append(got)
+    saved.write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -268,33 +281,46 @@ def _where(got: dict[str, Any]) -> str:
 
 def memory_table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| dataset (float32, train + test) | writers x rows | peak PSS, all processes "
-        "| ratio to the dataset | peak PSS, both actors | peak PSS, one actor "
-        "| at the peak (GB) |\n| --- | --- | --- | --- | --- | --- | --- |"
+        "| dataset (float32, train + test) | writers x rows "
+        "| peak PSS, all processes | ratio to the dataset | peak PSS, both actors "
+        "| peak PSS, one actor | at the peak (GB) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
     )
-    rows = [
-        f"| {g['dataset_gb']:.2f} GB ({g['images']:,} images) | {g['writers']:,} x {g['rows']:g} "
-        f"| {g['peak_pss_gb']:.2f} GB | {g['peak_over_dataset']:.2f}x "
-        f"| {g['peak_actors_pss_gb']:.2f} GB | {g['peak_one_actor_pss_gb']:.2f} GB "
-        f"| {_where(g)} |"
-        for g in results
-    ]
+    rows = []
+    for g in results:
+        size = f"{g['dataset_gb']:.2f} GB ({g['images']:,} images)"
+        shape = f"{g['writers']:,} x {g['rows']:g}"
+        peaks = (
+            f"{g['peak_pss_gb']:.2f} GB | {g['peak_over_dataset']:.2f}x "
+            f"| {g['peak_actors_pss_gb']:.2f} GB | {g['peak_one_actor_pss_gb']:.2f} GB"
+        )
+        rows.append(f"| {size} | {shape} | {peaks} | {_where(g)} |")
     return "\n".join([head, *rows])
 
 
 def femnist_table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| cache | images (writers x mean rows) | round 0 (server evaluation) "
-        "| time to the first round | per round (rounds 2, 3) | peak PSS, all / one actor "
-        "|\n| --- | --- | --- | --- | --- | --- |"
+        "| cache | images (writers x mean rows) | round 0 closed (server evaluation) "
+        "| time to the first round | per round (rounds 2, 3) "
+        "| peak PSS, all (ratio) / one actor | at the peak (GB) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
     )
-    rows = [
-        f"| {g['cache']} | {g['images']:,} ({g['writers']:,} x {g['rows']:g}; "
-        f"{g['dataset_gb']:.2f} GB) | {g['round0_s']:.0f} s | {g['first_round_s']:.0f} s "
-        f"| {', '.join(f'{s:.0f} s' for s in g['per_round_s'])} "
-        f"| {g['peak_pss_gb']:.2f} / {g['peak_one_actor_pss_gb']:.2f} GB |"
-        for g in results
-    ]
+    rows = []
+    for g in results:
+        size = (
+            f"{g['images']:,} ({g['writers']:,} x {g['rows']:g}; "
+            f"{g['dataset_gb']:.2f} GB)"
+        )
+        times = (
+            f"{g['round0_s']:.0f} s | {g['first_round_s']:.0f} s "
+            f"| {', '.join(f'{s:.0f} s' for s in g['per_round_s'])}"
+        )
+        ratio = g["peak_pss_gb"] / g["dataset_gb"]
+        peaks = (
+            f"{g['peak_pss_gb']:.2f} GB ({ratio:.2f}x) "
+            f"/ {g['peak_one_actor_pss_gb']:.2f} GB"
+        )
+        rows.append(f"| {g['cache']} | {size} | {times} | {peaks} | {_where(g)} |")
     return "\n".join([head, *rows])
 
 
@@ -309,7 +335,8 @@ def main() -> int:
     parser.add_argument(
         "--reuse",
         action="store_true",
-        help="memory: take a size's measurement from its saved JSON when there is one",
+        help="take a measurement from its saved JSON (SCRATCH/memory-WxR.json, "
+        "SCRATCH/timing-WxR.json) when there is one",
     )
     parser.add_argument(
         "--write-docs", action="store_true", help=f"write the table into docs/{PAGE}"
@@ -318,7 +345,9 @@ def main() -> int:
     if args.writers is None:
         args.writers = {"memory": [1000], "femnist": [3500]}.get(args.mode, [1000])
     if args.rows is None:
-        args.rows = {"memory": [127.5, 1275.0], "femnist": [226.0]}.get(args.mode, [127.5])
+        args.rows = {"memory": [127.5, 1275.0], "femnist": [226.0]}.get(
+            args.mode, [127.5]
+        )
     SCRATCH.mkdir(parents=True, exist_ok=True)
     results = femnist(args) if args.mode == "femnist" else memory(args)
     out = SCRATCH / f"{args.mode}.json"

@@ -46,7 +46,9 @@ def take(x: Any, index: np.ndarray) -> np.ndarray:
             offset = x.offset + int(index[a]) * row
             done, size = 0, (b - a) * row
             while done < size:
-                got = os.preadv(f.fileno(), [view[a * row + done : b * row]], offset + done)
+                got = os.preadv(
+                    f.fileno(), [view[a * row + done : b * row]], offset + done
+                )
                 if got <= 0:
                     raise OSError(f"{os.fspath(x.filename)}: short read")
                 done += got

@@ -34,12 +34,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import sys
 
 import numpy as np
 import xxhash
@@ -167,7 +166,7 @@ def _copy_rows(file: Path, source: Any, rows: np.ndarray) -> None:
         np.lib.format.write_array_header_1_0(out, header)
         for start in range(0, len(rows), step):
             batch = np.ascontiguousarray(source[rows[start : start + step]], dtype)
-            out.write(memoryview(batch).cast("B"))
+            out.write(batch.reshape(-1).view(np.uint8).data)
 
 
 def write(

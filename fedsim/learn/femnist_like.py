@@ -74,7 +74,11 @@ def image_batches(
     contrast = rng.uniform(0.6, 1.0, size=len(sizes))[writer]
     # shifted[(dy + 2) * 5 + dx + 2, c] = np.roll(templates[c], (dy, dx), (0, 1))
     shifted = np.stack(
-        [np.roll(templates, (dy, dx), axis=(1, 2)) for dy in range(-2, 3) for dx in range(-2, 3)]
+        [
+            np.roll(templates, (dy, dx), axis=(1, 2))
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        ]
     )
     which = ((shift[:, 0] + 2) * 5 + shift[:, 1] + 2)[writer]
     for a in range(0, len(writer), _BATCH):
@@ -160,7 +164,9 @@ def write(
     try:
         split_names = ["train", "test"] if test_fraction else ["train"]
         files = {s: scratch / f"{s}.arrow" for s in split_names}
-        sinks = {s: ArrowWriter(features=features, path=str(f)) for s, f in files.items()}
+        sinks = {
+            s: ArrowWriter(features=features, path=str(f)) for s, f in files.items()
+        }
         start = 0
         for images, labels, writer in image_batches(sizes, classes, side, seed):
             in_test = test[start : start + len(labels)]
@@ -175,7 +181,9 @@ def write(
                     {
                         "image": image,
                         "character": pa.array(labels[rows], pa.int64()),
-                        "writer_id": pa.array(names[writer[rows]].tolist(), pa.string()),
+                        "writer_id": pa.array(
+                            names[writer[rows]].tolist(), pa.string()
+                        ),
                     }
                 )
                 sink.write_table(table.cast(features.arrow_schema))

@@ -11,15 +11,21 @@ of the sum, the peak of the actors' sum, the time from launch to each closed
 round, and the dataset's size (its float32 features, train + test, the size of
 the arrays every process used to load whole).
 
-    python benchmarks/data_scale.py memory [--writers 350 3500] [--rows 100]
-    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 100]
-    python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350]
+    python benchmarks/data_scale.py memory [--rows 127.5 1275] [--reuse]
+    python benchmarks/data_scale.py femnist [--writers 3500] [--rows 226] [--reuse]
+    python benchmarks/data_scale.py baseline --old-tree DIR [--writers 350 --rows 100]
 
 ``memory``: one run per dataset size with a cold cache (the CLI's pre-run check
-builds the memory-mapped cache entry) and 10 clients sampled per round.
+builds the memory-mapped cache entry) and 10 clients sampled per round; by
+default 1,000 writers with 127.5 and 1,275 rows on average: 0.4 and 4 GB of
+float32 features.
 ``femnist``: one client per writer, 100 sampled per round, 3 rounds; the time
 to the first round with a cold cache (the first run builds the entry) and a
 warm one (``--cache``: a cache an earlier run filled), and per round.
+Each ``memory`` measurement is saved as ``SCRATCH/memory-<writers>x<rows>.json``
+and each ``femnist`` pair of runs as ``SCRATCH/timing-<writers>x<rows>.json``;
+``--reuse`` tabulates a saved one instead of measuring again (sizes measured
+one at a time, then written together with ``--write-docs``).
 ``baseline``: the ``memory`` run with an earlier fedsim (``--old-tree``: a
 checkout of it, e.g. ``git archive 35053c0 | tar -x -C DIR``, put first on
 ``PYTHONPATH``) that loads the whole ``.npz`` cache in every process; it reads
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +49,7 @@ from typing import Any
 
 import psutil
 
+PAGE = "how-to/datasets.md"
 SCRATCH = Path(os.environ.get("FEDSIM_BENCH_SCRATCH", "/tmp/fedsim-data-scale"))
 FEATURE_BYTES = 28 * 28 * 4
 
@@ -112,16 +120,32 @@ def _pss(proc: psutil.Process) -> int:
         return 0
 
 
-def _is_actor(proc: psutil.Process) -> bool:
+def _role(proc: psutil.Process, root: psutil.Process) -> str:
+    """What a process of the run is: the CLI host, a Ray actor (a client
+    worker), or the name of its program (Flower's SuperLink and simulation,
+    which hosts the ServerApp, Ray's raylet, GCS, dashboard, ...)."""
+    if proc.pid == root.pid:
+        return "cli-host"
     try:
-        line = " ".join(proc.cmdline())
+        argv = proc.cmdline()
+        name = proc.name()
     except psutil.Error:
-        return False
-    return "ClientAppActor" in line or "default_worker.py" in line
+        return "gone"
+    line = " ".join(argv)
+    if "ClientAppActor" in line or "default_worker.py" in line:
+        return "actor"
+    if argv and "python" in Path(argv[0]).name:  # the script or module it runs
+        argv = [a for a in argv[1:] if a not in ("-u", "-m")]
+    return Path(argv[0]).name[:32] if argv else name
 
 
 def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
-    """Run ``fedsim run file``; PSS peaks and the time of each closed round."""
+    """Run ``fedsim run file``; PSS peaks and the time of each closed round.
+
+    Each second: the PSS of every process under the CLI host. Reported: the
+    peak of their sum, the peak of the actors' sum, the largest single
+    actor's peak, the time of that peak, and what each role held at the
+    peak of the sum (where the memory goes)."""
     env = {**os.environ, "FEDSIM_CACHE": str(cache)}
     if old_tree:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -151,15 +175,24 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     root = psutil.Process(host.pid)
-    peak = peak_actors = 0
+    peak = peak_actors = peak_actor = 0
+    at_peak: dict[str, int] = {}
+    peak_s = 0.0
     while host.poll() is None:
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
-        sizes = [(_pss(p), _is_actor(p)) for p in procs]
-        peak = max(peak, sum(s for s, _ in sizes))
-        peak_actors = max(peak_actors, sum(s for s, actor in sizes if actor))
+        sizes = [(_pss(p), _role(p, root)) for p in procs]
+        actors = [size for size, role in sizes if role == "actor"]
+        peak_actors = max(peak_actors, sum(actors))
+        peak_actor = max([peak_actor, *actors])
+        if sum(s for s, _ in sizes) > peak:
+            peak = sum(s for s, _ in sizes)
+            peak_s = time.monotonic() - started
+            at_peak = {}
+            for size, role in sizes:
+                at_peak[role] = at_peak.get(role, 0) + size
         time.sleep(1.0)
     reader.join(timeout=10)
     if host.returncode != 0:
@@ -167,6 +200,11 @@ def measure(file: Path, cache: Path, old_tree: str = "") -> dict[str, Any]:
     return {
         "peak_pss_gb": peak / 1e9,
         "peak_actors_pss_gb": peak_actors / 1e9,
+        "peak_one_actor_pss_gb": peak_actor / 1e9,
+        "peak_at_s": peak_s,
+        "at_peak_gb": {
+            k: v / 1e9 for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])
+        },
         "wall_s": time.monotonic() - started,
         "round_s": rounds,  # round -> seconds from launch (0: initial evaluation)
     }
@@ -176,25 +214,43 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     old = args.mode == "baseline"
     for writers in args.writers:
-        folder, images = dataset(writers, args.rows)
-        file = experiment(folder, writers, sampled=10, rounds=2, old=old)
-        cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
-        got = measure(file, cache, args.old_tree if old else "")
-        if old:  # it trains on the train split only: its size is what it holds
-            import datasets
+        for rows in args.rows:
+            saved = SCRATCH / f"{args.mode}-{writers}x{rows:g}.json"
+            if args.reuse and saved.is_file():
+                results.append(json.loads(saved.read_text()))
+                print(f"reused {saved}", flush=True)
+                continue
+            folder, images = dataset(writers, rows)
+            file = experiment(folder, writers, sampled=10, rounds=2, old=old)
+            cache = Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
+            got = measure(file, cache, args.old_tree if old else "")
+            shutil.rmtree(cache, ignore_errors=True)
+            if old:  # it trains on the train split only: its size is what it holds
+                import datasets
 
-            images = len(datasets.load_from_disk(str(folder))["train"])
-        size = images * FEATURE_BYTES / 1e9
-        got |= {"writers": writers, "images": images, "dataset_gb": size}
-        got["peak_over_dataset"] = got["peak_pss_gb"] / size
-        print(json.dumps(got), flush=True)
-        results.append(got)
+                images = len(datasets.load_from_disk(str(folder))["train"])
+            size = images * FEATURE_BYTES / 1e9
+            got |= {
+                "writers": writers,
+                "rows": rows,
+                "images": images,
+                "dataset_gb": size,
+            }
+            got["peak_over_dataset"] = got["peak_pss_gb"] / size
+            saved.write_text(json.dumps(got, indent=1))
+            print(json.dumps(got), flush=True)
+            results.append(got)
     return results
 
 
 def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
     (writers,) = args.writers
-    folder, images = dataset(writers, args.rows)
+    (rows,) = args.rows
+    saved = SCRATCH / f"timing-{writers}x{rows:g}.json"
+    if args.reuse and saved.is_file():
+        print(f"reused {saved}", flush=True)
+        return json.loads(saved.read_text())  # type: ignore[no-any-return]
+    folder, images = dataset(writers, rows)
     file = experiment(folder, writers, sampled=100, rounds=3)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="cache-", dir=SCRATCH))
     results = []
@@ -205,13 +261,67 @@ def femnist(args: argparse.Namespace) -> list[dict[str, Any]]:
         got |= {
             "cache": state,
             "writers": writers,
+            "rows": rows,
             "images": images,
+            "dataset_gb": images * FEATURE_BYTES / 1e9,
+            "round0_s": at[0],
             "first_round_s": at[1],
             "per_round_s": [at[r] - at[r - 1] for r in sorted(at) if r >= 2],
         }
         print(json.dumps(got), flush=True)
         results.append(got)
+    saved.write_text(json.dumps(results, indent=1))
     return results
+
+
+def _where(got: dict[str, Any]) -> str:
+    parts = list(got["at_peak_gb"].items())[:4]
+    return ", ".join(f"{role} {gb:.2f}" for role, gb in parts)
+
+
+def memory_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| dataset (float32, train + test) | writers x rows "
+        "| peak PSS, all processes | ratio to the dataset | peak PSS, both actors "
+        "| peak PSS, one actor | at the peak (GB) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    rows = []
+    for g in results:
+        size = f"{g['dataset_gb']:.2f} GB ({g['images']:,} images)"
+        shape = f"{g['writers']:,} x {g['rows']:g}"
+        peaks = (
+            f"{g['peak_pss_gb']:.2f} GB | {g['peak_over_dataset']:.2f}x "
+            f"| {g['peak_actors_pss_gb']:.2f} GB | {g['peak_one_actor_pss_gb']:.2f} GB"
+        )
+        rows.append(f"| {size} | {shape} | {peaks} | {_where(g)} |")
+    return "\n".join([head, *rows])
+
+
+def femnist_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| cache | images (writers x mean rows) | round 0 closed (server evaluation) "
+        "| time to the first round | per round (rounds 2, 3) "
+        "| peak PSS, all (ratio) / one actor | at the peak (GB) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    rows = []
+    for g in results:
+        size = (
+            f"{g['images']:,} ({g['writers']:,} x {g['rows']:g}; "
+            f"{g['dataset_gb']:.2f} GB)"
+        )
+        times = (
+            f"{g['round0_s']:.0f} s | {g['first_round_s']:.0f} s "
+            f"| {', '.join(f'{s:.0f} s' for s in g['per_round_s'])}"
+        )
+        ratio = g["peak_pss_gb"] / g["dataset_gb"]
+        peaks = (
+            f"{g['peak_pss_gb']:.2f} GB ({ratio:.2f}x) "
+            f"/ {g['peak_one_actor_pss_gb']:.2f} GB"
+        )
+        rows.append(f"| {g['cache']} | {size} | {times} | {peaks} | {_where(g)} |")
+    return "\n".join([head, *rows])
 
 
 def main() -> int:
@@ -221,15 +331,35 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help="femnist: FEDSIM_CACHE to use")
     parser.add_argument("--repeat", type=int, default=2, help="femnist: runs")
     parser.add_argument("--writers", type=int, nargs="+")
-    parser.add_argument("--rows", type=float, default=100.0, help="mean per writer")
+    parser.add_argument("--rows", type=float, nargs="+", help="mean rows per writer")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a measurement from its saved JSON (SCRATCH/memory-WxR.json, "
+        "SCRATCH/timing-WxR.json) when there is one",
+    )
+    parser.add_argument(
+        "--write-docs", action="store_true", help=f"write the table into docs/{PAGE}"
+    )
     args = parser.parse_args()
     if args.writers is None:
-        args.writers = {"memory": [350, 3500], "femnist": [3500]}.get(args.mode, [350])
+        args.writers = {"memory": [1000], "femnist": [3500]}.get(args.mode, [1000])
+    if args.rows is None:
+        args.rows = {"memory": [127.5, 1275.0], "femnist": [226.0]}.get(
+            args.mode, [127.5]
+        )
     SCRATCH.mkdir(parents=True, exist_ok=True)
     results = femnist(args) if args.mode == "femnist" else memory(args)
     out = SCRATCH / f"{args.mode}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
+    table = femnist_table(results) if args.mode == "femnist" else memory_table(results)
+    print(table)
+    if args.write_docs and args.mode != "baseline":
+        from pages import write_block
+
+        block = {"memory": "data-scale-memory", "femnist": "data-scale-femnist"}
+        write_block(PAGE, block[args.mode], table)
     return 0
 
 

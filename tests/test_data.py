@@ -232,3 +232,50 @@ def test_federated_data_is_cached_on_disk_and_misses_on_a_changed_file(
     with pytest.raises(LookupError, match="rebuilt"):  # a miss
         data_module.federated_data.__wrapped__(cfg, 4, 3)
     assert calls == [1]
+
+
+def test_rows_copied_from_a_cache_file_equal_numpy_indexing_and_are_not_mapped(
+    tmp_path: Path,
+) -> None:
+    """``take`` reads a memory-mapped ``.npy`` file's rows with ``preadv``:
+    the oracle is numpy's own fancy indexing of the map (bytes, dtype,
+    strides); the map's pages stay out of the process (its resident size in
+    /proc/self/smaps stays 0), while indexing through the map pages them in."""
+    import psutil
+
+    from fedsim.learn.arrays import take
+
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.random((3000, 1, 8, 8)).astype(np.float32),
+        rng.random((40, 3)),
+        np.arange(12),
+        np.array(["a", "bcd", "ef"] * 4),
+    ]
+    for n, arr in enumerate(cases):
+        file = tmp_path / f"a{n}.npy"
+        np.save(file, arr)
+        mapped = np.load(file, mmap_mode="c")
+        picks = [
+            np.arange(0),
+            np.arange(len(arr)),
+            np.sort(rng.choice(len(arr), len(arr) // 2, replace=False)),
+            np.array([3, 1, 1, -1]),
+        ]
+        for index in picks:
+            got, want = take(mapped, index), np.asarray(mapped[index])
+            assert type(got) is np.ndarray and got.dtype == want.dtype
+            assert got.shape == want.shape and got.strides == want.strides
+            assert got.tobytes() == want.tobytes()
+        assert np.array_equal(take(mapped[5:], np.array([0, 2])), arr[[5, 7]])
+
+    def resident(path: Path) -> int:
+        return sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
+
+    big = tmp_path / "big.npy"
+    np.save(big, cases[0])
+    mapped = np.load(big, mmap_mode="c")
+    take(mapped, np.arange(len(mapped)))
+    assert resident(big) == 0
+    np.asarray(mapped[np.arange(len(mapped))])
+    assert resident(big) > 0

@@ -21,10 +21,11 @@ Readers map the arrays (``np.load(mmap_mode="c")``): a process pages in only
 the rows it reads, and processes reading the same rows share the pages, so the
 ServerApp and every Ray actor no longer hold a copy of the whole dataset (a
 client's partition is copied out when it trains). The writer fills the features
-in batches from the loaded source (which may decode rows on demand), so
-building an entry never holds the dataset twice; it writes into a private
-folder and renames it into place, so concurrent builders and readers never see
-half an entry.
+in batches from the loaded source (which may decode rows on demand) and writes
+them with ``write``, not through a memory map, so building an entry never holds
+the dataset twice, nor its written pages in the builder's resident memory; it
+writes into a private folder and renames it into place, so concurrent builders
+and readers never see half an entry.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import sys
 
 import numpy as np
 import xxhash
@@ -150,15 +150,23 @@ def read(path: Path) -> Stored | None:
 
 
 def _copy_rows(file: Path, source: Any, rows: np.ndarray) -> None:
-    """``source[rows]`` into a new ``.npy`` file, in batches."""
+    """``source[rows]`` into a new ``.npy`` file, in batches, written with
+    ``write`` rather than through a memory map: the written pages sit in the
+    page cache, not in the writer's mapped (resident, proportional) memory."""
     shape = (len(rows), *source.shape[1:])
-    out = np.lib.format.open_memmap(file, mode="w+", dtype=source.dtype, shape=shape)
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * out.dtype.itemsize)
+    dtype = np.dtype(source.dtype)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
     step = max(1, _BATCH_BYTES // row_bytes)
-    for start in range(0, len(rows), step):
-        out[start : start + step] = source[rows[start : start + step]]
-    out.flush()
-    del out
+    with open(file, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for start in range(0, len(rows), step):
+            batch = np.ascontiguousarray(source[rows[start : start + step]], dtype)
+            out.write(batch.reshape(-1).view(np.uint8).data)
 
 
 def write(

@@ -146,7 +146,7 @@ def one_copy(sets: list[str]) -> tuple[float, float, int]:
         f"""
         import json, psutil, torch
         torch.set_num_threads(1)
-        import fedsim.engine.client_app
+        import fedsim.engine.client.client_app
         from fedsim.core.loading import load_experiment
         from fedsim.learn.arrays import DatasetInfo
         from fedsim.learn.base import build_model

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fedsim.core.loading import load_experiment
-from fedsim.engine.cli import main
+from fedsim.engine.host.cli import main
 from fedsim.learn.hf import HFModel
 from fedsim.learn.split import (
     context_arrays,
@@ -250,8 +250,8 @@ def test_ushape_lora_run_exports_a_merged_model_with_its_last_loss(
     ``AutoModelForCausalLM`` giving the last server-side loss."""
     from transformers import AutoModelForCausalLM
 
-    from fedsim.engine.recorder import RunRecorder
-    from fedsim.engine.server_app import MODEL_DIR, run
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.server_app import MODEL_DIR, run
     from fedsim.learn.tasks import task_data
     from tests.conftest import InProcessGrid
 

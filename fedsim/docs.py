@@ -2,8 +2,9 @@
 every Markdown file of the repository that carries its markers), one page per
 registered strategy family under ``docs/families/`` (the declaration's paper,
 contract, deviations, capabilities and options; text after the generated block is
-kept) and their entries in ``mkdocs.yml``'s nav, and the ``[tool.flwr.app.config]`` table of pyproject.toml (the packaged
-quickstart, flattened, so that ``flwr run .`` runs the same apps).
+kept) and their entries in ``mkdocs.yml``'s nav, and the
+``[tool.flwr.app.config]`` table of pyproject.toml (the packaged quickstart,
+flattened, so that ``flwr run .`` runs the same apps).
 
 Usage: ``python -m fedsim.docs`` from the repository root. ``tests/test_docs.py``
 fails when a generated part and the code disagree.
@@ -146,12 +147,18 @@ def families_index() -> str:
 def with_families_nav(mkdocs_yml: str) -> str:
     """``mkdocs.yml`` with the family pages listed between its nav markers (the
     markers' indentation is kept), so every generated page is in the site's nav."""
-    found = re.search(rf"^( *){re.escape(NAV_START)}\n(?:.*\n)*?( *){re.escape(NAV_END)}", mkdocs_yml, re.M)
+    found = re.search(
+        rf"^( *){re.escape(NAV_START)}\n(?:.*\n)*?( *){re.escape(NAV_END)}",
+        mkdocs_yml,
+        re.M,
+    )
     if not found:
         raise ValueError(f"mkdocs.yml has no {NAV_START} ... {NAV_END} pair")
     indent = found.group(1)
     lines = [f"{indent}{NAV_START}", f"{indent}- families/index.md"]
-    lines += [f"{indent}- {name}: families/{name}.md" for name in sorted(registry.families())]
+    lines += [
+        f"{indent}- {name}: families/{name}.md" for name in sorted(registry.families())
+    ]
     lines.append(f"{indent}{NAV_END}")
     return mkdocs_yml[: found.start()] + "\n".join(lines) + mkdocs_yml[found.end() :]
 

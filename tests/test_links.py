@@ -105,7 +105,9 @@ def test_every_docs_page_is_in_the_nav() -> None:
 def test_the_link_check_finds_what_is_broken(tmp_path: Path) -> None:
     """The checker itself: a missing file, a missing anchor, a good anchor, a
     repeated heading's second slug, and a link inside code (not a link)."""
-    (tmp_path / "b.md").write_text("# Title\n## Step `one` {#first}\n## Again\n## Again\n")
+    (tmp_path / "b.md").write_text(
+        "# Title\n## Step `one` {#first}\n## Again\n## Again\n"
+    )
     page = tmp_path / "a.md"
     page.write_text(
         "[ok](b.md#title) [ok](b.md#first) [ok](b.md#again_1) [ok](#here)\n"
@@ -119,3 +121,23 @@ def test_the_link_check_finds_what_is_broken(tmp_path: Path) -> None:
     finally:
         ROOT = saved
     assert found == ["a.md: c.md (no such file)", "a.md: b.md#nowhere (no such anchor)"]
+
+
+def test_readme_is_a_front_door() -> None:
+    """At most ~200 lines; the install-and-run and the test command; a link to
+    every tutorial and how-to guide of the site; how to cite the papers."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    setup = (
+        'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0"'
+    )
+    assert f"{setup} -e . && fedsim run\n" in text
+    assert f'{setup} -e ".[dev]" && pytest\n' in text
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+)", text))
+    guides = {
+        f"docs/{p.relative_to(DOCS)}"
+        for folder in ("tutorials", "how-to")
+        for p in (DOCS / folder).glob("*.md")
+    }
+    assert guides - linked == set(), "README does not link these guides"
+    assert re.search(r"^## How to cite$", text, re.M)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import markdown, run, table_parser
-from pages import write_block
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -252,6 +252,8 @@ def main() -> int:
         help="also write the table into this block of docs/methods/privacy-audit.md",
     )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block(PAGE, args.write_docs)
     if args.read:
         dirs = list(args.read)
     else:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 from cli_run import markdown
-from pages import DOCS, write_block
+from pages import DOCS, check_block, write_block
 
 from fedsim import analysis
 
@@ -217,6 +217,9 @@ def main() -> int:
     parser.add_argument("--read", type=Path, help="tabulate this folder only")
     parser.add_argument("--write-docs", action="store_true", help="write the docs page")
     args = parser.parse_args()
+    if args.write_docs:
+        check_block(PAGE, "baselines-tuning")
+        check_block(PAGE, "baselines-compare")
     if args.read is not None:
         tune_runs = runs_of(args.read / "tune")
         compare_runs = runs_of(args.read / "compare")

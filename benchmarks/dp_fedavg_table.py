@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
-from pages import write_block
+from pages import check_block, write_block
 from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
 
 BASE = ROOT / "experiments" / "dp_fedavg.toml"
@@ -72,6 +72,8 @@ def main() -> None:
         help="also write the table into its docs page",
     )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("methods/differential-privacy.md", "dp-fedavg")
     base = tomllib.loads(BASE.read_text())
     base.pop("privacy")  # each variant sets its own (none reads no privacy key)
     out = args.out or Path(tempfile.mkdtemp(prefix="dp-fedavg-table-"))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import fedsim_run
-from pages import write_block
+from pages import check_block, write_block
 
 #: experiment file stem -> its results block in docs/methods/differential-privacy.md
 BLOCKS = {"dp_sgd_fedavg": "dp-tradeoff-dp-sgd", "dp_sgd_flora": "dp-tradeoff-flora"}
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--write-docs: the docs show {sorted(BLOCKS)} as shipped (no --set)"
         )
+    if args.write_docs:
+        check_block("methods/differential-privacy.md", block)
 
     # without DP the budget key must be back at its default: a mechanism that
     # does not read it refuses it (the file sets it for its DP runs)

@@ -63,9 +63,7 @@ def main() -> None:
     print("| method | seeds | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for name, group in table.groupby("method", sort=False):
-        cells = [
-            f"{group[c].mean():.3f} ± {group[c].std(ddof=1):.3f}" for c in columns
-        ]
+        cells = [f"{group[c].mean():.3f} ± {group[c].std(ddof=1):.3f}" for c in columns]
         print(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
 
 

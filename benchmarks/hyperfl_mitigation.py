@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from cli_run import markdown, run, table_parser
-from pages import write_block
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -98,6 +98,8 @@ def main() -> int:
         help="also write the table into its docs page",
     )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("methods/hyperfl.md", "hyperfl-mitigation")
     if args.read:
         dirs = list(args.read)
     else:

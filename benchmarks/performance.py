@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 import psutil
 from cli_run import fedsim_command, markdown
-from pages import write_block
+from pages import check_block, write_block
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = ["train.batch-size=32", "train.optimizer=adam", "train.lr=0.01"]
@@ -331,6 +331,8 @@ def main() -> int:
         help="also write the table into its docs page",
     )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("explanations/performance.md", "performance")
     if args.part == "raw":
         raw_part(args.rounds)
         return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import fedsim_run, markdown
-from pages import write_block
+from pages import check_block, write_block
 
 
 def one_run(overrides: list[str]) -> dict[str, float | str]:
@@ -60,6 +60,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.write_docs and args.overrides:
         parser.error("--write-docs: the docs show the quickstart as shipped (no --set)")
+    if args.write_docs:
+        check_block("tutorials/first-run.md", "quickstart")
     results = []
     for _ in range(args.repeat):
         results.append(one_run(args.overrides))

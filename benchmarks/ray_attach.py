@@ -68,6 +68,10 @@ def main() -> None:
         help="also write the table into its docs page",
     )
     opts = parser.parse_args()
+    if opts.write_docs:
+        from pages import check_block
+
+        check_block("how-to/ray-cluster.md", "ray-attach")
     out = opts.out or Path(tempfile.mkdtemp(prefix="ray-attach-"))
     times: dict[str, list[float]] = {"local": [], "attached": []}
     with two_node_cluster() as (address, _):

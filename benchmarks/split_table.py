@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from cli_run import markdown, run
-from pages import write_block
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -106,6 +106,8 @@ def main(argv: list[str]) -> int:
         help="also write the table into its docs page",
     )
     args = parser.parse_args(argv)
+    if args.write_docs:
+        check_block("methods/split-learning.md", "split-compare")
     if args.read:
         dirs = args.read
     else:

@@ -141,3 +141,19 @@ def test_readme_is_a_front_door() -> None:
     }
     assert guides - linked == set(), "README does not link these guides"
     assert re.search(r"^## How to cite$", text, re.M)
+
+
+def test_check_block_stops_a_benchmark_before_it_runs(tmp_path: Path) -> None:
+    """``--write-docs`` on a page without the block's markers stops at once."""
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pages import check_block
+
+    page = tmp_path / "p.md"
+    page.write_text("<!-- results:t:start -->\n<!-- results:t:end -->\n")
+    check_block(page, "t")  # markers there: nothing happens
+    with pytest.raises(SystemExit, match="results:u:start"):
+        check_block(page, "u")

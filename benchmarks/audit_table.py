@@ -23,11 +23,11 @@ then the scores that carry no information (the mean digit, uniform noise:
 :func:`floors`). ``--only`` runs the named experiments or variants (e.g.
 ``--only fedavg hyperfl-no-head-bias``), ``--set`` applies to every run (``--set
 audit.iterations=300`` for a quick check). Run directories go to ``DIR``
-(default ``runs/audit-table``). ``--write-docs audit-table`` also writes the
-table and the floors into ``docs/methods/privacy-audit.md`` (its main table:
-the weight-upload runs, usually gathered with ``--read``), ``--write-docs
-audit-split`` the split-learning table there (the columns that are the same
-for every split row folded into one line above it); :mod:`pages`.
+(default ``runs/audit-table``). ``--write-docs`` also writes the table and the
+floors into ``docs/methods/privacy-audit.md``: its main table (the
+weight-upload runs, usually gathered with ``--read``), or with ``--split-only``
+(also with ``--read``) the split-learning table (the columns every split row
+shares said once above it); :mod:`pages`.
 """
 
 from __future__ import annotations
@@ -248,12 +248,14 @@ def main() -> int:
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=BATCH_SIZES)
     parser.add_argument(
         "--write-docs",
-        choices=["audit-table", "audit-split"],
-        help="also write the table into this block of docs/methods/privacy-audit.md",
+        action="store_true",
+        help="also write the table into docs/methods/privacy-audit.md (its "
+        "split-learning block with --split-only)",
     )
     args = parser.parse_args()
+    block = "audit-split" if args.split_only else "audit-table"
     if args.write_docs:
-        check_block(PAGE, args.write_docs)
+        check_block(PAGE, block)
     if args.read:
         dirs = list(args.read)
     else:
@@ -291,11 +293,9 @@ def main() -> int:
     if args.figure:
         figure(dirs, args.figure)
     if args.write_docs:
-        if args.write_docs == "audit-split":
+        if block == "audit-split":
             text = split_markdown(table)
-        page = write_block(
-            PAGE, args.write_docs, f"{text}\n\n{floor[0].upper()}{floor[1:]}."
-        )
+        page = write_block(PAGE, block, f"{text}\n\n{floor[0].upper()}{floor[1:]}.")
         print(f"wrote {page}")
     return 0
 

@@ -23,7 +23,11 @@ then the scores that carry no information (the mean digit, uniform noise:
 :func:`floors`). ``--only`` runs the named experiments or variants (e.g.
 ``--only fedavg hyperfl-no-head-bias``), ``--set`` applies to every run (``--set
 audit.iterations=300`` for a quick check). Run directories go to ``DIR``
-(default ``runs/audit-table``).
+(default ``runs/audit-table``). ``--write-docs`` also writes the table and the
+floors into ``docs/methods/privacy-audit.md``: its main table (the
+weight-upload runs, usually gathered with ``--read``), or with ``--split-only``
+(also with ``--read``) the split-learning table (the columns every split row
+shares said once above it); :mod:`pages`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import markdown, run, table_parser
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -241,7 +246,16 @@ def main() -> int:
         "--only", nargs="*", default=None, help="experiments or variants to run"
     )
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=BATCH_SIZES)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into docs/methods/privacy-audit.md (its "
+        "split-learning block with --split-only)",
+    )
     args = parser.parse_args()
+    block = "audit-split" if args.split_only else "audit-table"
+    if args.write_docs:
+        check_block(PAGE, block)
     if args.read:
         dirs = list(args.read)
     else:
@@ -270,13 +284,40 @@ def main() -> int:
                     dirs.append(run(experiment, sets, args.out))
                     print(dirs[-1], file=sys.stderr, flush=True)
     table = [r for d in dirs for r in rows(d)]
-    print(
-        markdown(table, ("experiment", "server sees", "attack", "recovered (> 30 dB)"))
+    text = markdown(
+        table, ("experiment", "server sees", "attack", "recovered (> 30 dB)")
     )
-    print(floors())
+    print(text)
+    floor = floors()
+    print(floor)
     if args.figure:
         figure(dirs, args.figure)
+    if args.write_docs:
+        if block == "audit-split":
+            text = split_markdown(table)
+        page = write_block(PAGE, block, f"{text}\n\n{floor[0].upper()}{floor[1:]}.")
+        print(f"wrote {page}")
     return 0
+
+
+PAGE = "methods/privacy-audit.md"
+_SAME = ("local steps", "attack", "budget")
+
+
+def split_markdown(table: list[dict[str, str]]) -> str:
+    """The split-learning rows, the columns every row shares (local steps,
+    attack, budget) said once above the table."""
+    same = {c: sorted({r[c] for r in table}) for c in _SAME}
+    head = (
+        f"Attack {', '.join(same['attack'])}, budget {', '.join(same['budget'])} "
+        "iterations; recovered: reconstructions above 30 dB over the attacked clients."
+    )
+    kept = [{k: v for k, v in r.items() if k not in _SAME} for r in table]
+    return (
+        head
+        + "\n\n"
+        + markdown(kept, ("experiment", "server sees", "recovered (> 30 dB)"))
+    )
 
 
 if __name__ == "__main__":

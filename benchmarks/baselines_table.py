@@ -25,7 +25,10 @@ Accuracy is the global model's on the held-out test set after each round
 (``server`` phase). The table: final (last round) and best (max over rounds)
 accuracy, mean ± sample standard deviation over the seeds. Run directories
 go to ``DIR/tune`` and ``DIR/compare`` (default ``runs/baselines-table``);
-``--read DIR`` tabulates those without running.
+``--read DIR`` tabulates those without running. ``--write-docs`` also writes
+both tables into ``docs/methods/baselines.md`` (:mod:`pages`) and draws the
+comparison's learning curves (mean ± std over the seeds per round) into
+``docs/img/baselines-curves.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 from cli_run import markdown
+from pages import DOCS, check_block, write_block
 
 from fedsim import analysis
 
@@ -163,9 +167,10 @@ def choose(run_dirs: list[Path]) -> tuple[dict[str, float], list[dict[str, str]]
     rows = [
         {
             "method": m,
-            "key": METHODS[m][1] or "-",
-            "grid (last-5 accuracy)": ", ".join(
-                f"{v:g}: {a:.3f}" for v, a in s.items()
+            "key": f"`{METHODS[m][1].split('.')[-1]}`" if METHODS[m][1] else "-",
+            f"grid (last-5 accuracy, seed {TUNING_SEED})": ", ".join(
+                f"{v:g}: {a:.3f}" if METHODS[m][1] else f"untuned: {a:.3f}"
+                for v, a in s.items()
             ),
             "chosen": f"{tuned[m]:g}" if METHODS[m][1] else "-",
         }
@@ -210,7 +215,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--read", type=Path, help="tabulate this folder only")
+    parser.add_argument("--write-docs", action="store_true", help="write the docs page")
     args = parser.parse_args()
+    if args.write_docs:
+        check_block(PAGE, "baselines-tuning")
+        check_block(PAGE, "baselines-compare")
     if args.read is not None:
         tune_runs = runs_of(args.read / "tune")
         compare_runs = runs_of(args.read / "compare")
@@ -219,7 +228,11 @@ def main() -> int:
             args.out / "tune.toml", args.rounds, [TUNING_SEED], variants(None)
         )
     tuned, tuning_rows = choose(tune_runs)
-    print(markdown(tuning_rows, ("method", "key", "grid (last-5 accuracy)", "chosen")))
+    tuning = markdown(
+        tuning_rows,
+        ("method", "key", f"grid (last-5 accuracy, seed {TUNING_SEED})", "chosen"),
+    )
+    print(tuning)
     if args.read is None:
         compare_runs = sweep(
             args.out / "compare.toml",
@@ -228,8 +241,53 @@ def main() -> int:
             variants(tuned),
         )
     print()
-    print(markdown(compare(compare_runs), ("method", "setting")))
+    comparison = markdown(compare(compare_runs), ("method", "setting"))
+    print(comparison)
+    if args.write_docs:
+        write_block(PAGE, "baselines-tuning", tuning)
+        write_block(PAGE, "baselines-compare", comparison)
+        print(f"wrote {PAGE} and {curves(compare_runs, FIGURE)}")
     return 0
+
+
+PAGE = "methods/baselines.md"
+FIGURE = DOCS / "img" / "baselines-curves.png"
+
+
+def curves(run_dirs: list[Path], path: Path) -> Path:
+    """The comparison's learning curves: server accuracy per round, mean over
+    the seeds with a ± std band, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per: dict[str, list[np.ndarray]] = {}
+    for d in run_dirs:
+        per.setdefault(method_of(d)[0], []).append(accuracy(d))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for method in METHODS:
+        if method not in per:
+            continue
+        stack = np.stack(per[method])
+        mean, std = (
+            stack.mean(0),
+            stack.std(0, ddof=1) if len(stack) > 1 else 0 * stack[0],
+        )
+        rounds = np.arange(1, len(mean) + 1)
+        ax.plot(rounds, mean, label=f"{method} ({len(stack)} seeds)")
+        ax.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("server test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("digits, Dirichlet(0.1), 20 clients, 6 per round: mean ± std")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ which accuracy differences have separated intervals.
 
 Usage::
 
-    python benchmarks/dp_fedavg_table.py --seeds 0,1,2 --epsilon 8
+    python benchmarks/dp_fedavg_table.py --seeds 0,1,2 --epsilon 8 [--write-docs]
+
+``--write-docs`` also writes the table and the separated pairs into
+``docs/methods/differential-privacy.md`` (block ``dp-fedavg``, :mod:`pages`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
+from pages import check_block, write_block
 from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
 
 BASE = ROOT / "experiments" / "dp_fedavg.toml"
@@ -62,23 +66,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=seeds_argument, default=[0, 1, 2])
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("methods/differential-privacy.md", "dp-fedavg")
     base = tomllib.loads(BASE.read_text())
     base.pop("privacy")  # each variant sets its own (none reads no privacy key)
     out = args.out or Path(tempfile.mkdtemp(prefix="dp-fedavg-table-"))
     runs = sweep_runs(base, variants(args.epsilon), args.seeds, out, name="dp_fedavg")
     accuracy = {k: [last(r, "accuracy") for r in v] for k, v in runs.items()}
     print(f"seeds {args.seeds}, target epsilon {args.epsilon}, runs in {out}\n")
-    print("| run | accuracy | server epsilon | last clipping norm |")
-    print("| --- | ---: | ---: | ---: |")
+    lines = ["| run | accuracy | server epsilon | last clipping norm |"]
+    lines.append("| --- | ---: | ---: | ---: |")
     for name, dirs in runs.items():
         eps = [last(r, "epsilon") for r in dirs]
         norm = [last(r, "clipping-norm") for r in dirs]
-        print(
+        lines.append(
             f"| {name} | {mean_std(accuracy[name])} | "
             f"{mean_std(eps) if eps[0] == eps[0] else '∞'} | "
             f"{mean_std(norm) if norm[0] == norm[0] else '-'} |"
         )
+    print("\n".join(lines))
     names = list(accuracy)
     pairs = [
         f"{a} vs {b}"
@@ -86,7 +98,17 @@ def main() -> None:
         for b in names[i + 1 :]
         if separated(accuracy[a], accuracy[b])
     ]
-    print("\nseparated accuracy intervals:", ", ".join(pairs) or "none")
+    verdict = f"Separated accuracy intervals: {', '.join(pairs) or 'none'}."
+    print("\n" + verdict)
+    if args.write_docs:
+        seeds = ", ".join(map(str, args.seeds))
+        text = f"Seeds {seeds}, target epsilon {args.epsilon:g}:\n\n"
+        page = write_block(
+            "methods/differential-privacy.md",
+            "dp-fedavg",
+            text + "\n".join(lines) + "\n\n" + verdict,
+        )
+        print(f"wrote {page}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Usage::
 
     python benchmarks/dp_tradeoff.py experiments/dp_sgd_fedavg.toml --epsilons 1 3 8
     python benchmarks/dp_tradeoff.py experiments/dp_fedavg.toml --epsilons 2 8 32
+
+``--write-docs`` also writes the table into ``docs/methods/differential-privacy.md``,
+the block of the experiment (:data:`BLOCKS`; only without ``--set``: the page
+shows the experiments as shipped).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 from cli_run import fedsim_run
+from pages import check_block, write_block
+
+#: experiment file stem -> its results block in docs/methods/differential-privacy.md
+BLOCKS = {"dp_sgd_fedavg": "dp-tradeoff-dp-sgd", "dp_sgd_flora": "dp-tradeoff-flora"}
 
 
 @dataclass(frozen=True)
@@ -107,9 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         help="extra override applied to every run",
     )
     parser.add_argument("--json", type=Path, help="also write the outcomes as JSON")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args(argv)
+    block = BLOCKS.get(args.experiment.stem)
+    if args.write_docs and (block is None or args.overrides):
+        parser.error(
+            f"--write-docs: the docs show {sorted(BLOCKS)} as shipped (no --set)"
+        )
+    if args.write_docs:
+        check_block("methods/differential-privacy.md", block)
 
-    settings = [("no DP", ["privacy.mechanism=none"])]
+    # without DP the budget key must be back at its default: a mechanism that
+    # does not read it refuses it (the file sets it for its DP runs)
+    settings = [("no DP", ["privacy.mechanism=none", "privacy.target-epsilon=0"])]
     settings += [
         (
             f"target ε={eps:g}",
@@ -127,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {label}", file=sys.stderr, flush=True)
     print(f"experiment: {args.experiment} {' '.join(args.overrides)}")
     print(table(outcomes))
+    if args.write_docs:
+        page = "methods/differential-privacy.md"
+        print(f"wrote {write_block(page, block, table(outcomes))}")
     if args.json:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
     return 0

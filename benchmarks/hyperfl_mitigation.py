@@ -9,6 +9,9 @@ Usage::
         [--set KEY=VALUE ...]
     python benchmarks/hyperfl_mitigation.py --read RUN_DIR ...
 
+``--write-docs`` also writes the table into ``docs/methods/hyperfl.md`` (block
+``hyperfl-mitigation``, :mod:`pages`).
+
 Runs each variant once per seed with ``fedsim run`` as a user would, reads the
 run directories with :mod:`fedsim.analysis` and prints a Markdown table of the
 last round's personalised accuracy (example-weighted mean over the clients, and
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from cli_run import markdown, run, table_parser
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -88,7 +92,14 @@ def table(dirs: list[Path]) -> str:
 def main() -> int:
     parser = table_parser(__doc__, "runs/hyperfl-mitigation")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("methods/hyperfl.md", "hyperfl-mitigation")
     if args.read:
         dirs = list(args.read)
     else:
@@ -98,7 +109,11 @@ def main() -> int:
                 overrides = [*sets, f"seed={seed}", *args.overrides]
                 dirs.append(run(EXPERIMENT, overrides, args.out))
                 print(dirs[-1], file=sys.stderr, flush=True)
-    print(table(dirs))
+    text = table(dirs)
+    print(text)
+    if args.write_docs:
+        page = write_block("methods/hyperfl.md", "hyperfl-mitigation", text)
+        print(f"wrote {page}")
     return 0
 
 

@@ -30,7 +30,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 def markers(name: str) -> tuple[str, str]:
     """The start and end comments of block ``name``."""
     if not _NAME.match(name):
-        raise ValueError(f"results block name {name!r}: lower-case letters, digits, '-'")
+        raise ValueError(
+            f"results block name {name!r}: lower-case letters, digits, '-'"
+        )
     return f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
 
 
@@ -43,19 +45,38 @@ def provenance(script: str | None = None, argv: list[str] | None = None) -> str:
     return f"<!-- written by `{command}`; rerun it to refresh this table -->"
 
 
-def write_block(page: str | Path, name: str, text: str, *, script: str | None = None) -> Path:
+def write_block(
+    page: str | Path, name: str, text: str, *, script: str | None = None
+) -> Path:
     """Replace block ``name`` of ``docs/<page>`` with ``text``; the page must
     already carry both markers (the place of a table is an author's choice)."""
     path = page if isinstance(page, Path) else DOCS / page
     start, end = markers(name)
     source = path.read_text(encoding="utf-8")
-    if source.count(start) != 1 or source.count(end) != 1 or source.index(start) > source.index(end):
+    if (
+        source.count(start) != 1
+        or source.count(end) != 1
+        or source.index(start) > source.index(end)
+    ):
         raise ValueError(f"{path}: needs exactly one {start} ... {end} pair")
     head, rest = source.split(start, 1)
     _, tail = rest.split(end, 1)
     body = f"{start}\n{provenance(script)}\n\n{text.strip()}\n\n{end}"
     path.write_text(head + body + tail, encoding="utf-8")
     return path
+
+
+def check_block(page: str | Path, name: str) -> None:
+    """Stop at once (before a long benchmark runs) when ``docs/<page>`` lacks
+    the markers of block ``name``; :func:`write_block` would refuse at the end."""
+    path = page if isinstance(page, Path) else DOCS / page
+    start, end = markers(name)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if text.count(start) != 1 or text.count(end) != 1:
+        sys.exit(
+            f"--write-docs: {path} needs one {start} ... {end} pair where the "
+            "table goes (a table never regenerated stays plain text)"
+        )
 
 
 def blocks(text: str) -> list[str]:

@@ -17,7 +17,9 @@ FedAvg, every client evaluated and the global model tested after every round):
 Each is timed from the command's start to its exit, with the resident memory of
 its whole process tree (CLI, SuperLink, simulation process, Ray) sampled every
 0.2 s. ``--scale`` adds 1,000 synthetic clients with 100 sampled per round (MLP)
-against the same run with 100 clients. One table is printed at the end.
+against the same run with 100 clients. One table is printed at the end;
+``--write-docs`` also writes it, with the ratios below it, into
+``docs/explanations/performance.md`` (block ``performance``, :mod:`pages`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import pandas as pd
 import psutil
 from cli_run import fedsim_command, markdown
+from pages import check_block, write_block
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = ["train.batch-size=32", "train.optimizer=adam", "train.lr=0.01"]
@@ -322,7 +325,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--part", choices=["raw"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args()
+    if args.write_docs:
+        check_block("explanations/performance.md", "performance")
     if args.part == "raw":
         raw_part(args.rounds)
         return 0
@@ -339,23 +349,30 @@ def main() -> int:
     base = results["plain Flower"]
     rows = [row(n, g, None if n == "raw loop" else base) for n, g in results.items()]
     print()
-    print(markdown(rows, ("run",)))
+    table = markdown(rows, ("run",))
+    print(table)
     fed, rawr = results["fedsim"], results["raw loop"]
-    print(
-        f"\nfedsim / plain Flower (wall): {fed['wall'] / base['wall']:.2f}x; "
+    ratios = [
+        f"fedsim / plain Flower (wall): {fed['wall'] / base['wall']:.2f}x; "
         f"fedsim / raw loop (steady round): "
         f"{fed['steady_round'] / rawr['steady_round']:.2f}x"
-    )
+    ]
+    print("\n" + ratios[0])
     if args.scale:
         big, small = results["fedsim 1000 clients"], results["fedsim 100 clients"]
         cpus = psutil.cpu_count() or 1
-        print(
+        ratios.append(
             f"1000 clients: steady round / (client seconds / CPUs) = "
             f"{big['steady_round'] / (big['client_seconds'] / cpus):.2f}x; "
             f"before round 1 beyond 100 clients: "
             f"{big['before_round_1'] - small['before_round_1']:.1f} s; "
             f"memory 1000 / 100 clients: {big['memory'] / small['memory']:.2f}x"
         )
+        print(ratios[-1])
+    if args.write_docs:
+        text = table + "\n\n" + "\n\n".join(ratios)
+        page = write_block("explanations/performance.md", "performance", text)
+        print(f"wrote {page}")
     return 0
 
 

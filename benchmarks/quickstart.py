@@ -5,7 +5,10 @@ Usage::
     python benchmarks/quickstart.py [--repeat N] [--set KEY=VALUE ...]
 
 Runs ``fedsim run`` (the packaged quickstart unless overridden) as a user would,
-N times, and prints one JSON line per run plus a summary line.
+N times, and prints one JSON line per run plus a summary line. ``--write-docs``
+(only without ``--set``: the page shows the quickstart as shipped) also writes
+a table of the runs into ``docs/tutorials/first-run.md`` (block ``quickstart``,
+:mod:`pages`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from cli_run import fedsim_run
+from cli_run import fedsim_run, markdown
+from pages import check_block, write_block
 
 
 def one_run(overrides: list[str]) -> dict[str, float | str]:
@@ -48,7 +52,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args()
+    if args.write_docs and args.overrides:
+        parser.error("--write-docs: the docs show the quickstart as shipped (no --set)")
+    if args.write_docs:
+        check_block("tutorials/first-run.md", "quickstart")
     results = []
     for _ in range(args.repeat):
         results.append(one_run(args.overrides))
@@ -64,6 +77,21 @@ def main() -> int:
             }
         )
     )
+    if args.write_docs:
+        rows = [
+            {
+                "run": str(i + 1),
+                "exit": str(r["exit"]),
+                "wall s": f"{r['total_seconds']:.1f}",
+                "until round 0 s": f"{r['until_round_0_seconds']:.1f}",
+                "round 1 s": f"{r['first_round_seconds']:.1f}",
+                "later rounds s": f"{r['later_round_seconds']:.2f}",
+                "final server accuracy": f"{r['final_accuracy']:.4f}",
+            }
+            for i, r in enumerate(results)
+        ]
+        page = write_block("tutorials/first-run.md", "quickstart", markdown(rows, ()))
+        print(f"wrote {page}")
     return 0
 
 

@@ -11,7 +11,8 @@ the end), then runs the same 1-round, 4-client FedAvg experiment ``N`` times
 ``--ray-address``. For each run it notes the seconds from starting the CLI
 to the line of round 1 (``round   1/1``) and the clients each Ray node served
 (``summary.json``'s ``placement``), then mean ± std per mode. Run directories
-go to ``DIR`` (default a temporary folder).
+go to ``DIR`` (default a temporary folder). ``--write-docs`` also writes the
+table into ``docs/how-to/ray-cluster.md`` (block ``ray-attach``, :mod:`pages`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     opts = parser.parse_args()
+    if opts.write_docs:
+        from pages import check_block
+
+        check_block("how-to/ray-cluster.md", "ray-attach")
     out = opts.out or Path(tempfile.mkdtemp(prefix="ray-attach-"))
     times: dict[str, list[float]] = {"local": [], "attached": []}
     with two_node_cluster() as (address, _):
@@ -77,14 +87,19 @@ def main() -> None:
                     f"clients per node {sorted(served.values())}",
                     flush=True,
                 )
-    print("| run | seconds to round 1 (mean ± std) |")
-    print("|---|---|")
+    lines = ["| run | seconds to round 1, each run | mean ± std |", "|---|---|---|"]
     for mode, values in times.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(
-            f"| {mode} | {statistics.mean(values):.1f} ± {spread:.1f} "
-            f"(n={len(values)}) |"
+        each = ", ".join(f"{v:.1f}" for v in values)
+        lines.append(
+            f"| {mode} | {each} | {statistics.mean(values):.1f} ± {spread:.1f} |"
         )
+    print("\n".join(lines))
+    if opts.write_docs:
+        from pages import write_block
+
+        page = write_block("how-to/ray-cluster.md", "ray-attach", "\n".join(lines))
+        print(f"wrote {page}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Usage::
     python benchmarks/split_table.py [--out DIR] [--set KEY=VALUE ...]
     python benchmarks/split_table.py --read RUN_DIR ...
 
+``--write-docs`` also writes the table into ``docs/methods/split-learning.md``
+(block ``split-compare``, :mod:`pages`).
+
 Runs every experiment with ``fedsim run`` as a user would, one after the other
 (FedAvg: ``experiments/sfl_v1_digits.toml`` with ``strategy.name=fedavg``),
 reads the run directories with :mod:`fedsim.analysis` and prints a Markdown
@@ -30,6 +33,7 @@ import sys
 from pathlib import Path
 
 from cli_run import markdown, run
+from pages import check_block, write_block
 
 from fedsim import analysis
 
@@ -96,12 +100,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/split-table"))
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--read", nargs="+", type=Path, help="tabulate these runs")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the table into its docs page",
+    )
     args = parser.parse_args(argv)
+    if args.write_docs:
+        check_block("methods/split-learning.md", "split-compare")
     if args.read:
         dirs = args.read
     else:
         dirs = [run(exp, [*extra, *args.overrides], args.out) for exp, extra in RUNS]
-    print(markdown([row(d) for d in dirs], ("experiment", "strategy")))
+    table = markdown([row(d) for d in dirs], ("experiment", "strategy"))
+    print(table)
+    if args.write_docs:
+        page = write_block("methods/split-learning.md", "split-compare", table)
+        print(f"wrote {page}")
     return 0
 
 

@@ -2,8 +2,9 @@
 every Markdown file of the repository that carries its markers), one page per
 registered strategy family under ``docs/families/`` (the declaration's paper,
 contract, deviations, capabilities and options; text after the generated block is
-kept), and the ``[tool.flwr.app.config]`` table of pyproject.toml (the packaged
-quickstart, flattened, so that ``flwr run .`` runs the same apps).
+kept) and their entries in ``mkdocs.yml``'s nav, and the
+``[tool.flwr.app.config]`` table of pyproject.toml (the packaged quickstart,
+flattened, so that ``flwr run .`` runs the same apps).
 
 Usage: ``python -m fedsim.docs`` from the repository root. ``tests/test_docs.py``
 fails when a generated part and the code disagree.
@@ -32,6 +33,7 @@ from fedsim.core.loading import (
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
 FAMILY_START, FAMILY_END = "<!-- family:start -->", "<!-- family:end -->"
 TABLE_START, TABLE_END = "<!-- families:start -->", "<!-- families:end -->"
+NAV_START, NAV_END = "# families-nav:start", "# families-nav:end"
 FLWR_CONFIG = "[tool.flwr.app.config]"
 #: where the family pages live, relative to the repository root
 FAMILY_DIR = Path("docs") / "families"
@@ -142,6 +144,25 @@ def families_index() -> str:
     return "\n".join(lines[:-2]) + "\n" + families_table("")
 
 
+def with_families_nav(mkdocs_yml: str) -> str:
+    """``mkdocs.yml`` with the family pages listed between its nav markers (the
+    markers' indentation is kept), so every generated page is in the site's nav."""
+    found = re.search(
+        rf"^( *){re.escape(NAV_START)}\n(?:.*\n)*?( *){re.escape(NAV_END)}",
+        mkdocs_yml,
+        re.M,
+    )
+    if not found:
+        raise ValueError(f"mkdocs.yml has no {NAV_START} ... {NAV_END} pair")
+    indent = found.group(1)
+    lines = [f"{indent}{NAV_START}", f"{indent}- families/index.md"]
+    lines += [
+        f"{indent}- {name}: families/{name}.md" for name in sorted(registry.families())
+    ]
+    lines.append(f"{indent}{NAV_END}")
+    return mkdocs_yml[: found.start()] + "\n".join(lines) + mkdocs_yml[found.end() :]
+
+
 def key_files(root: Path) -> list[Path]:
     """Markdown files that carry the key reference's markers."""
     found = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
@@ -167,6 +188,9 @@ def generated(root: Path) -> dict[Path, str]:
         current = page.read_text(encoding="utf-8") if page.exists() else None
         out[page] = family_page(family, current)
     out[root / FAMILY_DIR / "index.md"] = families_index()
+    mkdocs_yml = root / "mkdocs.yml"
+    if mkdocs_yml.exists():
+        out[mkdocs_yml] = with_families_nav(mkdocs_yml.read_text(encoding="utf-8"))
     pyproject = root / "pyproject.toml"
     out[pyproject] = with_flower_config(pyproject.read_text(encoding="utf-8"))
     return out

@@ -70,3 +70,40 @@ def test_plain_display_prints_a_line_per_round(
 ) -> None:
     PlainDisplay("[1/2] ").round(1, 2, "round   1/2")
     assert capsys.readouterr().out == "[1/2] round   1/2\n"
+
+
+def test_progress_line_shows_perplexity_where_there_is_no_accuracy(
+    tmp_path: Path,
+) -> None:
+    """A causal language model's rounds report perplexity, not ``accuracy nan``;
+    a classifier's line keeps its accuracy."""
+    from fedsim.core.loading import load_experiment
+    from fedsim.engine.host.progress import Progress
+    from fedsim.engine.server.run_recorder import headline_of
+
+    exp = load_experiment(Path(fedsim.__file__).parent / "quickstart.toml")
+    lines: list[str] = []
+
+    class Lines:
+        def round(self, server_round: int, rounds: int, line: str) -> None:
+            lines.append(line)
+
+        def close(self) -> None:
+            pass
+
+    def rows(metrics: dict[str, float]) -> pd.DataFrame:
+        phases = {"server", headline_of(exp)}
+        return pd.DataFrame(
+            [
+                {"round": 1, "phase": p, "client": None, "metric": m, "value": v}
+                for p in phases
+                for m, v in metrics.items()
+            ]
+        )
+
+    rows({"loss": 2.0, "perplexity": 7.389}).to_parquet(tmp_path / METRICS_FILE)
+    Progress(Lines(), tmp_path, exp).poll()
+    rows({"loss": 0.5, "accuracy": 0.9}).to_parquet(tmp_path / METRICS_FILE)
+    Progress(Lines(), tmp_path, exp).poll()
+    assert "perplexity 7.3890" in lines[0] and "accuracy" not in lines[0]
+    assert "accuracy 0.9000" in lines[1]

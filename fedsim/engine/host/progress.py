@@ -62,9 +62,15 @@ class Progress:
                 continue
             rows = shown[shown["round"] == rnd].set_index("metric")["value"]
             nan = float("nan")
+            # a causal language model has no accuracy: it reports perplexity
+            quality = (
+                "accuracy"
+                if "accuracy" in rows or "perplexity" not in rows
+                else "perplexity"
+            )
             line = (
                 f"round {rnd:>3}/{self.rounds}"
-                f"  accuracy {rows.get('accuracy', nan):.4f}"
+                f"  {quality} {rows.get(quality, nan):.4f}"
                 f"  loss {rows.get('loss', nan):.4f}"
                 f"  elapsed {time.monotonic() - self.start:6.1f}s"
             ) + audit_note(frame, rnd)

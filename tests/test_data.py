@@ -279,3 +279,28 @@ def test_rows_copied_from_a_cache_file_equal_numpy_indexing_and_are_not_mapped(
     assert resident(big) == 0
     np.asarray(mapped[np.arange(len(mapped))])
     assert resident(big) > 0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.9])
+def test_train_size_counts_what_client_gives_without_reading_rows(
+    fraction: float,
+) -> None:
+    """The pre-run check counts each client's training rows from the partition
+    sizes (no row is read); the count equals the split :meth:`client` makes,
+    for partitions of 0, 1, 2 and many rows."""
+    from fedsim.learn.arrays import Arrays
+    from fedsim.learn.data import FederatedData
+
+    pool = Arrays(np.arange(60, dtype=np.float32).reshape(30, 2), np.arange(30) % 3)
+    sizes = [0, 1, 2, 3, 7, 17]
+    bounds = np.cumsum([0, *sizes])
+    data = FederatedData(
+        info=None,  # type: ignore[arg-type]
+        pool=pool,
+        test=pool,
+        partitions=tuple(np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])),
+        client_test_fraction=fraction,
+        seed=3,
+    )
+    for pid in range(len(sizes)):
+        assert data.train_size(pid) == len(data.client(pid).train.y), (pid, fraction)

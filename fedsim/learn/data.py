@@ -119,7 +119,9 @@ def _load(cfg: DataConfig, seed: int) -> tuple[Arrays, DatasetInfo]:
     """The configured dataset; with ``data.format`` or ``data.text-column`` set,
     its text rows (:mod:`fedsim.learn.text`)."""
     text = bool(cfg.format or cfg.text_column)
-    loader = (registry.TEXT_ROWS if text else registry.dataset_entry(cfg.dataset)).load()
+    loader = (
+        registry.TEXT_ROWS if text else registry.dataset_entry(cfg.dataset)
+    ).load()
     arrays, info = loader(cfg, seed)
     if cfg.partition_by and cfg.partition_by != cfg.label_column and arrays.ids is None:
         raise ConfigError(
@@ -148,14 +150,22 @@ class FederatedData:
     client_test_fraction: float
     seed: int
 
+    def local_test_size(self, partition_id: int) -> int:
+        """How many of a client's rows its local test split holds."""
+        size = len(self.partitions[partition_id])
+        n_test = int(round(size * self.client_test_fraction))
+        return min(max(n_test, 1), size - 1) if size >= 2 else n_test
+
+    def train_size(self, partition_id: int) -> int:
+        """How many training rows :meth:`client` gives, without reading them."""
+        return len(self.partitions[partition_id]) - self.local_test_size(partition_id)
+
     def client(self, partition_id: int) -> ClientData:
         """Local train/test split of one client (seeded by the partition id)."""
         rows = self.partitions[partition_id]
         rng = np.random.default_rng([self.seed, partition_id])
         rows = rng.permutation(rows)
-        n_test = int(round(len(rows) * self.client_test_fraction))
-        if len(rows) >= 2:
-            n_test = min(max(n_test, 1), len(rows) - 1)
+        n_test = self.local_test_size(partition_id)
         return ClientData(
             partition_id,
             self.pool.subset(np.sort(rows[n_test:])),

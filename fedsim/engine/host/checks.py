@@ -62,10 +62,9 @@ def preflight(exp: Experiment, *, local: bool = True) -> None:
 
 def check_partitions(exp: Experiment, data: Any) -> None:
     """Every client has training examples (a client without any would fail in
-    its first round): ConfigError naming the clients."""
-    empty = [
-        pid for pid in range(exp.federation.clients) if len(data.client(pid).train) == 0
-    ]
+    its first round): ConfigError naming the clients. Counted from the
+    partitions' sizes, so no client's rows are read."""
+    empty = [pid for pid in range(exp.federation.clients) if data.train_size(pid) == 0]
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
         raise ConfigError(

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fedsim.clients.full import evaluation_reply
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsim import privacy
+from fedsim.clients.full import evaluation_reply
 from fedsim.core.experiment import Experiment
 from fedsim.core.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fedsim.core.seeding import derive_seed

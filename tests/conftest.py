@@ -333,11 +333,11 @@ def run_rounds(exp: Any, rounds: int, tmp_path: Path) -> tuple[Any, InProcessGri
     """Drive ``rounds`` rounds of the experiment's split family in-process;
     returns the final global arrays, the grid and the recorder."""
     from fedsim.core import registry
-    from fedsim.engine.server.run_recorder import RunRecorder
     from fedsim.engine.server.exchange_recording import RecordingGrid
-    from fedsim.engine.server.strategy_recording import RecordingStrategy
     from fedsim.engine.server.round_driver import RoundDriver
+    from fedsim.engine.server.run_recorder import RunRecorder
     from fedsim.engine.server.server_app import build
+    from fedsim.engine.server.strategy_recording import RecordingStrategy
 
     setup = build(exp)
     family = registry.family(exp.strategy.name)

@@ -20,8 +20,8 @@ from fedsim import privacy
 from fedsim.core.messages import PARTITION_ID
 from fedsim.core.rundir import read_metrics
 from fedsim.engine.client import client_app
-from fedsim.engine.server import server_app
 from fedsim.engine.host.local_simulation import run_config_of
+from fedsim.engine.server import server_app
 from tests.conftest import ScriptedGrid
 
 #: Metrics that measure time, not the computation.

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from fedsim.audit.hypernetwork import EMBEDDING
 from fedsim.audit.inverting import invert
 from fedsim.audit.maths import (
     best_matches,
@@ -22,7 +23,6 @@ from fedsim.audit.maths import (
     psnr,
     total_variation,
 )
-from fedsim.audit.hypernetwork import EMBEDDING
 from fedsim.audit.replay import Public, simulate
 from fedsim.core import registry
 from fedsim.core.errors import ConfigError

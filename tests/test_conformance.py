@@ -37,8 +37,8 @@ from fedsim.core.messages import CONFIG, SERVER_ROUND
 from fedsim.core.rundir import SUMMARY_FILE, read_metrics
 from fedsim.engine.host import cli
 from fedsim.engine.server import resume_checkpoint
-from fedsim.engine.server.run_recorder import create_run_dir
 from fedsim.engine.server.round_driver import SimulatedCrash
+from fedsim.engine.server.run_recorder import create_run_dir
 from tests import inprocess
 from tests.conformance import bad_values, conformance_experiment, family_names, plugins
 

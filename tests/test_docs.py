@@ -95,8 +95,14 @@ def test_write_block_replaces_only_its_block(tmp_path: Path) -> None:
     page.write_text("a\n<!-- results:t:start -->\nold\n<!-- results:t:end -->\nb\n")
     write_block(page, "t", "| x |\n|---|\n| 1 |", script="demo.py")
     text = page.read_text()
-    assert text.startswith("a\n<!-- results:t:start -->\n<!-- written by `python benchmarks/demo.py")
-    assert "| 1 |" in text and "old" not in text and text.endswith("<!-- results:t:end -->\nb\n")
+    assert text.startswith(
+        "a\n<!-- results:t:start -->\n<!-- written by `python benchmarks/demo.py"
+    )
+    assert (
+        "| 1 |" in text
+        and "old" not in text
+        and text.endswith("<!-- results:t:end -->\nb\n")
+    )
     page.write_text("no markers\n")
     try:
         write_block(page, "t", "x", script="demo.py")

@@ -21,10 +21,10 @@ from fedsim.core.errors import ConfigError
 from fedsim.core.loading import from_run_config, load_experiment, to_run_config
 from fedsim.core.messages import ARRAYS, NUM_EXAMPLES
 from fedsim.core.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
-from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.engine.server.exchange_recording import RecordingGrid, array_bytes
-from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.engine.server.round_driver import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.learn.base import build_model
 from fedsim.learn.data import federated_data
 from fedsim.privacy.budget import PrivacyBudgetStrategy

@@ -21,9 +21,9 @@ from fedsim.core.errors import RoundFailed
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedsim.core.rundir import aggregate_replies, read_metrics
-from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.engine.server.exchange_recording import RecordingGrid
 from fedsim.engine.server.round_driver import RoundRules
+from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.engine.server.strategy_recording import RecordingStrategy
 from tests.conftest import ScriptedGrid, reply, strategy_for
 
@@ -363,8 +363,8 @@ def test_finetuned_evaluation_trains_e_epochs_then_evaluates() -> None:
     import copy
 
     import torch
-    from fedsim.clients.full import FineTunedEvaluationClient
 
+    from fedsim.clients.full import FineTunedEvaluationClient
     from fedsim.core.seeding import derive_seed
     from fedsim.learn.base import build_model
     from fedsim.learn.data import federated_data

@@ -227,12 +227,12 @@ def test_flora_merge_equals_peft_cat_on_real_architectures(
     combination_type="cat")`` of the same adapters merged into the base, on
     LLaMA's ``Linear`` projections and GPT-2's fused ``Conv1D`` ``c_attn``
     (``fan_in_fan_out``)."""
-    from fedsim.strategies.flora.server import FLoRA
     from peft import LoraConfig, get_peft_model
 
     from fedsim.learn.base import build_model
     from fedsim.learn.lora import lora_layout
     from fedsim.learn.tasks import task_data
+    from fedsim.strategies.flora.server import FLoRA
 
     folder = getattr(hf_assets, arch)
     exp = load_experiment(

@@ -143,9 +143,8 @@ def test_gradient_at_the_cut_is_autograd_of_the_whole_model(
     """The server's gradient of the cut activations (ServerSegment.step, the
     task's loss) equals ``torch.autograd.grad`` of the unsplit model's loss
     with respect to the cut block's output, caught by a forward hook."""
-    from fedsim.strategies.split.server import ServerSegment
-
     from fedsim.core.experiment import TrainConfig
+    from fedsim.strategies.split.server import ServerSegment
 
     model, vocab = model_of(arch, hf_assets, vit_folder)
     for module in model.modules():  # the server segment trains: no dropout

@@ -165,10 +165,10 @@ class HyperGrid(ScriptedGrid):
 def test_a_round_averages_the_hypernetwork_and_evaluates_with_it(
     task_identity: None, tmp_path: Path
 ) -> None:
-    from fedsim.engine.server.run_recorder import RunRecorder
     from fedsim.engine.server.exchange_recording import RecordingGrid
-    from fedsim.engine.server.strategy_recording import RecordingStrategy
     from fedsim.engine.server.round_driver import RoundDriver
+    from fedsim.engine.server.run_recorder import RunRecorder
+    from fedsim.engine.server.strategy_recording import RecordingStrategy
 
     exp = load_experiment(None, ["strategy.name=hyperfl", *SMALL])
     shapes = extractor_shapes(MLP(6, 5, 3, 0.0))

@@ -49,9 +49,9 @@ def test_lpm_generated_lora_on_conv1d_equals_the_merged_plain_model() -> None:
     c_proj (attention 16 -> 16, MLP 64 -> 16); the wrapped base's logits equal
     those of a plain copy whose Conv1D weights (d_in x d_out) got
     (alpha / r) (B A)^T."""
-    from fedsim.clients.hyperfl import LpmClient
     from transformers.pytorch_utils import Conv1D
 
+    from fedsim.clients.hyperfl import LpmClient
     from fedsim.learn.base import build_model
     from fedsim.learn.hypernet import lora_shapes
     from fedsim.learn.lora import lora_layout

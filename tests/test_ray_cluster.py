@@ -30,8 +30,8 @@ import pytest
 
 from fedsim.core.loading import load_experiment
 from fedsim.core.rundir import SUMMARY_FILE
-from fedsim.engine.server import server_app
 from fedsim.engine.host.processes import free_port, stop_processes, stop_tree
+from fedsim.engine.server import server_app
 from fedsim.engine.server.run_recorder import create_run_dir
 from tests.runs import fedsim, sets
 from tests.test_resume import comparable, simulate

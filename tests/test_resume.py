@@ -32,10 +32,10 @@ from fedsim.core.rundir import (
     CONFIG_FILE,
     SUMMARY_FILE,
 )
-from fedsim.engine.server import resume_checkpoint, server_app
 from fedsim.engine.client.client_state import ClientStateStore, from_bytes, to_bytes
-from fedsim.engine.server.run_recorder import create_run_dir
+from fedsim.engine.server import resume_checkpoint, server_app
 from fedsim.engine.server.round_driver import SimulatedCrash
+from fedsim.engine.server.run_recorder import create_run_dir
 from tests.conftest import fedsim, sets
 from tests.inprocess import comparable, new_process, simulate
 

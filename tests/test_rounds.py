@@ -16,10 +16,10 @@ from fedsim.core.errors import RunStopped
 from fedsim.core.loading import load_experiment
 from fedsim.core.messages import NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
-from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.engine.server.exchange_recording import RecordingGrid
-from fedsim.engine.server.strategy_recording import RecordingStrategy
 from fedsim.engine.server.round_driver import RoundDriver
+from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.strategy_recording import RecordingStrategy
 from tests.conftest import ScriptedGrid, reply
 
 

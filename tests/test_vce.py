@@ -34,8 +34,8 @@ from fedsim.core.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
 from fedsim.core.rundir import read_metrics
 from fedsim.engine.host import superlink
 from fedsim.engine.server import simulation_process
-from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.engine.server.exchange_recording import RecordingGrid
+from fedsim.engine.server.run_recorder import RunRecorder
 from fedsim.flwr_private import linkstate, ray_backend, vce
 
 #: Flower's own loop and worker, whatever the tests install.

@@ -9,7 +9,6 @@ shape with empty arrays, and :meth:`Pa3dFL.configure_train` /
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 

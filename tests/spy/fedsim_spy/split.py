@@ -10,9 +10,9 @@ from flwr.app import Message
 from fedsim.core.messages import METRICS, PARTITION_ID
 from fedsim.core.schema import option
 from fedsim.protocol.setup import ServerSetup
-from fedsim_spy.server import SpyGrid, Spying
 from fedsim.strategies.split import USHAPE, UshapeOptions
 from fedsim.strategies.split.server import UshapeStrategy
+from fedsim_spy.server import SpyGrid, Spying
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -55,11 +57,48 @@ def median_step(step: Any, data: list[torch.Tensor]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="small", choices=("mini", "small", "base"))
+    parser.add_argument(
+        "--size", nargs="+", default=["small"], choices=("mini", "small", "base")
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help='write the table into docs/tutorials/hugging-face.md ("hf-step-time")',
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.write_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pages import check_block
+
+        check_block("tutorials/hugging-face.md", "hf-step-time")
+    rows, notes = [], []
+    for size in args.size:
+        row, note = measure(size, args.steps, args.clients)
+        rows.append(row)
+        notes.append(note)
+    table = "\n".join(
+        [
+            "| model | parameters | plain PEFT s/step | fedsim s/step | ratio |",
+            "|---|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    print(table + "\n\n" + "\n\n".join(notes))
+    if args.write_docs:
+        from pages import write_block
+
+        write_block(
+            "tutorials/hugging-face.md",
+            "hf-step-time",
+            table + "\n\n" + "\n\n".join(notes),
+        )
+
+
+def measure(size: str, steps: int, clients: int) -> tuple[str, str]:
+    """One model size: its table row and its resident-memory line."""
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -80,11 +119,11 @@ def main() -> None:
 
     process = psutil.Process()
     rss0 = process.memory_info().rss
-    config = model_config("llama", Vocab(), size=args.size)
+    config = model_config("llama", Vocab(), size=size)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in hf.parameters())
-    data = batches(2048, args.steps)
+    data = batches(2048, steps)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
     plain = get_peft_model(
@@ -135,22 +174,22 @@ def main() -> None:
         return seconds
 
     t_plain = median_step(plain_step, data)
-    t_fedsim = [fedsim_round(k) for k in range(args.clients)]
+    t_fedsim = [fedsim_round(k) for k in range(clients)]
     rss_served = process.memory_info().rss
     mib = 2**20
-    print("| model | parameters | plain PEFT s/step | fedsim s/step | ratio |")
-    print("|---|---:|---:|---:|---:|")
     median = statistics.median(t_fedsim)
-    print(
-        f"| llama-{args.size} | {params / 1e6:.2f}M | {t_plain:.4f} | "
+    row = (
+        f"| llama-{size} | {params / 1e6:.2f}M | {t_plain:.4f} | "
         f"{median:.4f} | {median / t_plain:.2f} |"
     )
-    print(
-        f"\nRSS: {rss0 / mib:.0f} MiB at start, {rss_base / mib:.0f} MiB with "
-        f"the base (and the plain copy) loaded, {rss_served / mib:.0f} MiB after "
-        f"{args.clients} clients' LoRA rounds on the one resident base "
+    note = (
+        f"llama-{size} RSS: {rss0 / mib:.0f} MiB at start, {rss_base / mib:.0f} MiB "
+        f"with the base (and the plain copy) loaded, {rss_served / mib:.0f} MiB after "
+        f"{clients} clients' LoRA rounds on the one resident base "
         f"(fp32 base: {params * 4 / mib:.0f} MiB)"
     )
+    print(row, flush=True)
+    return row, note
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim import flwr_private
-from fedsim.flwr_private import arrays, linkstate, ray_backend, vce, version
+from fedsim.flwr_private import arrays, linkstate, ray_backend, signatures, vce, version
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = ROOT / "fedsim" / "flwr_private"
@@ -137,7 +136,7 @@ def test_flowers_private_functions_have_the_parameters_the_fence_expects():
     """Each private function or method the fence calls or replaces, as the
     installed Flower defines it, has the parameters the fence's ``PATCHED``
     tables name."""
-    expected = flwr_private.contract()
+    expected = signatures.contract()
     assert len(expected) >= 15
     found = {
         path: tuple(

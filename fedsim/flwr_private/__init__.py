@@ -16,7 +16,7 @@ package, so a new Flower version breaks one place, which
 
 Every private function or method used is listed, with its parameters, in its
 module's ``PATCHED`` table; the contract test compares them with the installed
-Flower's (:func:`contract`).
+Flower's (:func:`fedsim.flwr_private.signatures.contract`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from fedsim.flwr_private.records import (
 from fedsim.flwr_private.strategies import log, norm, valid_replies
 
 __all__ = [
-    "contract",
     "log",
     "norm",
     "recorddict_from_bytes",
@@ -37,21 +36,3 @@ __all__ = [
     "set_task_identity",
     "valid_replies",
 ]
-
-
-def contract() -> dict[str, tuple[str, ...]]:
-    """Every private Flower function or method fedsim relies on (a dotted path)
-    and the parameters it expects of it."""
-    from fedsim.flwr_private import (
-        arrays,
-        linkstate,
-        ray_backend,
-        records,
-        strategies,
-        vce,
-    )
-
-    table: dict[str, tuple[str, ...]] = {}
-    for module in (arrays, linkstate, ray_backend, records, strategies, vce):
-        table.update(module.PATCHED)
-    return table

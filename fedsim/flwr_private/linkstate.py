@@ -215,15 +215,20 @@ def get_message_ins(
 
 
 #: Flower's methods this module replaces, and their parameters
-#: (:mod:`fedsim.flwr_private.contract` checks them).
+#: (:func:`fedsim.flwr_private.signatures.contract` gathers them).
 PATCHED = {
     f"{MODULE}.InMemoryLinkState.store_message_ins": ("self", "message"),
     f"{MODULE}.InMemoryLinkState.store_message_res": ("self", "message"),
     f"{MODULE}.InMemoryLinkState.get_message_ins": (
-        "self", "node_id", "limit", "run_id",
+        "self",
+        "node_id",
+        "limit",
+        "run_id",
     ),
     f"{MODULE}.InMemoryLinkState._check_stored_messages": (
-        "self", "message_ids", "run_id",
+        "self",
+        "message_ids",
+        "run_id",
     ),
 }
 #: What a run loses where the replacement is skipped.

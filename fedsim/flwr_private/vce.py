@@ -88,11 +88,18 @@ VCE = "flwr.server.superlink.fleet.vce.vce_api"
 PATCHED = {
     f"{VCE}.add_messages_to_queue": ("state", "queue", "nodes_mapping", "f_stop"),
     f"{VCE}.worker": (
-        "messageins_queue", "messageres_queue", "node_info_store", "backend",
-        "f_stop", "metrics",
+        "messageins_queue",
+        "messageres_queue",
+        "node_info_store",
+        "backend",
+        "f_stop",
+        "metrics",
     ),
     "flwr.simulation.ray_transport.ray_actor.ClientAppActor.run": (
-        "client_app_fn", "message", "cid", "context",
+        "client_app_fn",
+        "message",
+        "cid",
+        "context",
     ),
     "flwr.simulation.app.flwr_simulation": (),
 }

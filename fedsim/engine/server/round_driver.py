@@ -41,12 +41,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MessageType
 
 from fedsim.core.errors import RoundFailed
 from fedsim.engine.server.exchange_recording import RecordingGrid
 from fedsim.engine.server.run_recorder import RunRecorder
+from fedsim.engine.server.transport import ForwardingGrid
 from fedsim.protocol.rounds import run_round
 
 #: Server-side evaluation of global arrays: metrics (``loss``, ``accuracy``...).
@@ -57,12 +57,14 @@ Evaluate = Callable[[ArrayRecord], dict[str, float]]
 ResumeSave = Callable[[int, ArrayRecord | None], Callable[[], None]]
 
 
-class RoundRules(Grid):
+class RoundRules(ForwardingGrid):
     """The grid a round runs on: ``grid`` (recording every exchange) under the
     round's rules (see module doc); everything else is ``grid``'s."""
 
+    grid: RecordingGrid
+
     def __init__(self, grid: RecordingGrid, *, min_replies: int):
-        self.grid = grid
+        super().__init__(grid)
         self.min_replies = min_replies
 
     def send_and_receive(
@@ -84,8 +86,7 @@ class RoundRules(Grid):
             return
         silent = len(messages) - len(replies)
         late = (
-            f"; {silent} did not reply within federation.round-timeout = "
-            f"{timeout:g} s"
+            f"; {silent} did not reply within federation.round-timeout = {timeout:g} s"
             if silent
             else ""
         )
@@ -98,34 +99,6 @@ class RoundRules(Grid):
     # -- the rest is the recording grid's ------------------------------------------
     def partitions(self) -> dict[int, int]:
         return self.grid.partitions()
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.grid.create_message(
-            content, message_type, dst_node_id, group_id, ttl
-        )
-
-    def get_node_ids(self) -> list[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
 
 class SimulatedCrash(RuntimeError):

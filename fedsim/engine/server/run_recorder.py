@@ -258,9 +258,7 @@ class RunRecorder:
         for name, value in metrics.items():
             self._server.append((server_round, None, "server", name, float(value)))
 
-    def save_global_model(
-        self, server_round: int, arrays: Mapping[str, Any]
-    ) -> Path:
+    def save_global_model(self, server_round: int, arrays: Mapping[str, Any]) -> Path:
         """Save the global model's arrays as ``checkpoints/global.npz`` (atomic).
 
         The file holds the arrays under their state-dict names and the round
@@ -422,4 +420,3 @@ class RunRecorder:
         if self.placement:
             self.summary["placement"] = self.placement.as_json()
         write_json(self.run_dir / SUMMARY_FILE, self.summary)
-

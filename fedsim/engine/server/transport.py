@@ -19,19 +19,13 @@ from flwr.serverapp import Grid
 from fedsim.flwr_private import linkstate
 
 
-class Transport(Grid):
-    """Delegates to Flower's ``grid``; sends and waits (see module doc)."""
-
-    #: First and largest pause between two polls for replies (seconds).
-    POLL_FIRST = 0.001
-    POLL_MAX = 0.05
+class ForwardingGrid(Grid):
+    """A ``Grid`` that hands every call to the grid it wraps; subclasses
+    override what they change."""
 
     def __init__(self, grid: Grid):
         self.grid = grid
-        #: Work to run once the next messages are out (:meth:`defer`).
-        self._deferred: Callable[[], None] | None = None
 
-    # -- Flower's Grid, forwarded ------------------------------------------------
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
 
@@ -52,6 +46,34 @@ class Transport(Grid):
         )
 
     def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class Transport(ForwardingGrid):
+    """Delegates to Flower's ``grid``; sends and waits (see module doc)."""
+
+    #: First and largest pause between two polls for replies (seconds).
+    POLL_FIRST = 0.001
+    POLL_MAX = 0.05
+
+    def __init__(self, grid: Grid):
+        super().__init__(grid)
+        #: Work to run once the next messages are out (:meth:`defer`).
+        self._deferred: Callable[[], None] | None = None
+
+    # -- Flower's Grid: nodes, and sending with the deferred job -----------------
+    def get_node_ids(self) -> Iterable[int]:
         return self.connected_node_ids()
 
     def connected_node_ids(self) -> list[int]:
@@ -62,9 +84,6 @@ class Transport(Grid):
         ids = list(self.grid.push_messages(messages))
         self.run_deferred()
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -36,13 +36,20 @@ lines into ``docs/methods/sfprompt-amaq.md`` (block ``amaq-equal-bytes``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from cli_run import markdown
 from pages import write_block
-from seeds import ROOT, interval, mean_std, seeds_argument, separated, sweep_runs
+from seeds import (
+    ROOT,
+    interval,
+    mean_std,
+    read_sweep,
+    seeds_argument,
+    separated,
+    sweep_runs,
+)
 
 from fedsim import analysis
 
@@ -128,16 +135,6 @@ def measure(run_dir: Path, name: str) -> dict[str, float]:
     }
 
 
-def read(sweep_dir: Path) -> dict[str, list[Path]]:
-    """The run directories of a finished sweep, per variant name."""
-    runs: dict[str, list[Path]] = {}
-    for entry in json.loads((sweep_dir / "sweep.json").read_text())["experiments"]:
-        runs.setdefault(str(entry["settings"]["name"]), []).append(
-            sweep_dir / entry["run_dir"]
-        )
-    return runs
-
-
 def paired(amaq: list[dict[str, float]], other: list[dict[str, float]]) -> str:
     """Mean ± std over seeds of AMAQ's accuracy minus ``other``'s on the same
     seed (runs in seed order)."""
@@ -195,7 +192,7 @@ def main() -> int:
     parts = []
     for name, variants, labels in SWEEPS:
         if args.reuse:
-            runs = read(args.out / name)
+            runs = read_sweep(args.out / name)
         else:
             runs = sweep_runs(
                 BASE,

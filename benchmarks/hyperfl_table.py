@@ -53,14 +53,21 @@ claims into ``docs/methods/hyperfl.md`` (block ``hyperfl-<split>``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from pathlib import Path
 
 from cli_run import markdown
 from pages import write_block
-from seeds import ROOT, interval, mean_std, seeds_argument, separated, sweep_runs
+from seeds import (
+    ROOT,
+    interval,
+    mean_std,
+    read_sweep,
+    seeds_argument,
+    separated,
+    sweep_runs,
+)
 
 from fedsim import analysis
 
@@ -231,10 +238,8 @@ def main() -> int:
                 )
             )
     for folder in args.also:
-        for entry in json.loads((folder / "sweep.json").read_text())["experiments"]:
-            if entry["status"] == "completed":
-                key = str(entry["settings"]["name"])
-                runs.setdefault(key, []).append(folder / entry["run_dir"])
+        for key, dirs in read_sweep(folder, skip_failed=True).items():
+            runs.setdefault(key, []).extend(dirs)
     measured = {name: [measure(d) for d in dirs] for name, dirs in runs.items()}
     rows = [
         {

@@ -59,14 +59,26 @@ def sweep_runs(
     for pair in overrides:
         command += ["--set", pair]
     proc = subprocess.run(command, capture_output=True, text=True)
-    index = out / name / "sweep.json"
-    if proc.returncode != 0 or not index.exists():
+    if proc.returncode != 0 or not (out / name / "sweep.json").exists():
         raise RuntimeError(f"fedsim sweep failed:\n{proc.stdout}\n{proc.stderr}")
     runs: dict[str, list[Path]] = {str(v["name"]): [] for v in variants}
-    for entry in json.loads(index.read_text())["experiments"]:
+    runs.update(read_sweep(out / name))
+    return runs
+
+
+def read_sweep(sweep_dir: Path, *, skip_failed: bool = False) -> dict[str, list[Path]]:
+    """The run directories of a finished sweep folder per variant ``name``, in
+    seed order; an experiment that did not complete raises, or is left out
+    with ``skip_failed``."""
+    runs: dict[str, list[Path]] = {}
+    for entry in json.loads((sweep_dir / "sweep.json").read_text())["experiments"]:
         if entry["status"] != "completed":
+            if skip_failed:
+                continue
             raise RuntimeError(f"{entry['run_dir']}: {entry['status']}")
-        runs[str(entry["settings"]["name"])].append(out / name / entry["run_dir"])
+        runs.setdefault(str(entry["settings"]["name"]), []).append(
+            sweep_dir / entry["run_dir"]
+        )
     return runs
 
 

@@ -29,7 +29,6 @@ than full fine-tuning. ``--write-docs`` writes all of it into
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tomllib
@@ -38,7 +37,7 @@ from pathlib import Path
 from cli_run import markdown
 from client_flops import per_round
 from pages import write_block
-from seeds import ROOT, mean_std, seeds_argument, separated, sweep_runs
+from seeds import ROOT, mean_std, read_sweep, seeds_argument, separated, sweep_runs
 
 from fedsim import analysis
 from fedsim.core.loading import load_experiment
@@ -79,18 +78,6 @@ def measure(run_dir: Path) -> dict[str, float]:
         "mb": float(comm["bytes"].sum() / 1e6),
         "train_mb": float(rows[rows["phase"] == "train"]["value"].sum() / 1e6),
     }
-
-
-def read(sweep_dir: Path) -> dict[str, list[Path]]:
-    """The run directories of a finished sweep, per variant name."""
-    runs: dict[str, list[Path]] = {}
-    for entry in json.loads((sweep_dir / "sweep.json").read_text())["experiments"]:
-        if entry["status"] != "completed":
-            raise RuntimeError(f"{entry['run_dir']}: {entry['status']}")
-        runs.setdefault(str(entry["settings"]["name"]), []).append(
-            sweep_dir / entry["run_dir"]
-        )
-    return runs
 
 
 def bytes_model(
@@ -216,7 +203,10 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     if args.reuse:
-        runs = {**read(args.out / "sfprompt-split"), **read(args.out / "sfprompt-full")}
+        runs = {
+            **read_sweep(args.out / "sfprompt-split"),
+            **read_sweep(args.out / "sfprompt-full"),
+        }
     else:
         runs = sweep_runs(
             USHAPE,
